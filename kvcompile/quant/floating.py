@@ -1,0 +1,71 @@
+"""Floating-point storage: ``fp16`` (IEEE half) and ``fp8`` (OCP FP8 E4M3 with a per-position scale).
+
+fp16 stores values as they are in half precision: relative error <= 2^-11 for normal values,
+absolute error <= 2^-25 in the subnormal range; |x| > 65504 is rejected (it would become inf).
+
+fp8 is the KV format TensorRT-LLM and vLLM ship (E4M3: 4 exponent bits, 3 mantissa bits, max 448,
+no inf).  Each position of a head gets a float16 scale ``s = round_up(amax / 448)`` so the row
+fills the E4M3 range; ``y = x / s`` is rounded to E4M3.  For |y| in a normal binade [2^e, 2^(e+1))
+the spacing is 2^(e-3), so the error is <= 2^-4 |y|; below 2^-6 (subnormals, spacing 2^-9) it
+is <= 2^-10.  Bits per element: 8 + 16 / D.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvcompile.quant.base import FP16_MAX, QuantizedTensor, StorageScheme, check_input, register_family, round_to_dtype
+
+E4M3_MAX = 448.0
+
+
+@dataclass(frozen=True)
+class FP16Scheme(StorageScheme):
+    bits: int = 16
+    name: str = "fp16"
+
+    def bits_per_element(self, head_dim: int) -> float:
+        return 16.0
+
+    def quantize(self, x: torch.Tensor) -> QuantizedTensor:
+        x = check_input(x, self, FP16_MAX)
+        return QuantizedTensor(self.name, tuple(x.shape), {"values": x.half()})
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        return q.parts["values"].float()
+
+    def error_bound(self, q: QuantizedTensor) -> torch.Tensor:
+        u = 2.0**-11
+        return q.parts["values"].float().abs() * u / (1 - u) + 2.0**-25
+
+
+@dataclass(frozen=True)
+class FP8Scheme(StorageScheme):
+    bits: int = 8
+    name: str = "fp8"
+
+    def bits_per_element(self, head_dim: int) -> float:
+        return 8 + 16 / head_dim
+
+    def quantize(self, x: torch.Tensor) -> QuantizedTensor:
+        x = check_input(x, self, FP16_MAX)
+        scale = round_to_dtype(x.abs().amax(-1, keepdim=True) / E4M3_MAX, torch.float16, "up")
+        scale = torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)
+        y = (x / scale.float()).clamp(-E4M3_MAX, E4M3_MAX)
+        codes = y.to(torch.float8_e4m3fn).view(torch.int8)  # int8 container: plugin I/O has no fp8 in every TRT
+        return QuantizedTensor(self.name, tuple(x.shape), {"codes": codes, "scale": scale.squeeze(-1)})
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        y = q.parts["codes"].view(torch.float8_e4m3fn).float()
+        return y * q.parts["scale"].float().unsqueeze(-1)
+
+    def error_bound(self, q: QuantizedTensor) -> torch.Tensor:
+        y = q.parts["codes"].view(torch.float8_e4m3fn).float().abs()
+        u = 2.0**-4
+        return torch.maximum(y * u / (1 - u), torch.tensor(2.0**-10)) * q.parts["scale"].float().unsqueeze(-1) * (1 + 1e-6)
+
+
+register_family("fp16", lambda n: FP16Scheme() if n == "fp16" else None, ("fp16",))
+register_family("fp8", lambda n: FP8Scheme() if n in ("fp8", "fp8-e4m3") else None, ("fp8",))

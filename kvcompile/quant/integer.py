@@ -1,0 +1,163 @@
+"""Grouped integer storage: ``int{2,3,4,8}``, asymmetric or symmetric, per token or per channel.
+
+Name grammar (defaults omitted from the canonical name)::
+
+    int<bits>[-sym][-ch][-g<group>][-s32][-rot]
+
+* ``-sym``  symmetric (no zero point); default asymmetric (scale + minimum per group).
+* ``-ch``   groups run along positions for one channel (KIVI keys); default along channels of one
+  position.
+* ``-g<G>`` group size, default 32.
+* ``-s32``  float32 scales / zero points; default float16.
+* ``-rot``  Hadamard-rotate each vector before quantizing (see :mod:`kvcompile.quant.hadamard`).
+
+Asymmetric maths, per group with values ``x_i``: the zero point ``z = round_down_fp16(min x)`` and
+scale ``s = round_up_fp16((max x - z) / (2^b - 1))`` are what is stored; codes are
+``q_i = round((x_i - z) / s)`` in ``[0, 2^b - 1]`` and ``x_hat_i = z + s q_i``.  Because the stored
+``z, s`` cover the group, nothing clips and ``|x_i - x_hat_i| <= s / 2`` exactly (up to float32
+rounding of the arithmetic, ~1e-7 relative).  Symmetric: ``s = round_up(absmax / (2^(b-1) - 1))``,
+``q_i = round(x_i / s)``, same bound.
+
+Memory per element: ``container_bits * ceil(D / per) / D`` for the codes, plus
+``n_params * scale_bits / G`` for scales (and zero points) shared by a group of G elements.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from kvcompile.errors import SchemeError
+from kvcompile.quant.base import FP16_MAX, QuantizedTensor, StorageScheme, check_input, check_range, register_family, round_to_dtype
+from kvcompile.quant.hadamard import rotate
+from kvcompile.quant.packing import container_for, pack_bits, packed_length, unpack_bits
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+DEFAULT_GROUP = 32
+_NAME = re.compile(r"^int(?P<bits>\d+)(?P<sym>-sym)?(?P<ch>-ch)?(?:-g(?P<group>\d+))?(?P<s32>-s32)?(?P<rot>-rot)?$")
+
+
+@dataclass(frozen=True)
+class IntegerScheme(StorageScheme):
+    bits: int
+    group_size: int = DEFAULT_GROUP
+    axis: str = "token"
+    symmetric: bool = False
+    scale_dtype: torch.dtype = torch.float16
+    rotate: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise SchemeError(f"integer schemes support bits {SUPPORTED_BITS}, got {self.bits}")
+        if self.group_size < 1:
+            raise SchemeError(f"group size must be >= 1, got {self.group_size}")
+        if self.axis == "channel" and self.rotate:
+            raise SchemeError("-rot mixes channels and is only defined for per-token groups, not -ch")
+
+    @property
+    def name(self) -> str:  # canonical: defaults omitted
+        parts = [f"int{self.bits}"]
+        if self.symmetric:
+            parts.append("sym")
+        if self.axis == "channel":
+            parts.append("ch")
+        if self.group_size != DEFAULT_GROUP:
+            parts.append(f"g{self.group_size}")
+        if self.scale_dtype == torch.float32:
+            parts.append("s32")
+        if self.rotate:
+            parts.append("rot")
+        return "-".join(parts)
+
+    @property
+    def token_group(self) -> int:
+        return self.group_size if self.axis == "channel" else 1
+
+    @property
+    def _levels(self) -> int:
+        return 2**self.bits - 1 if not self.symmetric else 2 ** (self.bits - 1) - 1
+
+    @property
+    def _scale_bits(self) -> int:
+        return torch.finfo(self.scale_dtype).bits
+
+    def bits_per_element(self, head_dim: int) -> float:
+        code_bits = container_for(self.bits) * packed_length(head_dim, self.bits) / head_dim
+        n_params = 1 if self.symmetric else 2
+        return code_bits + n_params * self._scale_bits / self.group_size
+
+    # grouped view: [..., n_groups, G, ...] with the reduction axis at -2 (channel) or -1 (token)
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, t, d = x.shape
+        if self.axis == "token":
+            if d % self.group_size:
+                raise SchemeError(f"{self.name}: head dim {d} is not a multiple of the group size {self.group_size}")
+            return x.reshape(*lead, t, d // self.group_size, self.group_size)
+        return x.reshape(*lead, t // self.group_size, self.group_size, d)
+
+    def _reduce_dim(self) -> int:
+        return -1 if self.axis == "token" else -2
+
+    def quantize(self, x: torch.Tensor) -> QuantizedTensor:
+        max_abs = FP16_MAX / 2 if self.scale_dtype == torch.float16 else None  # (max - min) must fit too
+        x = check_input(x, self)
+        if self.rotate:
+            x = rotate(x)
+        x = check_range(x, self, max_abs)
+        g = self._grouped(x)
+        r = self._reduce_dim()
+        if self.symmetric:
+            scale = round_to_dtype(g.abs().amax(r, keepdim=True) / self._levels, self.scale_dtype, "up")
+            scale = torch.where(scale == 0, torch.finfo(self.scale_dtype).tiny, scale)
+            q = torch.round(g / scale.float()).clamp(-self._levels, self._levels) + self._levels
+            parts = {"scale": scale.squeeze(r)}
+        else:
+            zero = round_to_dtype(g.amin(r, keepdim=True), self.scale_dtype, "down")
+            span = g.amax(r, keepdim=True) - zero.float()
+            scale = round_to_dtype(span / self._levels, self.scale_dtype, "up")
+            scale = torch.where(scale == 0, torch.finfo(self.scale_dtype).tiny, scale)
+            q = torch.round((g - zero.float()) / scale.float()).clamp(0, self._levels)
+            parts = {"scale": scale.squeeze(r), "zero": zero.squeeze(r)}
+        codes = q.to(torch.uint8).reshape(x.shape)
+        return QuantizedTensor(self.name, tuple(x.shape), {"codes": pack_bits(codes, self.bits), **parts})
+
+    def _params(self, q: QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        r = self._reduce_dim()
+        scale = q.parts["scale"].float().unsqueeze(r)
+        zero = q.parts["zero"].float().unsqueeze(r) if "zero" in q.parts else None
+        return scale, zero
+
+    def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        codes = unpack_bits(q.parts["codes"], self.bits, q.shape[-1]).float()
+        g = self._grouped(codes)
+        scale, zero = self._params(q)
+        if self.symmetric:
+            x = (g - self._levels) * scale
+        else:
+            x = zero + g * scale
+        x = x.reshape(q.shape)
+        return rotate(x) if self.rotate else x
+
+    def error_bound(self, q: QuantizedTensor) -> torch.Tensor:
+        scale, _ = self._params(q)
+        g = torch.zeros(q.shape)
+        return (self._grouped(g) + scale / 2).reshape(q.shape)
+
+
+def _parse(name: str) -> IntegerScheme | None:
+    m = _NAME.match(name)
+    if not m:
+        return None
+    return IntegerScheme(
+        bits=int(m["bits"]),
+        group_size=int(m["group"]) if m["group"] else DEFAULT_GROUP,
+        axis="channel" if m["ch"] else "token",
+        symmetric=bool(m["sym"]),
+        scale_dtype=torch.float32 if m["s32"] else torch.float16,
+        rotate=bool(m["rot"]),
+    )
+
+
+register_family("integer", _parse, ("int8", "int4", "int3", "int2", "int4-ch", "int2-ch", "int8-sym", "int4-rot", "int2-rot"))
