@@ -52,6 +52,32 @@ class QuantizedTensor:
     def num_tokens(self) -> int:
         return self.shape[-2]
 
+    # Every part keeps the token axis at -2; a part with T / r rows holds one row per r positions
+    # (r = 1 for codes, r = G for per-channel scales), so slicing must respect multiples of r.
+    def slice_tokens(self, start: int, stop: int) -> "QuantizedTensor":
+        """Positions ``[start, stop)``; both must be multiples of the scheme's position block."""
+        t = self.num_tokens
+        parts = {}
+        for name, part in self.parts.items():
+            r = t // part.shape[-2]
+            if start % r or stop % r:
+                raise ValueError(f"{self.scheme}: cannot slice positions [{start}, {stop}) across blocks of {r}")
+            parts[name] = part[..., start // r : stop // r, :]
+        return QuantizedTensor(self.scheme, (*self.shape[:-2], stop - start, self.shape[-1]), parts)
+
+    @staticmethod
+    def cat_tokens(items: "list[QuantizedTensor | None]") -> "QuantizedTensor | None":
+        """Concatenate along positions (None entries are skipped)."""
+        items = [q for q in items if q is not None and q.num_tokens]
+        if not items:
+            return None
+        if len(items) == 1:
+            return items[0]
+        first = items[0]
+        parts = {name: torch.cat([q.parts[name] for q in items], dim=-2) for name in first.parts}
+        t = sum(q.num_tokens for q in items)
+        return QuantizedTensor(first.scheme, (*first.shape[:-2], t, first.shape[-1]), parts)
+
 
 class StorageScheme(ABC):
     """A KV storage format.  Subclasses are frozen dataclasses with a canonical ``name``."""

@@ -55,16 +55,16 @@ class FP8Scheme(StorageScheme):
         scale = torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)
         y = (x / scale.float()).clamp(-E4M3_MAX, E4M3_MAX)
         codes = y.to(torch.float8_e4m3fn).view(torch.int8)  # int8 container: plugin I/O has no fp8 in every TRT
-        return QuantizedTensor(self.name, tuple(x.shape), {"codes": codes, "scale": scale.squeeze(-1)})
+        return QuantizedTensor(self.name, tuple(x.shape), {"codes": codes, "scale": scale})
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         y = q.parts["codes"].view(torch.float8_e4m3fn).float()
-        return y * q.parts["scale"].float().unsqueeze(-1)
+        return y * q.parts["scale"].float()
 
     def error_bound(self, q: QuantizedTensor) -> torch.Tensor:
         y = q.parts["codes"].view(torch.float8_e4m3fn).float().abs()
         u = 2.0**-4
-        return torch.maximum(y * u / (1 - u), torch.tensor(2.0**-10)) * q.parts["scale"].float().unsqueeze(-1) * (1 + 1e-6)
+        return torch.maximum(y * u / (1 - u), torch.tensor(2.0**-10)) * q.parts["scale"].float() * (1 + 1e-6)
 
 
 register_family("fp16", lambda n: FP16Scheme() if n == "fp16" else None, ("fp16",))

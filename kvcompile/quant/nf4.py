@@ -73,7 +73,7 @@ class NF4Scheme(StorageScheme):
             super_scale = round_to_dtype(absmax.amax(-1, keepdim=True), torch.float16, "up")
             super_scale = torch.where(super_scale == 0, torch.finfo(torch.float16).tiny, super_scale)
             scale_codes = torch.ceil(absmax / super_scale.float() * 255).clamp(1, 255)
-            parts = {"scale_codes": scale_codes.to(torch.uint8).view(torch.int8), "super_scale": super_scale.squeeze(-1)}
+            parts = {"scale_codes": scale_codes.to(torch.uint8).view(torch.int8), "super_scale": super_scale}
         else:
             scale = round_to_dtype(absmax, torch.float16, "up")
             parts = {"scale": torch.where(scale == 0, torch.finfo(torch.float16).tiny, scale)}
@@ -88,7 +88,7 @@ class NF4Scheme(StorageScheme):
         """Dequantized first-level scales, [..., T, n_groups] float32."""
         if self.double_quant:
             codes = q.parts["scale_codes"].view(torch.uint8).float()
-            return q.parts["super_scale"].float().unsqueeze(-1) * codes / 255
+            return q.parts["super_scale"].float() * codes / 255
         return q.parts["scale"].float()
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:

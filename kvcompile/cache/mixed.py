@@ -1,0 +1,175 @@
+"""MixedPrecisionCache: a ``transformers`` Cache that stores every position at its planned precision.
+
+For each layer and each stream (keys, values) the kv heads are grouped by their
+(sink, recent, bulk) scheme triple; each group keeps three packed segments
+(:class:`~kvcompile.quant.QuantizedTensor`):
+
+    positions  [0, n)        sink    scheme  (first n = sink_tokens positions)
+               [n, e)        bulk    scheme  (e from :func:`kvcompile.plan.bulk_end`)
+               [e, L)        recent  scheme  (last recent_window positions + an incomplete bulk block)
+
+A new position is quantized into the sink or recent segment.  When it ages out of the window
+(``e`` grows) it is taken from the recent segment, de-quantized and re-quantized into the bulk
+scheme: the original float values are gone by then, as in a real cache.  Per-channel bulk
+schemes move G positions at a time.  ``update`` returns the de-quantized K/V of *all* cached
+positions (the new ones included, at the precision they are stored at), which is what attention
+then reads; no float copy is kept, so :meth:`MixedPrecisionCache.nbytes` is the true footprint.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from kvcompile.errors import CacheError
+from kvcompile.plan.precision_map import STREAMS, PrecisionMap, bulk_end
+from kvcompile.quant import QuantizedTensor, StorageScheme
+
+
+class _HeadGroupStore:
+    """Packed sink / bulk / recent segments of the kv heads that share one scheme triple."""
+
+    def __init__(self, heads: list[int], sink: StorageScheme, recent: StorageScheme, bulk: StorageScheme,
+                 sink_tokens: int, recent_window: int):
+        self.heads = heads
+        self.schemes = {"sink": sink, "recent": recent, "bulk": bulk}
+        self.sink_tokens = sink_tokens
+        self.recent_window = recent_window
+        self.segments: dict[str, QuantizedTensor | None] = {"sink": None, "bulk": None, "recent": None}
+
+    def _bulk_length(self, length: int) -> int:
+        """Positions in the bulk segment when ``length`` positions are cached."""
+        end = bulk_end(length, self.sink_tokens, self.recent_window, self.schemes["bulk"].token_group)
+        return end - min(self.sink_tokens, length)
+
+    def append(self, x: torch.Tensor, start: int) -> None:
+        """Store ``x`` [B, h, t, D], the states of positions ``start .. start+t-1``."""
+        stop = start + x.shape[-2]
+        n_sink = max(0, min(self.sink_tokens, stop) - start)
+        seg = self.segments
+        if n_sink:
+            seg["sink"] = QuantizedTensor.cat_tokens([seg["sink"], self.schemes["sink"].quantize(x[..., :n_sink, :])])
+        if x.shape[-2] > n_sink:
+            seg["recent"] = QuantizedTensor.cat_tokens([seg["recent"], self.schemes["recent"].quantize(x[..., n_sink:, :])])
+        moved = self._bulk_length(stop) - self._bulk_length(start)
+        if moved:  # positions aging out of the window: recent precision -> bulk precision
+            leaving = seg["recent"].slice_tokens(0, moved)
+            rest = seg["recent"].num_tokens
+            seg["recent"] = seg["recent"].slice_tokens(moved, rest) if rest > moved else None
+            requantized = self.schemes["bulk"].quantize(self.schemes["recent"].dequantize(leaving))
+            seg["bulk"] = QuantizedTensor.cat_tokens([seg["bulk"], requantized])
+
+    def read(self) -> torch.Tensor:
+        """De-quantized states of all stored positions, [B, h, L, D] float32."""
+        parts = [self.schemes[c].dequantize(q) for c in ("sink", "bulk", "recent") if (q := self.segments[c]) is not None]
+        return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
+
+    def nbytes(self) -> int:
+        return sum(q.nbytes for q in self.segments.values() if q is not None)
+
+
+class MixedPrecisionLayer(CacheLayerMixin):
+    """One decoder layer's K and V at the precisions a :class:`PrecisionMap` assigns."""
+
+    is_sliding = False
+    is_croppable = False
+    is_compileable = False
+
+    def __init__(self, pmap: PrecisionMap, layer_idx: int, max_context: int):
+        super().__init__()
+        self.pmap = pmap
+        self.layer_idx = layer_idx
+        self.max_context = max_context
+        self.length = 0
+        self.stores: dict[str, list[_HeadGroupStore]] = {}
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.batch_size = key_states.shape[0]
+        for stream in STREAMS:
+            by_triple: dict[tuple, list[int]] = defaultdict(list)
+            for head in range(self.pmap.num_kv_heads):
+                by_triple[tuple(self.pmap.triple(self.layer_idx, head, stream))].append(head)
+            self.stores[stream] = [
+                _HeadGroupStore(heads, *triple, self.pmap.sink_tokens, self.pmap.recent_window)
+                for triple, heads in by_triple.items()
+            ]
+        self.is_initialized = True
+
+    def _check(self, states: torch.Tensor, stream: str) -> None:
+        expected = (self.pmap.num_kv_heads, self.pmap.head_dim)
+        if states.dim() != 4 or (states.shape[1], states.shape[3]) != expected:
+            raise CacheError(f"layer {self.layer_idx} {stream}s: expected [batch, {expected[0]}, tokens, {expected[1]}], "
+                             f"got {list(states.shape)}")
+        if not torch.isfinite(states).all():
+            raise CacheError(f"layer {self.layer_idx}: {stream} states contain NaN or inf; expected finite values "
+                             "(the model diverged before the cache)")
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        new = key_states.shape[-2]
+        if self.length + new > self.max_context:
+            raise CacheError(f"context of {self.length + new} positions exceeds the cache's maximum of {self.max_context} "
+                             "(max_context); create the cache with a larger max_context")
+        out = []
+        for stream, states in (("key", key_states), ("value", value_states)):
+            self._check(states, stream)
+            groups = self.stores[stream]
+            for g in groups:
+                g.append(states[:, g.heads] if len(groups) > 1 else states, self.length)
+            if len(groups) == 1:
+                full = groups[0].read()
+            else:
+                full = torch.empty(states.shape[0], states.shape[1], self.length + new, states.shape[3])
+                for g in groups:
+                    full[:, g.heads] = g.read()
+            out.append(full.to(device=self.device, dtype=self.dtype))
+        self.length += new
+        return out[0], out[1]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.length + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.max_context
+
+    def reset(self) -> None:
+        self.length = 0
+        self.stores = {}
+        self.is_initialized = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise CacheError("MixedPrecisionCache does not support beam search reordering yet; use greedy or sampling")
+
+    def nbytes(self) -> int:
+        return sum(g.nbytes() for groups in self.stores.values() for g in groups)
+
+
+class MixedPrecisionCache(Cache):
+    """A ``transformers`` Cache storing K/V per position at the precisions of ``pmap``.
+
+    Use it like any cache: ``model(ids, cache=c)`` or ``model.generate(ids, cache=c)``.
+    ``max_context`` (default: the map's model limit passed by the caller, else 8192) bounds the
+    number of positions; exceeding it raises :class:`CacheError`.
+    """
+
+    def __init__(self, pmap: PrecisionMap, max_context: int = 8192):
+        self.pmap = pmap
+        self.max_context = max_context
+        super().__init__(layers=[MixedPrecisionLayer(pmap, i, max_context) for i in range(pmap.num_layers)])
+
+    def nbytes(self) -> int:
+        """Bytes of packed K/V actually held (codes, scales, zero points), all layers."""
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def bits_per_element(self) -> float:
+        length = self.get_seq_length()
+        batch = self.batch_size if length else 0
+        elements = 2 * self.pmap.num_layers * self.pmap.num_kv_heads * self.pmap.head_dim * length * max(batch, 1)
+        return 8 * self.nbytes() / elements if length else 0.0
