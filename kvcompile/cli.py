@@ -1,0 +1,133 @@
+"""``kvcompile`` command line: a thin layer over the Python API.
+
+A :class:`~kvcompile.errors.KvcompileError` is printed as one line ``kvcompile: error: ...`` and
+exits with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from kvcompile.errors import KvcompileError
+from kvcompile.version import __version__
+
+
+def _add_map_args(p: argparse.ArgumentParser, multi: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--map", help="precision map JSON (from `kvcompile plan` or hand-written)")
+    g.add_argument("--scheme", help="a storage scheme (uniform map) or a preset such as kivi-2"
+                   + ("; comma-separated to compare several" if multi else ""))
+    p.add_argument("--sinks", type=int, default=None, help="override the number of sink positions")
+    p.add_argument("--recent", type=int, default=None, help="override the recent-window length")
+
+
+def _resolve_maps(args, geometry, model_name: str) -> dict:
+    from kvcompile.plan.presets import resolve_map
+
+    specs = [args.map] if args.map else [s.strip() for s in args.scheme.split(",") if s.strip()]
+    maps = {}
+    for spec in specs:
+        pmap = resolve_map(spec, geometry, sink_tokens=args.sinks, recent_window=args.recent, model=model_name)
+        label = os.path.basename(spec) if args.map else spec
+        if args.sinks is not None or args.recent is not None:
+            label += f" s{pmap.sink_tokens}w{pmap.recent_window}"
+        maps[label] = pmap
+    return maps
+
+
+def _set_threads(n: int | None) -> None:
+    import torch
+
+    if n:
+        torch.set_num_threads(n)
+
+
+def cmd_eval(args) -> int:
+    from kvcompile.artifacts import atomic_write_bytes
+    from kvcompile.models import load_model
+    from kvcompile.validate.quality import evaluate, format_table
+
+    _set_threads(args.threads)
+    lm = load_model(args.model)
+    maps = _resolve_maps(args, lm.geometry, args.model)
+    results = evaluate(lm, maps, text=args.text, window=args.window, max_windows=args.max_windows,
+                       mode=args.mode, prefill_length=args.prefill, progress=not args.quiet)
+    print(f"model {args.model}, text {args.text}")
+    print(format_table(results))
+    if args.json:
+        doc = {"model": args.model, "text": args.text, "kvcompile_version": __version__,
+               "results": [r.to_json() for r in results]}
+        if len(results) == 1:
+            doc.update(results[0].to_json())
+        atomic_write_bytes(args.json, (json.dumps(doc, indent=1) + "\n").encode())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_schemes(args) -> int:
+    from kvcompile.plan.presets import PRESETS
+    from kvcompile.quant import get_scheme, scheme_names
+
+    print(f"{'scheme':<12} {'bits/elt (D=' + str(args.head_dim) + ')':>18}  axis     positions/block")
+    for name in scheme_names():
+        s = get_scheme(name)
+        print(f"{name:<12} {s.bits_per_element(args.head_dim):>18.3f}  {s.axis:<8} {s.token_group}")
+    print("\npresets: " + ", ".join(PRESETS))
+    print("integer grammar: int<2|3|4|8>[-sym][-ch][-g<G>][-s32][-rot]; nf4[-g<G>][-nodq]; fp8; fp16")
+    return 0
+
+
+def cmd_texts(args) -> int:
+    from kvcompile.data import manifest
+
+    for name, e in manifest().items():
+        print(f"{name:<24} {e['role']:<12} {e['bytes']:>9} bytes  {e['licence']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from kvcompile.data import DEFAULT_EVAL_TEXT
+    from kvcompile.models import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="kvcompile", description="Mixed-precision KV-cache compiler for decoder LLMs.")
+    parser.add_argument("--version", action="version", version=f"kvcompile {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="perplexity / KL / top-1 of a quantized KV cache vs the full-precision cache")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"built-in name, .gguf file or HF directory (default {DEFAULT_MODEL})")
+    _add_map_args(p, multi=True)
+    p.add_argument("--text", default=DEFAULT_EVAL_TEXT, help=f"shipped text name or a file (default {DEFAULT_EVAL_TEXT})")
+    p.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
+    p.add_argument("--max-windows", type=int, default=8, help="windows to score (default 8)")
+    p.add_argument("--mode", choices=("simulate", "decode"), default="simulate",
+                   help="exact parallel simulation (default) or real token-by-token decoding through the cache")
+    p.add_argument("--prefill", type=int, default=1, help="positions prefilled at once before decoding (default 1)")
+    p.add_argument("--json", help="write the results as JSON here")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("schemes", help="list storage schemes with their exact bits per element")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.set_defaults(func=cmd_schemes)
+
+    p = sub.add_parser("texts", help="list the shipped calibration / evaluation texts")
+    p.set_defaults(func=cmd_texts)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except KvcompileError as e:
+        print(f"kvcompile: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Validation: the exact cache simulation and the quality harness (later: polygraphy comparisons)."""

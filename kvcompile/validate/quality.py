@@ -1,0 +1,165 @@
+"""Quality of a mixed-precision KV cache against the full-precision cache, on the same text windows.
+
+The text is tokenized once and cut into non-overlapping windows of ``window`` tokens.  In each
+window every position ``i < window - 1`` predicts token ``i + 1``; we report
+
+* ``ppl``, ``ppl_reference``: ``exp(mean NLL)`` with the quantized cache and with the model's own
+  full-precision cache (a plain forward pass, which is what a full-precision cache computes);
+* ``kl``: mean over positions of ``KL(p_reference || p_quantized)`` of next-token distributions (nats);
+* ``top1_agreement``: fraction of positions where both predict the same top-1 token;
+* ``bits_per_element``, ``kv_bytes``: the map's exact storage for one sequence of ``window`` positions.
+
+How the quantized cache is exercised (``mode``):
+
+* ``simulate`` (default): the exact parallel simulation (:mod:`kvcompile.validate.simulate`) in
+  which query i reads every key/value at the precision it has in the cache after i + 1 positions
+  (token-by-token decoding, ``prefill_length = 1``) or after ``prefill_length`` positions for the
+  prompt part.  One forward pass per window.
+* ``decode``: real token-by-token decoding through :class:`MixedPrecisionCache` (prefill
+  ``prefill_length`` positions, then one token per step).  Slower; equal to ``simulate`` up to float
+  rounding of the matrix products (``tests/integration/test_simulation.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvcompile.data import DEFAULT_EVAL_TEXT, load_text
+from kvcompile.errors import KvcompileError
+from kvcompile.plan.precision_map import PrecisionMap
+
+MODES = ("simulate", "decode")
+
+
+@dataclass
+class QualityResult:
+    name: str
+    description: str
+    ppl: float
+    ppl_reference: float
+    kl: float
+    top1_agreement: float
+    bits_per_element: float
+    kv_bytes: float
+    tokens_scored: int
+    windows: int
+    window: int
+    mode: str
+    seconds: float
+
+    @property
+    def delta_ppl_pct(self) -> float:
+        return 100 * (self.ppl / self.ppl_reference - 1)
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "delta_ppl_pct": self.delta_ppl_pct}
+
+
+def token_windows(tokenizer, text: str, window: int, max_windows: int | None) -> torch.Tensor:
+    """``[K, window]`` token ids: consecutive non-overlapping windows from the start of ``text``."""
+    if window < 2:
+        raise KvcompileError(f"--window must be at least 2 tokens, got {window}")
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    count = len(ids) // window
+    if max_windows is not None:
+        count = min(count, max_windows)
+    if count < 1:
+        raise KvcompileError(f"text has {len(ids)} tokens, fewer than one window of {window}")
+    return ids[: count * window].reshape(count, window)
+
+
+class _Scores:
+    """Running sums of NLL, KL and top-1 agreement over scored positions."""
+
+    def __init__(self) -> None:
+        self.nll = self.nll_ref = self.kl = 0.0
+        self.agree = 0
+        self.count = 0
+
+    def add(self, logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        logp = F.log_softmax(logits.float(), -1)
+        logp_ref = F.log_softmax(ref_logits.float(), -1)
+        self.nll += -logp.gather(-1, targets[:, None]).sum().item()
+        self.nll_ref += -logp_ref.gather(-1, targets[:, None]).sum().item()
+        self.kl += (logp_ref.exp() * (logp_ref - logp)).sum().item()
+        self.agree += (logp.argmax(-1) == logp_ref.argmax(-1)).sum().item()
+        self.count += targets.numel()
+
+
+@torch.no_grad()
+def _quantized_logits(model, ids: torch.Tensor, pmap: PrecisionMap, mode: str, prefill_length: int) -> torch.Tensor:
+    if mode == "simulate":
+        from kvcompile.validate.simulate import simulate_cache
+
+        with simulate_cache(model, pmap, prefill_length):
+            return model(ids[None], use_cache=False).logits[0]
+    from kvcompile.cache import MixedPrecisionCache
+
+    cache = MixedPrecisionCache(pmap, max_context=len(ids))
+    p = max(1, prefill_length)
+    outs = [model(ids[None, :p], cache=cache).logits[0]]
+    outs += [model(ids[None, i : i + 1], cache=cache).logits[0] for i in range(p, len(ids))]
+    return torch.cat(outs, 0)
+
+
+@torch.no_grad()
+def evaluate(lm, maps: dict[str, PrecisionMap], text: str = DEFAULT_EVAL_TEXT, window: int = 512,
+             max_windows: int | None = 8, mode: str = "simulate", prefill_length: int = 1,
+             progress: bool = True) -> list[QualityResult]:
+    """Score each map against the full-precision cache on the same windows (see module docstring).
+
+    ``lm``: a :class:`kvcompile.models.LoadedModel`; ``text``: a shipped text name or a file path.
+    """
+    from tqdm.auto import tqdm
+
+    if mode not in MODES:
+        raise KvcompileError(f"unknown evaluation mode {mode!r}; expected one of {', '.join(MODES)}")
+    if window > lm.geometry.max_positions:
+        raise KvcompileError(f"--window {window} exceeds the model's context of {lm.geometry.max_positions} positions")
+    for pmap in maps.values():
+        pmap.check_model(lm.geometry.num_layers, lm.geometry.num_kv_heads, lm.geometry.head_dim)
+    windows = token_windows(lm.tokenizer, load_text(text), window, max_windows)
+    scores = {name: _Scores() for name in maps}
+    seconds = {name: 0.0 for name in maps}
+    model = lm.model
+    bar = tqdm(total=len(windows) * (len(maps) + 1), desc="eval", unit="pass", disable=not progress, leave=False)
+    for ids in windows:
+        ref = model(ids[None], use_cache=False).logits[0]
+        bar.update()
+        for name, pmap in maps.items():
+            t0 = time.perf_counter()
+            logits = _quantized_logits(model, ids, pmap, mode, prefill_length)
+            seconds[name] += time.perf_counter() - t0
+            scores[name].add(logits[:-1], ref[:-1], ids[1:])
+            bar.update()
+    bar.close()
+    results = []
+    for name, pmap in maps.items():
+        s = scores[name]
+        results.append(QualityResult(
+            name=name, description=pmap.description or pmap.summary(),
+            ppl=math.exp(s.nll / s.count), ppl_reference=math.exp(s.nll_ref / s.count),
+            kl=s.kl / s.count, top1_agreement=s.agree / s.count,
+            bits_per_element=pmap.bits_per_element(window), kv_bytes=pmap.kv_bytes(window),
+            tokens_scored=s.count, windows=len(windows), window=window, mode=mode, seconds=seconds[name],
+        ))
+    return results
+
+
+def format_table(results: list[QualityResult]) -> str:
+    """Fixed-width table, one row per map."""
+    header = f"{'scheme':<22} {'bits/elt':>8} {'KV bytes':>10} {'PPL':>8} {'ref PPL':>8} {'dPPL %':>8} {'KL':>8} {'top-1':>7}"
+    rows = [header, "-" * len(header)]
+    for r in results:
+        rows.append(f"{r.name:<22} {r.bits_per_element:>8.3f} {r.kv_bytes:>10.0f} {r.ppl:>8.3f} {r.ppl_reference:>8.3f} "
+                    f"{r.delta_ppl_pct:>+8.2f} {r.kl:>8.4f} {r.top1_agreement:>7.3f}")
+    if results:
+        r = results[0]
+        rows.append(f"({r.tokens_scored} tokens scored in {r.windows} windows of {r.window}; mode {r.mode}; "
+                    "bits and bytes for one sequence of one window)")
+    return "\n".join(rows)
