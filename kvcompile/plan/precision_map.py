@@ -201,8 +201,13 @@ class PrecisionMap:
     @classmethod
     def load(cls, path) -> "PrecisionMap":
         doc = load_json_artifact(path, "precision_map", FORMAT_VERSION)
+        def as_tuples(v):  # JSON lists -> tuples; validate() reports anything malformed
+            return tuple(as_tuples(x) for x in v) if isinstance(v, list) else v
+
+        raw = doc.get("schemes")
+        schemes = ({s: ({c: as_tuples(g) for c, g in v.items()} if isinstance(v, dict) else v) for s, v in raw.items()}
+                   if isinstance(raw, dict) else raw)
         try:
-            schemes = {s: {c: tuple(tuple(row) for row in doc["schemes"][s][c]) for c in CLASSES} for s in STREAMS}
             return cls(
                 num_layers=doc["num_layers"], num_kv_heads=doc["num_kv_heads"], head_dim=doc["head_dim"],
                 sink_tokens=doc["sink_tokens"], recent_window=doc["recent_window"], schemes=schemes,

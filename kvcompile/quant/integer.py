@@ -50,7 +50,7 @@ class IntegerScheme(StorageScheme):
 
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
-            raise SchemeError(f"integer schemes support bits {SUPPORTED_BITS}, got {self.bits}")
+            raise SchemeError(f"int{self.bits}: integer schemes support bits {SUPPORTED_BITS}, got {self.bits}")
         if self.group_size < 1:
             raise SchemeError(f"group size must be >= 1, got {self.group_size}")
         if self.axis == "channel" and self.rotate:

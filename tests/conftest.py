@@ -1,0 +1,40 @@
+"""Shared fixtures.  Threads are pinned: two torch processes fighting over 2 cores run >10x slower."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+def make_tiny_llama(dtype=torch.float32, seed: int = 0, layers: int = 2):
+    """A random 2-layer Llama with GQA (4 query heads, 2 kv heads, head_dim 32): fast and exact to test."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                         attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def tiny_geometry(tiny_llama):
+    from kvcompile.models.adapters import adapter_for
+
+    return adapter_for(tiny_llama.config).geometry(tiny_llama.config)
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real default model (SmolLM2-135M), loaded once per session (first use converts the GGUF, ~30 s)."""
+    from kvcompile.models import load_model
+
+    return load_model()

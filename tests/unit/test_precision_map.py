@@ -1,0 +1,104 @@
+"""PrecisionMap: accounting, validation, versioned atomic I/O."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvcompile.errors import ArtifactError
+from kvcompile.models.adapters import KVGeometry
+from kvcompile.plan.precision_map import PrecisionMap, bulk_end
+from kvcompile.plan.presets import resolve_map
+from kvcompile.quant import get_scheme
+
+GEOM = KVGeometry(num_layers=3, num_kv_heads=2, num_q_heads=4, head_dim=64, max_positions=4096)
+
+
+def test_bulk_end_segments():
+    # no sinks, no window, per token: everything is bulk
+    assert bulk_end(10, 0, 0, 1) == 10
+    # 4 sinks, window 8: bulk = [4, L - 8)
+    assert bulk_end(100, 4, 8, 1) == 92
+    # per-channel blocks of 32 after 4 sinks and a window of 8: whole blocks only
+    assert bulk_end(100, 4, 8, 32) == 4 + 64
+    # short sequences: sinks fill first, nothing in bulk
+    assert bulk_end(3, 4, 8, 1) == 3 and bulk_end(10, 4, 8, 1) == 4
+
+
+def test_kivi_bits_count_window_and_incomplete_blocks():
+    pmap = resolve_map("kivi-2", GEOM)
+    L = 512
+    # K: int2 per channel g32 -> bulk = 32 * floor((512 - 32) / 32) = 480 positions at 2 + 32/32 bits
+    # V: int2 per token  g32 -> bulk = 480 positions at 2 + 32/32 bits; window of 32 at fp16
+    expected = (480 * 3.0 + 32 * 16.0) / L
+    assert pmap.bits_per_element(L) == pytest.approx(expected)
+    # the same map costs more bits per element at a short context
+    assert pmap.bits_per_element(64) > pmap.bits_per_element(4096)
+    assert pmap.kv_bytes(L) == pytest.approx(expected * L * 2 * 3 * 2 * 64 / 8)
+
+
+def test_uniform_and_overrides():
+    pmap = resolve_map("int4", GEOM, sink_tokens=4, recent_window=16)
+    assert pmap.sink_tokens == 4 and pmap.recent_window == 16
+    assert pmap.scheme(2, 1, "value", "bulk") == get_scheme("int4")
+    assert pmap.scheme(0, 0, "key", "sink") == get_scheme("fp16")
+    assert pmap.bits_per_element(1000) == pytest.approx((4 * 16 + 16 * 16 + 980 * 5) / 1000)
+
+
+def test_save_load_roundtrip_is_byte_identical(tmp_path):
+    pmap = resolve_map("kivi-4", GEOM, sink_tokens=2)
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    pmap.save(a)
+    loaded = PrecisionMap.load(a)
+    assert loaded == pmap and loaded.content_hash() == pmap.content_hash()
+    loaded.save(b)
+    assert a.read_bytes() == b.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def _doc(tmp_path):
+    resolve_map("int4", GEOM).save(tmp_path / "m.json")
+    return json.loads((tmp_path / "m.json").read_text())
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(format_version=99), "format_version 99 is not supported"),
+    (lambda d: d["schemes"]["key"]["bulk"].pop(), "must list 3 layers"),
+    (lambda d: d["schemes"]["value"]["sink"][1].append("fp16"), r"sink\[1\] must list 2 kv heads"),
+    (lambda d: d["schemes"]["key"]["bulk"][0].__setitem__(1, "int7"), r"bulk\[0\]\[1\].*int7"),
+    (lambda d: d["schemes"]["key"]["recent"][0].__setitem__(0, "int4-ch"), "needs a per-token scheme"),
+    (lambda d: d["schemes"].pop("value"), "exactly the keys"),
+    (lambda d: d.update(recent_window=-1), "recent_window must be a non-negative integer"),
+    (lambda d: d.pop("head_dim"), "missing or mistypes field"),
+    (lambda d: d.update(artifact="calibration"), "expected a precision_map artifact"),
+])
+def test_malformed_maps_fail_with_one_line(tmp_path, mutate, message):
+    doc = _doc(tmp_path)
+    mutate(doc)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match=message) as info:
+        PrecisionMap.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_not_json_and_missing_file(tmp_path):
+    (tmp_path / "x.json").write_text("{nope")
+    with pytest.raises(ArtifactError, match="not a JSON precision_map"):
+        PrecisionMap.load(tmp_path / "x.json")
+    with pytest.raises(ArtifactError, match="not found"):
+        PrecisionMap.load(tmp_path / "missing.json")
+
+
+def test_map_for_another_model_is_rejected():
+    pmap = resolve_map("int4", GEOM)
+    with pytest.raises(ArtifactError, match="the model has"):
+        pmap.check_model(30, 3, 64)
+
+
+def test_unknown_spec_names_what_is_accepted():
+    from kvcompile.errors import KvcompileError
+
+    with pytest.raises(KvcompileError, match="neither a map file, a preset .*kivi-2.* nor a storage scheme"):
+        resolve_map("int4-bogus", GEOM)

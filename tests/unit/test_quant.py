@@ -1,0 +1,203 @@
+"""Storage formats: packing, round-trip bounds on hostile data, exact sizes, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvcompile.errors import SchemeError
+from kvcompile.quant import QuantizedTensor, get_scheme, scheme_names
+from kvcompile.quant.hadamard import hadamard_matrix, rotate
+from kvcompile.quant.nf4 import nf4_codebook
+from kvcompile.quant.packing import pack_bits, packed_length, unpack_bits
+
+# Every registered family's names plus parameter variants; a new family adds its names here.
+SCHEMES = sorted(set(scheme_names()) | {"int4-g64", "int4-ch-g16", "int3-ch", "int8-ch", "int4-sym", "int2-sym-rot",
+                                          "int4-s32", "nf4-nodq", "nf4-g64", "int8-rot"})
+D = 64
+
+
+def _data(kind: str, t: int = 32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, t, D, generator=g)
+    if kind == "normal":
+        return x
+    if kind == "outlier_channels":  # large, consistent magnitude in a few channels (KIVI, sec. 3)
+        x[..., [3, 17]] = 40 + 2 * x[..., [3, 17]]
+        return x
+    if kind == "constant_groups":
+        return torch.full_like(x, 0.7315)
+    if kind == "zeros":
+        return torch.zeros_like(x)
+    if kind == "tiny":
+        return x * 1e-5
+    if kind == "huge":
+        return x * 3e3
+    if kind == "sink_outlier":  # one position with a huge key (an attention sink)
+        x[:, :, 0] *= 200
+        return x
+    raise ValueError(kind)
+
+
+KINDS = ["normal", "outlier_channels", "constant_groups", "zeros", "tiny", "huge", "sink_outlier"]
+
+
+def _storage_domain(scheme, x):
+    return rotate(x) if getattr(scheme, "rotate", False) else x
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_roundtrip_within_stated_bound(name, kind):
+    scheme = get_scheme(name)
+    x = _data(kind)
+    q = scheme.quantize(x)
+    xh = scheme.dequantize(q)
+    assert xh.shape == x.shape and xh.dtype == torch.float32
+    err = (_storage_domain(scheme, x) - _storage_domain(scheme, xh)).abs()
+    bound = scheme.error_bound(q)
+    # float32 arithmetic in (de)quantization adds ~1 ulp of the values; a rotation (a 64-term dot
+    # product) adds ~1 ulp of the row's largest value to every element of the row.
+    xs = _storage_domain(scheme, x).abs()
+    scale = xs.amax(-1, keepdim=True) if getattr(scheme, "rotate", False) else xs
+    slack = 8 * torch.finfo(torch.float32).eps * scale + 1e-30
+    assert (err <= bound + slack).all(), f"max excess {(err - bound - slack).max().item():.3g}"
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_bits_per_element_equals_stored_bytes(name):
+    scheme = get_scheme(name)
+    for t in (32, 64):
+        x = _data("normal", t=t)
+        q = scheme.quantize(x)
+        assert q.nbytes * 8 == pytest.approx(scheme.bits_per_element(D) * x.numel(), rel=0, abs=1e-9)
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_canonical_name_roundtrips(name):
+    scheme = get_scheme(name)
+    assert get_scheme(scheme.name) == scheme
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_input_is_rejected(name, bad):
+    x = _data("normal")
+    x[0, 1, 5, 7] = bad
+    with pytest.raises(SchemeError, match="NaN or inf"):
+        get_scheme(name).quantize(x)
+
+
+def test_fp16_scales_reject_values_they_cannot_represent_and_s32_accepts_them():
+    x = _data("normal") * 1e6
+    with pytest.raises(SchemeError, match="-s32"):
+        get_scheme("int4").quantize(x)
+    s = get_scheme("int4-s32")
+    q = s.quantize(x)
+    assert ((x - s.dequantize(q)).abs() <= s.error_bound(q) * (1 + 1e-5)).all()
+
+
+def test_integer_scale_is_tight():
+    """The stored scale is the group's range / levels, rounded up by at most one fp16 step."""
+    s = get_scheme("int4")
+    x = _data("normal")
+    q = s.quantize(x)
+    g = x.reshape(2, 3, 32, 2, 32)
+    ideal = (g.amax(-1) - g.amin(-1)) / 15
+    stored = q.parts["scale"].float()
+    assert (stored >= ideal * (1 - 1e-3)).all() and (stored <= ideal * (1 + 2e-3) + 1e-7).all()
+
+
+def test_worse_formats_have_larger_error():
+    x = _data("normal")
+    mse = {n: ((x - get_scheme(n).roundtrip(x)) ** 2).mean().item() for n in ("int8", "fp8", "int4", "int3", "int2")}
+    assert mse["int8"] < mse["fp8"] < mse["int4"] < mse["int3"] < mse["int2"]
+
+
+def test_per_channel_keys_beat_per_token_on_outlier_channels():
+    """KIVI's observation, on synthetic keys with two outlier channels."""
+    x = _data("outlier_channels")
+    per_token = ((x - get_scheme("int2").roundtrip(x)) ** 2).mean()
+    per_channel = ((x - get_scheme("int2-ch").roundtrip(x)) ** 2).mean()
+    assert per_channel < per_token / 10
+
+
+def test_rotation_spreads_outlier_channels():
+    x = _data("outlier_channels")
+    plain = ((x - get_scheme("int4").roundtrip(x)) ** 2).mean()
+    rotated = ((x - get_scheme("int4-rot").roundtrip(x)) ** 2).mean()
+    assert rotated < plain
+
+
+def test_hadamard_is_orthonormal_and_self_inverse():
+    h = hadamard_matrix(64)
+    assert torch.allclose(h @ h.T, torch.eye(64), atol=1e-6)
+    x = torch.randn(5, 64)
+    assert torch.allclose(rotate(rotate(x)), x, atol=1e-5)
+    q, k = torch.randn(64), torch.randn(64)
+    assert torch.allclose(rotate(q) @ rotate(k), q @ k, atol=1e-4)  # attention scores are unchanged
+    with pytest.raises(SchemeError, match="power-of-two"):
+        hadamard_matrix(48)
+
+
+def test_nf4_codebook_matches_qlora():
+    book = nf4_codebook()
+    # Published NF4 levels (Dettmers et al. 2023, QLoRA, appendix E), a few of them.
+    published = {0: -1.0, 1: -0.6961928, 6: -0.0910500, 7: 0.0, 8: 0.0795803, 14: 0.7229568, 15: 1.0}
+    assert book.shape == (16,) and torch.all(book.diff() > 0)
+    for i, v in published.items():
+        assert book[i].item() == pytest.approx(v, abs=1e-6)
+
+
+def test_unknown_scheme_names_the_alternatives():
+    with pytest.raises(SchemeError, match="unknown storage scheme 'int9x'.*int4"):
+        get_scheme("int9x")
+    with pytest.raises(SchemeError, match=r"support bits \(2, 3, 4, 8\), got 5"):
+        get_scheme("int5")
+    with pytest.raises(SchemeError):
+        get_scheme("int4-ch-rot")
+
+
+def test_group_size_must_divide_head_dim():
+    with pytest.raises(SchemeError, match="multiple of the group size"):
+        get_scheme("int4-g48").quantize(torch.randn(1, 4, 64))
+
+
+def test_per_channel_needs_whole_blocks():
+    with pytest.raises(SchemeError, match="blocks of 32"):
+        get_scheme("int4-ch").quantize(torch.randn(1, 20, 64))
+
+
+@pytest.mark.parametrize("name", ["int4", "int2-rot", "nf4", "fp8", "fp16", "int4-ch-g8", "int3"])
+def test_slice_and_cat_along_positions_match_quantizing_the_pieces(name):
+    s = get_scheme(name)
+    x = _data("normal", t=32)
+    q = s.quantize(x)
+    a, b = q.slice_tokens(0, 16), q.slice_tokens(16, 32)
+    for part in q.parts:
+        assert torch.equal(a.parts[part], s.quantize(x[..., :16, :]).parts[part])
+    joined = QuantizedTensor.cat_tokens([a, None, b])
+    assert all(torch.equal(joined.parts[p], q.parts[p]) for p in q.parts) and joined.shape == q.shape
+    if s.token_group > 1:
+        with pytest.raises(ValueError, match="blocks"):
+            q.slice_tokens(0, s.token_group - 1)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(1, 70), lead=st.integers(1, 3), seed=st.integers(0, 2**16))
+def test_pack_unpack_is_exact(bits, n, lead, seed):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 2**bits, (lead, n), generator=g, dtype=torch.int64).to(torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert packed.dtype in (torch.int8, torch.int32)  # signed containers: TensorRT plugin I/O has no UINT8
+    assert packed.shape == (lead, packed_length(n, bits))
+    assert torch.equal(unpack_bits(packed, bits, n), codes)
+
+
+def test_pack_layout_is_little_endian_within_the_container():
+    codes = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)
+    assert pack_bits(codes, 2).view(torch.uint8).item() == 1 | (2 << 2) | (3 << 4)
+    three = torch.tensor([[7] * 10], dtype=torch.uint8)  # 10 x 3 bits in one int32, 2 padding bits
+    assert pack_bits(three, 3).item() == 2**30 - 1
