@@ -54,7 +54,9 @@ def resolve_map(spec: str | PrecisionMap, geometry: KVGeometry, *, sink_tokens: 
     else:
         try:
             get_scheme(spec)
-        except KvcompileError:
+        except KvcompileError as e:
+            if not str(e).startswith("unknown storage scheme"):
+                raise  # a known family with bad parameters: its own message is more precise
             raise KvcompileError(
                 f"{spec!r} is neither a map file, a preset ({', '.join(PRESETS)}) nor a storage scheme "
                 "(see `kvcompile schemes`)"
