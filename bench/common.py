@@ -1,0 +1,31 @@
+"""Helpers shared by the benchmarks: thread pinning, table printing, atomic JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from kvcompile.artifacts import atomic_write_bytes
+from kvcompile.version import __version__
+
+
+def setup(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def environment(threads: int) -> dict:
+    return {"kvcompile": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine(), "cpus": os.cpu_count(), "threads": threads,
+            "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def write_json(path: str | Path, doc: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(doc, indent=1) + "\n").encode())
+    print(f"wrote {path}")
