@@ -67,6 +67,50 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _int_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise KvcompileError(f"expected a comma-separated list of integers, got {text!r}") from None
+
+
+def cmd_calibrate(args) -> int:
+    from kvcompile.calibrate import calibrate
+    from kvcompile.models import load_model
+
+    _set_threads(args.threads)
+    lm = load_model(args.model)
+    calib = calibrate(lm, text=args.text, windows=args.windows, window=args.window, estimator=args.estimator,
+                      schemes=args.schemes.split(",") if args.schemes else None,
+                      sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
+                      samples=args.samples, correction_windows=args.correction_windows, progress=not args.quiet)
+    calib.save(args.output)
+    print(f"calibrated {args.model} on {calib.windows} x {calib.window} tokens of {args.text} with the {calib.estimator} "
+          f"estimator in {calib.seconds:.1f} s: {len(calib.schemes)} schemes x {len(calib.window_options)} windows x "
+          f"{len(calib.sink_options)} sink options per site -> {args.output}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from kvcompile.calibrate import Calibration
+    from kvcompile.plan.optimize import plan
+
+    calib = Calibration.load(args.calibration)
+    result = plan(calib, budget_bits=args.budget_bits, target_kl=args.target_kl, context=args.context,
+                  schemes=args.schemes.split(",") if args.schemes else None,
+                  sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
+                  corrected=not args.raw)
+    result.pmap.save(args.output)
+    print(result.pmap.description)
+    print(f"sinks {result.sink_tokens}, recent window {result.recent_window}; {result.pmap.summary()} -> {args.output}")
+    if args.target_kl is not None and result.predicted_cost > args.target_kl:
+        print(f"warning: no calibrated map meets the target; the best predicts {result.predicted_cost:.4g} "
+              f"({result.predicted_cost / args.target_kl:.2f}x the target)")
+    return 0
+
+
 def cmd_schemes(args) -> int:
     from kvcompile.plan.presets import PRESETS
     from kvcompile.quant import get_scheme, scheme_names
@@ -109,6 +153,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
+
+    from kvcompile.calibrate.estimate import DEFAULT_SINKS, DEFAULT_WINDOWS, ESTIMATORS
+    from kvcompile.data import DEFAULT_CALIBRATION_TEXT
+
+    p = sub.add_parser("calibrate", help="measure per-site sensitivity of quality to KV quantization")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--text", default=DEFAULT_CALIBRATION_TEXT, help=f"default {DEFAULT_CALIBRATION_TEXT}")
+    p.add_argument("--windows", type=int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="fisher",
+                   help="fisher: backward passes, predicts KL (default); attention: closed form, forward only")
+    p.add_argument("--schemes", help="comma-separated candidate schemes (default: a broad set)")
+    p.add_argument("--sink-options", help=f"comma-separated sink counts to consider (default {DEFAULT_SINKS})")
+    p.add_argument("--window-options", help=f"comma-separated recent windows to consider (default {DEFAULT_WINDOWS})")
+    p.add_argument("--samples", type=int, default=1, help="sampled targets per window for the Fisher estimate")
+    p.add_argument("--correction-windows", type=int, default=1,
+                   help="windows on which to measure each scheme's real KL to calibrate the constant c (0 = skip)")
+    p.add_argument("-o", "--output", required=True, help="output directory")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("plan", help="optimal precision map under a memory budget or a quality target")
+    p.add_argument("calibration", help="calibration directory (from kvcompile calibrate)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--budget-bits", type=float, help="average stored bits per K/V element at --context")
+    g.add_argument("--target-kl", type=float, help="predicted mean KL per position to stay under (nats)")
+    p.add_argument("--context", type=int, default=None, help="context length the bits are averaged over (default: calibration window)")
+    p.add_argument("--schemes", help="comma-separated subset of the calibrated schemes")
+    p.add_argument("--sink-options", help="subset of the calibrated sink counts")
+    p.add_argument("--window-options", help="subset of the calibrated recent windows")
+    p.add_argument("--raw", action="store_true", help="plan on the raw Fisher predictions, without the data-calibrated correction")
+    p.add_argument("-o", "--output", required=True, help="precision map JSON to write")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("schemes", help="list storage schemes with their exact bits per element")
     p.add_argument("--head-dim", type=int, default=64)

@@ -38,3 +38,26 @@ def smollm():
     from kvcompile.models import load_model
 
     return load_model()
+
+
+class CharTokenizer:
+    """A byte-level tokenizer for the tiny model (ids = bytes mod vocab)."""
+
+    def __init__(self, vocab: int = 97):
+        self.vocab = vocab
+
+    def __call__(self, text, return_tensors=None):
+        ids = torch.tensor([[b % self.vocab for b in text.encode()]])
+
+        class _Out:
+            input_ids = ids if return_tensors == "pt" else ids.tolist()
+
+        return _Out()
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tiny_llama, tiny_geometry):
+    from kvcompile.models import LoadedModel
+    from kvcompile.models.adapters import adapter_for
+
+    return LoadedModel(tiny_llama, CharTokenizer(), tiny_geometry, adapter_for(tiny_llama.config), "tiny-llama")

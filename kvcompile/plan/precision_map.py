@@ -57,6 +57,8 @@ class PrecisionMap:
     model: str = ""
     calibration_hash: str | None = None
     description: str = ""
+    #: how the map was made (planner inputs and predictions); free-form JSON object
+    provenance: dict = field(default_factory=dict)
     _resolved: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -88,6 +90,13 @@ class PrecisionMap:
             for stream, bulk in (("key", key), ("value", value or key))
         }
         return cls(num_layers, num_kv_heads, head_dim, sink_tokens, recent_window, schemes, model, None, description)
+
+    def with_bulk(self, bulk: dict[str, Grid], **changes) -> "PrecisionMap":
+        """A copy with new bulk grids (``{"key": grid, "value": grid}``) and other fields changed."""
+        from dataclasses import replace
+
+        schemes = {s: {**self.schemes[s], "bulk": bulk[s]} for s in STREAMS}
+        return replace(self, schemes=schemes, _resolved={}, **changes)
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
@@ -188,6 +197,7 @@ class PrecisionMap:
             "sink_tokens": self.sink_tokens,
             "recent_window": self.recent_window,
             "calibration_hash": self.calibration_hash,
+            "provenance": self.provenance,
             "schemes": {s: {c: [list(row) for row in self.schemes[s][c]] for c in CLASSES} for s in STREAMS},
         }
 
@@ -212,7 +222,7 @@ class PrecisionMap:
                 num_layers=doc["num_layers"], num_kv_heads=doc["num_kv_heads"], head_dim=doc["head_dim"],
                 sink_tokens=doc["sink_tokens"], recent_window=doc["recent_window"], schemes=schemes,
                 model=doc.get("model", ""), calibration_hash=doc.get("calibration_hash"),
-                description=doc.get("description", ""),
+                description=doc.get("description", ""), provenance=doc.get("provenance", {}),
             )
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{path}: precision map is missing or mistypes field {e}; expected format_version "

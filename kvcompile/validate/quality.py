@@ -108,6 +108,18 @@ def _quantized_logits(model, ids: torch.Tensor, pmap: PrecisionMap, mode: str, p
 
 
 @torch.no_grad()
+def mean_kl(model, windows: torch.Tensor, pmap: PrecisionMap, prefill_length: int = 1) -> float:
+    """Mean KL(reference || quantized cache) per scored position over ``windows`` [K, T] (simulate mode)."""
+    total, count = 0.0, 0
+    for ids in windows:
+        ref = F.log_softmax(model(ids[None], use_cache=False).logits[0, :-1].float(), -1)
+        q = F.log_softmax(_quantized_logits(model, ids, pmap, "simulate", prefill_length)[:-1].float(), -1)
+        total += (ref.exp() * (ref - q)).sum().item()
+        count += ref.shape[0]
+    return total / count
+
+
+@torch.no_grad()
 def evaluate(lm, maps: dict[str, PrecisionMap], text: str = DEFAULT_EVAL_TEXT, window: int = 512,
              max_windows: int | None = 8, mode: str = "simulate", prefill_length: int = 1,
              progress: bool = True) -> list[QualityResult]:

@@ -1,0 +1,123 @@
+"""The Calibration artifact: predicted quality cost of every candidate format at every KV site.
+
+Files (a directory):
+
+* ``calibration.json`` — ``{"artifact": "calibration", "format_version": 1, "kvcompile_version",
+  "model", "geometry": {...}, "text", "windows", "window", "estimator", "cost_unit", "schemes": [...],
+  "sink_options": [...], "window_options": [...], "seconds", "tensors_sha256"}``
+* ``calibration.safetensors`` — float64 tensors:
+
+  - ``cost`` ``[layers, kv_heads, 2 (K, V), schemes, window_options, sink_options]``: predicted mean
+    KL per scored position (nats; or attention-output squared error for the ``attention``
+    estimator) when *only* that site's bulk positions are stored in that scheme, with that many fp16
+    sinks and that fp16 recent window;
+  - ``curvature`` ``[layers, kv_heads, 2, window_options]``: mean Fisher (or attention sensitivity)
+    per stored element, the kappa of the precision bound;
+  - ``diameter`` ``[layers, kv_heads, 2]``: mean range (max - min) of a 32-value per-token group, the D
+    of the bound;
+  - ``correction`` ``[schemes]``: measured / predicted KL of each scheme applied to every site (the
+    data-calibrated constant c; 1 where not measured).
+
+Everything the planner needs is here, so planning never reruns the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvcompile.artifacts import atomic_write_bytes, load_json_artifact, save_json_artifact
+from kvcompile.errors import ArtifactError
+from kvcompile.models.adapters import KVGeometry
+
+FORMAT_VERSION = 1
+JSON_NAME = "calibration.json"
+TENSORS_NAME = "calibration.safetensors"
+
+
+@dataclass
+class Calibration:
+    model: str
+    geometry: KVGeometry
+    text: str
+    windows: int
+    window: int
+    estimator: str
+    cost_unit: str
+    schemes: list[str]
+    sink_options: list[int]
+    window_options: list[int]
+    cost: torch.Tensor
+    curvature: torch.Tensor
+    diameter: torch.Tensor
+    #: [schemes] measured / predicted KL of each scheme as a uniform map (1 where not measured)
+    correction: torch.Tensor | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        g = self.geometry
+        expected = (g.num_layers, g.num_kv_heads, 2, len(self.schemes), len(self.window_options), len(self.sink_options))
+        if tuple(self.cost.shape) != expected:
+            raise ArtifactError(f"calibration cost has shape {tuple(self.cost.shape)}, expected {expected}")
+        if self.correction is None:
+            self.correction = torch.ones(len(self.schemes), dtype=torch.float64)
+
+    def corrected_cost(self) -> torch.Tensor:
+        """``cost`` with each scheme scaled by its data-calibrated correction factor."""
+        return self.cost * self.correction.view(1, 1, 1, -1, 1, 1)
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for name in ("cost", "curvature", "diameter", "correction"):
+            h.update(getattr(self, name).contiguous().numpy().tobytes())
+        h.update(json.dumps([self.model, self.schemes, self.sink_options, self.window_options, self.estimator]).encode())
+        return h.hexdigest()
+
+    def save(self, directory) -> Path:
+        from safetensors.torch import save
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        blob = save({"cost": self.cost.contiguous(), "curvature": self.curvature.contiguous(),
+                     "diameter": self.diameter.contiguous(), "correction": self.correction.contiguous()})
+        atomic_write_bytes(directory / TENSORS_NAME, blob)
+        body = {
+            "model": self.model, "geometry": vars(self.geometry), "text": self.text, "windows": self.windows,
+            "window": self.window, "estimator": self.estimator, "cost_unit": self.cost_unit, "schemes": self.schemes,
+            "sink_options": self.sink_options, "window_options": self.window_options, "seconds": self.seconds,
+            "extra": self.extra, "tensors_sha256": hashlib.sha256(blob).hexdigest(), "content_hash": self.content_hash(),
+        }
+        save_json_artifact(directory / JSON_NAME, "calibration", FORMAT_VERSION, body)
+        return directory
+
+    @classmethod
+    def load(cls, directory) -> "Calibration":
+        from safetensors.torch import load
+
+        directory = Path(directory)
+        if directory.is_file():
+            directory = directory.parent
+        doc = load_json_artifact(directory / JSON_NAME, "calibration", FORMAT_VERSION)
+        tensors_path = directory / TENSORS_NAME
+        if not tensors_path.is_file():
+            raise ArtifactError(f"{tensors_path} is missing; a calibration is {JSON_NAME} + {TENSORS_NAME}")
+        blob = tensors_path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != doc.get("tensors_sha256"):
+            raise ArtifactError(f"{tensors_path} does not match the sha256 recorded in {JSON_NAME}")
+        tensors = load(blob)
+        try:
+            return cls(
+                model=doc["model"], geometry=KVGeometry(**doc["geometry"]), text=doc["text"], windows=doc["windows"],
+                window=doc["window"], estimator=doc["estimator"], cost_unit=doc["cost_unit"], schemes=list(doc["schemes"]),
+                sink_options=list(doc["sink_options"]), window_options=list(doc["window_options"]),
+                cost=tensors["cost"], curvature=tensors["curvature"], diameter=tensors["diameter"],
+                correction=tensors.get("correction"),
+                seconds=doc.get("seconds", 0.0), extra=doc.get("extra", {}),
+            )
+        except (KeyError, TypeError) as e:
+            raise ArtifactError(f"{directory / JSON_NAME}: calibration is missing or mistypes field {e}") from None

@@ -1,0 +1,264 @@
+"""Estimate the quality cost of storing each KV site in each candidate format.
+
+A *site* is (layer, kv head, K|V).  For a candidate bulk scheme s, ``n`` fp16 sinks and an fp16
+recent window of ``w`` positions, the cost is the predicted increase of the mean per-position
+KL(p_reference || p_quantized) when only that site's bulk is stored in s (docs/theory.md):
+
+    cost(site, s, w, n) = 1/2 * sum_{t >= n, i} F^(w)_{t,i} * (x_{t,i} - Q_s(x)_{t,i})^2 / positions
+
+``x`` is the stored K/V (post-RoPE keys), ``Q_s`` the scheme's round trip of its fp16 window form,
+and ``F^(w)_{t,i}`` the curvature of the summed log-likelihood with respect to element i of
+position t *as read by queries at distance >= w* (nearer queries read the fp16 window form).
+
+Estimators (one interface, :data:`ESTIMATORS`):
+
+* ``fisher`` (default): the diagonal Fisher information, ``E_y[(d log p(y) / dx)^2]`` with ``y``
+  sampled from the reference model's own next-token distribution, from one backward pass per
+  window and sample.  Because the score has zero mean and the sampled tokens are independent,
+  the square of the gradient of the *summed* log-likelihood is an unbiased estimate of the summed
+  per-position Fisher diagonals.  Its cost is in nats of KL per position.
+* ``attention``: closed form, forward only.  First-order sensitivity of every attention output
+  to a stored key or value: ``d o_q / d k_t = a_qt (v_t - o_q) q^T / sqrt(d)`` and
+  ``d o_q / d v_t = a_qt I``, so ``F_K[t, i] = sum_q a_qt^2 |v_t - o_q|^2 q_i^2 / d`` and
+  ``F_V[t, i] = sum_q a_qt^2``.  Its cost is attention-output squared error per position, which
+  ranks sites within a layer but ignores how much later layers amplify each layer's error.
+
+To split by query distance, the calibration forward pass gives attention one copy of K and V per
+distance bucket ``[w_b, w_{b+1})`` (b over the window options) and masks each copy to its bucket;
+the gradient with respect to the copy of bucket b is the part of the total gradient that flows
+through queries at those distances, and ``F^(w)`` uses the sum of the buckets at distance >= w.
+The boundary is per position (a G-position block of a per-channel scheme is read in its bulk form
+a little later than this assumes), which slightly overstates per-channel costs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from kvcompile.calibrate.artifact import Calibration
+from kvcompile.data import DEFAULT_CALIBRATION_TEXT, load_text
+from kvcompile.errors import KvcompileError
+from kvcompile.quant import get_scheme
+from kvcompile.validate.quality import token_windows
+
+DEFAULT_SCHEMES = ["fp16", "int8", "fp8", "int4", "int4-g64", "int4-ch", "int4-ch-g64", "int4-rot", "nf4", "int3", "int3-ch",
+                   "int2", "int2-g64", "int2-ch", "int2-ch-g64", "int2-rot", "int2-g64-rot"]
+DEFAULT_SINKS = [0, 1, 4]
+DEFAULT_WINDOWS = [0, 16, 32, 128]
+CORRECTION_TOKENS = 256  # the correction pass scores the first 256 tokens of each of its windows
+ESTIMATORS = ("fisher", "attention")
+IMPLEMENTATION = "kvcompile_calib"
+STREAM_INDEX = {"key": 0, "value": 1}
+
+
+@dataclass
+class _Pass:
+    """State of one calibration forward pass, read by the attention function."""
+
+    estimator: str
+    window_options: list[int]
+    layers: dict[int, dict] = field(default_factory=dict)
+
+
+_active: _Pass | None = None
+
+
+def distance_buckets(seq_len: int, edges: list[int]) -> torch.Tensor:
+    """``[buckets, T, T]`` bool: query i reads key j through bucket b iff ``edges[b] <= i - j < edges[b+1]``."""
+    d = torch.arange(seq_len)[:, None] - torch.arange(seq_len)[None, :]
+    bounds = [*edges, seq_len + 1]
+    return torch.stack([(d >= lo) & (d < hi) for lo, hi in zip(bounds[:-1], bounds[1:])])
+
+
+def _repeat(x: torch.Tensor, groups: int) -> torch.Tensor:
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def _calibration_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    state = _active
+    if state is None:
+        raise RuntimeError("kvcompile_calib attention used outside a calibration pass")
+    groups = query.shape[1] // key.shape[1]
+    t = key.shape[-2]
+    buckets = distance_buckets(t, state.window_options).to(query.device)
+    causal = buckets.any(0)
+    record = {"key": key.detach(), "value": value.detach()}
+    if state.estimator == "fisher":
+        k_copies = [key.clone() for _ in buckets]
+        v_copies = [value.clone() for _ in buckets]
+        for c in (*k_copies, *v_copies):
+            c.retain_grad()
+        scores = sum(m * (query @ _repeat(k, groups).transpose(-1, -2)) for m, k in zip(buckets, k_copies)) * scaling
+        weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        out = sum((weights * m) @ _repeat(v, groups) for m, v in zip(buckets, v_copies))
+        record.update(key_copies=k_copies, value_copies=v_copies)
+    else:
+        scores = (query @ _repeat(key, groups).transpose(-1, -2)) * scaling
+        weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        out = weights @ _repeat(value, groups)
+        record.update(_closed_form(query.detach(), value.detach(), weights.detach(), out.detach(), buckets, groups))
+    state.layers[module.layer_idx] = record
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _closed_form(q, v, a, o, buckets, groups):
+    """Per-bucket first-order sensitivities of attention outputs to stored K and V, [buckets, B, Hkv, T, D]."""
+    b, hq, t, d = q.shape
+    v_rep = _repeat(v, groups)
+    # |v_t - o_q|^2 = |v_t|^2 - 2 v_t . o_q + |o_q|^2, as a [B, Hq, T_q, T_k] matrix
+    dist2 = (v_rep.pow(2).sum(-1)[..., None, :] - 2 * o @ v_rep.transpose(-1, -2) + o.pow(2).sum(-1)[..., :, None]).clamp(min=0)
+    a2 = a.pow(2)
+    fk, fv = [], []
+    for m in buckets:
+        wk = a2 * dist2 * m
+        k_sens = (wk.transpose(-1, -2) @ q.pow(2)) / d  # [B, Hq, T_k, D]
+        v_sens = (a2 * m).sum(-2)[..., None].expand(b, hq, t, d)
+        fk.append(k_sens.reshape(b, hq // groups, groups, t, d).sum(2))
+        fv.append(v_sens.reshape(b, hq // groups, groups, t, d).sum(2))
+    return {"key_sens": torch.stack(fk), "value_sens": torch.stack(fv)}
+
+
+ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, _calibration_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
+
+
+def _squared_errors(x: torch.Tensor, scheme_name: str, sink_options: list[int]) -> list[torch.Tensor]:
+    """For each sink count n: (x - Q(x))^2 [B, H, T, D] over bulk-eligible positions (zero elsewhere)."""
+    scheme = get_scheme(scheme_name)
+    window_form = x.half().float()  # positions enter the cache through its fp16 window
+    t = x.shape[-2]
+    out = []
+    if scheme.token_group == 1:
+        err = (x - scheme.roundtrip(window_form)).pow(2)
+        for n in sink_options:
+            e = err.clone()
+            e[..., :n, :] = 0
+            out.append(e)
+        return out
+    g = scheme.token_group
+    for n in sink_options:
+        e = torch.zeros_like(x)
+        full = g * ((t - n) // g)
+        if full:
+            e[..., n : n + full, :] = (x[..., n : n + full, :] - scheme.roundtrip(window_form[..., n : n + full, :])).pow(2)
+        out.append(e)
+    return out
+
+
+def _group_range(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """Mean (max - min) of per-token groups of ``group`` channels, per head: [H]."""
+    g = x.reshape(*x.shape[:-1], -1, group)
+    return (g.amax(-1) - g.amin(-1)).mean(dim=(0, 2, 3))
+
+
+def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 8, window: int = 512, estimator: str = "fisher",
+              schemes: list[str] | None = None, sink_options: list[int] | None = None,
+              window_options: list[int] | None = None, samples: int = 1, seed: int = 0,
+              correction_windows: int = 1, progress: bool = True) -> Calibration:
+    """Measure the cost table of :class:`Calibration` on ``windows`` windows of ``window`` tokens of ``text``.
+
+    ``correction_windows`` > 0 also measures, on the first 256 tokens of that many of the same windows, the real KL of every
+    candidate scheme applied to all sites (no sinks, no window) and stores ``measured / predicted``
+    per scheme as ``correction`` (the data-calibrated constant c of docs/theory.md, section 5).
+    """
+    from tqdm.auto import tqdm
+
+    global _active
+    if estimator not in ESTIMATORS:
+        raise KvcompileError(f"unknown estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+    schemes = list(schemes or DEFAULT_SCHEMES)
+    for name in schemes:
+        get_scheme(name)
+    sink_options = sorted(set(sink_options if sink_options is not None else DEFAULT_SINKS))
+    window_options = sorted(set(window_options if window_options is not None else DEFAULT_WINDOWS))
+    if window_options[0] != 0:
+        window_options = [0, *window_options]  # buckets must cover distance 0
+    if max(window_options) >= window or max(sink_options) >= window:
+        raise KvcompileError(f"sink and window options must be shorter than the calibration window of {window} tokens")
+    geom = lm.geometry
+    model = lm.model
+    ids_all = token_windows(lm.tokenizer, load_text(text), window, windows)
+    shape = (geom.num_layers, geom.num_kv_heads, 2, len(schemes), len(window_options), len(sink_options))
+    cost = torch.zeros(shape, dtype=torch.float64)
+    curvature = torch.zeros(geom.num_layers, geom.num_kv_heads, 2, len(window_options), dtype=torch.float64)
+    diameter = torch.zeros(geom.num_layers, geom.num_kv_heads, 2, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(seed)
+    passes = len(ids_all) * (samples if estimator == "fisher" else 1)
+    previous_impl = model.config._attn_implementation
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    start = time.perf_counter()
+    bar = tqdm(total=passes, desc=f"calibrate ({estimator})", unit="pass", disable=not progress, leave=False)
+    try:
+        model.set_attn_implementation(IMPLEMENTATION)
+        for ids in ids_all:
+            for _ in range(samples if estimator == "fisher" else 1):
+                _active = _Pass(estimator, window_options)
+                with torch.enable_grad() if estimator == "fisher" else torch.no_grad():
+                    embeds = model.get_input_embeddings()(ids[None]).detach()
+                    if estimator == "fisher":
+                        embeds.requires_grad_(True)  # so layer 0's K/V copies are part of the graph
+                    logits = model(inputs_embeds=embeds, use_cache=False).logits[0, :-1]
+                    if estimator == "fisher":
+                        targets = torch.multinomial(F.softmax(logits.detach().float(), -1), 1, generator=generator)[:, 0]
+                        F.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).sum().backward()
+                _accumulate(_active, cost, curvature, diameter, schemes, sink_options, estimator)
+                bar.update()
+    finally:
+        _active = None
+        model.set_attn_implementation(previous_impl)
+        for p, r in zip(model.parameters(), requires_grad):
+            p.requires_grad_(r)
+        bar.close()
+    positions = passes * (window - 1)
+    elements = passes * window * geom.head_dim
+    cost, curvature, diameter = cost / positions, curvature / elements, diameter / passes
+    correction = torch.ones(len(schemes), dtype=torch.float64)
+    predicted = torch.zeros(len(schemes), dtype=torch.float64)
+    measured = torch.zeros(len(schemes), dtype=torch.float64)
+    if correction_windows and estimator == "fisher" and 0 in sink_options:
+        from kvcompile.plan.precision_map import PrecisionMap
+        from kvcompile.validate.quality import mean_kl
+
+        n0 = sink_options.index(0)
+        for i, name in enumerate(tqdm(schemes, desc="correction", disable=not progress, leave=False)):
+            predicted[i] = cost[:, :, :, i, 0, n0].sum()
+            if name == "fp16" or predicted[i] <= 0:
+                continue
+            pmap = PrecisionMap.uniform(geom.num_layers, geom.num_kv_heads, geom.head_dim, key=name)
+            measured[i] = mean_kl(model, ids_all[:correction_windows, :CORRECTION_TOKENS], pmap)
+            correction[i] = measured[i] / predicted[i]
+    return Calibration(
+        model=lm.name, geometry=geom, text=text, windows=len(ids_all), window=window, estimator=estimator,
+        cost_unit="nats of KL per position" if estimator == "fisher" else "attention-output squared error per position",
+        schemes=schemes, sink_options=sink_options, window_options=window_options,
+        cost=cost, curvature=curvature, diameter=diameter, correction=correction,
+        seconds=time.perf_counter() - start,
+        extra={"samples": samples, "seed": seed, "correction_windows": correction_windows,
+               "uniform_predicted": predicted.tolist(), "uniform_measured": measured.tolist()},
+    )
+
+
+def _accumulate(state: _Pass, cost, curvature, diameter, schemes, sink_options, estimator) -> None:
+    for layer, rec in state.layers.items():
+        for stream, s_idx in STREAM_INDEX.items():
+            x = rec[stream].float()
+            if estimator == "fisher":
+                grads = torch.stack([c.grad.float() for c in rec[f"{stream}_copies"]])  # [buckets, B, H, T, D]
+                # gradient through queries at distance >= w_b: suffix sums over buckets, then squared
+                sens = grads.flip(0).cumsum(0).flip(0).pow(2)
+            else:
+                sens = rec[f"{stream}_sens"].float().flip(0).cumsum(0).flip(0)
+            curvature[layer, :, s_idx] += sens.sum(dim=(1, 3, 4)).T.double()
+            diameter[layer, :, s_idx] += _group_range(x).double()
+            for sc_idx, name in enumerate(schemes):
+                for n_idx, err in enumerate(_squared_errors(x, name, sink_options)):
+                    # 1/2 sum F e^2, per (window option, head)
+                    cost[layer, :, s_idx, sc_idx, :, n_idx] += 0.5 * (sens * err).sum(dim=(1, 3, 4)).T.double()

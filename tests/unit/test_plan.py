@@ -1,0 +1,95 @@
+"""The planner is an exact optimizer: checked against brute force on small problems."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from kvcompile.calibrate import Calibration
+from kvcompile.errors import KvcompileError
+from kvcompile.models.adapters import KVGeometry
+from kvcompile.plan.optimize import UNITS_PER_BIT, plan, site_bits
+
+SCHEMES = ["fp16", "int8", "int4", "int2"]
+GEOM = KVGeometry(num_layers=2, num_kv_heads=1, num_q_heads=2, head_dim=64, max_positions=1024)
+
+
+def synthetic(seed=0, windows=(0, 32), sinks=(0, 4)) -> Calibration:
+    g = torch.Generator().manual_seed(seed)
+    # cost grows ~4x per bit removed, with random per-site sensitivity; fp16 costs nothing
+    sens = torch.rand(2, 1, 2, 1, 1, 1, generator=g, dtype=torch.float64) * 10 + 0.1
+    per_scheme = torch.tensor([0.0, 1e-4, 1e-2, 0.5], dtype=torch.float64).view(1, 1, 1, 4, 1, 1)
+    discount = torch.tensor([1.0, 0.3][: len(windows)], dtype=torch.float64).view(1, 1, 1, 1, -1, 1)
+    sink_gain = torch.tensor([1.0, 0.8][: len(sinks)], dtype=torch.float64).view(1, 1, 1, 1, 1, -1)
+    cost = sens * per_scheme * discount * sink_gain
+    return Calibration(model="synthetic", geometry=GEOM, text="-", windows=1, window=512, estimator="fisher",
+                       cost_unit="nats of KL per position", schemes=SCHEMES, sink_options=list(sinks),
+                       window_options=list(windows), cost=cost, curvature=torch.ones(2, 1, 2, len(windows)),
+                       diameter=torch.ones(2, 1, 2))
+
+
+def brute_force(calib, context, budget=None, target=None):
+    best = None
+    for n, w in itertools.product(calib.sink_options, calib.window_options):
+        ni, wi = calib.sink_options.index(n), calib.window_options.index(w)
+        for combo in itertools.product(range(len(SCHEMES)), repeat=4):
+            sites = [(l, 0, st) for l in range(2) for st in range(2)]
+            cost = sum(calib.cost[l, h, st, o, wi, ni].item() for (l, h, st), o in zip(sites, combo))
+            units = sum(-(-int(site_bits(SCHEMES[o], 64, context, n, w) * UNITS_PER_BIT * 1e6) // 10**6) for o in combo)
+            if budget is not None and units > budget * UNITS_PER_BIT * 4:
+                continue
+            key = cost if budget is not None else ((cost > target), units, cost)
+            if best is None or key < best[0]:
+                best = (key, cost, units)
+    return best
+
+
+@pytest.mark.parametrize("budget", [4.0, 6.5, 9.0, 12.0])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_budget_mode_is_optimal_and_within_budget(budget, seed):
+    calib = synthetic(seed)
+    result = plan(calib, budget_bits=budget, context=512, corrected=False)
+    assert result.pmap.bits_per_element(512) <= budget + 1e-12
+    assert result.predicted_cost == pytest.approx(brute_force(calib, 512, budget=budget)[1], rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.parametrize("target", [1e-3, 0.05, 2.0])
+def test_target_mode_finds_the_fewest_bits(target):
+    calib = synthetic(3)
+    result = plan(calib, target_kl=target, context=512, corrected=False)
+    assert result.predicted_cost <= target
+    best = brute_force(calib, 512, target=target)
+    assert result.bits_per_element * 4 * UNITS_PER_BIT == pytest.approx(best[2], abs=4)
+
+
+def test_plan_is_deterministic_byte_for_byte(tmp_path):
+    calib = synthetic(5)
+    for name in ("a", "b"):
+        plan(calib, budget_bits=5.0, context=256).pmap.save(tmp_path / f"{name}.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+
+
+def test_short_context_makes_fp16_windows_expensive():
+    calib = synthetic(0)
+    long = plan(calib, budget_bits=4.0, context=4096, corrected=False)
+    short = plan(calib, budget_bits=4.0, context=64, corrected=False)
+    assert long.recent_window == 32 and short.recent_window == 0  # a 32-position fp16 window eats a 64-token budget
+
+
+def test_infeasible_and_invalid_requests():
+    calib = synthetic(0)
+    with pytest.raises(KvcompileError, match="below the smallest map possible"):
+        plan(calib, budget_bits=2.0, context=512)
+    with pytest.raises(KvcompileError, match="exactly one of"):
+        plan(calib, context=512)
+    with pytest.raises(KvcompileError, match="were not calibrated"):
+        plan(calib, budget_bits=4, schemes=["nf4"])
+
+
+def test_planned_map_records_its_provenance():
+    calib = synthetic(0)
+    pmap = plan(calib, budget_bits=5.0, context=512).pmap
+    assert pmap.calibration_hash == calib.content_hash()
+    assert pmap.provenance["mode"].startswith("budget") and pmap.provenance["candidates"]
