@@ -111,6 +111,15 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from kvcompile.report.build import build_report
+
+    out = build_report(args.calibration, args.output, pmap_path=args.map, validation=args.validation,
+                       comparison=args.comparison, context=args.context)
+    print(f"wrote {out / 'report.md'} and {out / 'report.html'}")
+    return 0
+
+
 def cmd_schemes(args) -> int:
     from kvcompile.plan.presets import PRESETS
     from kvcompile.quant import get_scheme, scheme_names
@@ -187,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="plan on the raw Fisher predictions, without the data-calibrated correction")
     p.add_argument("-o", "--output", required=True, help="precision map JSON to write")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("report", help="Markdown/HTML report with a per-layer table, heatmap and plots")
+    p.add_argument("calibration", help="calibration directory")
+    p.add_argument("--map", help="precision map to show (heatmap, chosen schemes)")
+    p.add_argument("--validation", help="JSON from bench/bound_validation.py (predicted-vs-measured scatter)")
+    p.add_argument("--comparison", help="JSON from bench/plan_vs_uniform.py or bench/quality.py (quality-vs-memory curve)")
+    p.add_argument("--context", type=int, default=None, help="context for bits/element (default: calibration window)")
+    p.add_argument("-o", "--output", required=True, help="report directory")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("schemes", help="list storage schemes with their exact bits per element")
     p.add_argument("--head-dim", type=int, default=64)

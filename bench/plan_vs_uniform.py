@@ -1,0 +1,104 @@
+"""Planned precision maps against uniform and KIVI-style maps at equal or larger memory.
+
+    python bench/plan_vs_uniform.py [--windows 16] [--calibration DIR] [--out bench/results/plan_vs_uniform.json]
+
+1. Calibrates the default model on the calibration text (timed; skipped with --calibration DIR).
+2. Plans maps at ~4, 3 and 2.5 bits/element (context = the evaluation window) and one for a KL target.
+3. Evaluates planned and baseline maps on the same held-out windows (exact simulation of decoding).
+4. For each planned map, lists every baseline with at least as many bits and whether the plan has
+   lower dPPL than all of them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, setup, write_json  # noqa: E402
+
+BASELINES = [  # (label, spec, sinks, window)
+    ("fp8", "fp8", None, None), ("int4", "int4", None, None), ("int4-g64", "int4-g64", None, None),
+    ("int4-rot", "int4-rot", None, None), ("nf4", "nf4", None, None), ("int3", "int3", None, None),
+    ("int2", "int2", None, None), ("int2-g64", "int2-g64", None, None), ("int2-rot", "int2-rot", None, None),
+    ("kivi-4 w32", "kivi-4", 0, 32), ("kivi-4 w32 s4", "kivi-4", 4, 32),
+    ("kivi-2 w32", "kivi-2", 0, 32), ("kivi-2 w32 s4", "kivi-2", 4, 32),
+    ("kivi-2 w128", "kivi-2", 0, 128), ("kivi-2 w128 s4", "kivi-2", 4, 128),
+]
+BUDGETS = [4.0, 3.0, 2.5]
+TARGET_KL = 0.02
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--calibration", help="reuse this calibration directory instead of calibrating")
+    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--text", default="wikipedia-heldout")
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/plan_vs_uniform.json")
+    args = ap.parse_args()
+    setup(args.threads)
+
+    from kvcompile.calibrate import Calibration, calibrate
+    from kvcompile.models import load_model
+    from kvcompile.plan.optimize import plan
+    from kvcompile.plan.presets import resolve_map
+    from kvcompile.validate.quality import evaluate, format_table
+
+    lm = load_model(args.model)
+    if args.calibration:
+        calib = Calibration.load(args.calibration)
+    else:
+        t0 = time.perf_counter()
+        calib = calibrate(lm, windows=args.calib_windows, window=args.window)
+        print(f"calibration: {time.perf_counter() - t0:.1f} s wall ({args.calib_windows} x {args.window} tokens, "
+              f"{args.threads} threads)")
+        calib.save("bench/results/calibration")
+    maps, planned = {}, {}
+    for b in BUDGETS:
+        r = plan(calib, budget_bits=b, context=args.window)
+        planned[f"plan {b:g}b"] = {"budget_bits": b, "predicted_kl": r.predicted_cost, "sinks": r.sink_tokens,
+                                   "window": r.recent_window}
+        maps[f"plan {b:g}b"] = r.pmap
+    r = plan(calib, target_kl=TARGET_KL, context=args.window)
+    planned[f"plan kl<={TARGET_KL}"] = {"target_kl": TARGET_KL, "predicted_kl": r.predicted_cost,
+                                        "sinks": r.sink_tokens, "window": r.recent_window}
+    maps[f"plan kl<={TARGET_KL}"] = r.pmap
+    for label, spec, s, w in BASELINES:
+        maps[label] = resolve_map(spec, lm.geometry, sink_tokens=s, recent_window=w)
+    results = evaluate(lm, maps, text=args.text, window=args.window, max_windows=args.windows)
+    print(format_table(results))
+    by_name = {r.name: r for r in results}
+    comparisons = []
+    print("\nplanned map vs every baseline with at least as many bits:")
+    for name, info in planned.items():
+        p = by_name[name]
+        rivals = [by_name[l] for l, *_ in BASELINES if by_name[l].bits_per_element >= p.bits_per_element - 1e-9]
+        beaten = [r.name for r in rivals if p.delta_ppl_pct < r.delta_ppl_pct]
+        lost = [f"{r.name} ({r.bits_per_element:.2f} b, {r.delta_ppl_pct:+.2f} %)" for r in rivals if r.name not in beaten]
+        line = (f"{name}: {p.bits_per_element:.3f} b, dPPL {p.delta_ppl_pct:+.2f} %, KL {p.kl:.4f} "
+                f"(predicted {info['predicted_kl']:.4f}); beats {len(beaten)}/{len(rivals)}")
+        if lost:
+            line += "; not: " + ", ".join(lost)
+        if "target_kl" in info:
+            target = info["target_kl"]
+            verdict = "met" if p.kl <= target else f"missed by {p.kl / target:.2f}x"
+            line += f"; target KL {target} {verdict}"
+        print(line)
+        comparisons.append({"map": name, **info, "bits_per_element": p.bits_per_element, "delta_ppl_pct": p.delta_ppl_pct,
+                            "kl": p.kl, "beats": beaten, "does_not_beat": lost,
+                            "beats_all_at_equal_or_more_memory": not lost})
+    write_json(args.out, {"benchmark": "plan_vs_uniform", "environment": environment(args.threads),
+                          "calibration_seconds": calib.seconds, "calibration": {"windows": calib.windows,
+                          "window": calib.window, "estimator": calib.estimator, "schemes": calib.schemes,
+                          "correction": dict(zip(calib.schemes, calib.correction.tolist()))},
+                          "results": [r.to_json() for r in results], "comparisons": comparisons})
+
+
+if __name__ == "__main__":
+    main()

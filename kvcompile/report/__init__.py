@@ -1,0 +1,1 @@
+"""Reports: Markdown + PNG plots from calibration, maps and benchmark results."""

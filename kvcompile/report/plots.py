@@ -1,0 +1,97 @@
+"""Plots for reports: precision heatmaps, predicted-vs-measured scatter, quality-vs-memory curves.
+
+matplotlib is imported lazily with the non-interactive Agg backend; every function writes a PNG
+atomically and returns its path.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from kvcompile.artifacts import atomic_write_bytes
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def precision_heatmap(pmap, path, context: int) -> Path:
+    """Bulk bits/element per (layer, kv head) for K and V side by side, annotated with scheme names."""
+    import numpy as np
+
+    plt = _pyplot()
+    L, H = pmap.num_layers, pmap.num_kv_heads
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.3 * H * 2, 0.28 * L + 1.6), sharey=True)
+    for ax, stream in zip(axes, ("key", "value")):
+        bits = np.array([[pmap.scheme(l, h, stream, "bulk").bits_per_element(pmap.head_dim) for h in range(H)]
+                         for l in range(L)])
+        im = ax.imshow(bits, aspect="auto", cmap="viridis_r", vmin=2, vmax=9)  # fp16 (16) saturates
+        for l in range(L):
+            for h in range(H):
+                ax.text(h, l, pmap.schemes[stream]["bulk"][l][h], ha="center", va="center", fontsize=6,
+                        color="black" if bits[l, h] < 4 else "white")
+        ax.set_title(f"{'K' if stream == 'key' else 'V'} bulk scheme")
+        ax.set_xticks(range(H), [f"head {h}" for h in range(H)])
+        ax.set_xlabel("kv head")
+    axes[0].set_ylabel("layer")
+    fig.colorbar(im, ax=axes, label="bits / element (bulk)")
+    fig.suptitle(f"{pmap.summary()} — {pmap.bits_per_element(context):.3f} bits/element at context {context}", fontsize=9)
+    return _save(fig, path)
+
+
+def scatter_predicted_measured(rows: list[dict], path) -> Path:
+    """Log-log scatter of predicted vs measured single-site KL (from bench/bound_validation.py rows)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for key, marker, label in (("predicted_fisher", "o", "Fisher, raw"), ("predicted_fisher_corrected", "x", "Fisher, corrected c"),
+                               ("predicted_hnf", "^", "HNF closed form")):
+        ax.scatter([r[key] for r in rows], [r["measured_kl"] for r in rows], marker=marker, label=label, alpha=0.75, s=22)
+    values = [r[k] for r in rows for k in ("measured_kl", "predicted_fisher", "predicted_hnf") if r[k] > 0]
+    lo, hi = min(values) / 2, max(values) * 2
+    ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="measured = predicted")
+    ax.set_xscale("log"), ax.set_yscale("log")
+    ax.set_xlim(lo, hi), ax.set_ylim(lo, hi)
+    ax.set_xlabel("predicted KL per position (nats)")
+    ax.set_ylabel("measured KL per position (nats)")
+    ax.set_title("one site quantized at a time")
+    ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def quality_vs_memory(results: list[dict], path, planned_prefix: str = "plan") -> Path:
+    """dPPL % (log) against bits/element; planned maps as a line, baselines as labelled points."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    planned = sorted((r for r in results if r["name"].startswith(planned_prefix)), key=lambda r: r["bits_per_element"])
+    others = [r for r in results if not r["name"].startswith(planned_prefix)]
+    def y(r):
+        return max(r["delta_ppl_pct"], 0.01)
+    if planned:
+        ax.plot([r["bits_per_element"] for r in planned], [y(r) for r in planned], "o-", color="C3", label="planned maps")
+        for r in planned:
+            ax.annotate(r["name"], (r["bits_per_element"], y(r)), fontsize=7, color="C3", xytext=(3, 3), textcoords="offset points")
+    for r in others:
+        kivi = "kivi" in r["name"]
+        ax.scatter(r["bits_per_element"], y(r), marker="s" if kivi else "^", color="C0" if kivi else "C2", s=20)
+        ax.annotate(r["name"], (r["bits_per_element"], y(r)), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    ax.scatter([], [], marker="s", color="C0", label="KIVI-style"), ax.scatter([], [], marker="^", color="C2", label="uniform")
+    ax.set_yscale("log")
+    ax.set_xlabel("bits / element (all stored bits, at the evaluation context)")
+    ax.set_ylabel("ΔPPL % vs full-precision cache (floor 0.01)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

@@ -1,0 +1,49 @@
+"""`kvcompile report` renders its Markdown, HTML and PNGs, atomically."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvcompile.calibrate import calibrate
+from kvcompile.cli import main
+from kvcompile.plan.optimize import plan
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_lm, tmp_path_factory):
+    d = tmp_path_factory.mktemp("rep")
+    calib = calibrate(tiny_lm, text="wikipedia-calibration", windows=1, window=64, schemes=["fp16", "int8", "int4", "int2"],
+                      sink_options=[0], window_options=[0, 16], progress=False)
+    calib.save(d / "calib")
+    plan(calib, budget_bits=5.0, context=64).pmap.save(d / "map.json")
+    rows = [{"name": n, "bits_per_element": b, "delta_ppl_pct": p, "kl": 0.01, "top1_agreement": 0.9}
+            for n, b, p in (("plan 4b", 4.0, 2.0), ("int4", 5.0, 3.0), ("kivi-2 w32", 3.8, 14.0))]
+    (d / "cmp.json").write_text(json.dumps({"results": rows}))
+    sites = [{"measured_kl": m, "predicted_fisher": p, "predicted_fisher_corrected": p * 1.2, "predicted_hnf": p * 3}
+             for m, p in ((0.01, 0.012), (0.2, 0.1), (0.003, 0.002))]
+    summary = {k: {"spearman": 1.0, "holds_c1": 0.5, "c_for_90pct": 2.0, "median_ratio": 1.1}
+               for k in ("predicted_fisher", "predicted_fisher_corrected", "predicted_hnf")}
+    (d / "val.json").write_text(json.dumps({"sites": sites, "summary": summary}))
+    return d
+
+
+def test_report_with_every_section(artifacts):
+    out = artifacts / "report"
+    assert main(["report", str(artifacts / "calib"), "--map", str(artifacts / "map.json"), "--validation",
+                 str(artifacts / "val.json"), "--comparison", str(artifacts / "cmp.json"), "-o", str(out)]) == 0
+    md = (out / "report.md").read_text()
+    for section in ("Precision map", "Predicted vs measured", "Quality vs memory", "Per-layer breakdown"):
+        assert section in md
+    for png in ("precision_heatmap.png", "predicted_vs_measured.png", "quality_vs_memory.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert "<img src='precision_heatmap.png'" in (out / "report.html").read_text()
+    assert md.count("\n| ") >= 2 + 2  # the per-layer table has a row per layer
+
+
+def test_failed_report_leaves_nothing_behind(artifacts, tmp_path):
+    out = tmp_path / "r"
+    rc = main(["report", str(artifacts / "calib"), "--map", str(tmp_path / "missing.json"), "-o", str(out)])
+    assert rc == 2 and not out.exists() and not list(tmp_path.iterdir())
