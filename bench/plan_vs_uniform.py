@@ -35,7 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--calibration", help="reuse this calibration directory instead of calibrating")
-    ap.add_argument("--calib-windows", type=int, default=8)
+    ap.add_argument("--calib-windows", type=int, default=4)
+    ap.add_argument("--estimator", default="hybrid")
     ap.add_argument("--text", default="wikipedia-heldout")
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
@@ -55,9 +56,9 @@ def main() -> None:
         calib = Calibration.load(args.calibration)
     else:
         t0 = time.perf_counter()
-        calib = calibrate(lm, windows=args.calib_windows, window=args.window)
-        print(f"calibration: {time.perf_counter() - t0:.1f} s wall ({args.calib_windows} x {args.window} tokens, "
-              f"{args.threads} threads)")
+        calib = calibrate(lm, windows=args.calib_windows, window=args.window, estimator=args.estimator)
+        print(f"calibration ({args.estimator}): {time.perf_counter() - t0:.1f} s wall ({args.calib_windows} x "
+              f"{args.window} tokens, {args.threads} threads)")
         calib.save("bench/results/calibration")
     maps, planned = {}, {}
     for b in BUDGETS:

@@ -169,10 +169,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="measure per-site sensitivity of quality to KV quantization")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--text", default=DEFAULT_CALIBRATION_TEXT, help=f"default {DEFAULT_CALIBRATION_TEXT}")
-    p.add_argument("--windows", type=int, default=8, help="calibration windows (default 8)")
+    p.add_argument("--windows", type=int, default=4, help="calibration windows (default 4)")
     p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
-    p.add_argument("--estimator", choices=ESTIMATORS, default="fisher",
-                   help="fisher: backward passes, predicts KL (default); attention: closed form, forward only")
+    p.add_argument("--estimator", choices=ESTIMATORS, default="hybrid",
+                   help="hybrid: exact attention change x output Fisher (default); fisher: diagonal Fisher on K/V; "
+                        "attention: closed form, forward only")
     p.add_argument("--schemes", help="comma-separated candidate schemes (default: a broad set)")
     p.add_argument("--sink-options", help=f"comma-separated sink counts to consider (default {DEFAULT_SINKS})")
     p.add_argument("--window-options", help=f"comma-separated recent windows to consider (default {DEFAULT_WINDOWS})")

@@ -17,6 +17,12 @@ Estimators (one interface, :data:`ESTIMATORS`):
   window and sample.  Because the score has zero mean and the sampled tokens are independent,
   the square of the gradient of the *summed* log-likelihood is an unbiased estimate of the summed
   per-position Fisher diagonals.  Its cost is in nats of KL per position.
+* ``hybrid`` (default): the *exact* change of the layer's attention output when the site is
+  stored in s (softmax included, read by the queries at distance >= w), weighted by the diagonal
+  Fisher information with respect to that attention output (same backward pass):
+  ``cost = 1/2 sum_{q,c} F^o_{q,c} (o_hat_{q,c} - o_{q,c})^2``.  Only the propagation through later
+  layers is linearized, so large score errors (2-bit keys) that move attention mass are captured;
+  evaluated at ``HYBRID_QUERIES`` evenly spaced query positions per window and scaled up.
 * ``attention``: closed form, forward only.  First-order sensitivity of every attention output
   to a stored key or value: ``d o_q / d k_t = a_qt (v_t - o_q) q^T / sqrt(d)`` and
   ``d o_q / d v_t = a_qt I``, so ``F_K[t, i] = sum_q a_qt^2 |v_t - o_q|^2 q_i^2 / d`` and
@@ -52,7 +58,8 @@ DEFAULT_SCHEMES = ["fp16", "int8", "fp8", "int4", "int4-g64", "int4-ch", "int4-c
 DEFAULT_SINKS = [0, 1, 4]
 DEFAULT_WINDOWS = [0, 16, 32, 128]
 CORRECTION_TOKENS = 256  # the correction pass scores the first 256 tokens of each of its windows
-ESTIMATORS = ("fisher", "attention")
+ESTIMATORS = ("hybrid", "fisher", "attention")
+HYBRID_QUERIES = 48  # query positions per window at which the hybrid estimator evaluates exact attention
 IMPLEMENTATION = "kvcompile_calib"
 STREAM_INDEX = {"key": 0, "value": 1}
 
@@ -89,7 +96,7 @@ def _calibration_attention(module, query, key, value, attention_mask, scaling, d
     buckets = distance_buckets(t, state.window_options).to(query.device)
     causal = buckets.any(0)
     record = {"key": key.detach(), "value": value.detach()}
-    if state.estimator == "fisher":
+    if state.estimator in ("fisher", "hybrid"):
         k_copies = [key.clone() for _ in buckets]
         v_copies = [value.clone() for _ in buckets]
         for c in (*k_copies, *v_copies):
@@ -97,7 +104,9 @@ def _calibration_attention(module, query, key, value, attention_mask, scaling, d
         scores = sum(m * (query @ _repeat(k, groups).transpose(-1, -2)) for m, k in zip(buckets, k_copies)) * scaling
         weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
         out = sum((weights * m) @ _repeat(v, groups) for m, v in zip(buckets, v_copies))
-        record.update(key_copies=k_copies, value_copies=v_copies)
+        out.retain_grad()  # the hybrid estimator's Fisher is with respect to the attention output
+        record.update(key_copies=k_copies, value_copies=v_copies, out=out, query=query.detach(), scaling=scaling,
+                      groups=groups)
     else:
         scores = (query @ _repeat(key, groups).transpose(-1, -2)) * scaling
         weights = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
@@ -157,7 +166,7 @@ def _group_range(x: torch.Tensor, group: int = 32) -> torch.Tensor:
     return (g.amax(-1) - g.amin(-1)).mean(dim=(0, 2, 3))
 
 
-def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 8, window: int = 512, estimator: str = "fisher",
+def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window: int = 512, estimator: str = "hybrid",
               schemes: list[str] | None = None, sink_options: list[int] | None = None,
               window_options: list[int] | None = None, samples: int = 1, seed: int = 0,
               correction_windows: int = 1, progress: bool = True) -> Calibration:
@@ -189,7 +198,8 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 8, window
     curvature = torch.zeros(geom.num_layers, geom.num_kv_heads, 2, len(window_options), dtype=torch.float64)
     diameter = torch.zeros(geom.num_layers, geom.num_kv_heads, 2, dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    passes = len(ids_all) * (samples if estimator == "fisher" else 1)
+    needs_backward = estimator in ("fisher", "hybrid")
+    passes = len(ids_all) * (samples if needs_backward else 1)
     previous_impl = model.config._attn_implementation
     requires_grad = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
@@ -199,14 +209,14 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 8, window
     try:
         model.set_attn_implementation(IMPLEMENTATION)
         for ids in ids_all:
-            for _ in range(samples if estimator == "fisher" else 1):
+            for _ in range(samples if needs_backward else 1):
                 _active = _Pass(estimator, window_options)
-                with torch.enable_grad() if estimator == "fisher" else torch.no_grad():
+                with torch.enable_grad() if needs_backward else torch.no_grad():
                     embeds = model.get_input_embeddings()(ids[None]).detach()
-                    if estimator == "fisher":
+                    if needs_backward:
                         embeds.requires_grad_(True)  # so layer 0's K/V copies are part of the graph
                     logits = model(inputs_embeds=embeds, use_cache=False).logits[0, :-1]
-                    if estimator == "fisher":
+                    if needs_backward:
                         targets = torch.multinomial(F.softmax(logits.detach().float(), -1), 1, generator=generator)[:, 0]
                         F.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).sum().backward()
                 _accumulate(_active, cost, curvature, diameter, schemes, sink_options, estimator)
@@ -223,7 +233,7 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 8, window
     correction = torch.ones(len(schemes), dtype=torch.float64)
     predicted = torch.zeros(len(schemes), dtype=torch.float64)
     measured = torch.zeros(len(schemes), dtype=torch.float64)
-    if correction_windows and estimator == "fisher" and 0 in sink_options:
+    if correction_windows and needs_backward and 0 in sink_options:
         from kvcompile.plan.precision_map import PrecisionMap
         from kvcompile.validate.quality import mean_kl
 
@@ -237,7 +247,7 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 8, window
             correction[i] = measured[i] / predicted[i]
     return Calibration(
         model=lm.name, geometry=geom, text=text, windows=len(ids_all), window=window, estimator=estimator,
-        cost_unit="nats of KL per position" if estimator == "fisher" else "attention-output squared error per position",
+        cost_unit="nats of KL per position" if needs_backward else "attention-output squared error per position",
         schemes=schemes, sink_options=sink_options, window_options=window_options,
         cost=cost, curvature=curvature, diameter=diameter, correction=correction,
         seconds=time.perf_counter() - start,
@@ -248,9 +258,11 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 8, window
 
 def _accumulate(state: _Pass, cost, curvature, diameter, schemes, sink_options, estimator) -> None:
     for layer, rec in state.layers.items():
+        if estimator == "hybrid":
+            _hybrid_costs(rec, layer, cost, schemes, sink_options, state.window_options)
         for stream, s_idx in STREAM_INDEX.items():
             x = rec[stream].float()
-            if estimator == "fisher":
+            if estimator in ("fisher", "hybrid"):
                 grads = torch.stack([c.grad.float() for c in rec[f"{stream}_copies"]])  # [buckets, B, H, T, D]
                 # gradient through queries at distance >= w_b: suffix sums over buckets, then squared
                 sens = grads.flip(0).cumsum(0).flip(0).pow(2)
@@ -258,7 +270,61 @@ def _accumulate(state: _Pass, cost, curvature, diameter, schemes, sink_options, 
                 sens = rec[f"{stream}_sens"].float().flip(0).cumsum(0).flip(0)
             curvature[layer, :, s_idx] += sens.sum(dim=(1, 3, 4)).T.double()
             diameter[layer, :, s_idx] += _group_range(x).double()
+            if estimator == "hybrid":
+                continue  # costs come from _hybrid_costs
             for sc_idx, name in enumerate(schemes):
                 for n_idx, err in enumerate(_squared_errors(x, name, sink_options)):
                     # 1/2 sum F e^2, per (window option, head)
                     cost[layer, :, s_idx, sc_idx, :, n_idx] += 0.5 * (sens * err).sum(dim=(1, 3, 4)).T.double()
+
+
+def _stored_bulk_forms(x: torch.Tensor, schemes: list[str], sink_options: list[int]) -> list[torch.Tensor]:
+    """Per sink count n: [S, H, T, D], each scheme's bulk form of ``x`` [H, T, D] at the positions it
+    can hold (from n on, in whole blocks), the exact values elsewhere (read as fp16 sinks / window)."""
+    t = x.shape[-2]
+    window_form = x.half().float()
+    forms = [x.expand(len(schemes), *x.shape).clone() for _ in sink_options]
+    for i, name in enumerate(schemes):
+        scheme = get_scheme(name)
+        g = scheme.token_group
+        per_token = scheme.roundtrip(window_form) if g == 1 else None  # independent of n
+        for n_idx, n in enumerate(sink_options):
+            full = g * ((t - n) // g)
+            if not full:
+                continue
+            part = per_token[:, n : n + full] if g == 1 else scheme.roundtrip(window_form[:, n : n + full])
+            forms[n_idx][i, :, n : n + full] = part
+    return forms
+
+
+@torch.no_grad()
+def _hybrid_costs(rec: dict, layer: int, cost, schemes, sink_options, window_options) -> None:
+    """Exact attention-output change per (kv head, K|V, scheme, window, sinks), Fisher-weighted."""
+    q_all, k_all, v_all = rec["query"][0].float(), rec["key"][0].float(), rec["value"][0].float()
+    fisher_o = rec["out"].grad[0].float().pow(2)  # [Hq, T, D]
+    groups, scaling = rec["groups"], rec["scaling"]
+    t = k_all.shape[-2]
+    queries = torch.linspace(0, t - 1, min(HYBRID_QUERIES, t)).round().long().unique()
+    scale = (t - 1) / len(queries)  # the sampled queries stand for all scored positions
+    j = torch.arange(t)
+    dist = queries[:, None] - j[None, :]  # [Qs, T]
+    causal = dist >= 0
+    k_forms = _stored_bulk_forms(k_all, schemes, sink_options)  # per n: [S, H, T, D]
+    v_forms = _stored_bulk_forms(v_all, schemes, sink_options)
+    for h in range(k_all.shape[0]):
+        heads = slice(h * groups, (h + 1) * groups)
+        q, k, v = q_all[heads][:, queries], k_all[h], v_all[h]  # [G, Qs, D], [T, D]
+        f = fisher_o[heads][:, queries]  # [G, Qs, D]
+        s_ref = (q @ k.T) * scaling
+        a_ref = torch.softmax(s_ref.masked_fill(~causal, float("-inf")), -1)  # [G, Qs, T]
+        o_ref = a_ref @ v
+        for n_idx, n in enumerate(sink_options):
+            s_hat = (q[None] @ k_forms[n_idx][:, h].transpose(-1, -2)[:, None]) * scaling  # [S, G, Qs, T]
+            dv = v_forms[n_idx][:, h] - v  # [S, T, D]
+            for w_idx, w in enumerate(window_options):
+                read = (dist >= w) & (j[None, :] >= n)  # queries read the bulk form of these positions
+                s = torch.where(read, s_hat, s_ref).masked_fill(~causal, float("-inf"))
+                d_o = torch.softmax(s, -1) @ v - o_ref  # [S, G, Qs, D]
+                cost[layer, h, 0, :, w_idx, n_idx] += 0.5 * scale * (f * d_o.pow(2)).sum(dim=(1, 2, 3)).double()
+                d_o = (a_ref * read)[None] @ dv[:, None]  # values: exactly linear in v
+                cost[layer, h, 1, :, w_idx, n_idx] += 0.5 * scale * (f * d_o.pow(2)).sum(dim=(1, 2, 3)).double()
