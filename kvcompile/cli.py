@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
-    from kvcompile.calibrate.estimate import DEFAULT_SINKS, DEFAULT_WINDOWS, ESTIMATORS
+    from kvcompile.calibrate.defaults import DEFAULT_SINKS, DEFAULT_WINDOWS, ESTIMATORS
     from kvcompile.data import DEFAULT_CALIBRATION_TEXT
 
     p = sub.add_parser("calibrate", help="measure per-site sensitivity of quality to KV quantization")

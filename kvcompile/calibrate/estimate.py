@@ -53,12 +53,8 @@ from kvcompile.errors import KvcompileError
 from kvcompile.quant import get_scheme
 from kvcompile.validate.quality import token_windows
 
-DEFAULT_SCHEMES = ["fp16", "int8", "fp8", "int4", "int4-g64", "int4-ch", "int4-ch-g64", "int4-rot", "nf4", "int3", "int3-ch",
-                   "int2", "int2-g64", "int2-ch", "int2-ch-g64", "int2-rot", "int2-g64-rot"]
-DEFAULT_SINKS = [0, 1, 4]
-DEFAULT_WINDOWS = [0, 16, 32, 128]
+from kvcompile.calibrate.defaults import DEFAULT_SCHEMES, DEFAULT_SINKS, DEFAULT_WINDOWS, ESTIMATORS  # noqa: F401
 CORRECTION_TOKENS = 256  # the correction pass scores the first 256 tokens of each of its windows
-ESTIMATORS = ("hybrid", "fisher", "attention")
 HYBRID_QUERIES = 48  # query positions per window at which the hybrid estimator evaluates exact attention
 IMPLEMENTATION = "kvcompile_calib"
 STREAM_INDEX = {"key": 0, "value": 1}

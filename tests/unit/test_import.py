@@ -16,3 +16,10 @@ def test_lazy_attributes_resolve():
 
     assert kvcompile.get_scheme("int4").bits == 4
     assert callable(kvcompile.evaluate)
+
+
+def test_cli_help_is_light():
+    code = ("import sys; from kvcompile.cli import build_parser; build_parser(); "
+            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]; assert not heavy, heavy")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
