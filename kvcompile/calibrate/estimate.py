@@ -2,17 +2,15 @@
 
 A *site* is (layer, kv head, K|V).  For a candidate bulk scheme s, ``n`` fp16 sinks and an fp16
 recent window of ``w`` positions, the cost is the predicted increase of the mean per-position
-KL(p_reference || p_quantized) when only that site's bulk is stored in s (docs/theory.md):
-
-    cost(site, s, w, n) = 1/2 * sum_{t >= n, i} F^(w)_{t,i} * (x_{t,i} - Q_s(x)_{t,i})^2 / positions
-
-``x`` is the stored K/V (post-RoPE keys), ``Q_s`` the scheme's round trip of its fp16 window form,
-and ``F^(w)_{t,i}`` the curvature of the summed log-likelihood with respect to element i of
-position t *as read by queries at distance >= w* (nearer queries read the fp16 window form).
+KL(p_reference || p_quantized) when only that site's bulk is stored in s (docs/theory.md).
 
 Estimators (one interface, :data:`ESTIMATORS`):
 
-* ``fisher`` (default): the diagonal Fisher information, ``E_y[(d log p(y) / dx)^2]`` with ``y``
+* ``fisher``: with ``x`` the stored K/V (post-RoPE keys) and ``Q_s`` the scheme's round trip of its
+  fp16 window form,
+  ``cost = 1/2 * sum_{t >= n, i} F^(w)_{t,i} * (x_{t,i} - Q_s(x)_{t,i})^2 / positions`` where
+  ``F^(w)_{t,i}`` is the curvature with respect to element i of position t *as read by queries at
+  distance >= w* (nearer queries read the fp16 window form): the diagonal Fisher information, ``E_y[(d log p(y) / dx)^2]`` with ``y``
   sampled from the reference model's own next-token distribution, from one backward pass per
   window and sample.  Because the score has zero mean and the sampled tokens are independent,
   the square of the gradient of the *summed* log-likelihood is an unbiased estimate of the summed
