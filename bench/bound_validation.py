@@ -6,7 +6,8 @@ For a random sample of (layer, kv head, K|V) sites and formats, stores only that
 in that format (everything else fp16, no sinks, no window), measures the mean KL with the exact
 simulation on calibration windows, and compares it with
 
-* the calibrated Fisher prediction  1/2 sum F e^2   (what the planner optimizes), and
+* the calibration's prediction for that site and format (its estimator: hybrid by default), raw
+  and times the data-calibrated constant c of its format (what the planner optimizes), and
 * the HNF closed form  kappa m D^2 / (24 (2^b - 1)^2)  from the site's curvature kappa and range D.
 
 Reports Spearman rank correlation, the fraction of sites where measured <= c * predicted for c = 1
@@ -72,17 +73,17 @@ def main() -> None:
         pmap = base.with_bulk({s: tuple(tuple(r) for r in bulk[s]) for s in STREAMS})
         measured = mean_kl(lm.model, windows, pmap)
         si = calib.schemes.index(fmt)
-        fisher = calib.cost[layer, head, stream, si, w0, n0].item()
+        predicted = calib.cost[layer, head, stream, si, w0, n0].item()
         scheme = get_scheme(fmt)
         kappa = calib.curvature[layer, head, stream, w0].item()
         m = calib.window * g.head_dim  # elements of the site per window
         hnf = kappa * m * calib.diameter[layer, head, stream].item() ** 2 / (24 * (2**scheme.bits - 1) ** 2) / (calib.window - 1)
         rows.append({"layer": layer, "head": head, "stream": STREAMS[stream], "scheme": fmt, "measured_kl": measured,
-                     "predicted_fisher": fisher, "predicted_fisher_corrected": fisher * calib.correction[si].item(),
+                     "predicted": predicted, "predicted_corrected": predicted * calib.correction[si].item(),
                      "predicted_hnf": hnf})
     meas = np.array([r["measured_kl"] for r in rows])
     summary = {}
-    for key in ("predicted_fisher", "predicted_fisher_corrected", "predicted_hnf"):
+    for key in ("predicted", "predicted_corrected", "predicted_hnf"):
         pred = np.array([r[key] for r in rows])
         ratio = meas / np.maximum(pred, 1e-30)
         c90 = float(np.quantile(ratio, 0.9))
@@ -93,7 +94,7 @@ def main() -> None:
     for key, s in summary.items():
         print(f"{key:<28} {s['spearman']:>8.3f} {s['holds_c1']:>9.2f} {s['c_for_90pct']:>8.2f} {s['median_ratio']:>16.2f}")
     write_json(args.out, {"benchmark": "bound_validation", "environment": environment(args.threads),
-                          "calibration": args.calibration, "windows": args.windows, "summary": summary, "sites": rows})
+                          "calibration": args.calibration, "estimator": calib.estimator, "windows": args.windows, "summary": summary, "sites": rows})
     from kvcompile.report.plots import scatter_predicted_measured
 
     scatter_predicted_measured(rows, args.plot)

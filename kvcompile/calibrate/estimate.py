@@ -178,8 +178,9 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window
     schemes = list(schemes or DEFAULT_SCHEMES)
     for name in schemes:
         get_scheme(name)
-    sink_options = sorted(set(sink_options if sink_options is not None else DEFAULT_SINKS))
-    window_options = sorted(set(window_options if window_options is not None else DEFAULT_WINDOWS))
+    # Defaults adapt to short windows; options the user asked for must fit (checked below).
+    sink_options = sorted(set(sink_options if sink_options is not None else [n for n in DEFAULT_SINKS if n < window]))
+    window_options = sorted(set(window_options if window_options is not None else [w for w in DEFAULT_WINDOWS if w < window]))
     if window_options[0] != 0:
         window_options = [0, *window_options]  # buckets must cover distance 0
     if max(window_options) >= window or max(sink_options) >= window:

@@ -57,10 +57,10 @@ def scatter_predicted_measured(rows: list[dict], path) -> Path:
     """Log-log scatter of predicted vs measured single-site KL (from bench/bound_validation.py rows)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 5))
-    for key, marker, label in (("predicted_fisher", "o", "Fisher, raw"), ("predicted_fisher_corrected", "x", "Fisher, corrected c"),
+    for key, marker, label in (("predicted", "o", "calibration, raw"), ("predicted_corrected", "x", "calibration × c"),
                                ("predicted_hnf", "^", "HNF closed form")):
         ax.scatter([r[key] for r in rows], [r["measured_kl"] for r in rows], marker=marker, label=label, alpha=0.75, s=22)
-    values = [r[k] for r in rows for k in ("measured_kl", "predicted_fisher", "predicted_hnf") if r[k] > 0]
+    values = [r[k] for r in rows for k in ("measured_kl", "predicted", "predicted_hnf") if r[k] > 0]
     lo, hi = min(values) / 2, max(values) * 2
     ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="measured = predicted")
     ax.set_xscale("log"), ax.set_yscale("log")

@@ -78,3 +78,8 @@ def test_distance_buckets_partition_the_causal_triangle():
     assert b.shape == (3, 10, 10)
     assert torch.equal(b.sum(0), torch.tril(torch.ones(10, 10, dtype=torch.long)))
     assert b[1, 5, 2] and b[1, 5, 0] and not b[1, 5, 4] and b[2, 9, 0] and not b[2, 3, 0]
+
+
+def test_default_options_adapt_to_a_short_window(tiny_lm):
+    c = calibrate(tiny_lm, text="wikipedia-calibration", windows=1, window=24, schemes=["int4"], progress=False)
+    assert c.window_options == [0, 16] and c.sink_options == [0, 1, 4]

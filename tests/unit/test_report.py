@@ -21,10 +21,10 @@ def artifacts(tiny_lm, tmp_path_factory):
     rows = [{"name": n, "bits_per_element": b, "delta_ppl_pct": p, "kl": 0.01, "top1_agreement": 0.9}
             for n, b, p in (("plan 4b", 4.0, 2.0), ("int4", 5.0, 3.0), ("kivi-2 w32", 3.8, 14.0))]
     (d / "cmp.json").write_text(json.dumps({"results": rows}))
-    sites = [{"measured_kl": m, "predicted_fisher": p, "predicted_fisher_corrected": p * 1.2, "predicted_hnf": p * 3}
+    sites = [{"measured_kl": m, "predicted": p, "predicted_corrected": p * 1.2, "predicted_hnf": p * 3}
              for m, p in ((0.01, 0.012), (0.2, 0.1), (0.003, 0.002))]
     summary = {k: {"spearman": 1.0, "holds_c1": 0.5, "c_for_90pct": 2.0, "median_ratio": 1.1}
-               for k in ("predicted_fisher", "predicted_fisher_corrected", "predicted_hnf")}
+               for k in ("predicted", "predicted_corrected", "predicted_hnf")}
     (d / "val.json").write_text(json.dumps({"sites": sites, "summary": summary}))
     return d
 
