@@ -18,8 +18,9 @@ scale ``s = round_up_fp16((max x - z) / (2^b - 1))`` are what is stored; codes a
 rounding of the arithmetic, ~1e-7 relative).  Symmetric: ``s = round_up(absmax / (2^(b-1) - 1))``,
 ``q_i = round(x_i / s)``, same bound.
 
-Memory per element: ``container_bits * ceil(D / per) / D`` for the codes, plus
-``n_params * scale_bits / G`` for scales (and zero points) shared by a group of G elements.
+Memory per element: ``8 * packed_length(D, b) / D`` for the codes (exactly b when D is a multiple
+of 8, see :mod:`kvcompile.quant.packing`), plus ``n_params * scale_bits / G`` for scales (and zero
+points) shared by a group of G elements.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 from kvcompile.errors import SchemeError
 from kvcompile.quant.base import FP16_MAX, QuantizedTensor, StorageScheme, check_input, check_range, register_family, round_to_dtype
 from kvcompile.quant.hadamard import rotate
-from kvcompile.quant.packing import container_for, pack_bits, packed_length, unpack_bits
+from kvcompile.quant.packing import pack_bits, packed_length, unpack_bits
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_GROUP = 32
@@ -84,7 +85,7 @@ class IntegerScheme(StorageScheme):
         return torch.finfo(self.scale_dtype).bits
 
     def bits_per_element(self, head_dim: int) -> float:
-        code_bits = container_for(self.bits) * packed_length(head_dim, self.bits) / head_dim
+        code_bits = 8 * packed_length(head_dim, self.bits) / head_dim
         n_params = 1 if self.symmetric else 2
         return code_bits + n_params * self._scale_bits / self.group_size
 

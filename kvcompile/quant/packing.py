@@ -1,11 +1,11 @@
-"""Bit packing of small unsigned codes into signed integer containers.
+"""Bit packing of small unsigned codes into signed int8 containers, without padding bits.
 
-Codes are unsigned integers in ``[0, 2**bits)`` along the last axis.  ``per = container_bits //
-bits`` codes share one container, the first code in the lowest bits (little-endian within the
-container).  The last container of a row is zero-padded; ``container_bits - per * bits`` bits of
-every container are padding when ``bits`` does not divide the container (3-bit codes: 10 per
-int32, 2 padding bits).  Containers are *signed* (int8 / int32) because TensorRT plugin I/O has
-no UINT8; the bytes are the same as unsigned storage.
+Codes are unsigned integers in ``[0, 2**bits)`` along the last axis.  They are packed in *blocks*
+of ``lcm(bits, 8)`` bits: ``per = lcm / bits`` codes fill ``lcm / 8`` bytes exactly (8 three-bit
+codes in 3 bytes, 2 four-bit codes in 1 byte), the first code in the lowest bits of the block,
+bytes little-endian.  Only the last block of a row is zero-padded when the row length is not a
+multiple of ``per``.  Containers are *signed* int8 because TensorRT plugin I/O has no UINT8; the
+bytes are the same as unsigned storage.
 """
 
 from __future__ import annotations
@@ -14,47 +14,40 @@ import math
 
 import torch
 
-_CONTAINERS = {8: torch.int8, 32: torch.int32}
 
-
-def container_for(bits: int) -> int:
-    """Container width used for ``bits``-bit codes: int8 when bits divides 8, else int32."""
-    return 8 if 8 % bits == 0 else 32
+def block_shape(bits: int) -> tuple[int, int]:
+    """(codes per block, bytes per block) for ``bits``-bit codes."""
+    block_bits = math.lcm(bits, 8)
+    return block_bits // bits, block_bits // 8
 
 
 def packed_length(n: int, bits: int) -> int:
-    """Number of containers for a row of ``n`` codes."""
-    return math.ceil(n / (container_for(bits) // bits))
+    """Number of int8 containers for a row of ``n`` codes."""
+    per, nbytes = block_shape(bits)
+    return math.ceil(n / per) * nbytes
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack ``codes`` [..., n] (values in [0, 2**bits)) into containers [..., packed_length(n, bits)]."""
+    """Pack ``codes`` [..., n] (values in [0, 2**bits)) into int8 [..., packed_length(n, bits)]."""
     if not 1 <= bits <= 8:
         raise ValueError(f"pack_bits: bits must be in 1..8, got {bits}")
-    cbits = container_for(bits)
-    per = cbits // bits
+    per, nbytes = block_shape(bits)
     n = codes.shape[-1]
-    pad = packed_length(n, bits) * per - n
     c = codes.to(torch.int64)
+    pad = math.ceil(n / per) * per - n
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
     c = c.reshape(*c.shape[:-1], -1, per)
-    shifts = torch.arange(per, dtype=torch.int64, device=c.device) * bits
-    word = (c << shifts).sum(-1)
-    if cbits == 8:
-        return word.to(torch.uint8).view(torch.int8)
-    word = torch.where(word >= 2**31, word - 2**32, word)  # two's complement wrap into int32
-    return word.to(torch.int32)
+    block = (c << (torch.arange(per, dtype=torch.int64, device=c.device) * bits)).sum(-1)  # < 2**56
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=c.device) * 8
+    packed = (block.unsqueeze(-1) >> byte_shifts) & 0xFF
+    return packed.reshape(*packed.shape[:-2], -1).to(torch.uint8).view(torch.int8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: uint8 codes [..., n]."""
-    cbits = container_for(bits)
-    per = cbits // bits
-    if cbits == 8:
-        word = packed.view(torch.uint8).to(torch.int64)
-    else:
-        word = packed.to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, dtype=torch.int64, device=packed.device) * bits
-    codes = (word.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    per, nbytes = block_shape(bits)
+    raw = packed.view(torch.uint8).to(torch.int64).reshape(*packed.shape[:-1], -1, nbytes)
+    block = (raw << (torch.arange(nbytes, dtype=torch.int64, device=packed.device) * 8)).sum(-1)
+    codes = (block.unsqueeze(-1) >> (torch.arange(per, dtype=torch.int64, device=packed.device) * bits)) & ((1 << bits) - 1)
     return codes.reshape(*packed.shape[:-1], -1)[..., :n].to(torch.uint8)

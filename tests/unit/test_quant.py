@@ -191,7 +191,7 @@ def test_pack_unpack_is_exact(bits, n, lead, seed):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (lead, n), generator=g, dtype=torch.int64).to(torch.uint8)
     packed = pack_bits(codes, bits)
-    assert packed.dtype in (torch.int8, torch.int32)  # signed containers: TensorRT plugin I/O has no UINT8
+    assert packed.dtype == torch.int8  # signed containers: TensorRT plugin I/O has no UINT8
     assert packed.shape == (lead, packed_length(n, bits))
     assert torch.equal(unpack_bits(packed, bits, n), codes)
 
@@ -199,5 +199,6 @@ def test_pack_unpack_is_exact(bits, n, lead, seed):
 def test_pack_layout_is_little_endian_within_the_container():
     codes = torch.tensor([[1, 2, 3, 0]], dtype=torch.uint8)
     assert pack_bits(codes, 2).view(torch.uint8).item() == 1 | (2 << 2) | (3 << 4)
-    three = torch.tensor([[7] * 10], dtype=torch.uint8)  # 10 x 3 bits in one int32, 2 padding bits
-    assert pack_bits(three, 3).item() == 2**30 - 1
+    three = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)  # 8 x 3 bits in exactly 3 bytes
+    block = sum(v << (3 * i) for i, v in enumerate([1, 2, 3, 4, 5, 6, 7, 0]))
+    assert pack_bits(three, 3).view(torch.uint8).tolist() == [[block & 255, (block >> 8) & 255, block >> 16]]
