@@ -17,6 +17,14 @@ from kvcompile.errors import ArtifactError
 from kvcompile.version import __version__
 
 
+def default_mode(directory: bool = False) -> int:
+    """Permissions a plain ``open()`` / ``mkdir()`` would give under the current umask
+    (``mkstemp`` / ``mkdtemp`` use 0600 / 0700, too strict for shared artifacts)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file + rename (same filesystem)."""
     path = Path(path)
@@ -25,6 +33,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from kvcompile.artifacts import default_mode
 from kvcompile.calibrate import Calibration
 from kvcompile.errors import KvcompileError
 from kvcompile.plan.precision_map import STREAMS, PrecisionMap
@@ -103,6 +104,7 @@ def build_report(calibration, output, pmap_path=None, validation=None, compariso
             if not output.is_dir():
                 raise KvcompileError(f"report output {output} exists and is not a directory")
             shutil.rmtree(output)
+        tmp.chmod(default_mode(directory=True))
         tmp.rename(output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,6 +55,9 @@ def test_save_load_roundtrip_is_byte_identical(tmp_path):
     loaded.save(b)
     assert a.read_bytes() == b.read_bytes()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    from kvcompile.artifacts import default_mode
+
+    assert a.stat().st_mode & 0o777 == default_mode()  # not mkstemp's owner-only 0600
 
 
 def _doc(tmp_path):

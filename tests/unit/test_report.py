@@ -41,6 +41,9 @@ def test_report_with_every_section(artifacts):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
     assert "<img src='precision_heatmap.png'" in (out / "report.html").read_text()
     assert md.count("\n| ") >= 2 + 2  # the per-layer table has a row per layer
+    from kvcompile.artifacts import default_mode
+
+    assert out.stat().st_mode & 0o777 == default_mode(directory=True)
 
 
 def test_failed_report_leaves_nothing_behind(artifacts, tmp_path):
