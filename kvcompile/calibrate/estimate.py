@@ -131,29 +131,6 @@ ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, _calibration_attention)
 ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
 
 
-def _squared_errors(x: torch.Tensor, scheme_name: str, sink_options: list[int]) -> list[torch.Tensor]:
-    """For each sink count n: (x - Q(x))^2 [B, H, T, D] over bulk-eligible positions (zero elsewhere)."""
-    scheme = get_scheme(scheme_name)
-    window_form = x.half().float()  # positions enter the cache through its fp16 window
-    t = x.shape[-2]
-    out = []
-    if scheme.token_group == 1:
-        err = (x - scheme.roundtrip(window_form)).pow(2)
-        for n in sink_options:
-            e = err.clone()
-            e[..., :n, :] = 0
-            out.append(e)
-        return out
-    g = scheme.token_group
-    for n in sink_options:
-        e = torch.zeros_like(x)
-        full = g * ((t - n) // g)
-        if full:
-            e[..., n : n + full, :] = (x[..., n : n + full, :] - scheme.roundtrip(window_form[..., n : n + full, :])).pow(2)
-        out.append(e)
-    return out
-
-
 def _group_range(x: torch.Tensor, group: int = 32) -> torch.Tensor:
     """Mean (max - min) of per-token groups of ``group`` channels, per head: [H]."""
     g = x.reshape(*x.shape[:-1], -1, group)
@@ -267,10 +244,10 @@ def _accumulate(state: _Pass, cost, curvature, diameter, schemes, sink_options, 
             diameter[layer, :, s_idx] += _group_range(x).double()
             if estimator == "hybrid":
                 continue  # costs come from _hybrid_costs
-            for sc_idx, name in enumerate(schemes):
-                for n_idx, err in enumerate(_squared_errors(x, name, sink_options)):
-                    # 1/2 sum F e^2, per (window option, head)
-                    cost[layer, :, s_idx, sc_idx, :, n_idx] += 0.5 * (sens * err).sum(dim=(1, 3, 4)).T.double()
+            # 1/2 sum F e^2 with e = x - (bulk form); zero where a position is not stored in the bulk
+            for n_idx, forms in enumerate(_stored_bulk_forms(x[0], schemes, sink_options)):  # [S, H, T, D]
+                err = (x[0] - forms).pow(2)
+                cost[layer, :, s_idx, :, :, n_idx] += 0.5 * torch.einsum("bhtd,shtd->hsb", sens[:, 0], err).double()
 
 
 def _stored_bulk_forms(x: torch.Tensor, schemes: list[str], sink_options: list[int]) -> list[torch.Tensor]:
