@@ -15,11 +15,11 @@ from kvcompile.errors import KvcompileError
 from kvcompile.version import __version__
 
 
-def _add_map_args(p: argparse.ArgumentParser, multi: bool) -> None:
+def _add_map_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--map", help="precision map JSON (from `kvcompile plan` or hand-written)")
-    g.add_argument("--scheme", help="a storage scheme (uniform map) or a preset such as kivi-2"
-                   + ("; comma-separated to compare several" if multi else ""))
+    g.add_argument("--scheme", help="a storage scheme (uniform map) or a preset such as kivi-2; "
+                   "comma-separated to compare several")
     p.add_argument("--sinks", type=int, default=None, help="override the number of sink positions")
     p.add_argument("--recent", type=int, default=None, help="override the recent-window length")
 
@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="perplexity / KL / top-1 of a quantized KV cache vs the full-precision cache")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"built-in name, .gguf file or HF directory (default {DEFAULT_MODEL})")
-    _add_map_args(p, multi=True)
+    _add_map_args(p)
     p.add_argument("--text", default=DEFAULT_EVAL_TEXT, help=f"shipped text name or a file (default {DEFAULT_EVAL_TEXT})")
     p.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
     p.add_argument("--max-windows", type=int, default=8, help="windows to score (default 8)")
