@@ -28,3 +28,11 @@ class CacheError(KvcompileError):
 
 class DataError(KvcompileError):
     """Calibration / evaluation text missing or failing its checksum."""
+
+
+class ExportError(KvcompileError):
+    """A map or model the exporter cannot emit, or an export directory that is not one."""
+
+
+class RuntimeBackendError(KvcompileError):
+    """A backend (ONNX Runtime, TensorRT) missing, unable to run here, or given bad inputs."""

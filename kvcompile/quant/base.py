@@ -155,12 +155,21 @@ def round_to_dtype(t: torch.Tensor, dtype: torch.dtype, direction: str) -> torch
     Scales are rounded up and minima down so that the stored parameters still cover the data:
     then no value clips and the round-to-nearest error bound (half a step) holds exactly.
     """
-    r = t.to(dtype)
     if dtype == torch.float32:
-        return r
-    target = torch.full_like(r, math.inf if direction == "up" else -math.inf)
-    wrong = (r.float() < t) if direction == "up" else (r.float() > t)
-    return torch.where(wrong, torch.nextafter(r, target), r)
+        return t.to(dtype)
+    if direction == "down":  # float16 is symmetric: round_down(t) = -round_up(-t)
+        return -round_to_dtype(-t, dtype, "up")
+    r = t.to(dtype)
+    return torch.where(r.float() < t, next_up_fp16(r), r)
+
+
+def next_up_fp16(r: torch.Tensor) -> torch.Tensor:
+    """The next float16 above each element of float16 ``r`` (``torch.nextafter`` on float16 CPU
+    tensors returns its input unchanged on its scalar code path, so step the bit pattern instead)."""
+    bits = r.view(torch.int16).to(torch.int32)
+    up = torch.where(bits >= 0, bits + 1, bits - 1)  # magnitude up for +, down for -
+    up = torch.where(bits == -32768, torch.ones_like(bits), up)  # -0 -> smallest positive subnormal
+    return up.to(torch.int16).view(torch.float16)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -190,3 +199,28 @@ def get_scheme(name: str) -> StorageScheme:
         if scheme is not None:
             return scheme
     raise SchemeError(f"unknown storage scheme {name!r}; expected one of {', '.join(scheme_names())} (see `kvcompile schemes`)")
+
+
+# ----------------------------------------------------------------------------- stored layout
+
+
+@dataclass(frozen=True)
+class PartLayout:
+    """One stored part of a scheme: ``[..., T / rows_per, width]`` of ``dtype`` for T positions."""
+
+    name: str
+    dtype: torch.dtype
+    rows_per: int  # positions per stored row: 1, or G for per-channel parameters
+    width: int
+
+
+@functools.lru_cache(maxsize=None)
+def part_layout(scheme: StorageScheme, head_dim: int) -> tuple[PartLayout, ...]:
+    """The parts ``scheme.quantize`` returns for a head dimension, in their stored order.
+
+    Read off one quantization of a block of ``token_group`` positions, so it cannot disagree
+    with the reference implementation.  The first part always has one row per position.
+    """
+    t = scheme.token_group
+    q = scheme.quantize(torch.linspace(-1, 1, t * head_dim).reshape(1, 1, t, head_dim))
+    return tuple(PartLayout(name, p.dtype, t // p.shape[-2], p.shape[-1]) for name, p in q.parts.items())

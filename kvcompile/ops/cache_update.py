@@ -1,0 +1,154 @@
+"""``kvcompile::KVCacheUpdate``: append new positions to one head group's packed K or V cache.
+
+The cache of H kv heads that share a (sink, recent, bulk) scheme triple is three packed
+segments (see :mod:`kvcompile.cache.mixed`): positions ``[0, n)`` in the sink scheme, ``[n, e)``
+in the bulk scheme and ``[e, L)`` in the recent scheme, with ``n = min(sink_tokens, L)`` and
+``e = n + G * floor(max(L - w - n, 0) / G)`` (G the bulk scheme's position block, w the window).
+
+Inputs: the past segments' parts (P positions in all; the sink segment is absent when
+``sink_tokens == 0``) and ``states`` float32 ``[B, H, S, D]``, positions ``P .. P+S-1``.
+Outputs: the present segments' parts (P + S positions) and ``all_states`` float32
+``[B, H, P+S, D]``, every position de-quantized from the precision it is now stored at, which
+is what attention reads.  Per step::
+
+    k       = clamp(n - P, 0, S)                      new positions that are sinks
+    sink'   = sink ++ Q_sink(states[:k])
+    recent' = recent ++ Q_recent(states[k:])
+    m       = bulk_len(P + S) - bulk_len(P)           positions leaving the window
+    bulk'   = bulk ++ Q_bulk(D_recent(recent'[:m]));  recent' = recent'[m:]
+
+with ``bulk_len(L) = G * floor(max(L - w - min(n, L), 0) / G)``.  The reference is the torch
+cache's own head-group store, so the exported graph and ``MixedPrecisionCache`` share one
+definition.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvcompile.ops.builder import INT_MAX
+from kvcompile.ops.lowering import lowering
+from kvcompile.ops.quantize import STATES, part_ports
+from kvcompile.ops.spec import Attribute, OpSpec, Port, register_op
+from kvcompile.quant import QuantizedTensor, get_scheme
+from kvcompile.quant.base import part_layout
+
+ATTRIBUTES = (
+    Attribute("sink_scheme", "string", "scheme of the first sink_tokens positions (per-token)"),
+    Attribute("recent_scheme", "string", "scheme of the recent window (per-token)"),
+    Attribute("bulk_scheme", "string", "scheme of the positions between sinks and window"),
+    Attribute("sink_tokens", "int", "n, number of sink positions (0 = no sink segment)"),
+    Attribute("recent_window", "int", "w, positions kept in the recent scheme"),
+    Attribute("head_dim", "int", "D, the head dimension"),
+)
+
+
+def segments(attrs) -> tuple[str, ...]:
+    """The segments this op carries, in storage order."""
+    return ("sink", "bulk", "recent") if attrs["sink_tokens"] > 0 else ("bulk", "recent")
+
+
+def _segment_ports(attrs, prefix: str) -> tuple[Port, ...]:
+    return tuple(p for seg in segments(attrs)
+                 for p in part_ports(attrs[f"{seg}_scheme"], attrs["head_dim"], prefix=f"{prefix}_{seg}."))
+
+
+def _inputs(attrs):
+    return (*_segment_ports(attrs, "past"), STATES)
+
+
+def _outputs(attrs):
+    return (*_segment_ports(attrs, "present"), Port("all_states", "float32", ("B", "H", "P+S", "D")))
+
+
+def _reference(attrs, *tensors):
+    from kvcompile.cache.mixed import _HeadGroupStore
+
+    schemes = {seg: get_scheme(attrs[f"{seg}_scheme"]) for seg in ("sink", "recent", "bulk")}
+    store = _HeadGroupStore([], schemes["sink"], schemes["recent"], schemes["bulk"], attrs["sink_tokens"],
+                            attrs["recent_window"])
+    states = tensors[-1]
+    d = attrs["head_dim"]
+    it = iter(tensors[:-1])
+    past = 0
+    for seg in segments(attrs):
+        layout = part_layout(schemes[seg], d)
+        parts = {p.name: next(it) for p in layout}
+        t = parts[layout[0].name].shape[-2]
+        past += t
+        store.segments[seg] = QuantizedTensor(schemes[seg].name, (*states.shape[:2], t, d), parts) if t else None
+    store.append(states, past)
+    out = []
+    for seg in segments(attrs):
+        q = store.segments[seg]
+        for p in part_layout(schemes[seg], d):
+            out.append(q.parts[p.name] if q is not None else torch.empty(*states.shape[:2], 0, p.width, dtype=p.dtype))
+    return (*out, store.read())
+
+
+def _body(b, attrs, inputs):
+    d = attrs["head_dim"]
+    n, w = attrs["sink_tokens"], attrs["recent_window"]
+    segs = segments(attrs)
+    it = iter(inputs[:-1])
+    past = {seg: [next(it) for _ in part_layout(get_scheme(attrs[f"{seg}_scheme"]), d)] for seg in segs}
+    states = inputs[-1]
+    schemes = {seg: get_scheme(attrs[f"{seg}_scheme"]) for seg in ("sink", "recent", "bulk")}
+
+    # The scheme lowerings are inlined rather than called as nested KVQuantize functions:
+    # ONNX Runtime does not resolve overloaded functions called from inside a function.
+    def quantize(seg, x):
+        return lowering(schemes[seg])[0](b, schemes[seg], x, d)
+
+    def dequantize(seg, parts):
+        return lowering(schemes[seg])[1](b, schemes[seg], parts, d)
+
+    def length(parts):  # positions in a segment: rows of its first part
+        return b.op("Shape", parts[0], start=2, end=3)
+
+    p_len = length(past["bulk"])
+    for seg in segs:
+        if seg != "bulk":
+            p_len = b.op("Add", p_len, length(past[seg]))
+    s_len = b.dim(states, 2)
+    zero, end = b.i64(0), b.i64(INT_MAX)
+
+    def cat(a, c):
+        return [b.op("Concat", x, y, axis=2) for x, y in zip(a, c)]
+
+    def bulk_len(total):
+        g = b.i64(get_scheme(attrs["bulk_scheme"]).token_group)
+        sinks = b.op("Min", b.i64(n), total)
+        free = b.op("Max", b.op("Sub", b.op("Sub", total, b.i64(w)), sinks), zero)
+        return b.op("Mul", b.op("Div", free, g), g)
+
+    present = {}
+    rest = states
+    if "sink" in segs:
+        k = b.op("Max", zero, b.op("Min", b.op("Sub", b.i64(n), p_len), s_len))
+        new_sink = quantize("sink", b.slice_axis(states, zero, k, 2))
+        present["sink"] = cat(past["sink"], new_sink)
+        rest = b.slice_axis(states, k, end, 2)
+    recent = cat(past["recent"], quantize("recent", rest))
+    moved = b.op("Sub", bulk_len(b.op("Add", p_len, s_len)), bulk_len(p_len))
+    leaving = [b.slice_axis(x, zero, moved, 2) for x in recent]
+    present["recent"] = [b.slice_axis(x, moved, end, 2) for x in recent]
+    requantized = quantize("bulk", dequantize("recent", leaving))
+    present["bulk"] = cat(past["bulk"], requantized)
+    full = [dequantize(seg, present[seg]) for seg in segs]
+    all_states = b.op("Concat", *full, axis=2) if len(full) > 1 else full[0]
+    return [x for seg in segs for x in present[seg]] + [all_states]
+
+
+KV_CACHE_UPDATE = register_op(OpSpec(
+    name="KVCacheUpdate", version=1,
+    doc="Append positions to a head group's packed sink/bulk/recent K or V cache; return the new "
+        "segments and all positions de-quantized.",
+    attributes=ATTRIBUTES,
+    inputs=_inputs,
+    outputs=_outputs,
+    reference=_reference,
+    body=_body,
+))
+
+__all__ = ["KV_CACHE_UPDATE", "segments"]
