@@ -120,6 +120,92 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from kvcompile.models import load_model
+    from kvcompile.targets import export
+
+    _set_threads(args.threads)
+    lm = load_model(args.model)
+    (label, pmap), = _resolve_maps(args, lm.geometry, args.model).items()
+    result = export(args.target, lm, pmap, args.output, max_context=args.max_context)
+    size = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
+    ops = sum(not g.plain for g in result.groups)
+    print(f"exported {args.model} with map {label} ({pmap.summary()}) to {result.path} [{args.target}]: "
+          f"{ops} KVCacheUpdate nodes, {len(result.groups)} head groups, max context {result.max_context}, "
+          f"{size / 2**20:.1f} MiB")
+    for context in sorted({512, result.max_context}):
+        if context <= result.max_context:
+            print(f"  KV cache at {context} positions: {pmap.bits_per_element(context):.2f} bits/element, "
+                  f"{pmap.kv_bytes(context) / 2**20:.2f} MiB per sequence")
+    return 0
+
+
+def _tokenizer_for(export, backend_lm=None):
+    if backend_lm is not None:
+        return backend_lm.tokenizer
+    if export.tokenizer_path is None:
+        from kvcompile.errors import ExportError
+
+        raise ExportError(f"{export.path} has no tokenizer/ directory; re-export the model")
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(export.tokenizer_path)
+
+
+def cmd_run(args) -> int:
+    from kvcompile.export import ExportedModel
+    from kvcompile.runtime import generate, open_decoder
+
+    _set_threads(args.threads)
+    ex = ExportedModel.load(args.directory)
+    options = {"threads": args.threads} if args.backend == "ort" else {}
+    decoder = open_decoder(ex, args.backend, **options)
+    tokenizer = _tokenizer_for(ex, getattr(decoder, "lm", None))
+    prompt = tokenizer(args.prompt).input_ids
+    if isinstance(prompt[0], list):
+        prompt = prompt[0]
+    new: list[int] = []
+    shown = ""
+
+    def stream(token: int) -> None:
+        nonlocal shown
+        new.append(token)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        print(text[len(shown):], end="", flush=True)
+        shown = text
+
+    print(args.prompt, end="", flush=True)
+    result = generate(decoder, prompt, args.max_new_tokens, eos_token_id=getattr(tokenizer, "eos_token_id", None),
+                      on_token=stream)
+    providers = ",".join(getattr(decoder, "providers", [])) or "torch"
+    print(f"\n\n[{args.backend} ({providers})] prompt {result.prompt_tokens} tokens, prefill "
+          f"{1000 * result.prefill_seconds:.0f} ms; {len(result.tokens)} new tokens, decode "
+          f"{result.decode_tokens_per_second:.1f} tokens/s; KV cache {result.cache_bytes / 1024:.1f} KiB")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from kvcompile.export import ExportedModel
+    from kvcompile.models import load_model
+    from kvcompile.validate.compare import save_result, validate_export
+
+    _set_threads(args.threads)
+    ex = ExportedModel.load(args.directory)
+    lm = load_model(args.against or ex.model)
+    result = validate_export(ex, backend=args.backend, lm=lm, text=args.text, window=args.window, prefill=args.prefill,
+                             max_windows=args.max_windows, atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine,
+                             min_top1=args.min_top1, min_pass_rate=args.min_pass_rate, progress=not args.quiet, threads=args.threads)
+    print(result.summary())
+    if result.polygraphy_commands:
+        print("equivalent polygraphy check of the prefill (reference outputs from torch):")
+        for c in result.polygraphy_commands:
+            print("  " + c)
+    if args.json:
+        save_result(result, args.json)
+        print(f"wrote {args.json}")
+    return 0 if result.passed else 1
+
+
 def cmd_schemes(args) -> int:
     from kvcompile.plan.presets import PRESETS
     from kvcompile.quant import get_scheme, scheme_names
@@ -206,6 +292,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=None, help="context for bits/element (default: calibration window)")
     p.add_argument("-o", "--output", required=True, help="report directory")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="export the model with a packed mixed-precision KV cache (ONNX)")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    _add_map_args(p)
+    p.add_argument("--target", default="onnx", help="export target (default onnx)")
+    p.add_argument("--max-context", type=int, default=None,
+                   help="longest prefill + generation the export accepts (default: the model's limit)")
+    p.add_argument("-o", "--output", required=True, help="export directory (replaced if it is an older export)")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("run", help="generate text with an exported model, streaming tokens")
+    p.add_argument("directory", help="export directory (from kvcompile export)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--backend", default="ort", help="ort (ONNX Runtime, default) or torch (reference)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (ONNX Runtime intra-op / torch)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="compare an export with the torch reference (polygraphy) and full precision")
+    p.add_argument("directory", help="export directory")
+    p.add_argument("--against", help="model to compare with (default: the exported model's source)")
+    p.add_argument("--backend", default="ort")
+    p.add_argument("--text", default=DEFAULT_EVAL_TEXT, help=f"held-out text (default {DEFAULT_EVAL_TEXT})")
+    p.add_argument("--window", type=int, default=160, help="tokens per window (default 160)")
+    p.add_argument("--prefill", type=int, default=32, help="tokens prefilled before decoding each window (default 32)")
+    p.add_argument("--max-windows", type=int, default=1, help="windows (default 1)")
+    p.add_argument("--atol", type=float, default=0.05, help="polygraphy absolute tolerance on the median error")
+    p.add_argument("--rtol", type=float, default=0.05, help="polygraphy relative tolerance on the median error")
+    p.add_argument("--min-cosine", type=float, default=0.99, help="least logits cosine similarity per position")
+    p.add_argument("--min-top1", type=float, default=0.97, help="least greedy agreement with the torch reference")
+    p.add_argument("--min-pass-rate", type=float, default=0.9, help="least fraction of steps polygraphy passes")
+    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("schemes", help="list storage schemes with their exact bits per element")
     p.add_argument("--head-dim", type=int, default=64)

@@ -210,7 +210,13 @@ class PrecisionMap:
 
     @classmethod
     def load(cls, path) -> "PrecisionMap":
-        doc = load_json_artifact(path, "precision_map", FORMAT_VERSION)
+        return cls.from_json_body(load_json_artifact(path, "precision_map", FORMAT_VERSION), str(path))
+
+    @classmethod
+    def from_json_body(cls, doc: dict, source: str = "precision map") -> "PrecisionMap":
+        """Build and validate a map from its JSON body (a map file, or one embedded in an export)."""
+        path = source
+
         def as_tuples(v):  # JSON lists -> tuples; validate() reports anything malformed
             return tuple(as_tuples(x) for x in v) if isinstance(v, list) else v
 

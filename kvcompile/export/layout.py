@@ -1,0 +1,90 @@
+"""How a PrecisionMap's cache appears as graph inputs and outputs.
+
+For each layer and stream (key, value) the kv heads are grouped by their (sink, recent, bulk)
+scheme triple, as in :class:`~kvcompile.cache.MixedPrecisionCache`.  A group is either
+
+* *plain*: all three classes fp16, so the segments concatenate to one fp16 tensor and no custom
+  op is needed; named as ONNX Runtime GenAI does, ``past_key_values.{l}.key`` /
+  ``present.{l}.key``, ``[batch, heads, past_sequence, head_dim]``;
+* *packed*: one ``KVCacheUpdate`` node whose segments' parts are graph I/O named
+  ``past_key_values.{l}.key[.h{heads}].{segment}.{part}`` (``present.`` for outputs), e.g.
+  ``past_key_values.3.key.bulk.codes`` int8 ``[batch, heads, past_sequence, 16]``.  The ``.h0-2``
+  head tag appears only when a layer's heads are split into several groups.
+
+The layout is a pure function of the map and the geometry, and is written into the export
+manifest, so runtimes need no other knowledge of the map to feed the graph.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+from kvcompile.plan.precision_map import STREAMS, PrecisionMap
+
+
+@dataclass(frozen=True)
+class CachePort:
+    """One cache tensor: graph input ``past`` and output ``present``, ``[B, heads, rows, width]``."""
+
+    past: str
+    present: str
+    dtype: str  # "float16" | "float32" | "int8"
+    width: int
+    rows_per: int  # positions per row (1, or G for per-channel parameters)
+
+
+@dataclass(frozen=True)
+class HeadGroup:
+    layer: int
+    stream: str  # "key" | "value"
+    heads: tuple[int, ...]
+    sink_scheme: str
+    recent_scheme: str
+    bulk_scheme: str
+    plain: bool
+    ports: tuple[CachePort, ...]
+
+    def op_attrs(self, pmap: PrecisionMap) -> dict:
+        """Attributes of this group's KVCacheUpdate node."""
+        return {"sink_scheme": self.sink_scheme, "recent_scheme": self.recent_scheme, "bulk_scheme": self.bulk_scheme,
+                "sink_tokens": pmap.sink_tokens, "recent_window": pmap.recent_window, "head_dim": pmap.head_dim}
+
+
+def cache_layout(pmap: PrecisionMap) -> list[HeadGroup]:
+    """Head groups of every (layer, stream), in graph order."""
+    from kvcompile.ops.cache_update import KV_CACHE_UPDATE
+
+    groups = []
+    for layer in range(pmap.num_layers):
+        for stream in STREAMS:
+            by_triple: dict[tuple[str, str, str], list[int]] = defaultdict(list)
+            for head in range(pmap.num_kv_heads):
+                sink, recent, bulk = pmap.triple(layer, head, stream)
+                by_triple[(sink.name, recent.name, bulk.name)].append(head)
+            split = len(by_triple) > 1
+            for (sink, recent, bulk), heads in by_triple.items():
+                base = f"{layer}.{stream}" + (f".h{'-'.join(map(str, heads))}" if split else "")
+                plain = sink == recent == bulk == "fp16"
+                if plain:
+                    ports = (CachePort(f"past_key_values.{base}", f"present.{base}", "float16", pmap.head_dim, 1),)
+                else:
+                    attrs = {"sink_scheme": sink, "recent_scheme": recent, "bulk_scheme": bulk,
+                             "sink_tokens": pmap.sink_tokens, "recent_window": pmap.recent_window,
+                             "head_dim": pmap.head_dim}
+                    ports = tuple(
+                        CachePort(f"past_key_values.{base}.{p.name.removeprefix('past_')}",
+                                  f"present.{base}.{p.name.removeprefix('past_')}", p.dtype, int(p.shape[-1]),
+                                  1 if p.shape[2] == "T" else int(p.shape[2].split("/")[1]))
+                        for p in KV_CACHE_UPDATE.inputs(attrs)[:-1])
+                groups.append(HeadGroup(layer, stream, tuple(heads), sink, recent, bulk, plain, ports))
+    return groups
+
+
+def layout_to_json(groups: list[HeadGroup]) -> list[dict]:
+    return [asdict(g) for g in groups]
+
+
+def layout_from_json(items: list[dict]) -> list[HeadGroup]:
+    return [HeadGroup(**{**g, "heads": tuple(g["heads"]), "ports": tuple(CachePort(**p) for p in g["ports"])})
+            for g in items]

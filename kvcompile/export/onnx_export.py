@@ -1,0 +1,196 @@
+"""``export_onnx``: a loaded model + a PrecisionMap -> an export directory.
+
+Directory contents (written to a temporary sibling and renamed into place, so a failed export
+leaves nothing behind):
+
+* ``model.onnx`` + ``model.onnx.data`` (weights as external data): the decoder graph of
+  :mod:`kvcompile.export.llama`, opset 21 plus the ``kvcompile`` domain, whose ops are
+  model-local functions (so a stock ONNX Runtime runs it) carrying the map's schemes as
+  attributes; ``metadata_props`` hold the whole map, its hash, the calibration hash and the
+  kvcompile version.  ``onnx.checker`` with ``full_check`` passes before anything is renamed.
+* ``kvcompile_export.json``: the manifest (artifact ``onnx_export``): model spec and geometry,
+  the map, the cache layout (graph I/O per head group), max context, files.
+* ``tokenizer/``: the model's tokenizer, when it can be saved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from kvcompile.artifacts import default_mode, load_json_artifact, save_json_artifact
+from kvcompile.errors import ExportError
+from kvcompile.export.layout import HeadGroup, cache_layout, layout_from_json, layout_to_json
+from kvcompile.ops.builder import OPSET
+from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.version import __version__
+
+FORMAT_VERSION = 1
+MANIFEST = "kvcompile_export.json"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+ONNX_DTYPES = {"float32": 1, "float16": 10, "int8": 3}
+
+GraphBuilder = Callable[..., Any]
+_GRAPH_BUILDERS: dict[str, GraphBuilder] = {}
+
+
+def register_graph_builder(model_type: str, build: GraphBuilder) -> None:
+    """``build(model, pmap, groups, max_context) -> (Builder, Weights, cache output names)``."""
+    _GRAPH_BUILDERS[model_type] = build
+
+
+def _builder_for(model_type: str) -> GraphBuilder:
+    if not _GRAPH_BUILDERS:
+        from kvcompile.export.llama import build_llama_graph
+
+        register_graph_builder("llama", build_llama_graph)
+        register_graph_builder("mistral", build_llama_graph)  # same graph; sliding windows are rejected earlier
+    if model_type not in _GRAPH_BUILDERS:
+        raise ExportError(f"the onnx target cannot export architecture {model_type!r}; expected one of "
+                          f"{', '.join(sorted(_GRAPH_BUILDERS))}")
+    return _GRAPH_BUILDERS[model_type]
+
+
+@dataclass(frozen=True)
+class ExportedModel:
+    """A loaded export manifest."""
+
+    path: Path
+    model: str
+    model_type: str
+    geometry: dict
+    max_context: int
+    pmap: PrecisionMap
+    groups: list[HeadGroup]
+    vocab_size: int
+    kvcompile_version: str
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def tokenizer_path(self) -> Path | None:
+        p = self.path / "tokenizer"
+        return p if p.is_dir() else None
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ExportedModel":
+        path = Path(path)
+        if not (path / MANIFEST).is_file():
+            raise ExportError(f"{path} is not a kvcompile export directory (no {MANIFEST}); create one with "
+                              "`kvcompile export`")
+        doc = load_json_artifact(path / MANIFEST, "onnx_export", FORMAT_VERSION)
+        if not (path / MODEL_FILE).is_file():
+            raise ExportError(f"{path}: {MODEL_FILE} is missing; re-run `kvcompile export`")
+        return cls(path, doc["model"], doc["model_type"], doc["geometry"], doc["max_context"],
+                   PrecisionMap.from_json_body(doc["precision_map"], str(path / MANIFEST)),
+                   layout_from_json(doc["cache_layout"]), doc["vocab_size"], doc["kvcompile_version"])
+
+
+def _check_exportable(pmap: PrecisionMap, head_dim: int) -> None:
+    from kvcompile.ops.lowering import check_lowerable
+
+    for layer, head, stream in pmap.sites():
+        for scheme in pmap.triple(layer, head, stream):
+            check_lowerable(scheme, head_dim)
+
+
+def build_onnx_model(lm, pmap: PrecisionMap, max_context: int):
+    """The ModelProto (weights inline) and the cache layout; raises ExportError for what it cannot emit."""
+    from onnx import helper, numpy_helper
+
+    from kvcompile.ops.spec import DOMAIN, collect_functions
+
+    g = lm.geometry
+    pmap.check_model(g.num_layers, g.num_kv_heads, g.head_dim)
+    _check_exportable(pmap, g.head_dim)
+    build = _builder_for(lm.model.config.model_type)
+    groups = cache_layout(pmap)
+    b, weights, cache_outputs = build(lm.model, pmap, groups, max_context)
+
+    def rows(p, prefix):
+        return f"{prefix}_sequence" if p.rows_per == 1 else f"{prefix}_sequence_div_{p.rows_per}"
+
+    inputs = [helper.make_tensor_value_info("input_ids", 7, ["batch", "sequence"])]
+    outputs = [helper.make_tensor_value_info("logits", 1, ["batch", "sequence", lm.model.config.vocab_size])]
+    for grp in groups:
+        for p in grp.ports:
+            inputs.append(helper.make_tensor_value_info(p.past, ONNX_DTYPES[p.dtype],
+                                                        ["batch", len(grp.heads), rows(p, "past"), p.width]))
+            outputs.append(helper.make_tensor_value_info(p.present, ONNX_DTYPES[p.dtype],
+                                                         ["batch", len(grp.heads), rows(p, "total"), p.width]))
+    assert [o.name for o in outputs[1:]] == cache_outputs
+    initializers = [numpy_helper.from_array(a, name) for name, a in weights.arrays.items()]
+    graph = helper.make_graph(b.nodes, f"kvcompile_{lm.model.config.model_type}", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+                              functions=collect_functions(b.calls), ir_version=10,
+                              producer_name="kvcompile", producer_version=__version__)
+    meta = {"kvcompile.version": __version__, "kvcompile.model": lm.name,
+            "kvcompile.precision_map": json.dumps(pmap.to_json_body(), sort_keys=True),
+            "kvcompile.precision_map_hash": pmap.content_hash(),
+            "kvcompile.calibration_hash": pmap.calibration_hash or "", "kvcompile.max_context": str(max_context)}
+    helper.set_model_props(model, meta)
+    return model, groups
+
+
+def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_context: int | None = None,
+                overwrite: bool = True) -> ExportedModel:
+    """Export ``lm`` (a :class:`~kvcompile.models.LoadedModel`) with ``pmap`` to ``out_dir``.
+
+    ``max_context`` (default: the model's limit) bounds prefill + generated positions; it sizes
+    the RoPE tables, and runtimes refuse longer contexts.  An existing export directory is
+    replaced; any other non-empty directory is refused.
+    """
+    import onnx
+
+    out = Path(out_dir)
+    limit = lm.geometry.max_positions
+    max_context = min(max_context or limit, limit)
+    if max_context < 1:
+        raise ExportError(f"max_context must be >= 1, got {max_context}")
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise ExportError(f"{out} exists and is not a kvcompile export directory; expected a new or export directory")
+    if out.exists() and not overwrite:
+        raise ExportError(f"{out} already exists; pass overwrite=True (--force) to replace it")
+    model, groups = build_onnx_model(lm, pmap, max_context)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        del model
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        if hasattr(lm.tokenizer, "save_pretrained"):
+            lm.tokenizer.save_pretrained(tmp / "tokenizer")
+        g = lm.geometry
+        save_json_artifact(tmp / MANIFEST, "onnx_export", FORMAT_VERSION, {
+            "model": lm.name, "model_type": lm.model.config.model_type,
+            "geometry": {"num_layers": g.num_layers, "num_kv_heads": g.num_kv_heads, "num_q_heads": g.num_q_heads,
+                         "head_dim": g.head_dim, "max_positions": g.max_positions},
+            "vocab_size": lm.model.config.vocab_size, "max_context": max_context, "opset": OPSET,
+            "files": {"model": MODEL_FILE, "weights": DATA_FILE},
+            "precision_map": pmap.to_json_body(), "precision_map_hash": pmap.content_hash(),
+            "cache_layout": layout_to_json(groups),
+        })
+        for p in [tmp, *tmp.rglob("*")]:
+            os.chmod(p, default_mode(directory=p.is_dir()))
+        if out.exists():  # replace an older export: move it aside, then swap in the new one
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportedModel.load(out)

@@ -1,0 +1,155 @@
+"""ONNX export of the tiny Llama: logits through ONNX Runtime vs the torch reference (MixedPrecisionCache)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="the ONNX path needs onnx (installed by install.sh)")
+pytest.importorskip("onnxruntime", reason="the ONNX path needs onnxruntime (installed by install.sh)")
+
+from kvcompile.errors import ArtifactError, ExportError, KvcompileError, RuntimeBackendError  # noqa: E402
+from kvcompile.export import ExportedModel, export_onnx  # noqa: E402
+from kvcompile.plan.precision_map import PrecisionMap  # noqa: E402
+from kvcompile.plan.presets import resolve_map  # noqa: E402
+from kvcompile.runtime import generate, open_decoder  # noqa: E402
+
+# Logits of ORT and torch differ only by float32 summation order (the cache ops are bit-exact).
+LOGIT_ATOL = 1e-4
+
+
+def mixed_map(geometry) -> PrecisionMap:
+    """Per-head and per-layer mixed: fp16 sinks, an int8/fp16 window, per-channel and NF4 bulks."""
+    base = PrecisionMap.uniform(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, "fp16",
+                                sink_tokens=2, recent_window=4, model="tiny")
+    bulk = {"key": (("int2-ch", "int4"), ("int3", "int2-ch")), "value": (("nf4", "int2"), ("int4-sym", "int8"))}
+    pmap = base.with_bulk(bulk)
+    schemes = {s: dict(v) for s, v in pmap.schemes.items()}
+    schemes["value"]["recent"] = (("int8", "int8"), ("fp16", "fp16"))
+    return replace(pmap, schemes=schemes, _resolved={})
+
+
+@pytest.fixture(scope="module")
+def maps(tiny_geometry):
+    return {"fp16": resolve_map("fp16", tiny_geometry), "int8": resolve_map("int8", tiny_geometry),
+            "mixed": mixed_map(tiny_geometry)}
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_lm, maps, tmp_path_factory):
+    root = tmp_path_factory.mktemp("exports")
+    return {name: export_onnx(tiny_lm, pmap, root / name, max_context=128) for name, pmap in maps.items()}
+
+
+def teacher_forced(decoder, ids, prefill):
+    state = decoder.start(1)
+    logits, state = decoder.step(ids[:, :prefill], state)
+    rows = [logits]
+    for t in range(prefill, ids.shape[1]):
+        logits, state = decoder.step(ids[:, t:t + 1], state)
+        rows.append(logits)
+    return np.concatenate(rows, axis=1), state
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8", "mixed"])
+def test_exported_logits_match_torch_reference_on_prefill_and_40_decode_steps(name, exports, tiny_lm):
+    ex = exports[name]
+    ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(3)).numpy()
+    ours, state = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=20)
+    ref, ref_state = teacher_forced(open_decoder(ex, "torch", lm=tiny_lm), ids, prefill=20)
+    assert ours.shape == (1, 60, 97)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)
+    # the packed cache holds exactly the bytes the torch cache holds
+    assert open_decoder(ex, "ort").cache_bytes(state) == ref_state["cache"].nbytes()
+
+
+def test_greedy_generation_agrees_between_backends(exports, tiny_lm):
+    ex = exports["mixed"]
+    prompt = list(range(5, 17))
+    ort_tokens = generate(open_decoder(ex, "ort"), prompt, 24).tokens
+    torch_tokens = generate(open_decoder(ex, "torch", lm=tiny_lm), prompt, 24).tokens
+    assert ort_tokens == torch_tokens and len(ort_tokens) == 24
+
+
+def test_graph_carries_the_map(exports, maps):
+    ex = exports["mixed"]
+    model = onnx.load(str(ex.onnx_path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(meta["kvcompile.precision_map"]) == json.loads(json.dumps(maps["mixed"].to_json_body()))
+    assert meta["kvcompile.precision_map_hash"] == maps["mixed"].content_hash()
+    nodes = [n for n in model.graph.node if n.domain == "kvcompile"]
+    assert {n.op_type for n in nodes} == {"KVCacheUpdate"}
+    # one node per (layer, stream, head group); its attributes are the map's schemes for those heads
+    pmap = maps["mixed"]
+    for g in ex.groups:
+        node = next(n for n in nodes if n.output[0] == g.ports[0].present)
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for head in g.heads:
+            sink, recent, bulk = pmap.triple(g.layer, head, g.stream)
+            assert (attrs["sink_scheme"].decode(), attrs["recent_scheme"].decode(), attrs["bulk_scheme"].decode()) == \
+                (sink.name, recent.name, bulk.name)
+        assert attrs["sink_tokens"] == 2 and attrs["recent_window"] == 4
+    names = [i.name for i in model.graph.input]
+    assert names[0] == "input_ids" and "past_key_values.0.key.h0.bulk.codes" in names
+    assert model.graph.output[0].name == "logits"
+    assert {f.name for f in model.functions} == {"KVCacheUpdate"}
+    assert all(f.domain == "kvcompile" for f in model.functions)
+    onnx.checker.check_model(str(ex.onnx_path), full_check=True)
+
+
+def test_full_precision_export_uses_plain_fp16_cache_names(exports):
+    model = onnx.load(str(exports["fp16"].onnx_path), load_external_data=False)
+    names = [i.name for i in model.graph.input]
+    assert names[1:3] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert not [n for n in model.graph.node if n.domain == "kvcompile"]
+
+
+def test_export_rejects_what_it_cannot_emit_and_leaves_nothing(tiny_lm, tiny_geometry, tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(ExportError, match="fp8"):
+        export_onnx(tiny_lm, resolve_map("fp8", tiny_geometry), target)
+    assert not target.exists() and not list(tmp_path.iterdir())
+    wrong = PrecisionMap.uniform(3, 2, 32, "int8")
+    with pytest.raises(KvcompileError, match="layers"):
+        export_onnx(tiny_lm, wrong, target)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(ExportError, match="not a kvcompile export directory"):
+        export_onnx(tiny_lm, resolve_map("int8", tiny_geometry), tmp_path / "other")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_reexport_replaces_an_export_atomically(tiny_lm, tiny_geometry, tmp_path):
+    first = export_onnx(tiny_lm, resolve_map("int8", tiny_geometry), tmp_path / "e", max_context=64)
+    second = export_onnx(tiny_lm, resolve_map("int4", tiny_geometry), tmp_path / "e", max_context=64)
+    assert first.path == second.path and second.pmap.scheme(0, 0, "key", "bulk").name == "int4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
+
+
+def test_runtime_errors_are_one_line(exports, tmp_path):
+    ex = exports["int8"]
+    decoder = open_decoder(ex, "ort")
+    state = decoder.start(1)
+    with pytest.raises(RuntimeBackendError, match="exceeds the export's max_context of 128"):
+        decoder.step(np.zeros((1, 129), np.int64), state)
+    with pytest.raises(RuntimeBackendError, match="tokens >= 1"):
+        decoder.step(np.zeros((1, 0), np.int64), state)
+    _, state = decoder.step(np.ones((1, 4), np.int64), state)
+    for name, value in state["past"].items():  # NaN in the cache
+        if value.dtype == np.float16:
+            value[...] = np.nan
+    with pytest.raises(RuntimeBackendError, match="NaN"):
+        decoder.step(np.ones((1, 1), np.int64), state)
+    with pytest.raises(RuntimeBackendError, match="unknown backend 'tensorflow'"):
+        open_decoder(ex, "tensorflow")
+    with pytest.raises(RuntimeBackendError, match="prompt is empty"):
+        generate(decoder, [], 3)
+    with pytest.raises(ExportError, match="not a kvcompile export directory"):
+        ExportedModel.load(tmp_path)
+    (tmp_path / "kvcompile_export.json").write_text('{"artifact": "onnx_export", "format_version": 99}')
+    with pytest.raises(ArtifactError, match="format_version 99"):
+        ExportedModel.load(tmp_path)
