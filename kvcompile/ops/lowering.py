@@ -117,10 +117,15 @@ def pack(b: Builder, codes: str, bits: int) -> str:
     value = b.op("ReduceSum", b.op("Mul", blocks, weights), b.i64(-1), keepdims=1)  # [..., nb, 1] < 2^24
     byte_div = b.const([1 << (8 * j) for j in range(nbytes)], np.int64)
     raw = b.op("Mod", b.op("Div", value, byte_div), b.const(256, np.int64))  # [..., nb, nbytes]
-    signed = b.op("Sub", b.op("Mod", b.op("Add", raw, b.const(128, np.int64)), b.const(256, np.int64)),
-                  b.const(128, np.int64))  # same byte as a signed int8 container
-    flat = b.reshape(signed, b.op("Concat", lead, b.op("Mul", b.op("Div", n, b.i64(per)), b.i64(nbytes)), axis=0))
-    return b.op("Cast", flat, to=3)  # INT8
+    flat = b.reshape(raw, b.op("Concat", lead, b.op("Mul", b.op("Div", n, b.i64(per)), b.i64(nbytes)), axis=0))
+    return to_int8_container(b, flat)
+
+
+def to_int8_container(b: Builder, byte: str) -> str:
+    """int64 values in [0, 256) -> the same bytes as signed int8 (TensorRT plugin I/O has no UINT8)."""
+    signed = b.op("Sub", b.op("Mod", b.op("Add", byte, b.const(128, np.int64)), b.const(256, np.int64)),
+                  b.const(128, np.int64))
+    return b.op("Cast", signed, to=3)  # INT8
 
 
 def unpack(b: Builder, packed: str, bits: int) -> str:
@@ -216,10 +221,7 @@ def _nf4_quantize(b: Builder, s: NF4Scheme, x: str, head_dim: int) -> list[str]:
         sup, sup_f = stored_scale(b, b.op("ReduceMax", absmax, b.i64(-1), keepdims=1), True)
         c = b.op("Clip", b.op("Ceil", b.op("Mul", b.op("Div", absmax, sup_f), b.const(255.0))),
                  b.const(1.0), b.const(255.0))
-        c = b.op("Cast", c, to=7)
-        signed = b.op("Sub", b.op("Mod", b.op("Add", c, b.const(128, np.int64)), b.const(256, np.int64)),
-                      b.const(128, np.int64))
-        params = [b.op("Cast", signed, to=3), sup]
+        params = [to_int8_container(b, b.op("Cast", c, to=7)), sup]
     else:
         params = [stored_scale(b, absmax, True)[0]]
     scales = b.op("Unsqueeze", _nf4_scales(b, s, params), b.i64(-1))

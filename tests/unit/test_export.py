@@ -153,3 +153,18 @@ def test_runtime_errors_are_one_line(exports, tmp_path):
     (tmp_path / "kvcompile_export.json").write_text('{"artifact": "onnx_export", "format_version": 99}')
     with pytest.raises(ArtifactError, match="format_version 99"):
         ExportedModel.load(tmp_path)
+
+
+def test_validate_passes_on_a_faithful_export_and_fails_against_another_map(exports, tiny_lm, tiny_geometry):
+    from dataclasses import replace as dc_replace
+
+    from kvcompile.validate.compare import validate_export
+
+    ex = exports["mixed"]
+    kwargs = dict(lm=tiny_lm, window=48, prefill=8, max_windows=1, progress=False, write_polygraphy=False)
+    good = validate_export(ex, **kwargs)
+    assert good.passed and good.max_abs_error < LOGIT_ATOL and good.top1_vs_reference == 1.0
+    assert good.tokens_scored == 47 and good.ppl > 0 and good.ppl_reference > 0
+    # the graph still holds the mixed map, but the reference now decodes with int2 everywhere
+    wrong = validate_export(dc_replace(ex, pmap=resolve_map("int2", tiny_geometry)), **kwargs)
+    assert not wrong.passed and wrong.max_abs_error > 100 * LOGIT_ATOL

@@ -1,0 +1,38 @@
+"""export -> run -> validate on the default model (SmolLM2-135M), as a user runs them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("onnxruntime", reason="the ONNX path needs onnxruntime (installed by install.sh)")
+
+from kvcompile.cli import main  # noqa: E402
+
+
+def test_export_run_validate_default_model(smollm, tmp_path, capsys):
+    out = tmp_path / "kivi2"
+    assert main(["export", "--scheme", "kivi-2", "--max-context", "256", "-o", str(out), "--threads", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "60 KVCacheUpdate nodes" in text and (out / "model.onnx.data").is_file()
+    assert (out / "tokenizer").is_dir()
+
+    assert main(["run", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "8",
+                 "--threads", "2"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("The capital of France is") and "tokens/s" in text
+
+    report = tmp_path / "validate.json"
+    code = main(["validate", str(out), "--window", "96", "--prefill", "16", "--quiet", "--threads", "2",
+                 "--json", str(report)])
+    text = capsys.readouterr().out
+    doc = json.loads(report.read_text())
+    assert code == 0 and doc["passed"], text
+    for key in ("passed", "max_abs_error", "ppl", "ppl_reference", "top1_agreement"):
+        assert key in doc
+    assert abs(doc["ppl"] / doc["ppl_torch_same_map"] - 1) < 0.05  # same quality as the torch reference
+    assert "polygraphy run" in text and (out / "validate_data_loader.py").is_file()
+
+    assert main(["run", str(out), "--prompt", "x " * 300, "--max-new-tokens", "2"]) == 2
+    assert "exceeds the export's max_context of 256" in capsys.readouterr().err
