@@ -20,6 +20,18 @@ def make_tiny_llama(dtype=torch.float32, seed: int = 0, layers: int = 2):
     return model
 
 
+def adversarial(t: int, d: int = 64, seed: int = 0) -> torch.Tensor:
+    """[2, 3, t, d]: normal data, an outlier channel, a constant head, zeros, tiny and large values."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 3, t, d, generator=g) * 2 + torch.randn(d, generator=g) * 3
+    x[0, 0, :, 5] *= 40  # outlier channel
+    x[0, 1] = 0.75  # constant groups (zero span)
+    x[1, 0, :, :16] = 0.0
+    x[1, 1] *= 1e-5  # float16 subnormal-range scales
+    x[1, 2] *= 300
+    return x
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     return make_tiny_llama()

@@ -14,6 +14,12 @@ scheme: the original float values are gone by then, as in a real cache.  Per-cha
 schemes move G positions at a time.  ``update`` returns the de-quantized K/V of *all* cached
 positions (the new ones included, at the precision they are stored at), which is what attention
 then reads; no float copy is kept, so :meth:`MixedPrecisionCache.nbytes` is the true footprint.
+
+With ``kernels=True`` (GPU, or CPU under ``TRITON_INTERPRET=1``) new positions are quantized by
+the Triton append kernel (bit-identical to the reference) and a decode step does not
+de-quantize at all: ``update`` returns :class:`PackedView` markers and the ``kvcompile_kernels``
+attention implementation (:func:`enable_kernel_attention`) runs the fused decode-attention
+kernel on the packed segments.  Prefill steps attend over de-quantized states as before.
 """
 
 from __future__ import annotations
@@ -28,11 +34,26 @@ from kvcompile.plan.precision_map import STREAMS, PrecisionMap, bulk_end
 from kvcompile.quant import QuantizedTensor, StorageScheme
 
 
+def _reference_quantize(scheme: StorageScheme, x: torch.Tensor) -> QuantizedTensor:
+    return scheme.quantize(x)
+
+
+def _kernel_quantize(scheme: StorageScheme, x: torch.Tensor) -> QuantizedTensor:
+    from kvcompile.quant.integer import IntegerScheme
+
+    if isinstance(scheme, IntegerScheme):
+        from kvcompile.kernels import quantize
+
+        return quantize(scheme, x)
+    return scheme.quantize(x)  # fp16: a cast
+
+
 class _HeadGroupStore:
     """Packed sink / bulk / recent segments of the kv heads that share one scheme triple."""
 
     def __init__(self, heads: list[int], sink: StorageScheme, recent: StorageScheme, bulk: StorageScheme,
-                 sink_tokens: int, recent_window: int):
+                 sink_tokens: int, recent_window: int, quantize=_reference_quantize):
+        self.quantize = quantize
         self.heads = heads
         self.schemes = {"sink": sink, "recent": recent, "bulk": bulk}
         self.sink_tokens = sink_tokens
@@ -50,16 +71,31 @@ class _HeadGroupStore:
         n_sink = max(0, min(self.sink_tokens, stop) - start)
         seg = self.segments
         if n_sink:
-            seg["sink"] = QuantizedTensor.cat_tokens([seg["sink"], self.schemes["sink"].quantize(x[..., :n_sink, :])])
+            seg["sink"] = QuantizedTensor.cat_tokens([seg["sink"], self.quantize(self.schemes["sink"], x[..., :n_sink, :])])
         if x.shape[-2] > n_sink:
-            seg["recent"] = QuantizedTensor.cat_tokens([seg["recent"], self.schemes["recent"].quantize(x[..., n_sink:, :])])
+            seg["recent"] = QuantizedTensor.cat_tokens([seg["recent"], self.quantize(self.schemes["recent"], x[..., n_sink:, :])])
         moved = self._bulk_length(stop) - self._bulk_length(start)
         if moved:  # positions aging out of the window: recent precision -> bulk precision
             leaving = seg["recent"].slice_tokens(0, moved)
             rest = seg["recent"].num_tokens
             seg["recent"] = seg["recent"].slice_tokens(moved, rest) if rest > moved else None
-            requantized = self.schemes["bulk"].quantize(self.schemes["recent"].dequantize(leaving))
+            requantized = self.quantize(self.schemes["bulk"], self.schemes["recent"].dequantize(leaving))
             seg["bulk"] = QuantizedTensor.cat_tokens([seg["bulk"], requantized])
+
+    def stored(self, heads: list[int]):
+        """``[(start, Stored)]`` of the non-empty segments in position order, restricted to ``heads``."""
+        from kvcompile.kernels.attention import Stored
+
+        index = None if heads == self.heads else torch.tensor([self.heads.index(h) for h in heads])
+        out, start = [], 0
+        for c in ("sink", "bulk", "recent"):
+            q = self.segments[c]
+            if q is None:
+                continue
+            parts = q.parts if index is None else {k: v.index_select(1, index.to(v.device)) for k, v in q.parts.items()}
+            out.append((start, Stored(self.schemes[c], parts, q.num_tokens)))
+            start += q.num_tokens
+        return out
 
     def read(self) -> torch.Tensor:
         """De-quantized states of all stored positions, [B, h, L, D] float32."""
@@ -77,23 +113,31 @@ class MixedPrecisionLayer(CacheLayerMixin):
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, pmap: PrecisionMap, layer_idx: int, max_context: int):
+    def __init__(self, pmap: PrecisionMap, layer_idx: int, max_context: int, kernels: bool = False):
         super().__init__()
         self.pmap = pmap
         self.layer_idx = layer_idx
         self.max_context = max_context
+        self.kernels = kernels
         self.length = 0
         self.stores: dict[str, list[_HeadGroupStore]] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.dtype = key_states.device, key_states.dtype
         self.batch_size = key_states.shape[0]
+        if self.kernels:
+            from kvcompile.kernels import available
+
+            ok, reason = available(key_states.device.type)
+            if not ok:
+                raise CacheError(f"MixedPrecisionCache(kernels=True) cannot run on {key_states.device.type}: {reason}")
+        quantize = _kernel_quantize if self.kernels else _reference_quantize
         for stream in STREAMS:
             by_triple: dict[tuple, list[int]] = defaultdict(list)
             for head in range(self.pmap.num_kv_heads):
                 by_triple[tuple(self.pmap.triple(self.layer_idx, head, stream))].append(head)
             self.stores[stream] = [
-                _HeadGroupStore(heads, *triple, self.pmap.sink_tokens, self.pmap.recent_window)
+                _HeadGroupStore(heads, *triple, self.pmap.sink_tokens, self.pmap.recent_window, quantize)
                 for triple, heads in by_triple.items()
             ]
         self.is_initialized = True
@@ -114,6 +158,14 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if self.length + new > self.max_context:
             raise CacheError(f"context of {self.length + new} positions exceeds the cache's maximum of {self.max_context} "
                              "(max_context); create the cache with a larger max_context")
+        if self.kernels and new == 1:  # decode: store only; attention reads the packed segments
+            for stream, states in (("key", key_states), ("value", value_states)):
+                self._check(states, stream)
+                for g in self.stores[stream]:
+                    g.append(states[:, g.heads] if len(self.stores[stream]) > 1 else states, self.length)
+            self.length += new
+            view = PackedView(self)
+            return view, view
         out = []
         for stream, states in (("key", key_states), ("value", value_states)):
             self._check(states, stream)
@@ -129,6 +181,33 @@ class MixedPrecisionLayer(CacheLayerMixin):
             out.append(full.to(device=self.device, dtype=self.dtype))
         self.length += new
         return out[0], out[1]
+
+    def decode_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Fused decode attention over the packed cache: ``query`` [B, Hq, 1, D] -> [B, 1, Hq, D].
+
+        Heads are processed in groups that share both their K and their V scheme triples; within
+        a group the positions are cut into runs where the K segment and the V segment are both
+        fixed (their bulk blocks can end at different positions), each run one kernel segment.
+        """
+        from kvcompile.kernels.attention import Segment, decode_attention
+
+        b, hq, _, d = query.shape
+        hkv = self.pmap.num_kv_heads
+        rep = hq // hkv
+        joint: dict[tuple, list[int]] = defaultdict(list)
+        for head in range(hkv):
+            joint[(self.pmap.triple(self.layer_idx, head, "key"), self.pmap.triple(self.layer_idx, head, "value"))].append(head)
+        out = torch.empty(b, hq, d, dtype=torch.float32, device=query.device)
+        for heads in joint.values():
+            runs = []
+            stored = {s: next(g for g in self.stores[s] if heads[0] in g.heads).stored(heads) for s in STREAMS}
+            cuts = sorted({0, self.length, *(start for s in STREAMS for start, _ in stored[s])})
+            for a, z in zip(cuts[:-1], cuts[1:]):
+                (ks, k), (vs, v) = (next((st, x) for st, x in reversed(stored[s]) if st <= a) for s in STREAMS)
+                runs.append(Segment(k, a - ks, v, a - vs, z - a))
+            q_heads = torch.tensor([h * rep + r for h in heads for r in range(rep)], device=query.device)
+            out[:, q_heads] = decode_attention(query[:, q_heads, 0].float(), runs, scaling)
+        return out[:, None].to(query.dtype)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.length + query_length, 0
@@ -151,18 +230,38 @@ class MixedPrecisionLayer(CacheLayerMixin):
         return sum(g.nbytes() for groups in self.stores.values() for g in groups)
 
 
+class PackedView:
+    """What a kernel-mode cache returns as "keys" and "values" of a decode step: the layer itself,
+    for the ``kvcompile_kernels`` attention to read packed.  Any other attention fails clearly."""
+
+    def __init__(self, layer: "MixedPrecisionLayer"):
+        self.layer = layer
+
+    def __getattr__(self, name):
+        raise CacheError("a MixedPrecisionCache with kernels=True needs the model's attention set to "
+                         "'kvcompile_kernels': call kvcompile.cache.enable_kernel_attention(model)")
+
+
 class MixedPrecisionCache(Cache):
     """A ``transformers`` Cache storing K/V per position at the precisions of ``pmap``.
 
     Use it like any cache: ``model(ids, cache=c)`` or ``model.generate(ids, cache=c)``.
     ``max_context`` (default: the map's model limit passed by the caller, else 8192) bounds the
-    number of positions; exceeding it raises :class:`CacheError`.
+    number of positions; exceeding it raises :class:`CacheError`.  ``kernels=True`` uses the
+    Triton kernels (see the module docstring; needs :func:`enable_kernel_attention` on the model).
     """
 
-    def __init__(self, pmap: PrecisionMap, max_context: int = 8192):
+    def __init__(self, pmap: PrecisionMap, max_context: int = 8192, kernels: bool = False):
         self.pmap = pmap
         self.max_context = max_context
-        super().__init__(layers=[MixedPrecisionLayer(pmap, i, max_context) for i in range(pmap.num_layers)])
+        if kernels:
+            from kvcompile.kernels import unsupported_reason
+
+            for site in pmap.sites():
+                for scheme in pmap.triple(*site):
+                    if (reason := unsupported_reason(scheme)) is not None:
+                        raise CacheError(f"MixedPrecisionCache(kernels=True): {reason}")
+        super().__init__(layers=[MixedPrecisionLayer(pmap, i, max_context, kernels) for i in range(pmap.num_layers)])
 
     def nbytes(self) -> int:
         """Bytes of packed K/V actually held (codes, scales, zero points), all layers."""
@@ -173,3 +272,25 @@ class MixedPrecisionCache(Cache):
         batch = self.batch_size if length else 0
         elements = 2 * self.pmap.num_layers * self.pmap.num_kv_heads * self.pmap.head_dim * length * max(batch, 1)
         return 8 * self.nbytes() / elements if length else 0.0
+
+
+KERNEL_ATTENTION = "kvcompile_kernels"
+
+
+def _kernel_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Decode steps of a kernel-mode cache: fused kernel on the packed cache; anything else: sdpa."""
+    if isinstance(key, PackedView):
+        return key.layer.decode_attention(query, scaling if scaling is not None else query.shape[-1] ** -0.5), None
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+
+
+def enable_kernel_attention(model) -> None:
+    """Route ``model``'s attention through ``kvcompile_kernels`` (needed by ``kernels=True`` caches)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register(KERNEL_ATTENTION, _kernel_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(KERNEL_ATTENTION, sdpa_mask)
+    model.set_attn_implementation(KERNEL_ATTENTION)

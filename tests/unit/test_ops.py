@@ -19,6 +19,7 @@ from kvcompile.ops.builder import OPSET, Builder  # noqa: E402
 from kvcompile.ops.lowering import check_lowerable, round_fp16  # noqa: E402
 from kvcompile.quant import get_scheme  # noqa: E402
 from kvcompile.quant.base import round_to_dtype  # noqa: E402
+from tests.conftest import adversarial  # noqa: E402
 
 NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 SCHEMES = ["fp16", "int8", "int4", "int3", "int2", "int4-sym", "int2-sym", "int2-ch", "int4-ch-g64", "int3-s32",
@@ -30,18 +31,6 @@ def session(model):
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def adversarial(t: int, d: int = 64, seed: int = 0) -> torch.Tensor:
-    """[2, 3, t, d]: normal data, an outlier channel, a constant head, zeros, tiny and large values."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(2, 3, t, d, generator=g) * 2 + torch.randn(d, generator=g) * 3
-    x[0, 0, :, 5] *= 40  # outlier channel
-    x[0, 1] = 0.75  # constant groups (zero span)
-    x[1, 0, :, :16] = 0.0
-    x[1, 1] *= 1e-5  # float16 subnormal-range scales
-    x[1, 2] *= 300
-    return x
 
 
 def test_float16_directed_rounding_matches_torch_on_every_float16_neighbourhood():

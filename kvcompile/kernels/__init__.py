@@ -1,0 +1,67 @@
+"""Triton kernels for the packed KV cache: quantize-on-append and decode attention.
+
+* :func:`quantize` — integer schemes (2/4/8 bits, asymmetric or symmetric, per-token or per-channel
+  groups, float16 or float32 parameters): bit-identical to the scheme's torch ``quantize``.
+* :func:`decode_attention` — one query position per sequence attending over a head group's
+  sink / bulk / recent segments read *packed* (fp16 or integer), GQA, the sequence split into
+  chunks whose partial softmax states are merged stably.
+
+Triton runs on a GPU, or on CPU tensors under ``TRITON_INTERPRET=1`` (exact, slow), which is how
+CI tests them.  Each kernel's oracle is the torch reference of the storage formats.  Importing
+this package does not import triton; :func:`available` says whether the kernels can run here.
+"""
+
+from __future__ import annotations
+
+import os
+
+from kvcompile.quant.base import StorageScheme
+from kvcompile.quant.floating import FP16Scheme
+from kvcompile.quant.integer import IntegerScheme
+
+KERNEL_BITS = (2, 4, 8)
+
+
+def available(device: str = "cuda") -> tuple[bool, str]:
+    """``(ok, reason)``: whether the Triton kernels can run on ``device`` tensors here."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False, "triton is not installed (pip install triton)"
+    if device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return False, "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+        return True, "Triton interpreter"
+    import torch
+
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU is visible to torch"
+    return True, torch.cuda.get_device_name()
+
+
+def unsupported_reason(scheme: StorageScheme) -> str | None:
+    """Why the kernels cannot handle ``scheme`` (None if they can)."""
+    if isinstance(scheme, FP16Scheme):
+        return None
+    if isinstance(scheme, IntegerScheme):
+        if scheme.bits not in KERNEL_BITS:
+            return f"{scheme.name}: kernels pack {KERNEL_BITS}-bit codes, not {scheme.bits}"
+        if scheme.rotate:
+            return f"{scheme.name}: Hadamard-rotated schemes have no kernel yet"
+        return None
+    return f"{scheme.name}: the {type(scheme).__name__} family has no kernel yet (integer and fp16 do)"
+
+
+def quantize(scheme: StorageScheme, x):
+    from kvcompile.kernels.append import quantize as _quantize
+
+    return _quantize(scheme, x)
+
+
+def decode_attention(query, segments, sm_scale: float, block_t: int = 64, splits: int | None = None):
+    from kvcompile.kernels.attention import decode_attention as _decode
+
+    return _decode(query, segments, sm_scale, block_t=block_t, splits=splits)
+
+
+__all__ = ["available", "decode_attention", "quantize", "unsupported_reason", "KERNEL_BITS"]
