@@ -25,12 +25,14 @@ KERNEL_BITS = (2, 4, 8)
 def available(device: str = "cuda") -> tuple[bool, str]:
     """``(ok, reason)``: whether the Triton kernels can run on ``device`` tensors here."""
     try:
-        import triton  # noqa: F401
+        import triton
     except ImportError:
         return False, "triton is not installed (pip install triton)"
     if device == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            return False, "CPU tensors need TRITON_INTERPRET=1 (Triton's interpreter)"
+        knobs = getattr(triton, "knobs", None)  # triton >= 3.4 reads the flag once, at import
+        interpret = knobs.runtime.interpret if knobs is not None else os.environ.get("TRITON_INTERPRET") == "1"
+        if not interpret:
+            return False, "CPU tensors need TRITON_INTERPRET=1 set before triton is imported (Triton's interpreter)"
         return True, "Triton interpreter"
     import torch
 

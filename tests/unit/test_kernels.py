@@ -6,12 +6,8 @@ compared with de-quantize-then-attend in float64 (tolerance 2e-6: float32 accumu
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: run kernels on CPU
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="kernels need triton (installed by install.sh)")
 
@@ -25,8 +21,7 @@ from kvcompile.quant import get_scheme  # noqa: E402
 
 from tests.conftest import adversarial, make_tiny_llama  # noqa: E402
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                 reason="CPU kernel tests need TRITON_INTERPRET=1 set before triton is imported")
+pytestmark = pytest.mark.skipif(not available("cpu")[0], reason=available("cpu")[1])
 
 KERNEL_SCHEMES = ["int8", "int4", "int2", "int4-sym", "int2-sym", "int2-ch", "int4-ch-g64", "int8-s32", "int4-g16",
                   "int2-sym-ch-s32"]
