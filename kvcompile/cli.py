@@ -127,12 +127,17 @@ def cmd_export(args) -> int:
     _set_threads(args.threads)
     lm = load_model(args.model)
     (label, pmap), = _resolve_maps(args, lm.geometry, args.model).items()
-    result = export(args.target, lm, pmap, args.output, max_context=args.max_context)
+    options = {"max_batch": args.max_batch} if args.target == "trt" else {}
+    result = export(args.target, lm, pmap, args.output, max_context=args.max_context, **options)
     size = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
     ops = sum(not g.plain for g in result.groups)
     print(f"exported {args.model} with map {label} ({pmap.summary()}) to {result.path} [{args.target}]: "
           f"{ops} KVCacheUpdate nodes, {len(result.groups)} head groups, max context {result.max_context}, "
           f"{size / 2**20:.1f} MiB")
+    trt = getattr(result, "trt", None)
+    if trt:
+        print(f"  TensorRT engine {result.path / trt['engine']} ({trt['tensorrt']} {trt['tensorrt_version']}): "
+              f"{trt['plugin_layers']} kvcompile plugin layers; report in engine_report.json, log in build.log")
     for context in sorted({512, result.max_context}):
         if context <= result.max_context:
             print(f"  KV cache at {context} positions: {pmap.bits_per_element(context):.2f} bits/element, "
@@ -299,6 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", default="onnx", help="export target (default onnx)")
     p.add_argument("--max-context", type=int, default=None,
                    help="longest prefill + generation the export accepts (default: the model's limit)")
+    p.add_argument("--max-batch", type=int, default=1, help="trt: largest batch of the engine's profile (default 1)")
     p.add_argument("-o", "--output", required=True, help="export directory (replaced if it is an older export)")
     p.add_argument("--threads", type=int, default=None)
     p.set_defaults(func=cmd_export)

@@ -70,6 +70,7 @@ class ExportedModel:
     groups: list[HeadGroup]
     vocab_size: int
     kvcompile_version: str
+    trt: dict | None = None  # the engine section, for exports of the trt target
 
     @property
     def onnx_path(self) -> Path:
@@ -91,7 +92,7 @@ class ExportedModel:
             raise ExportError(f"{path}: {MODEL_FILE} is missing; re-run `kvcompile export`")
         return cls(path, doc["model"], doc["model_type"], doc["geometry"], doc["max_context"],
                    PrecisionMap.from_json_body(doc["precision_map"], str(path / MANIFEST)),
-                   layout_from_json(doc["cache_layout"]), doc["vocab_size"], doc["kvcompile_version"])
+                   layout_from_json(doc["cache_layout"]), doc["vocab_size"], doc["kvcompile_version"], doc.get("trt"))
 
 
 def _check_exportable(pmap: PrecisionMap, head_dim: int) -> None:
@@ -140,6 +141,30 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int):
     return model, groups
 
 
+TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8"}
+
+
+def triton_config(model: str, groups: list[HeadGroup], vocab_size: int) -> str:
+    """``config.pbtxt`` for Triton Inference Server's ONNX Runtime backend serving ``model.onnx``.
+
+    The cache travels with each request (past inputs -> present outputs), as in ONNX Runtime GenAI;
+    dims are ``[batch, heads, positions, width]`` with -1 for the variable ones.
+    """
+    def tensor(name: str, dtype: str, dims: list[int]) -> str:
+        return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ] }}'
+
+    inputs = [tensor("input_ids", "TYPE_INT64", [-1, -1])]
+    outputs = [tensor("logits", "TYPE_FP32", [-1, -1, vocab_size])]
+    for g in groups:
+        for p in g.ports:
+            inputs.append(tensor(p.past, TRITON_DTYPES[p.dtype], [-1, len(g.heads), -1, p.width]))
+            outputs.append(tensor(p.present, TRITON_DTYPES[p.dtype], [-1, len(g.heads), -1, p.width]))
+    name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in model.split("/")[-1]) or "kvcompile"
+    return (f'# written by kvcompile {__version__}: put model.onnx and model.onnx.data in <repository>/{name}/1/\n'
+            f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
+            "input [\n" + ",\n".join(inputs) + "\n]\noutput [\n" + ",\n".join(outputs) + "\n]\n")
+
+
 def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_context: int | None = None,
                 overwrite: bool = True) -> ExportedModel:
     """Export ``lm`` (a :class:`~kvcompile.models.LoadedModel`) with ``pmap`` to ``out_dir``.
@@ -180,6 +205,7 @@ def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_conte
             "precision_map": pmap.to_json_body(), "precision_map_hash": pmap.content_hash(),
             "cache_layout": layout_to_json(groups),
         })
+        (tmp / "config.pbtxt").write_text(triton_config(lm.name, groups, lm.model.config.vocab_size))
         for p in [tmp, *tmp.rglob("*")]:
             os.chmod(p, default_mode(directory=p.is_dir()))
         if out.exists():  # replace an older export: move it aside, then swap in the new one

@@ -96,8 +96,11 @@ class OpSpec:
         assert len(names) == n
         from onnx import helper
 
+        # plugin_namespace / plugin_version: how TensorRT's ONNX parser finds this op's plugin
+        # creator; ONNX Runtime and the ONNX checker ignore attributes a function does not declare.
         b.nodes.append(helper.make_node(self.name, inputs, names, name=b.fresh("node_" + self.name), domain=self.domain,
-                                        overload=self.overload(attrs), **attrs))
+                                        overload=self.overload(attrs), plugin_namespace=self.domain,
+                                        plugin_version=str(self.version), **attrs))
         b.calls.append((self, dict(attrs)))
         return names
 

@@ -3,7 +3,8 @@
 A *decoder* has ``start(batch) -> state`` and ``step(ids [B, S] int64, state) -> (logits
 [B, S, V] float32 numpy, state)``; :func:`generate` runs greedy decoding on any of them.
 Backends register by name (``ort``: ONNX Runtime on the exported graph; ``torch``: the source
-model with :class:`~kvcompile.cache.MixedPrecisionCache` and the export's map).
+model with :class:`~kvcompile.cache.MixedPrecisionCache` and the export's map; ``trt``: the
+TensorRT engine of a ``--target trt`` export, where a suitable GPU exists).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def backend_names() -> list[str]:
 
 def _load_builtin() -> None:
     if not _BACKENDS:
-        from kvcompile.runtime import ort_backend, torch_backend  # noqa: F401  (register themselves)
+        from kvcompile.runtime import ort_backend, torch_backend, trt_backend  # noqa: F401  (register themselves)
 
 
 def open_decoder(export, backend: str = "ort", **options):

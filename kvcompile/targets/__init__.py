@@ -1,7 +1,7 @@
 """Export targets by name: ``target(lm, pmap, out_dir, **options) -> ExportedModel``.
 
-``onnx`` is built in; a target module registers itself with :func:`register_target` (the
-TensorRT target will build on the ONNX export).
+``onnx`` and ``trt`` (ONNX export + TensorRT engine with the kvcompile plugins) are built in;
+another target registers itself with :func:`register_target`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ def target_names() -> list[str]:
 def _load_builtin() -> None:
     if "onnx" not in _TARGETS:
         from kvcompile.export import export_onnx
+        from kvcompile.targets.trt.build import export_trt
 
         register_target("onnx", export_onnx)
+        register_target("trt", export_trt)
 
 
 def export(target: str, lm, pmap, out_dir, **options):

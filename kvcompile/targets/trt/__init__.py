@@ -1,0 +1,1 @@
+"""TensorRT target: plugins from the op specs (:mod:`.plugin`), engine build (:mod:`.build`)."""

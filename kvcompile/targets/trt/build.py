@@ -1,0 +1,136 @@
+"""The ``trt`` export target: ONNX export + TensorRT engine build with the kvcompile plugins.
+
+``export_trt(lm, pmap, out_dir)`` writes the ONNX export (see :mod:`kvcompile.export`) into a
+temporary directory, builds ``model.engine`` from it in a child process
+(:mod:`kvcompile.targets.trt.worker`), adds the ``trt`` section to the manifest and renames the
+directory into place; any failure leaves nothing behind.  One ``model.onnx`` serves both
+runtimes: ONNX Runtime runs the ops' function bodies, TensorRT's parser substitutes the plugins.
+
+TensorRT comes from ``tensorrt`` where installed, else ``tensorrt_rtx`` (``pip install
+tensorrt-rtx``: builds engines on a CPU-only machine; running them needs an RTX-class GPU).
+TensorRT-RTX dlopens ``libtensorrt_rtx.so`` by that unversioned name when plugins are involved,
+and the process aborts if it does not resolve; :func:`library_env` makes it resolve with a symlink
+to the wheel's ``libtensorrt_rtx.so.1`` in kvcompile's cache directory, put on the child's
+``LD_LIBRARY_PATH``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from kvcompile.artifacts import load_json_artifact, save_json_artifact
+from kvcompile.errors import ExportError
+from kvcompile.export.onnx_export import FORMAT_VERSION, MANIFEST, export_onnx
+
+ENGINE_FILE = "model.engine"
+
+
+def tensorrt_flavour() -> str | None:
+    """``"tensorrt"``, ``"tensorrt_rtx"`` or None: which TensorRT Python package is installed."""
+    for name in ("tensorrt", "tensorrt_rtx"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and (name != "tensorrt" or importlib.util.find_spec("tensorrt.tensorrt") is not None
+                                 or _has_builder(spec)):
+            return name
+    return None
+
+
+def _has_builder(spec) -> bool:
+    root = Path(spec.origin).parent if spec.origin else None
+    return bool(root and any(root.glob("tensorrt*.so")))
+
+
+def library_env() -> dict:
+    """Environment for the worker: unversioned symlinks for the TensorRT libraries on LD_LIBRARY_PATH."""
+    from kvcompile.models import cache_dir
+
+    env = dict(os.environ)
+    dirs = []
+    for package in ("tensorrt_rtx_libs", "tensorrt_libs"):
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        libdir = Path(list(spec.submodule_search_locations)[0])
+        links = cache_dir() / "trt-libs" / package
+        links.mkdir(parents=True, exist_ok=True)
+        for lib in libdir.glob("lib*.so.*"):
+            unversioned = links / (lib.name.split(".so.")[0] + ".so")
+            if not (libdir / unversioned.name).exists() and not unversioned.exists():
+                tmp = links / f".{unversioned.name}.{os.getpid()}"
+                tmp.symlink_to(lib)
+                os.replace(tmp, unversioned)  # atomic: concurrent builds may race here
+        dirs += [str(links), str(libdir)]
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(dirs + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
+    return env
+
+
+def build_engine(export_dir: Path, *, max_batch: int = 1, opt_context: int = 256, timeout: int = 3600) -> dict:
+    """Build ``model.engine`` inside ``export_dir``; returns the engine report (also saved as JSON)."""
+    if tensorrt_flavour() is None:
+        raise ExportError("the trt target needs TensorRT: pip install tensorrt-rtx (builds on CPU) or tensorrt")
+    doc = load_json_artifact(export_dir / MANIFEST, "onnx_export", FORMAT_VERSION)
+    rows_per = {p["past"]: p["rows_per"] for g in doc["cache_layout"] for p in g["ports"]}
+    import onnx
+
+    graph = onnx.load(str(export_dir / "model.onnx"), load_external_data=False).graph
+    kvcompile_nodes = sum(n.domain == "kvcompile" for n in graph.node)
+    with tempfile.TemporaryDirectory() as tmp:
+        job = {"onnx": str(export_dir / "model.onnx"), "output": str(export_dir), "engine": ENGINE_FILE,
+               "result": str(Path(tmp) / "result.json"), "max_batch": max_batch, "max_context": doc["max_context"],
+               "opt_context": min(opt_context, doc["max_context"]), "rows_per": rows_per,
+               "kvcompile_nodes": kvcompile_nodes}
+        (Path(tmp) / "job.json").write_text(json.dumps(job))
+        proc = subprocess.run([sys.executable, "-m", "kvcompile.targets.trt.worker", "build", str(Path(tmp) / "job.json")],
+                              env=library_env(), capture_output=True, text=True, timeout=timeout)
+        result_path = Path(job["result"])
+        if not result_path.exists():
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [f"exit status {proc.returncode}"]
+            raise ExportError(f"the TensorRT build process died ({tail[0]}); see {export_dir / 'build.log'}")
+        result = json.loads(result_path.read_text())
+    if not result["ok"]:
+        raise ExportError(f"TensorRT engine build failed: {result['error']}")
+    report = result["report"]
+    save_json_artifact(export_dir / "engine_report.json", "trt_engine_report", 1, report)
+    return report
+
+
+def export_trt(lm, pmap, out_dir, *, max_context: int | None = None, max_batch: int = 1, opt_context: int = 256,
+               overwrite: bool = True):
+    """ONNX export + engine build, written atomically to ``out_dir``."""
+    from kvcompile.export import ExportedModel
+
+    if tensorrt_flavour() is None:
+        raise ExportError("the trt target needs TensorRT: pip install tensorrt-rtx (builds on CPU) or tensorrt")
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise ExportError(f"{out} exists and is not a kvcompile export directory; expected a new or export directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".trt", dir=out.parent))
+    try:
+        work = staging / "export"
+        export_onnx(lm, pmap, work, max_context=max_context)
+        report = build_engine(work, max_batch=max_batch, opt_context=opt_context)
+        doc = load_json_artifact(work / MANIFEST, "onnx_export", FORMAT_VERSION)
+        body = {k: v for k, v in doc.items() if k not in ("artifact", "format_version", "kvcompile_version")}
+        body["trt"] = {"engine": ENGINE_FILE, "tensorrt": report["tensorrt"], "tensorrt_version": report["tensorrt_version"],
+                       "plugin_namespace": report["plugin_namespace"], "max_batch": max_batch,
+                       "plugin_layers": len(report["plugin_layers"])}
+        save_json_artifact(work / MANIFEST, "onnx_export", FORMAT_VERSION, body)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(out, old)
+            os.replace(work, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(work, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return ExportedModel.load(out)

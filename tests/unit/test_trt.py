@@ -1,0 +1,132 @@
+"""TensorRT target: engines built on CPU with TensorRT-RTX, plugins inspected; plugin logic on CPU."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="the export path needs onnx (installed by install.sh)")
+
+from kvcompile.errors import ExportError, RuntimeBackendError  # noqa: E402
+from kvcompile.export import export_onnx  # noqa: E402
+from kvcompile.ops import KV_CACHE_UPDATE  # noqa: E402
+from kvcompile.plan.presets import resolve_map  # noqa: E402
+from kvcompile.targets.trt.build import build_engine, export_trt, tensorrt_flavour  # noqa: E402
+from kvcompile.targets.trt.plugin import _run_cache_update, output_shape_exprs  # noqa: E402
+
+from .test_export import mixed_map  # noqa: E402
+
+needs_trt = pytest.mark.skipif(tensorrt_flavour() is None, reason="TensorRT (tensorrt-rtx) is not installed; "
+                               "install.sh installs it")
+
+
+@pytest.fixture(scope="module")
+def engine_export(tiny_lm, tiny_geometry, tmp_path_factory):
+    if tensorrt_flavour() is None:
+        pytest.skip("TensorRT (tensorrt-rtx) is not installed; install.sh installs it")
+    return export_trt(tiny_lm, mixed_map(tiny_geometry), tmp_path_factory.mktemp("trt") / "engine", max_context=128)
+
+
+@needs_trt
+def test_engine_is_built_with_one_plugin_layer_per_packed_group_carrying_the_map(engine_export):
+    import json
+
+    ex = engine_export
+    report = json.loads((ex.path / "engine_report.json").read_text())
+    packed = [g for g in ex.groups if not g.plain]
+    assert len(report["plugin_layers"]) == len(packed) == 8  # 2 layers x 2 streams x 2 head groups
+    by_output = {p["outputs"][0]: p for p in report["plugin_layers"]}
+    for g in packed:
+        layer = by_output[g.ports[0].present]
+        assert (layer["plugin"], layer["namespace"], layer["version"]) == ("KVCacheUpdate", "kvcompile", "1")
+        assert layer["fields"] == g.op_attrs(ex.pmap)
+    graph = onnx.load(str(ex.onnx_path), load_external_data=False).graph
+    io = {t["name"]: t["io"] for t in report["io"]}
+    assert io == {**{i.name: "input" for i in graph.input}, **{o.name: "output" for o in graph.output}}
+    assert report["engine_contains_plugin_fields"] and report["engine_bytes"] > 0
+    assert (ex.path / "model.engine").stat().st_size == report["engine_bytes"]
+    assert (ex.path / "timing.cache").is_file() and (ex.path / "build.log").is_file()
+    assert ex.trt["plugin_layers"] == 8 and ex.trt["engine"] == "model.engine"
+    assert (ex.path / "config.pbtxt").read_text().count("past_key_values.") == sum(len(g.ports) for g in ex.groups)
+
+
+@needs_trt
+def test_a_mismatched_plugin_is_a_clear_error(tiny_lm, tiny_geometry, tmp_path):
+    ex = export_onnx(tiny_lm, resolve_map("int4", tiny_geometry), tmp_path / "e", max_context=64)
+    model = onnx.load(str(ex.onnx_path), load_external_data=False)
+    node = next(n for n in model.graph.node if n.domain == "kvcompile")
+    for a in node.attribute:
+        if a.name == "plugin_version":
+            a.s = b"9"
+    onnx.save(model, str(ex.onnx_path))  # external data stays where it is
+    with pytest.raises(ExportError, match="mapped 3 of the graph's 4 kvcompile nodes"):
+        build_engine(ex.path)
+    assert not (ex.path / "model.engine").exists()
+
+
+@needs_trt
+def test_trt_backend_says_why_it_cannot_run(engine_export, tiny_lm):
+    from kvcompile.runtime import open_decoder
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: this test covers machines without one")
+    with pytest.raises(RuntimeBackendError, match="needs an NVIDIA GPU"):
+        open_decoder(engine_export, "trt")
+
+
+class _Expr:
+    """A stand-in for TensorRT's IExprBuilder that evaluates dimension expressions to integers."""
+
+    ops = {"SUM": lambda a, b: a + b, "SUB": lambda a, b: a - b, "PROD": lambda a, b: a * b, "MIN": min, "MAX": max,
+           "FLOOR_DIV": lambda a, b: a // b, "CEIL_DIV": lambda a, b: -(-a // b)}
+
+    def constant(self, v):
+        return v
+
+    def operation(self, kind, a, b):
+        return self.ops[kind](a, b)
+
+
+FAKE_TRT = SimpleNamespace(DimensionOperation=SimpleNamespace(**{k: k for k in _Expr.ops}),
+                           DimsExprs=lambda n: [None] * n)
+
+
+@pytest.mark.parametrize("case", [dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int2-ch", sink_tokens=4,
+                                       recent_window=8),
+                                  dict(sink_scheme="int8", recent_scheme="int4", bulk_scheme="int4-ch-g64",
+                                       sink_tokens=0, recent_window=0)], ids=["kivi", "no-window"])
+def test_plugin_output_shapes_equal_the_reference_shapes(case):
+    attrs = {**case, "head_dim": 64}
+    ins = KV_CACHE_UPDATE.inputs(attrs)
+    past = [torch.zeros(1, 2, 0, int(p.shape[-1]), dtype=getattr(torch, p.dtype)) for p in ins[:-1]]
+    gen = torch.Generator().manual_seed(0)
+    for n in [5, 1, 70, 1, 1, 130, 1]:
+        x = torch.randn(1, 2, n, 64, generator=gen)
+        want = KV_CACHE_UPDATE.reference(attrs, *past, x)
+        shapes = output_shape_exprs(FAKE_TRT, KV_CACHE_UPDATE, attrs, [list(t.shape) for t in (*past, x)], _Expr())
+        assert [list(s) for s in shapes] == [list(w.shape) for w in want]
+        past = list(want[:-1])
+
+
+def test_plugin_enqueue_logic_with_the_append_kernel_matches_the_reference():
+    pytest.importorskip("triton", reason="kernels need triton (installed by install.sh)")
+    from kvcompile.cache.mixed import _HeadGroupStore, _kernel_quantize
+    from kvcompile.kernels import available
+
+    if not available("cpu")[0]:
+        pytest.skip(available("cpu")[1])
+    attrs = dict(sink_scheme="fp16", recent_scheme="int8", bulk_scheme="int2-ch", sink_tokens=2, recent_window=5,
+                 head_dim=64)
+    ins = KV_CACHE_UPDATE.inputs(attrs)
+    past = [torch.zeros(1, 2, 0, int(p.shape[-1]), dtype=getattr(torch, p.dtype)) for p in ins[:-1]]
+    gen = torch.Generator().manual_seed(1)
+    for n in [9, 1, 40, 1]:
+        x = torch.randn(1, 2, n, 64, generator=gen)
+        want = KV_CACHE_UPDATE.reference(attrs, *past, x)
+        got = _run_cache_update(attrs, [*past, x], _kernel_quantize, _HeadGroupStore)
+        for a, w in zip(got, want):
+            assert torch.equal(a, w)
+        past = list(want[:-1])
+    assert tuple(want[-1].shape) == (1, 2, 9 + 1 + 40 + 1, 64)
