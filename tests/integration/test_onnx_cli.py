@@ -36,3 +36,24 @@ def test_export_run_validate_default_model(smollm, tmp_path, capsys):
 
     assert main(["run", str(out), "--prompt", "x " * 300, "--max-new-tokens", "2"]) == 2
     assert "exceeds the export's max_context of 256" in capsys.readouterr().err
+
+
+def test_export_trt_builds_an_engine_of_the_default_model(smollm, tmp_path, capsys):
+    from kvcompile.targets.trt.build import tensorrt_flavour
+
+    if tensorrt_flavour() is None:
+        pytest.skip("TensorRT (tensorrt-rtx) is not installed; install.sh installs it")
+    out = tmp_path / "trt"
+    assert main(["export", "--scheme", "kivi-2", "--target", "trt", "--max-context", "256", "-o", str(out),
+                 "--threads", "2"]) == 0
+    assert "60 kvcompile plugin layers" in capsys.readouterr().out
+    report = json.loads((out / "engine_report.json").read_text())
+    assert len(report["plugin_layers"]) == 60 and report["engine_contains_plugin_fields"]
+    fields = {(p["fields"]["bulk_scheme"], p["fields"]["recent_window"]) for p in report["plugin_layers"]}
+    assert fields == {("int2-ch", 32), ("int2", 32)}  # KIVI-2: K per channel, V per token, window 32
+    assert (out / "model.engine").stat().st_size == report["engine_bytes"]
+    import torch
+
+    if not torch.cuda.is_available():
+        assert main(["run", str(out), "--prompt", "Hi", "--backend", "trt"]) == 2
+        assert "cannot run here" in capsys.readouterr().err
