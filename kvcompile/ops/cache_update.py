@@ -62,11 +62,19 @@ def _outputs(attrs):
 
 
 def _reference(attrs, *tensors):
-    from kvcompile.cache.mixed import _HeadGroupStore
+    return run_cache_update(attrs, list(tensors))
+
+
+def run_cache_update(attrs, tensors: list, quantize=None) -> tuple:
+    """The op on torch tensors (any device): the torch cache's head-group store appends ``states``.
+
+    ``quantize(scheme, x)`` replaces the schemes' own ``quantize`` (the TensorRT plugin passes the
+    Triton append kernel, which is bit-identical)."""
+    from kvcompile.cache.mixed import _HeadGroupStore, _reference_quantize
 
     schemes = {seg: get_scheme(attrs[f"{seg}_scheme"]) for seg in ("sink", "recent", "bulk")}
     store = _HeadGroupStore([], schemes["sink"], schemes["recent"], schemes["bulk"], attrs["sink_tokens"],
-                            attrs["recent_window"])
+                            attrs["recent_window"], quantize or _reference_quantize)
     states = tensors[-1]
     d = attrs["head_dim"]
     it = iter(tensors[:-1])
@@ -82,7 +90,8 @@ def _reference(attrs, *tensors):
     for seg in segments(attrs):
         q = store.segments[seg]
         for p in part_layout(schemes[seg], d):
-            out.append(q.parts[p.name] if q is not None else torch.empty(*states.shape[:2], 0, p.width, dtype=p.dtype))
+            out.append(q.parts[p.name] if q is not None else
+                       torch.empty(*states.shape[:2], 0, p.width, dtype=p.dtype, device=states.device))
     return (*out, store.read())
 
 

@@ -14,7 +14,7 @@ from kvcompile.export import export_onnx  # noqa: E402
 from kvcompile.ops import KV_CACHE_UPDATE  # noqa: E402
 from kvcompile.plan.presets import resolve_map  # noqa: E402
 from kvcompile.targets.trt.build import build_engine, export_trt, tensorrt_flavour  # noqa: E402
-from kvcompile.targets.trt.plugin import _run_cache_update, output_shape_exprs  # noqa: E402
+from kvcompile.targets.trt.plugin import output_shape_exprs, run_op  # noqa: E402
 
 from .test_export import mixed_map  # noqa: E402
 
@@ -112,7 +112,6 @@ def test_plugin_output_shapes_equal_the_reference_shapes(case):
 
 def test_plugin_enqueue_logic_with_the_append_kernel_matches_the_reference():
     pytest.importorskip("triton", reason="kernels need triton (installed by install.sh)")
-    from kvcompile.cache.mixed import _HeadGroupStore, _kernel_quantize
     from kvcompile.kernels import available
 
     if not available("cpu")[0]:
@@ -125,7 +124,7 @@ def test_plugin_enqueue_logic_with_the_append_kernel_matches_the_reference():
     for n in [9, 1, 40, 1]:
         x = torch.randn(1, 2, n, 64, generator=gen)
         want = KV_CACHE_UPDATE.reference(attrs, *past, x)
-        got = _run_cache_update(attrs, [*past, x], _kernel_quantize, _HeadGroupStore)
+        got = run_op(KV_CACHE_UPDATE, attrs, [*past, x])  # the append kernel, under the interpreter
         for a, w in zip(got, want):
             assert torch.equal(a, w)
         past = list(want[:-1])

@@ -119,43 +119,16 @@ def output_shape_exprs(trt, spec: OpSpec, attrs: dict, inputs, expr) -> list:
 
 
 def run_op(spec: OpSpec, attrs: dict, tensors: list) -> tuple:
-    """What ``enqueue`` computes, on torch tensors of any device (CPU: reference / Triton interpreter)."""
+    """What ``enqueue`` computes, on torch tensors of any device: the op's reference, with the
+    Triton append kernel quantizing where it can run (GPU, or CPU under the interpreter)."""
     if spec.name == "KVCacheUpdate":
-        from kvcompile.cache.mixed import _HeadGroupStore, _kernel_quantize
+        from kvcompile.cache.mixed import _kernel_quantize
         from kvcompile.kernels import available
+        from kvcompile.ops.cache_update import run_cache_update
 
-        use_kernels = available(tensors[-1].device.type)[0]
-        return _run_cache_update(attrs, tensors, _kernel_quantize if use_kernels else None, _HeadGroupStore)
+        kernels = available(tensors[-1].device.type)[0]
+        return run_cache_update(attrs, tensors, _kernel_quantize if kernels else None)
     return spec.reference(attrs, *tensors)
-
-
-def _run_cache_update(attrs, tensors, quantize, store_class):
-    from kvcompile.ops.cache_update import _reference, segments
-    from kvcompile.quant import QuantizedTensor
-
-    if quantize is None:
-        return _reference(attrs, *tensors)
-    import torch
-
-    schemes = {s: get_scheme(attrs[f"{s}_scheme"]) for s in ("sink", "recent", "bulk")}
-    store = store_class([], schemes["sink"], schemes["recent"], schemes["bulk"], attrs["sink_tokens"],
-                        attrs["recent_window"], quantize)
-    states, d = tensors[-1], attrs["head_dim"]
-    it, past = iter(tensors[:-1]), 0
-    for seg in segments(attrs):
-        layout = part_layout(schemes[seg], d)
-        parts = {p.name: next(it) for p in layout}
-        t = parts[layout[0].name].shape[-2]
-        past += t
-        store.segments[seg] = QuantizedTensor(schemes[seg].name, (*states.shape[:2], t, d), parts) if t else None
-    store.append(states.float(), past)
-    out = []
-    for seg in segments(attrs):
-        q = store.segments[seg]
-        for p in part_layout(schemes[seg], d):
-            out.append(q.parts[p.name] if q is not None else
-                       torch.empty(*states.shape[:2], 0, p.width, dtype=p.dtype, device=states.device))
-    return (*out, store.read())
 
 
 TRT_DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "int8": "INT8"}
