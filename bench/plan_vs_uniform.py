@@ -3,10 +3,14 @@
     python bench/plan_vs_uniform.py [--windows 16] [--calibration DIR] [--out bench/results/plan_vs_uniform.json]
 
 1. Calibrates the default model on the calibration text (timed; skipped with --calibration DIR).
-2. Plans maps at ~4, 3 and 2.5 bits/element (context = the evaluation window) and one for a KL target.
+2. Plans maps at ~4, 3 and 2.5 bits/element (context = the evaluation window) and two for a KL target:
+   the plain plan (target met by the additive prediction) and the refined one (``--refine``: target
+   met by KL measured on the calibration text; see kvcompile/plan/refine.py).
 3. Evaluates planned and baseline maps on the same held-out windows (exact simulation of decoding).
 4. For each planned map, lists every baseline with at least as many bits and whether the plan has
    lower dPPL than all of them.
+5. With --matched: also plans one map at *each* baseline's exact bits/element and compares the two
+   at equal memory (the fair pairwise test; a 2.5-bit map cannot be expected to beat a 5.7-bit one).
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ def main() -> None:
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--refine-windows", type=int, default=2, help="calibration windows measured per refinement round")
+    ap.add_argument("--matched", action="store_true", help="also plan at each baseline's bits (equal memory)")
     ap.add_argument("--out", default="bench/results/plan_vs_uniform.json")
     args = ap.parse_args()
     setup(args.threads)
@@ -48,6 +54,7 @@ def main() -> None:
     from kvcompile.calibrate import Calibration, calibrate
     from kvcompile.models import load_model
     from kvcompile.plan.optimize import plan
+    from kvcompile.plan.refine import kl_meter, refine_to_target
     from kvcompile.plan.presets import resolve_map
     from kvcompile.validate.quality import evaluate, format_table
 
@@ -70,8 +77,27 @@ def main() -> None:
     planned[f"plan kl<={TARGET_KL}"] = {"target_kl": TARGET_KL, "predicted_kl": r.predicted_cost,
                                         "sinks": r.sink_tokens, "window": r.recent_window}
     maps[f"plan kl<={TARGET_KL}"] = r.pmap
+    t0 = time.perf_counter()
+    refined = refine_to_target(calib, TARGET_KL, kl_meter(lm, calib.text, args.window, args.refine_windows),
+                               context=args.window)
+    name = f"plan kl<={TARGET_KL} refined"
+    planned[name] = {"target_kl": TARGET_KL, "predicted_kl": refined.result.predicted_cost,
+                     "measured_kl_on_calibration_text": refined.measured_kl, "refinement_rounds": refined.rounds,
+                     "refinement_seconds": time.perf_counter() - t0,
+                     "sinks": refined.result.sink_tokens, "window": refined.result.recent_window}
+    maps[name] = refined.result.pmap
+    print(f"refinement: {len(refined.rounds)} rounds, {time.perf_counter() - t0:.1f} s, measured KL on calibration "
+          f"text {refined.measured_kl:.4f} at {refined.result.bits_per_element:.3f} bits")
     for label, spec, s, w in BASELINES:
         maps[label] = resolve_map(spec, lm.geometry, sink_tokens=s, recent_window=w)
+    matched = {}
+    if args.matched:
+        for label, *_ in BASELINES:
+            bits = maps[label].bits_per_element(args.window)
+            key = f"plan @{bits:.2f}b"
+            if key not in maps:
+                maps[key] = plan(calib, budget_bits=bits, context=args.window).pmap
+            matched.setdefault(key, []).append(label)
     results = evaluate(lm, maps, text=args.text, window=args.window, max_windows=args.windows)
     print(format_table(results))
     by_name = {r.name: r for r in results}
@@ -94,11 +120,27 @@ def main() -> None:
         comparisons.append({"map": name, **info, "bits_per_element": p.bits_per_element, "delta_ppl_pct": p.delta_ppl_pct,
                             "kl": p.kl, "beats": beaten, "does_not_beat": lost,
                             "beats_all_at_equal_or_more_memory": not lost})
+    equal_memory = []
+    if matched:
+        print("\nplanned map vs baseline at equal memory:")
+        for key, labels in matched.items():
+            p = by_name[key]
+            for label in labels:
+                b = by_name[label]
+                wins = p.delta_ppl_pct < b.delta_ppl_pct
+                print(f"{label:<16} {b.bits_per_element:5.2f} b dPPL {b.delta_ppl_pct:+8.2f} %  |  {key:<14} "
+                      f"{p.bits_per_element:5.2f} b dPPL {p.delta_ppl_pct:+8.2f} %  {'plan wins' if wins else 'baseline wins'}")
+                equal_memory.append({"baseline": label, "baseline_bits": b.bits_per_element,
+                                     "baseline_delta_ppl_pct": b.delta_ppl_pct, "plan": key,
+                                     "plan_bits": p.bits_per_element, "plan_delta_ppl_pct": p.delta_ppl_pct,
+                                     "plan_wins": wins})
+        print(f"plan wins {sum(e['plan_wins'] for e in equal_memory)}/{len(equal_memory)} equal-memory comparisons")
     write_json(args.out, {"benchmark": "plan_vs_uniform", "environment": environment(args.threads),
                           "calibration_seconds": calib.seconds, "calibration": {"windows": calib.windows,
                           "window": calib.window, "estimator": calib.estimator, "schemes": calib.schemes,
                           "correction": dict(zip(calib.schemes, calib.correction.tolist()))},
-                          "results": [r.to_json() for r in results], "comparisons": comparisons})
+                          "results": [r.to_json() for r in results], "comparisons": comparisons,
+                          "equal_memory": equal_memory})
 
 
 if __name__ == "__main__":

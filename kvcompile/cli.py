@@ -98,14 +98,33 @@ def cmd_plan(args) -> int:
     from kvcompile.plan.optimize import plan
 
     calib = Calibration.load(args.calibration)
-    result = plan(calib, budget_bits=args.budget_bits, target_kl=args.target_kl, context=args.context,
-                  schemes=args.schemes.split(",") if args.schemes else None,
-                  sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
-                  corrected=not args.raw)
+    options = dict(context=args.context, schemes=args.schemes.split(",") if args.schemes else None,
+                   sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
+                   corrected=not args.raw)
+    if args.refine:
+        if args.target_kl is None:
+            raise KvcompileError("--refine needs --target-kl (a budget is met exactly by construction)")
+        from kvcompile.models import load_model
+        from kvcompile.plan.refine import kl_meter, refine_to_target
+
+        _set_threads(args.threads)
+        lm = load_model(args.model or calib.model)
+        measure = kl_meter(lm, calib.text, args.context or calib.window, args.refine_windows)
+        refined = refine_to_target(calib, args.target_kl, measure, rounds=args.rounds, **options)
+        for i, r in enumerate(refined.rounds):
+            print(f"round {i + 1}: planned for {r['planning_target']:.4g} -> {r['bits_per_element']:.3f} bits, "
+                  f"predicted {r['predicted_kl']:.4g}, measured {r['measured_kl']:.4g}")
+        result = refined.result
+    else:
+        result = plan(calib, budget_bits=args.budget_bits, target_kl=args.target_kl, **options)
     result.pmap.save(args.output)
     print(result.pmap.description)
     print(f"sinks {result.sink_tokens}, recent window {result.recent_window}; {result.pmap.summary()} -> {args.output}")
-    if args.target_kl is not None and result.predicted_cost > args.target_kl:
+    if args.refine:
+        if not refined.met:
+            print(f"warning: no map tried meets the target on the calibration text; the best measures "
+                  f"{refined.measured_kl:.4g} ({refined.miss_factor:.2f}x the target)")
+    elif args.target_kl is not None and result.predicted_cost > args.target_kl:
         print(f"warning: no calibrated map meets the target; the best predicts {result.predicted_cost:.4g} "
               f"({result.predicted_cost / args.target_kl:.2f}x the target)")
     return 0
@@ -286,6 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-options", help="subset of the calibrated sink counts")
     p.add_argument("--window-options", help="subset of the calibrated recent windows")
     p.add_argument("--raw", action="store_true", help="plan on the raw Fisher predictions, without the data-calibrated correction")
+    p.add_argument("--refine", action="store_true",
+                   help="with --target-kl: measure each candidate map's KL on the calibration text and re-plan until it meets the target")
+    p.add_argument("--model", default=None, help="model for --refine (default: the calibrated one)")
+    p.add_argument("--refine-windows", type=int, default=2, help="calibration windows measured per round (default 2)")
+    p.add_argument("--rounds", type=int, default=6, help="most maps measured by --refine (default 6)")
+    p.add_argument("--threads", type=int, default=None)
     p.add_argument("-o", "--output", required=True, help="precision map JSON to write")
     p.set_defaults(func=cmd_plan)
 

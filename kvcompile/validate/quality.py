@@ -108,11 +108,21 @@ def _quantized_logits(model, ids: torch.Tensor, pmap: PrecisionMap, mode: str, p
 
 
 @torch.no_grad()
-def mean_kl(model, windows: torch.Tensor, pmap: PrecisionMap, prefill_length: int = 1) -> float:
-    """Mean KL(reference || quantized cache) per scored position over ``windows`` [K, T] (simulate mode)."""
+def reference_log_probs(model, windows: torch.Tensor) -> list[torch.Tensor]:
+    """Full-precision log-probabilities ``[T-1, vocab]`` of each of ``windows`` [K, T] (positions that predict a token)."""
+    return [F.log_softmax(model(ids[None], use_cache=False).logits[0, :-1].float(), -1) for ids in windows]
+
+
+@torch.no_grad()
+def mean_kl(model, windows: torch.Tensor, pmap: PrecisionMap, prefill_length: int = 1,
+            reference: list[torch.Tensor] | None = None) -> float:
+    """Mean KL(reference || quantized cache) per scored position over ``windows`` [K, T] (simulate mode).
+
+    ``reference``: :func:`reference_log_probs` of the same windows, when measuring many maps.
+    """
+    reference = reference if reference is not None else reference_log_probs(model, windows)
     total, count = 0.0, 0
-    for ids in windows:
-        ref = F.log_softmax(model(ids[None], use_cache=False).logits[0, :-1].float(), -1)
+    for ids, ref in zip(windows, reference):
         q = F.log_softmax(_quantized_logits(model, ids, pmap, "simulate", prefill_length)[:-1].float(), -1)
         total += (ref.exp() * (ref - q)).sum().item()
         count += ref.shape[0]

@@ -24,6 +24,13 @@ def test_calibrate_plan_eval(tmp_path, smollm):
         pmap = PrecisionMap.load(out)
         if mode[0] == "--budget-bits":
             assert pmap.bits_per_element(128) <= 4.5
+    # --refine: KL measured on the calibration text in the loop; the map records each round
+    refined = tmp_path / "map-refined.json"
+    assert main(["plan", str(calib), "--target-kl", "0.05", "--context", "128", "--refine", "--refine-windows", "1",
+                 "--rounds", "3", "-o", str(refined)]) == 0
+    rounds = PrecisionMap.load(refined).provenance["refinement"]["rounds"]
+    assert 1 <= len(rounds) <= 3 and all(r["measured_kl"] > 0 for r in rounds)
+    assert main(["plan", str(calib), "--budget-bits", "4", "--refine", "-o", str(tmp_path / "x.json")]) == 2
     res = tmp_path / "eval.json"
     assert main(["eval", "--map", str(tmp_path / "map--budget-bits.json"), "--window", "128", "--max-windows", "1",
                  "--json", str(res), "--quiet"]) == 0

@@ -11,6 +11,7 @@ from kvcompile.calibrate import Calibration
 from kvcompile.errors import KvcompileError
 from kvcompile.models.adapters import KVGeometry
 from kvcompile.plan.optimize import UNITS_PER_BIT, plan, site_bits
+from kvcompile.plan.refine import refine_to_target
 
 SCHEMES = ["fp16", "int8", "int4", "int2"]
 GEOM = KVGeometry(num_layers=2, num_kv_heads=1, num_q_heads=2, head_dim=64, max_positions=1024)
@@ -93,3 +94,41 @@ def test_planned_map_records_its_provenance():
     pmap = plan(calib, budget_bits=5.0, context=512).pmap
     assert pmap.calibration_hash == calib.content_hash()
     assert pmap.provenance["mode"].startswith("budget") and pmap.provenance["candidates"]
+
+
+def _measured_as(factor):
+    """A stand-in for measured KL: the map's predicted cost scaled by factor(predicted) (super-additive if it grows)."""
+    return lambda pmap: pmap.provenance["predicted_cost"] * factor(pmap.provenance["predicted_cost"])
+
+
+@pytest.mark.parametrize("target", [0.05, 2.0])
+def test_refinement_meets_the_target_with_the_fewest_bits(target):
+    calib = synthetic(3)
+    measure = _measured_as(lambda p: 2.5)
+    unrefined = plan(calib, target_kl=target, context=512, corrected=False)
+    refined = refine_to_target(calib, target, measure, context=512, corrected=False)
+    assert refined.met and refined.measured_kl <= target
+    assert measure(unrefined.pmap) > target  # the plain plan misses on "measurement"
+    # with a constant factor, the fewest bits that meet the target are the plan for target / 2.5
+    assert refined.result.bits_per_element == plan(calib, target_kl=target / 2.5, context=512, corrected=False).bits_per_element
+    rounds = refined.result.pmap.provenance["refinement"]["rounds"]
+    assert rounds and rounds[-1]["met"] and not rounds[0]["met"]
+
+
+def test_refinement_with_a_super_additive_measurement():
+    calib = synthetic(1)
+    measure = _measured_as(lambda p: 1 + p / 0.01)  # the larger the predicted error, the more it compounds
+    target = 0.05
+    assert measure(plan(calib, target_kl=target, context=512, corrected=False).pmap) > target
+    refined = refine_to_target(calib, target, measure, context=512, corrected=False)
+    assert refined.met and measure(refined.result.pmap) == refined.measured_kl <= target
+
+
+def test_refinement_reports_a_miss():
+    calib = synthetic(0)
+    refined = refine_to_target(calib, 1e-9, lambda pmap: 1e-3,
+                               rounds=3, context=512, corrected=False)
+    assert not refined.met and refined.miss_factor == pytest.approx(1e6)
+    assert refined.result.pmap.provenance["refinement"]["met"] is False
+    with pytest.raises(KvcompileError, match="positive"):
+        refine_to_target(calib, 0.0, lambda pmap: 0.0)
