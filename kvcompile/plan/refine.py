@@ -1,9 +1,11 @@
 """Measured refinement of a target-KL plan: meet the target on real decoding, not only on the prediction.
 
-The planner's objective is a *sum* of per-site predicted costs.  Whole maps measure above that sum
-(errors at many sites compound; measured on SmolLM2, 1.5-3x for aggressive maps), so a map planned
-to a predicted KL of E lands above E.  Refinement treats the planner as a function of the target it
-is handed and searches that target with measured KL in the loop:
+The planner's objective is a *sum* of per-site predicted costs.  Measured whole-map KL differs from
+that sum by a map-dependent factor (on SmolLM2 0.8x to 3x for planned maps).  Sites compose nearly
+additively (bench/composition.py); the factor comes from per-site predictions being off at the
+map's operating point.  A map planned to a predicted KL of E can therefore land above E.
+Refinement treats the planner as a function of the target it is handed and searches that target
+with measured KL in the loop:
 
     t_0 = E,   m_i = KL_measured(plan(t_i)),   alpha_i = m_i / predicted(plan(t_i)),   t_{i+1} = E / alpha_i
 

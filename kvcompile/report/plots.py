@@ -73,21 +73,33 @@ def scatter_predicted_measured(rows: list[dict], path) -> Path:
 
 
 def quality_vs_memory(results: list[dict], path, planned_prefix: str = "plan") -> Path:
-    """dPPL % (log) against bits/element; planned maps as a line, baselines as labelled points."""
+    """dPPL % (log) against bits/element: maps planned for a budget as a line (one point per distinct
+    map), maps planned for a KL target as labelled stars, baselines as labelled points."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    planned = sorted((r for r in results if r["name"].startswith(planned_prefix)), key=lambda r: r["bits_per_element"])
+    mine = [r for r in results if r["name"].startswith(planned_prefix)]
     others = [r for r in results if not r["name"].startswith(planned_prefix)]
     def y(r):
         return max(r["delta_ppl_pct"], 0.01)
-    if planned:
-        ax.plot([r["bits_per_element"] for r in planned], [y(r) for r in planned], "o-", color="C3", label="planned maps")
-        for r in planned:
-            ax.annotate(r["name"], (r["bits_per_element"], y(r)), fontsize=7, color="C3", xytext=(3, 3), textcoords="offset points")
+    budget, seen = [], set()
+    for r in sorted((r for r in mine if "kl" not in r["name"]), key=lambda r: r["bits_per_element"]):
+        key = (round(r["bits_per_element"], 3), round(r["delta_ppl_pct"], 4))  # the same map planned twice
+        if key not in seen:
+            seen.add(key)
+            budget.append(r)
+    if budget:
+        ax.plot([r["bits_per_element"] for r in budget], [y(r) for r in budget], "o-", color="C3", ms=4,
+                label="planned for a budget")
+    for i, r in enumerate(r for r in mine if "kl" in r["name"]):
+        ax.scatter(r["bits_per_element"], y(r), marker="*", color="C3", s=60)
+        ax.annotate(r["name"], (r["bits_per_element"], y(r)), fontsize=6, color="C3", xytext=(-20, 6 + 9 * i),
+                    textcoords="offset points")  # stacked: target-KL maps tend to sit close together
     for r in others:
         kivi = "kivi" in r["name"]
         ax.scatter(r["bits_per_element"], y(r), marker="s" if kivi else "^", color="C0" if kivi else "C2", s=20)
         ax.annotate(r["name"], (r["bits_per_element"], y(r)), fontsize=6, xytext=(3, -8), textcoords="offset points")
+    if any("kl" in r["name"] for r in mine):
+        ax.scatter([], [], marker="*", color="C3", s=60, label="planned for a KL target")
     ax.scatter([], [], marker="s", color="C0", label="KIVI-style"), ax.scatter([], [], marker="^", color="C2", label="uniform")
     ax.set_yscale("log")
     ax.set_xlabel("bits / element (all stored bits, at the evaluation context)")
