@@ -1,6 +1,6 @@
 """Planned precision maps against uniform and KIVI-style maps at equal or larger memory.
 
-    python bench/plan_vs_uniform.py [--windows 16] [--calibration DIR] [--out bench/results/plan_vs_uniform.json]
+    python bench/plan_vs_uniform.py [--matched] [--windows 16] [--calibration DIR] [--out bench/results/plan_vs_uniform.json]
 
 1. Calibrates the default model on the calibration text (timed; skipped with --calibration DIR).
 2. Plans maps at ~4, 3 and 2.5 bits/element (context = the evaluation window) and two for a KL target:
