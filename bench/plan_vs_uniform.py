@@ -3,14 +3,15 @@
     python bench/plan_vs_uniform.py [--matched] [--windows 16] [--calibration DIR] [--out bench/results/plan_vs_uniform.json]
 
 1. Calibrates the default model on the calibration text (timed; skipped with --calibration DIR).
-2. Plans maps at ~4, 3 and 2.5 bits/element (context = the evaluation window) and two for a KL target:
-   the plain plan (target met by the additive prediction) and the refined one (``--refine``: target
-   met by KL measured on the calibration text; see kvcompile/plan/refine.py).
+2. Plans maps at ~4, 3 and 2.5 bits/element (context = the evaluation window) and for a KL target,
+   each twice: the plain plan (decided by the additive prediction) and the refined one (``plan
+   --refine``: sinks and window chosen by, or the target met by, KL measured on the calibration
+   text; see kvcompile/plan/refine.py).
 3. Evaluates planned and baseline maps on the same held-out windows (exact simulation of decoding).
 4. For each planned map, lists every baseline with at least as many bits and whether the plan has
    lower dPPL than all of them.
-5. With --matched: also plans one map at *each* baseline's exact bits/element and compares the two
-   at equal memory (the fair pairwise test; a 2.5-bit map cannot be expected to beat a 5.7-bit one).
+5. With --matched: also plans one map (plain and refined) at *each* baseline's exact bits/element
+   and compares them at equal memory (the fair pairwise test; a 2.5-bit map cannot be expected to beat a 5.7-bit one).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def main() -> None:
     from kvcompile.calibrate import Calibration, calibrate
     from kvcompile.models import load_model
     from kvcompile.plan.optimize import plan
-    from kvcompile.plan.refine import kl_meter, refine_to_target
+    from kvcompile.plan.refine import kl_meter, refine_budget, refine_to_target
     from kvcompile.plan.presets import resolve_map
     from kvcompile.validate.quality import evaluate, format_table
 
@@ -68,18 +69,25 @@ def main() -> None:
               f"{args.window} tokens, {args.threads} threads)")
         calib.save("bench/results/calibration")
     maps, planned = {}, {}
+    meter = kl_meter(lm, calib.text, args.window, args.refine_windows)
     for b in BUDGETS:
         r = plan(calib, budget_bits=b, context=args.window)
         planned[f"plan {b:g}b"] = {"budget_bits": b, "predicted_kl": r.predicted_cost, "sinks": r.sink_tokens,
                                    "window": r.recent_window}
         maps[f"plan {b:g}b"] = r.pmap
+        t0 = time.perf_counter()
+        rb = refine_budget(calib, b, meter, context=args.window)
+        planned[f"plan {b:g}b refined"] = {"budget_bits": b, "predicted_kl": rb.result.predicted_cost,
+                                           "measured_kl_on_calibration_text": rb.measured_kl,
+                                           "refinement_seconds": time.perf_counter() - t0,
+                                           "sinks": rb.result.sink_tokens, "window": rb.result.recent_window}
+        maps[f"plan {b:g}b refined"] = rb.result.pmap
     r = plan(calib, target_kl=TARGET_KL, context=args.window)
     planned[f"plan kl<={TARGET_KL}"] = {"target_kl": TARGET_KL, "predicted_kl": r.predicted_cost,
                                         "sinks": r.sink_tokens, "window": r.recent_window}
     maps[f"plan kl<={TARGET_KL}"] = r.pmap
     t0 = time.perf_counter()
-    refined = refine_to_target(calib, TARGET_KL, kl_meter(lm, calib.text, args.window, args.refine_windows),
-                               context=args.window)
+    refined = refine_to_target(calib, TARGET_KL, meter, context=args.window)
     name = f"plan kl<={TARGET_KL} refined"
     planned[name] = {"target_kl": TARGET_KL, "predicted_kl": refined.result.predicted_cost,
                      "measured_kl_on_calibration_text": refined.measured_kl, "refinement_rounds": refined.rounds,
@@ -97,6 +105,7 @@ def main() -> None:
             key = f"plan @{bits:.2f}b"
             if key not in maps:
                 maps[key] = plan(calib, budget_bits=bits, context=args.window).pmap
+                maps[key + " refined"] = refine_budget(calib, bits, meter, context=args.window).result.pmap
             matched.setdefault(key, []).append(label)
     results = evaluate(lm, maps, text=args.text, window=args.window, max_windows=args.windows)
     print(format_table(results))
@@ -124,17 +133,22 @@ def main() -> None:
     if matched:
         print("\nplanned map vs baseline at equal memory:")
         for key, labels in matched.items():
-            p = by_name[key]
-            for label in labels:
-                b = by_name[label]
-                wins = p.delta_ppl_pct < b.delta_ppl_pct
-                print(f"{label:<16} {b.bits_per_element:5.2f} b dPPL {b.delta_ppl_pct:+8.2f} %  |  {key:<14} "
-                      f"{p.bits_per_element:5.2f} b dPPL {p.delta_ppl_pct:+8.2f} %  {'plan wins' if wins else 'baseline wins'}")
-                equal_memory.append({"baseline": label, "baseline_bits": b.bits_per_element,
-                                     "baseline_delta_ppl_pct": b.delta_ppl_pct, "plan": key,
-                                     "plan_bits": p.bits_per_element, "plan_delta_ppl_pct": p.delta_ppl_pct,
-                                     "plan_wins": wins})
-        print(f"plan wins {sum(e['plan_wins'] for e in equal_memory)}/{len(equal_memory)} equal-memory comparisons")
+            for pkey in (key, key + " refined"):
+                p = by_name[pkey]
+                for label in labels:
+                    b = by_name[label]
+                    wins = p.delta_ppl_pct < b.delta_ppl_pct
+                    print(f"{label:<16} {b.bits_per_element:5.2f} b dPPL {b.delta_ppl_pct:+8.2f} %  |  {pkey:<22} "
+                          f"{p.bits_per_element:5.2f} b dPPL {p.delta_ppl_pct:+8.2f} %  {'plan wins' if wins else 'baseline wins'}")
+                    equal_memory.append({"baseline": label, "baseline_bits": b.bits_per_element,
+                                         "baseline_delta_ppl_pct": b.delta_ppl_pct, "plan": pkey,
+                                         "refined": pkey.endswith("refined"),
+                                         "plan_bits": p.bits_per_element, "plan_delta_ppl_pct": p.delta_ppl_pct,
+                                         "plan_wins": wins})
+        for refined_ in (False, True):
+            rows = [e for e in equal_memory if e["refined"] == refined_]
+            print(f"{'refined' if refined_ else 'plain'} plan wins {sum(e['plan_wins'] for e in rows)}/{len(rows)} "
+                  f"equal-memory comparisons")
     write_json(args.out, {"benchmark": "plan_vs_uniform", "environment": environment(args.threads),
                           "calibration_seconds": calib.seconds, "calibration": {"windows": calib.windows,
                           "window": calib.window, "estimator": calib.estimator, "schemes": calib.schemes,

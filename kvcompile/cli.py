@@ -102,18 +102,22 @@ def cmd_plan(args) -> int:
                    sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
                    corrected=not args.raw)
     if args.refine:
-        if args.target_kl is None:
-            raise KvcompileError("--refine needs --target-kl (a budget is met exactly by construction)")
         from kvcompile.models import load_model
-        from kvcompile.plan.refine import kl_meter, refine_to_target
+        from kvcompile.plan.refine import kl_meter, refine_budget, refine_to_target
 
         _set_threads(args.threads)
         lm = load_model(args.model or calib.model)
         measure = kl_meter(lm, calib.text, args.context or calib.window, args.refine_windows)
-        refined = refine_to_target(calib, args.target_kl, measure, rounds=args.rounds, **options)
-        for i, r in enumerate(refined.rounds):
-            print(f"round {i + 1}: planned for {r['planning_target']:.4g} -> {r['bits_per_element']:.3f} bits, "
-                  f"predicted {r['predicted_kl']:.4g}, measured {r['measured_kl']:.4g}")
+        if args.target_kl is not None:
+            refined = refine_to_target(calib, args.target_kl, measure, rounds=args.rounds, **options)
+            for i, r in enumerate(refined.rounds):
+                print(f"round {i + 1}: planned for {r['planning_target']:.4g} -> {r['bits_per_element']:.3f} bits, "
+                      f"predicted {r['predicted_kl']:.4g}, measured {r['measured_kl']:.4g}")
+        else:
+            refined = refine_budget(calib, args.budget_bits, measure, **options)
+            for r in refined.rounds:
+                print(f"sinks {r['sink_tokens']:>2}, window {r['recent_window']:>3}: {r['bits_per_element']:.3f} bits, "
+                      f"predicted {r['predicted_kl']:.4g}, measured {r['measured_kl']:.4g}")
         result = refined.result
     else:
         result = plan(calib, budget_bits=args.budget_bits, target_kl=args.target_kl, **options)
@@ -306,10 +310,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--window-options", help="subset of the calibrated recent windows")
     p.add_argument("--raw", action="store_true", help="plan on the raw Fisher predictions, without the data-calibrated correction")
     p.add_argument("--refine", action="store_true",
-                   help="with --target-kl: measure each candidate map's KL on the calibration text and re-plan until it meets the target")
+                   help="measure candidate maps' KL on the calibration text: with --budget-bits, choose sinks and window by it; "
+                        "with --target-kl, re-plan until the map meets the target")
     p.add_argument("--model", default=None, help="model for --refine (default: the calibrated one)")
     p.add_argument("--refine-windows", type=int, default=2, help="calibration windows measured per round (default 2)")
-    p.add_argument("--rounds", type=int, default=6, help="most maps measured by --refine (default 6)")
+    p.add_argument("--rounds", type=int, default=6, help="most maps measured by --refine --target-kl (default 6)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("-o", "--output", required=True, help="precision map JSON to write")
     p.set_defaults(func=cmd_plan)

@@ -30,7 +30,14 @@ def test_calibrate_plan_eval(tmp_path, smollm):
                  "--rounds", "3", "-o", str(refined)]) == 0
     rounds = PrecisionMap.load(refined).provenance["refinement"]["rounds"]
     assert 1 <= len(rounds) <= 3 and all(r["measured_kl"] > 0 for r in rounds)
-    assert main(["plan", str(calib), "--budget-bits", "4", "--refine", "-o", str(tmp_path / "x.json")]) == 2
+    refined = tmp_path / "map-refined-budget.json"
+    assert main(["plan", str(calib), "--budget-bits", "6", "--context", "128", "--refine", "--refine-windows", "1",
+                 "-o", str(refined)]) == 0
+    pmap = PrecisionMap.load(refined)
+    rounds = pmap.provenance["refinement"]["rounds"]
+    assert len(rounds) == 4 and pmap.bits_per_element(128) <= 6  # one measured map per (sinks, window) option
+    best = min(rounds, key=lambda r: r["measured_kl"])
+    assert (pmap.sink_tokens, pmap.recent_window) == (best["sink_tokens"], best["recent_window"])
     res = tmp_path / "eval.json"
     assert main(["eval", "--map", str(tmp_path / "map--budget-bits.json"), "--window", "128", "--max-windows", "1",
                  "--json", str(res), "--quiet"]) == 0

@@ -11,7 +11,7 @@ from kvcompile.calibrate import Calibration
 from kvcompile.errors import KvcompileError
 from kvcompile.models.adapters import KVGeometry
 from kvcompile.plan.optimize import UNITS_PER_BIT, plan, site_bits
-from kvcompile.plan.refine import refine_to_target
+from kvcompile.plan.refine import refine_budget, refine_to_target
 
 SCHEMES = ["fp16", "int8", "int4", "int2"]
 GEOM = KVGeometry(num_layers=2, num_kv_heads=1, num_q_heads=2, head_dim=64, max_positions=1024)
@@ -132,3 +132,20 @@ def test_refinement_reports_a_miss():
     assert refined.result.pmap.provenance["refinement"]["met"] is False
     with pytest.raises(KvcompileError, match="positive"):
         refine_to_target(calib, 0.0, lambda pmap: 0.0)
+
+
+def test_budget_refinement_chooses_sinks_and_window_by_measurement():
+    calib = synthetic(2)
+    predicted = plan(calib, budget_bits=6.5, context=512, corrected=False)
+    assert (predicted.sink_tokens, predicted.recent_window) == (4, 32)  # what the predictions choose
+    # a "measurement" that punishes that choice: refinement must follow the measurement
+    measure = lambda pmap: pmap.provenance["predicted_cost"] * (5.0 if pmap.sink_tokens == 4 else 1.0)  # noqa: E731
+    refined = refine_budget(calib, 6.5, measure, context=512, corrected=False)
+    assert refined.result.pmap.bits_per_element(512) <= 6.5
+    options = [plan(calib, budget_bits=6.5, context=512, corrected=False, sink_options=[n], window_options=[w])
+               for n in calib.sink_options for w in calib.window_options]
+    assert len(refined.rounds) == len(options)
+    assert refined.measured_kl == min(measure(o.pmap) for o in options) < measure(predicted.pmap)
+    assert refined.result.sink_tokens == 0
+    with pytest.raises(KvcompileError, match="below the smallest map possible"):
+        refine_budget(calib, 2.0, measure, context=512)
