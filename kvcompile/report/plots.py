@@ -74,22 +74,30 @@ def scatter_predicted_measured(rows: list[dict], path) -> Path:
 
 def quality_vs_memory(results: list[dict], path, planned_prefix: str = "plan") -> Path:
     """dPPL % (log) against bits/element: maps planned for a budget as a line (one point per distinct
-    map), maps planned for a KL target as labelled stars, baselines as labelled points."""
+    map), refined ones (``plan --refine``) as rings, maps planned for a KL target as labelled stars,
+    baselines as labelled points."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     mine = [r for r in results if r["name"].startswith(planned_prefix)]
     others = [r for r in results if not r["name"].startswith(planned_prefix)]
     def y(r):
         return max(r["delta_ppl_pct"], 0.01)
-    budget, seen = [], set()
-    for r in sorted((r for r in mine if "kl" not in r["name"]), key=lambda r: r["bits_per_element"]):
-        key = (round(r["bits_per_element"], 3), round(r["delta_ppl_pct"], 4))  # the same map planned twice
-        if key not in seen:
-            seen.add(key)
-            budget.append(r)
+    def distinct(rows):  # the same map planned twice (e.g. "plan 4b" and "plan @4.00b") is one point
+        out, seen = [], set()
+        for r in sorted(rows, key=lambda r: r["bits_per_element"]):
+            key = (round(r["bits_per_element"], 3), round(r["delta_ppl_pct"], 4))
+            if key not in seen:
+                seen.add(key)
+                out.append(r)
+        return out
+    budget = distinct(r for r in mine if "kl" not in r["name"] and not r["name"].endswith("refined"))
+    refined = distinct(r for r in mine if "kl" not in r["name"] and r["name"].endswith("refined"))
     if budget:
         ax.plot([r["bits_per_element"] for r in budget], [y(r) for r in budget], "o-", color="C3", ms=4,
                 label="planned for a budget")
+    if refined:
+        ax.scatter([r["bits_per_element"] for r in refined], [y(r) for r in refined], marker="o", s=40,
+                   facecolors="none", edgecolors="C1", label="planned for a budget, --refine")
     for i, r in enumerate(r for r in mine if "kl" in r["name"]):
         ax.scatter(r["bits_per_element"], y(r), marker="*", color="C3", s=60)
         ax.annotate(r["name"], (r["bits_per_element"], y(r)), fontsize=6, color="C3", xytext=(-20, 6 + 9 * i),
