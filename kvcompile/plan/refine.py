@@ -94,11 +94,9 @@ def refine_to_target(calib: Calibration, target_kl: float, measure: Callable[[Pr
         chosen, measured = min(met, key=lambda rm: (rm[0].bits_per_element, rm[1]))
     else:
         chosen, measured = min(tried.values(), key=lambda rm: (rm[1], rm[0].bits_per_element))
-    provenance = {**chosen.pmap.provenance, "target_kl": target_kl,
-                  "refinement": {"measured_on": calib.text, "measured_kl": measured, "met": bool(met), "rounds": log}}
-    description = (f"{chosen.pmap.description}; refined to target KL {target_kl}: measured {measured:.4g} "
-                   f"on calibration text")
-    chosen = replace(chosen, pmap=replace(chosen.pmap, provenance=provenance, description=description))
+    chosen = _recorded(chosen, {"measured_on": calib.text, "measured_kl": measured, "met": bool(met), "rounds": log},
+                       f"refined to target KL {target_kl}: measured {measured:.4g} on calibration text",
+                       target_kl=target_kl)
     return RefineResult(chosen, measured, target_kl, bool(met), log)
 
 
@@ -129,13 +127,18 @@ def refine_budget(calib: Calibration, budget_bits: float, measure: Callable[[Pre
     if not tried:  # let the planner say why nothing fits
         plan(calib, budget_bits=budget_bits, sink_options=sink_options, window_options=window_options, **plan_options)
     chosen, measured = min(tried, key=lambda rm: (rm[1], rm[0].bits_per_element))
-    provenance = {**chosen.pmap.provenance, "refinement": {"measured_on": calib.text, "measured_kl": measured,
-                                                           "chosen_by": "measured KL over (sinks, window)",
-                                                           "rounds": log}}
-    description = (f"{chosen.pmap.description}; sinks and window chosen by KL measured on calibration text "
-                   f"({measured:.4g})")
-    chosen = replace(chosen, pmap=replace(chosen.pmap, provenance=provenance, description=description))
+    chosen = _recorded(chosen, {"measured_on": calib.text, "measured_kl": measured,
+                                "chosen_by": "measured KL over (sinks, window)", "rounds": log},
+                       f"sinks and window chosen by KL measured on calibration text ({measured:.4g})")
     return RefineResult(chosen, measured, None, True, log)
+
+
+def _recorded(result: PlanResult, refinement: dict, note: str, **provenance) -> PlanResult:
+    """``result`` with its map's provenance and description saying how refinement chose it."""
+    pmap = result.pmap
+    pmap = replace(pmap, provenance={**pmap.provenance, **provenance, "refinement": refinement},
+                   description=f"{pmap.description}; {note}")
+    return replace(result, pmap=pmap)
 
 
 def kl_meter(lm, text: str, window: int, windows: int) -> Callable[[PrecisionMap], float]:
