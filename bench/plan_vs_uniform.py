@@ -9,7 +9,9 @@
    text; see kvcompile/plan/refine.py).
 3. Evaluates planned and baseline maps on the same held-out windows (exact simulation of decoding).
 4. For each planned map, lists every baseline with at least as many bits and whether the plan has
-   lower dPPL than all of them.
+   lower dPPL than all of them.  Every comparison carries a 95 % paired-bootstrap interval of the
+   dPPL difference over the held-out windows (``paired_bootstrap`` in kvcompile/validate/quality.py),
+   so a win or loss smaller than the window-to-window noise is reported as not significant.
 5. With --matched: also plans one map (plain and refined) at *each* baseline's exact bits/element
    and compares them at equal memory (the fair pairwise test; a 2.5-bit map cannot be expected to beat a 5.7-bit one).
 """
@@ -57,7 +59,7 @@ def main() -> None:
     from kvcompile.plan.optimize import plan
     from kvcompile.plan.refine import kl_meter, refine_budget, refine_to_target
     from kvcompile.plan.presets import resolve_map
-    from kvcompile.validate.quality import evaluate, format_table
+    from kvcompile.validate.quality import evaluate, format_table, paired_bootstrap
 
     lm = load_model(args.model)
     if args.calibration:
@@ -116,7 +118,9 @@ def main() -> None:
         p = by_name[name]
         rivals = [by_name[l] for l, *_ in BASELINES if by_name[l].bits_per_element >= p.bits_per_element - 1e-9]
         beaten = [r.name for r in rivals if p.delta_ppl_pct < r.delta_ppl_pct]
-        lost = [f"{r.name} ({r.bits_per_element:.2f} b, {r.delta_ppl_pct:+.2f} %)" for r in rivals if r.name not in beaten]
+        gaps = {r.name: paired_bootstrap(p, r) for r in rivals}
+        lost = [f"{r.name} ({r.bits_per_element:.2f} b, {r.delta_ppl_pct:+.2f} %{'' if gaps[r.name]['significant'] else ', n.s.'})"
+                for r in rivals if r.name not in beaten]
         line = (f"{name}: {p.bits_per_element:.3f} b, dPPL {p.delta_ppl_pct:+.2f} %, KL {p.kl:.4f} "
                 f"(predicted {info['predicted_kl']:.4f}); beats {len(beaten)}/{len(rivals)}")
         if lost:
@@ -128,7 +132,9 @@ def main() -> None:
         print(line)
         comparisons.append({"map": name, **info, "bits_per_element": p.bits_per_element, "delta_ppl_pct": p.delta_ppl_pct,
                             "kl": p.kl, "beats": beaten, "does_not_beat": lost,
-                            "beats_all_at_equal_or_more_memory": not lost})
+                            "beats_all_at_equal_or_more_memory": not lost,
+                            "significant_losses": [n for n, g in gaps.items() if g["significant"] and g["difference_pct"] > 0],
+                            "bootstrap": gaps})
     equal_memory = []
     if matched:
         print("\nplanned map vs baseline at equal memory:")
@@ -138,17 +144,22 @@ def main() -> None:
                 for label in labels:
                     b = by_name[label]
                     wins = p.delta_ppl_pct < b.delta_ppl_pct
+                    gap = paired_bootstrap(p, b)
                     print(f"{label:<16} {b.bits_per_element:5.2f} b dPPL {b.delta_ppl_pct:+8.2f} %  |  {pkey:<22} "
-                          f"{p.bits_per_element:5.2f} b dPPL {p.delta_ppl_pct:+8.2f} %  {'plan wins' if wins else 'baseline wins'}")
+                          f"{p.bits_per_element:5.2f} b dPPL {p.delta_ppl_pct:+8.2f} %  {'plan wins' if wins else 'baseline wins'}"
+                          f"{'' if gap['significant'] else ' (n.s.)'}  diff [{gap['ci_low_pct']:+.2f}, {gap['ci_high_pct']:+.2f}]")
                     equal_memory.append({"baseline": label, "baseline_bits": b.bits_per_element,
                                          "baseline_delta_ppl_pct": b.delta_ppl_pct, "plan": pkey,
                                          "refined": pkey.endswith("refined"),
                                          "plan_bits": p.bits_per_element, "plan_delta_ppl_pct": p.delta_ppl_pct,
-                                         "plan_wins": wins})
+                                         "plan_wins": wins, "significant": gap["significant"],
+                                         "difference_ci_pct": [gap["ci_low_pct"], gap["ci_high_pct"]]})
         for refined_ in (False, True):
             rows = [e for e in equal_memory if e["refined"] == refined_]
-            print(f"{'refined' if refined_ else 'plain'} plan wins {sum(e['plan_wins'] for e in rows)}/{len(rows)} "
-                  f"equal-memory comparisons")
+            wins = [e for e in rows if e["plan_wins"]]
+            print(f"{'refined' if refined_ else 'plain'} plan wins {len(wins)}/{len(rows)} equal-memory comparisons "
+                  f"({sum(e['significant'] for e in wins)} significant at 95 %; significant losses: "
+                  f"{sum(e['significant'] for e in rows if not e['plan_wins'])})")
     write_json(args.out, {"benchmark": "plan_vs_uniform", "environment": environment(args.threads),
                           "calibration_seconds": calib.seconds, "calibration": {"windows": calib.windows,
                           "window": calib.window, "estimator": calib.estimator, "schemes": calib.schemes,

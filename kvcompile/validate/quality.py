@@ -7,7 +7,9 @@ window every position ``i < window - 1`` predicts token ``i + 1``; we report
   full-precision cache (a plain forward pass, which is what a full-precision cache computes);
 * ``kl``: mean over positions of ``KL(p_reference || p_quantized)`` of next-token distributions (nats);
 * ``top1_agreement``: fraction of positions where both predict the same top-1 token;
-* ``bits_per_element``, ``kv_bytes``: the map's exact storage for one sequence of ``window`` positions.
+* ``bits_per_element``, ``kv_bytes``: the map's exact storage for one sequence of ``window`` positions;
+* ``window_nll``, ``window_nll_reference``: summed NLL of each window, so that two maps scored on the
+  same windows can be compared with a paired bootstrap (:func:`paired_bootstrap`).
 
 How the quantized cache is exercised (``mode``):
 
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +53,8 @@ class QualityResult:
     window: int
     mode: str
     seconds: float
+    window_nll: list[float] = field(default_factory=list)
+    window_nll_reference: list[float] = field(default_factory=list)
 
     @property
     def delta_ppl_pct(self) -> float:
@@ -80,12 +84,16 @@ class _Scores:
         self.nll = self.nll_ref = self.kl = 0.0
         self.agree = 0
         self.count = 0
+        self.window_nll: list[float] = []  # one entry per add() call (one window)
+        self.window_nll_ref: list[float] = []
 
     def add(self, logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor) -> None:
         logp = F.log_softmax(logits.float(), -1)
         logp_ref = F.log_softmax(ref_logits.float(), -1)
-        self.nll += -logp.gather(-1, targets[:, None]).sum().item()
-        self.nll_ref += -logp_ref.gather(-1, targets[:, None]).sum().item()
+        self.window_nll.append(-logp.gather(-1, targets[:, None]).sum().item())
+        self.window_nll_ref.append(-logp_ref.gather(-1, targets[:, None]).sum().item())
+        self.nll += self.window_nll[-1]
+        self.nll_ref += self.window_nll_ref[-1]
         self.kl += (logp_ref.exp() * (logp_ref - logp)).sum().item()
         self.agree += (logp.argmax(-1) == logp_ref.argmax(-1)).sum().item()
         self.count += targets.numel()
@@ -169,8 +177,37 @@ def evaluate(lm, maps: dict[str, PrecisionMap], text: str = DEFAULT_EVAL_TEXT, w
             kl=s.kl / s.count, top1_agreement=s.agree / s.count,
             bits_per_element=pmap.bits_per_element(window), kv_bytes=pmap.kv_bytes(window),
             tokens_scored=s.count, windows=len(windows), window=window, mode=mode, seconds=seconds[name],
+            window_nll=s.window_nll, window_nll_reference=s.window_nll_ref,
         ))
     return results
+
+
+def paired_bootstrap(a: QualityResult, b: QualityResult, resamples: int = 10000, level: float = 0.95,
+                     seed: int = 0) -> dict:
+    """Confidence interval of ``dPPL%(a) - dPPL%(b)`` for two maps scored on the same windows.
+
+    Windows are the resampling unit (tokens within a window are correlated): each of ``resamples``
+    draws takes K of the K windows with replacement, the same draw for both maps and the reference
+    (a paired bootstrap), and recomputes ``dPPL% = 100 (exp((NLL - NLL_ref) / n) - 1)`` over the
+    drawn windows for each map; ``n`` is the drawn token count.  The interval is the percentile
+    interval at ``level``.  ``significant`` is true when it excludes 0, i.e. on these windows the
+    sign of the difference is not an accident of which text was drawn.
+    """
+    import numpy as np
+
+    if not a.window_nll or len(a.window_nll) != len(b.window_nll) or a.window_nll_reference != b.window_nll_reference:
+        raise KvcompileError(f"paired bootstrap needs {a.name!r} and {b.name!r} scored on the same windows "
+                             "(equal per-window reference NLL); evaluate them in one call")
+    k = len(a.window_nll)
+    per_window = a.tokens_scored / k  # every window scores window - 1 positions
+    nll_a, nll_b, nll_ref = (np.asarray(x) for x in (a.window_nll, b.window_nll, a.window_nll_reference))
+    draws = np.random.default_rng(seed).integers(0, k, size=(resamples, k))
+    n = per_window * k
+    ref = nll_ref[draws].sum(1)
+    diff = 100 * (np.exp((nll_a[draws].sum(1) - ref) / n) - np.exp((nll_b[draws].sum(1) - ref) / n))
+    low, high = np.quantile(diff, [(1 - level) / 2, (1 + level) / 2])
+    return {"difference_pct": a.delta_ppl_pct - b.delta_ppl_pct, "ci_low_pct": float(low), "ci_high_pct": float(high),
+            "level": level, "resamples": resamples, "windows": k, "significant": bool(low > 0 or high < 0)}
 
 
 def format_table(results: list[QualityResult]) -> str:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 from kvcompile.cli import main
 from kvcompile.plan.presets import resolve_map
-from kvcompile.validate.quality import evaluate
+from kvcompile.validate.quality import evaluate, paired_bootstrap
 
 pytestmark = pytest.mark.model
 
@@ -22,6 +23,11 @@ def test_fp16_cache_matches_reference_and_int2_is_much_worse(smollm):
     assert res["int2"].ppl > 2 * res["int2"].ppl_reference  # 2-bit per-token keys collapse (as KIVI reports)
     assert res["int2"].tokens_scored == 2 * 127
     assert res["int8"].bits_per_element == 9.0
+    # per-window NLL sums add up to the reported PPL and pair up for a bootstrap
+    assert len(res["int2"].window_nll) == 2
+    assert math.exp(sum(res["int2"].window_nll) / res["int2"].tokens_scored) == pytest.approx(res["int2"].ppl)
+    gap = paired_bootstrap(res["int2"], res["int8"], resamples=500)
+    assert gap["significant"] and gap["ci_low_pct"] > 0
 
 
 def test_decode_mode_agrees_with_simulation(smollm):
