@@ -100,7 +100,7 @@ def cmd_plan(args) -> int:
     calib = Calibration.load(args.calibration)
     options = dict(context=args.context, schemes=args.schemes.split(",") if args.schemes else None,
                    sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
-                   corrected=not args.raw)
+                   corrected=not args.raw, memory=args.memory)
     if args.refine:
         from kvcompile.models import load_model
         from kvcompile.plan.refine import kl_meter, refine_budget, refine_to_target
@@ -305,6 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--budget-bits", type=float, help="average stored bits per K/V element at --context")
     g.add_argument("--target-kl", type=float, help="predicted mean KL per position to stay under (nats)")
     p.add_argument("--context", type=int, default=None, help="context length the bits are averaged over (default: calibration window)")
+    p.add_argument("--memory", choices=["final", "allocated"], default="final",
+                   help="count bits of the cache holding --context positions (final, default) or of buffers that hold "
+                        "any length up to it (allocated: the window plus a waiting per-channel block at its largest)")
     p.add_argument("--schemes", help="comma-separated subset of the calibrated schemes")
     p.add_argument("--sink-options", help="subset of the calibrated sink counts")
     p.add_argument("--window-options", help="subset of the calibrated recent windows")

@@ -8,7 +8,8 @@ Problem (for one choice of n fp16 sinks and an fp16 recent window of w positions
 with ``cost_j(s)`` from the :class:`~kvcompile.calibrate.Calibration` and ``bits_j(s)`` the exact
 average bits of site j over a context of N positions (fp16 sinks and window, the bulk in s, a
 per-channel scheme's incomplete last block in fp16), i.e. what :meth:`PrecisionMap.bits_per_element`
-counts.  This is a multiple-choice knapsack.  We solve it *exactly* by dynamic programming over
+counts (``memory="allocated"``: the buffers for any length up to N, the incomplete block at its
+largest, G - 1 positions).  This is a multiple-choice knapsack.  We solve it *exactly* by dynamic programming over
 integer weights: each site's bits are counted in units of 1/64 bit per element, **rounded up**, so
 the chosen map never exceeds the budget, and it is optimal among all maps under that (1/64-bit,
 conservative) accounting — an optimality guarantee, not a heuristic.  The outer choice of (n, w)
@@ -26,7 +27,7 @@ import numpy as np
 
 from kvcompile.calibrate.artifact import Calibration
 from kvcompile.errors import KvcompileError
-from kvcompile.plan.precision_map import STREAMS, PrecisionMap, bulk_end
+from kvcompile.plan.precision_map import MEMORY_ACCOUNTING, STREAMS, PrecisionMap, class_lengths
 from kvcompile.quant import get_scheme
 
 UNITS_PER_BIT = 64
@@ -42,12 +43,14 @@ class PlanResult:
     candidates: list[dict]  # one per (n, w): best cost / bits found
 
 
-def site_bits(scheme_name: str, head_dim: int, context: int, sinks: int, window: int) -> float:
-    """Average stored bits per element of one site over ``context`` positions (fp16 sinks / window)."""
+def site_bits(scheme_name: str, head_dim: int, context: int, sinks: int, window: int, memory: str = "final") -> float:
+    """Average stored bits per element of one site over ``context`` positions (fp16 sinks / window).
+
+    ``memory``: ``final`` counts the cache holding exactly ``context`` positions, ``allocated`` the
+    buffers that hold any length up to it (:data:`~kvcompile.plan.precision_map.MEMORY_ACCOUNTING`)."""
     s = get_scheme(scheme_name)
-    n = min(sinks, context)
-    e = bulk_end(context, sinks, window, s.token_group)
-    return (n * 16 + (e - n) * s.bits_per_element(head_dim) + (context - e) * 16) / context
+    seg = class_lengths(context, sinks, window, s.token_group, memory)
+    return ((seg["sink"] + seg["recent"]) * 16 + seg["bulk"] * s.bits_per_element(head_dim)) / context
 
 
 def _dp(costs: np.ndarray, weights: np.ndarray, capacity: int):
@@ -88,10 +91,16 @@ def _backtrack(choice: np.ndarray, weights: np.ndarray, capacity: int) -> list[i
 
 def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float | None = None, context: int | None = None,
          schemes: list[str] | None = None, sink_options: list[int] | None = None,
-         window_options: list[int] | None = None, corrected: bool = True) -> PlanResult:
-    """Optimal precision map under a memory budget (``budget_bits``) or a quality target (``target_kl``)."""
+         window_options: list[int] | None = None, corrected: bool = True, memory: str = "final") -> PlanResult:
+    """Optimal precision map under a memory budget (``budget_bits``) or a quality target (``target_kl``).
+
+    ``memory``: how bits are counted at the context, ``final`` (the cache holding ``context``
+    positions, default) or ``allocated`` (buffers for any length up to it; see
+    :data:`~kvcompile.plan.precision_map.MEMORY_ACCOUNTING`)."""
     if (budget_bits is None) == (target_kl is None):
         raise KvcompileError("give exactly one of --budget-bits or --target-kl")
+    if memory not in MEMORY_ACCOUNTING:
+        raise KvcompileError(f"memory accounting must be one of {', '.join(MEMORY_ACCOUNTING)}, got {memory!r}")
     g = calib.geometry
     context = context or calib.window
     schemes = schemes or calib.schemes
@@ -112,7 +121,7 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
         for w in window_options:
             ni, wi = calib.sink_options.index(n), calib.window_options.index(w)
             costs = np.array([[cost_all[l, h, st, si, wi, ni] for si in s_idx] for (l, h, st) in sites])
-            bits = np.array([[site_bits(s, g.head_dim, context, n, w) for s in schemes]] * len(sites))
+            bits = np.array([[site_bits(s, g.head_dim, context, n, w, memory) for s in schemes]] * len(sites))
             weights = np.ceil(bits * UNITS_PER_BIT - 1e-9).astype(np.int64)
             if budget_bits is not None:
                 capacity = int(np.floor(budget_bits * UNITS_PER_BIT * len(sites) + 1e-9))
@@ -136,9 +145,10 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
             if best_pick is None or key < best_pick[0]:
                 best_pick = (key, n, w, picks, total_cost, exact_bits)
     if best_pick is None:
-        floor = min(site_bits(s, g.head_dim, context, n, w) for s in schemes for n in sink_options for w in window_options)
+        floor = min(site_bits(s, g.head_dim, context, n, w, memory) for s in schemes for n in sink_options
+                    for w in window_options)
         raise KvcompileError(f"budget of {budget_bits} bits/element is below the smallest map possible with these "
-                             f"schemes and options ({floor:.3f} bits at context {context})")
+                             f"schemes and options ({floor:.3f} bits at context {context}, {memory} memory)")
     _, n, w, picks, total_cost, exact_bits = best_pick
     grids = {st: [[None] * g.num_kv_heads for _ in range(g.num_layers)] for st in STREAMS}
     for (l, h, st), o in zip(sites, picks):
@@ -146,12 +156,14 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
     base = PrecisionMap.uniform(g.num_layers, g.num_kv_heads, g.head_dim, key="fp16", sink_tokens=n, recent_window=w,
                                 model=calib.model)
     mode = f"budget {budget_bits} bits/element" if budget_bits is not None else f"target KL {target_kl}"
+    if memory != "final":
+        mode += f", {memory} memory"
     pmap = base.with_bulk(
         {st: tuple(tuple(row) for row in grids[st]) for st in STREAMS},
         calibration_hash=calib.content_hash(),
         description=f"planned ({mode}, context {context}): {exact_bits:.3f} bits/element, predicted {calib.cost_unit} {total_cost:.4g}",
         provenance={"planner": "multiple-choice knapsack, exact DP at 1/64 bit (rounded up)", "mode": mode,
-                    "context": context, "estimator": calib.estimator, "cost_unit": calib.cost_unit,
+                    "context": context, "memory": memory, "estimator": calib.estimator, "cost_unit": calib.cost_unit,
                     "predicted_cost": total_cost, "bits_per_element": exact_bits, "schemes": schemes,
                     "corrected": corrected,
                     "target_kl": target_kl, "budget_bits": budget_bits, "candidates": candidates},

@@ -46,6 +46,29 @@ def bulk_end(seq_len: int, sink_tokens: int, recent_window: int, token_group: in
     return n + token_group * (max(seq_len - recent_window - n, 0) // token_group)
 
 
+#: How memory is counted at a context of N positions (``memory=`` of the bit counts below):
+#: ``final``: what the cache stores holding exactly N positions;
+#: ``allocated``: the per-class buffers a preallocated cache needs to hold any length L <= N, i.e.
+#: the sinks, the bulk at N, and the recent segment at its longest, ``min(N - n, w + G - 1)``
+#: positions: the window plus a per-channel block still waiting to fill.
+MEMORY_ACCOUNTING = ("final", "allocated")
+
+
+def class_lengths(seq_len: int, sink_tokens: int, recent_window: int, token_group: int,
+                  memory: str = "final") -> dict[str, int]:
+    """Positions counted per class (sink, bulk, recent) at a context of ``seq_len`` positions.
+
+    ``memory="allocated"``: the recent segment's length ``L - e(L)`` is ``L - n`` up to ``n + w`` and
+    ``w + ((L - w - n) mod G)`` after, so its maximum over ``L <= N`` is ``min(N - n, w + G - 1)``.
+    """
+    if memory not in MEMORY_ACCOUNTING:
+        raise KvcompileError(f"memory accounting must be one of {', '.join(MEMORY_ACCOUNTING)}, got {memory!r}")
+    n = min(sink_tokens, seq_len)
+    e = bulk_end(seq_len, sink_tokens, recent_window, token_group)
+    recent = seq_len - e if memory == "final" else min(seq_len - n, recent_window + token_group - 1)
+    return {"sink": n, "bulk": e - n, "recent": recent}
+
+
 @dataclass(frozen=True)
 class PrecisionMap:
     num_layers: int
@@ -149,27 +172,27 @@ class PrecisionMap:
                 for stream in STREAMS:
                     yield layer, head, stream
 
-    def segment_lengths(self, layer: int, head: int, stream: str, seq_len: int) -> dict[str, int]:
-        """Positions per class for a sequence of ``seq_len`` positions."""
+    def segment_lengths(self, layer: int, head: int, stream: str, seq_len: int, memory: str = "final") -> dict[str, int]:
+        """Positions per class for a sequence of ``seq_len`` positions (``memory``: see :data:`MEMORY_ACCOUNTING`)."""
         bulk = self.scheme(layer, head, stream, "bulk")
-        n = min(self.sink_tokens, seq_len)
-        e = bulk_end(seq_len, self.sink_tokens, self.recent_window, bulk.token_group)
-        return {"sink": n, "bulk": e - n, "recent": seq_len - e}
+        return class_lengths(seq_len, self.sink_tokens, self.recent_window, bulk.token_group, memory)
 
-    def kv_bits(self, seq_len: int) -> float:
-        """Exact stored bits of one sequence of ``seq_len`` positions, all layers, heads, K and V."""
+    def kv_bits(self, seq_len: int, memory: str = "final") -> float:
+        """Exact stored bits of one sequence of ``seq_len`` positions, all layers, heads, K and V.
+
+        ``memory="allocated"``: the bits of buffers that hold any length up to ``seq_len``."""
         total = 0.0
         for layer, head, stream in self.sites():
-            for cls_name, count in self.segment_lengths(layer, head, stream, seq_len).items():
+            for cls_name, count in self.segment_lengths(layer, head, stream, seq_len, memory).items():
                 total += count * self.head_dim * self.scheme(layer, head, stream, cls_name).bits_per_element(self.head_dim)
         return total
 
-    def bits_per_element(self, seq_len: int) -> float:
+    def bits_per_element(self, seq_len: int, memory: str = "final") -> float:
         """Average stored bits per K/V element over a context of ``seq_len`` positions."""
-        return self.kv_bits(seq_len) / (2 * self.num_layers * self.num_kv_heads * self.head_dim * seq_len)
+        return self.kv_bits(seq_len, memory) / (2 * self.num_layers * self.num_kv_heads * self.head_dim * seq_len)
 
-    def kv_bytes(self, seq_len: int, batch: int = 1) -> float:
-        return self.kv_bits(seq_len) * batch / 8
+    def kv_bytes(self, seq_len: int, batch: int = 1, memory: str = "final") -> float:
+        return self.kv_bits(seq_len, memory) * batch / 8
 
     def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
         got = (self.num_layers, self.num_kv_heads, self.head_dim)

@@ -24,6 +24,11 @@ def test_calibrate_plan_eval(tmp_path, smollm):
         pmap = PrecisionMap.load(out)
         if mode[0] == "--budget-bits":
             assert pmap.bits_per_element(128) <= 4.5
+    # --memory allocated: the budget also pays for per-channel blocks still filling at any length <= 128
+    out = tmp_path / "map-allocated.json"
+    assert main(["plan", str(calib), "--budget-bits", "4.5", "--context", "128", "--memory", "allocated", "-o", str(out)]) == 0
+    pmap = PrecisionMap.load(out)
+    assert pmap.provenance["memory"] == "allocated" and pmap.bits_per_element(128, memory="allocated") <= 4.5
     # --refine: KL measured on the calibration text in the loop; the map records each round
     refined = tmp_path / "map-refined.json"
     assert main(["plan", str(calib), "--target-kl", "0.05", "--context", "128", "--refine", "--refine-windows", "1",

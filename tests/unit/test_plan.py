@@ -79,6 +79,26 @@ def test_short_context_makes_fp16_windows_expensive():
     assert long.recent_window == 32 and short.recent_window == 0  # a 32-position fp16 window eats a 64-token budget
 
 
+def test_allocated_memory_budget_counts_the_per_channel_waiting_block():
+    """Under 'allocated' accounting a per-channel bulk pays for up to G - 1 waiting fp16 positions."""
+    calib = synthetic(0)
+    calib.schemes = ["fp16", "int8", "int4", "int2-ch-g128"]
+    for budget in (5.5, 7.0):  # int4 (5 bits) is the cheapest allocated option
+        final = plan(calib, budget_bits=budget, context=512, corrected=False)
+        allocated = plan(calib, budget_bits=budget, context=512, corrected=False, memory="allocated")
+        assert allocated.pmap.bits_per_element(512, memory="allocated") <= budget + 1e-12
+        assert allocated.pmap.provenance["memory"] == "allocated"
+        assert allocated.predicted_cost >= final.predicted_cost  # a tighter accounting never predicts better
+    # 128-position blocks fill a 512 context exactly: cheap when counted at N, not when allocated
+    assert site_bits("int2-ch-g128", 64, 512, 0, 0) == pytest.approx(2.25)
+    assert site_bits("int2-ch-g128", 64, 512, 0, 0, "allocated") == pytest.approx((512 * 2.25 + 127 * 16) / 512)
+    # so a 3-bit budget is met with 128-position blocks when counted at N, and by no map when allocated
+    cheap = plan(calib, budget_bits=3.0, context=512, corrected=False)
+    assert [x for st in ("key", "value") for row in cheap.pmap.schemes[st]["bulk"] for x in row].count("int2-ch-g128") >= 3
+    with pytest.raises(KvcompileError, match=r"below the smallest map possible .*5.000 bits at context 512, allocated"):
+        plan(calib, budget_bits=3.0, context=512, corrected=False, memory="allocated")
+
+
 def test_infeasible_and_invalid_requests():
     calib = synthetic(0)
     with pytest.raises(KvcompileError, match="below the smallest map possible"):
@@ -87,6 +107,8 @@ def test_infeasible_and_invalid_requests():
         plan(calib, context=512)
     with pytest.raises(KvcompileError, match="were not calibrated"):
         plan(calib, budget_bits=4, schemes=["nf4"])
+    with pytest.raises(KvcompileError, match="memory accounting must be one of final, allocated"):
+        plan(calib, budget_bits=4, memory="peak")
 
 
 def test_planned_map_records_its_provenance():

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from kvcompile.errors import ArtifactError
+from kvcompile.errors import ArtifactError, KvcompileError
 from kvcompile.models.adapters import KVGeometry
-from kvcompile.plan.precision_map import PrecisionMap, bulk_end
+from kvcompile.plan.precision_map import PrecisionMap, bulk_end, class_lengths
 from kvcompile.plan.presets import resolve_map
 from kvcompile.quant import get_scheme
 
@@ -36,6 +36,27 @@ def test_kivi_bits_count_window_and_incomplete_blocks():
     # the same map costs more bits per element at a short context
     assert pmap.bits_per_element(64) > pmap.bits_per_element(4096)
     assert pmap.kv_bytes(L) == pytest.approx(expected * L * 2 * 3 * 2 * 64 / 8)
+
+
+@pytest.mark.parametrize("n,w,g", [(0, 0, 1), (4, 8, 1), (0, 0, 32), (4, 32, 32), (1, 16, 128), (4, 0, 64)])
+def test_allocated_memory_is_each_class_at_its_longest(n, w, g):
+    """'allocated' counts per class the most positions it holds at any length L <= N (brute force)."""
+    for N in (0, 3, 20, 100, 131, 512):
+        per_length = [class_lengths(L, n, w, g) for L in range(N + 1)]
+        assert all(sum(c.values()) == L for L, c in enumerate(per_length))  # final: a partition of the positions
+        allocated = class_lengths(N, n, w, g, memory="allocated")
+        assert allocated == {k: max(c[k] for c in per_length) for k in ("sink", "bulk", "recent")}
+
+
+def test_allocated_memory_of_a_map_counts_the_waiting_block():
+    pmap = resolve_map("kivi-2", GEOM)  # window 32, K per channel in blocks of 32, V per token
+    # at 512 positions 32 wait in fp16; a K buffer for any length up to 512 needs 32 + 31, a V buffer 32
+    keys, values = (480 * 3.0 + 63 * 16.0) / 512, (480 * 3.0 + 32 * 16.0) / 512
+    assert pmap.bits_per_element(512, memory="allocated") == pytest.approx((keys + values) / 2)
+    per_token = resolve_map("int4", GEOM)
+    assert per_token.bits_per_element(512, memory="allocated") == per_token.bits_per_element(512)
+    with pytest.raises(KvcompileError, match="final, allocated"):
+        pmap.bits_per_element(512, memory="peak")
 
 
 def test_uniform_and_overrides():
