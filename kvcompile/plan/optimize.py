@@ -9,8 +9,8 @@ with ``cost_j(s)`` from the :class:`~kvcompile.calibrate.Calibration` and ``bits
 average bits of site j over a context of N positions (fp16 sinks and window, the bulk in s, a
 per-channel scheme's incomplete last block in fp16), i.e. what :meth:`PrecisionMap.bits_per_element`
 counts (``memory="allocated"``: the buffers for any length up to N, the incomplete block at its
-largest, G - 1 positions).  This is a multiple-choice knapsack.  We solve it *exactly* by dynamic programming over
-integer weights: each site's bits are counted in units of 1/64 bit per element, **rounded up**, so
+largest, G - 1 positions).  This is a multiple-choice knapsack.  We solve it *exactly* by dynamic
+programming over integer weights: each site's bits are counted in units of 1/64 bit per element, **rounded up**, so
 the chosen map never exceeds the budget, and it is optimal among all maps under that (1/64-bit,
 conservative) accounting — an optimality guarantee, not a heuristic.  The outer choice of (n, w)
 is exhaustive over the calibrated options.  The same DP table answers the dual question
