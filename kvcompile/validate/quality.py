@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +62,11 @@ class QualityResult:
 
     def to_json(self) -> dict:
         return {**asdict(self), "delta_ppl_pct": self.delta_ppl_pct}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> "QualityResult":
+        """Inverse of :meth:`to_json` (derived keys such as ``delta_ppl_pct`` are recomputed)."""
+        return cls(**{f.name: doc[f.name] for f in fields(cls) if f.name in doc})
 
 
 def token_windows(tokenizer, text: str, window: int, max_windows: int | None) -> torch.Tensor:

@@ -30,6 +30,9 @@ def test_a_constant_per_window_gap_is_significant_with_a_point_interval():
     assert s["difference_pct"] == pytest.approx(expected)
     assert s["ci_low_pct"] == pytest.approx(expected) and s["ci_high_pct"] == pytest.approx(expected)
     assert s["significant"] and s["windows"] == 12
+    # saved results (JSON) give the same interval
+    again = paired_bootstrap(QualityResult.from_json(a.to_json()), QualityResult.from_json(b.to_json()), resamples=2000)
+    assert again == s
 
 
 def test_a_gap_smaller_than_the_window_to_window_noise_is_not_significant():
