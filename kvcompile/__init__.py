@@ -18,6 +18,7 @@ _LAZY = {
     "PrecisionMap": "kvcompile.plan.precision_map",
     "resolve_map": "kvcompile.plan.presets",
     "MixedPrecisionCache": "kvcompile.cache.mixed",
+    "PrefixCache": "kvcompile.cache.prefix",
     "load_model": "kvcompile.models",
     "evaluate": "kvcompile.validate.quality",
     "load_text": "kvcompile.data",

@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from kvcompile.errors import KvcompileError
 from kvcompile.version import __version__
@@ -185,30 +186,66 @@ def cmd_run(args) -> int:
     from kvcompile.runtime import generate, open_decoder
 
     _set_threads(args.threads)
+    prompts = []
+    for p in args.prompt:
+        if p.startswith("@"):
+            path = Path(p[1:])
+            if not path.is_file():
+                raise KvcompileError(f"--prompt {p}: expected a file with one prompt per line; {path} does not exist")
+            prompts += [line for line in path.read_text().splitlines() if line.strip()]
+        else:
+            prompts.append(p)
+    if args.prefix_cache_mb is not None and args.backend != "torch":
+        raise KvcompileError(f"--prefix-cache-mb runs with --backend torch; the {args.backend} graph takes its packed "
+                             "cache as I/O and has no prefix reuse yet")
     ex = ExportedModel.load(args.directory)
     options = {"threads": args.threads} if args.backend == "ort" else {}
     decoder = open_decoder(ex, args.backend, **options)
     tokenizer = _tokenizer_for(ex, getattr(decoder, "lm", None))
-    prompt = tokenizer(args.prompt).input_ids
-    if isinstance(prompt[0], list):
-        prompt = prompt[0]
-    new: list[int] = []
-    shown = ""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if args.prefix_cache_mb is not None:
+        return _run_with_prefix_cache(args, ex, decoder, tokenizer, prompts, eos)
+    for text in prompts:
+        prompt = tokenizer(text).input_ids
+        if isinstance(prompt[0], list):
+            prompt = prompt[0]
+        new: list[int] = []
+        shown = ""
 
-    def stream(token: int) -> None:
-        nonlocal shown
-        new.append(token)
-        text = tokenizer.decode(new, skip_special_tokens=True)
-        print(text[len(shown):], end="", flush=True)
-        shown = text
+        def stream(token: int) -> None:
+            nonlocal shown
+            new.append(token)
+            decoded = tokenizer.decode(new, skip_special_tokens=True)
+            print(decoded[len(shown):], end="", flush=True)
+            shown = decoded
 
-    print(args.prompt, end="", flush=True)
-    result = generate(decoder, prompt, args.max_new_tokens, eos_token_id=getattr(tokenizer, "eos_token_id", None),
-                      on_token=stream)
-    providers = ",".join(getattr(decoder, "providers", [])) or "torch"
-    print(f"\n\n[{args.backend} ({providers})] prompt {result.prompt_tokens} tokens, prefill "
-          f"{1000 * result.prefill_seconds:.0f} ms; {len(result.tokens)} new tokens, decode "
-          f"{result.decode_tokens_per_second:.1f} tokens/s; KV cache {result.cache_bytes / 1024:.1f} KiB")
+        print(text, end="", flush=True)
+        result = generate(decoder, prompt, args.max_new_tokens, eos_token_id=eos, on_token=stream)
+        providers = ",".join(getattr(decoder, "providers", [])) or "torch"
+        print(f"\n\n[{args.backend} ({providers})] prompt {result.prompt_tokens} tokens, prefill "
+              f"{1000 * result.prefill_seconds:.0f} ms; {len(result.tokens)} new tokens, decode "
+              f"{result.decode_tokens_per_second:.1f} tokens/s; KV cache {result.cache_bytes / 1024:.1f} KiB")
+    return 0
+
+
+def _run_with_prefix_cache(args, ex, decoder, tokenizer, prompts: list[str], eos) -> int:
+    from kvcompile.cache import PrefixCache
+    from kvcompile.cache.prefix import generate as generate_with_prefix
+
+    prefix = PrefixCache(ex.pmap, block_size=args.prefix_block, capacity_bytes=int(args.prefix_cache_mb * 2**20),
+                         ttl_seconds=args.prefix_ttl)
+    for text in prompts:
+        ids = tokenizer(text).input_ids
+        ids = ids[0] if isinstance(ids[0], list) else ids
+        g = generate_with_prefix(decoder.lm.model, ids, prefix, args.max_new_tokens, max_context=ex.max_context,
+                                 eos_token_id=eos)
+        print(text + tokenizer.decode(g.tokens, skip_special_tokens=True))
+        print(f"[torch + prefix cache] prompt {len(ids)} tokens: {g.reused_tokens} restored, {g.computed_tokens} "
+              f"computed; prefill {1000 * g.prefill_seconds:.0f} ms\n")
+    s = prefix.stats
+    print(f"prefix cache: {s.hits}/{s.lookups} hits, {s.hit_tokens} prompt tokens reused "
+          f"({s.token_hit_rate:.0%} of block-aligned tokens), {s.entries} entries, {s.bytes / 2**20:.2f} MiB of "
+          f"{args.prefix_cache_mb:g} MiB, evicted {s.evicted_lru} (LRU) + {s.evicted_ttl} (TTL), rejected {s.rejected}")
     return 0
 
 
@@ -344,9 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="generate text with an exported model, streaming tokens")
     p.add_argument("directory", help="export directory (from kvcompile export)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="prompt text; repeat for several requests (@FILE: one prompt per line of FILE)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--backend", default="ort", help="ort (ONNX Runtime, default) or torch (reference)")
+    p.add_argument("--prefix-cache-mb", type=float, default=None,
+                   help="reuse the compressed KV cache of shared prompt prefixes across the prompts, up to this many MiB "
+                        "(torch backend)")
+    p.add_argument("--prefix-block", type=int, default=64, help="prefix cache granularity in tokens (default 64)")
+    p.add_argument("--prefix-ttl", type=float, default=600.0, help="seconds an unused prefix stays cached (default 600)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (ONNX Runtime intra-op / torch)")
     p.set_defaults(func=cmd_run)
 

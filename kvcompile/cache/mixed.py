@@ -123,14 +123,16 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.stores: dict[str, list[_HeadGroupStore]] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device, self.dtype = key_states.device, key_states.dtype
-        self.batch_size = key_states.shape[0]
+        self._setup(key_states.device, key_states.dtype, key_states.shape[0])
+
+    def _setup(self, device: torch.device, dtype: torch.dtype, batch_size: int) -> None:
+        self.device, self.dtype, self.batch_size = device, dtype, batch_size
         if self.kernels:
             from kvcompile.kernels import available
 
-            ok, reason = available(key_states.device.type)
+            ok, reason = available(torch.device(device).type)
             if not ok:
-                raise CacheError(f"MixedPrecisionCache(kernels=True) cannot run on {key_states.device.type}: {reason}")
+                raise CacheError(f"MixedPrecisionCache(kernels=True) cannot run on {torch.device(device).type}: {reason}")
         quantize = _kernel_quantize if self.kernels else _reference_quantize
         for stream in STREAMS:
             by_triple: dict[tuple, list[int]] = defaultdict(list)
@@ -229,6 +231,27 @@ class MixedPrecisionLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(g.nbytes() for groups in self.stores.values() for g in groups)
 
+    def snapshot(self) -> dict:
+        """The packed state (segments copied into their own storage, so its size is its true bytes)."""
+        if not self.is_initialized:
+            return {"length": 0}
+        compact = lambda q: None if q is None else QuantizedTensor(  # noqa: E731
+            q.scheme, q.shape, {k: v.clone() for k, v in q.parts.items()})
+        return {"length": self.length, "device": self.device, "dtype": self.dtype, "batch_size": self.batch_size,
+                "segments": {stream: [{c: compact(q) for c, q in g.segments.items()} for g in groups]
+                             for stream, groups in self.stores.items()}}
+
+    def restore(self, state: dict) -> None:
+        """Become the layer whose :meth:`snapshot` is ``state`` (segments are shared, never written in place)."""
+        self.reset()
+        if not state["length"]:
+            return
+        self._setup(state["device"], state["dtype"], state["batch_size"])
+        for stream, groups in self.stores.items():
+            for g, segments in zip(groups, state["segments"][stream], strict=True):
+                g.segments = dict(segments)
+        self.length = state["length"]
+
 
 class PackedView:
     """What a kernel-mode cache returns as "keys" and "values" of a decode step: the layer itself,
@@ -266,6 +289,18 @@ class MixedPrecisionCache(Cache):
     def nbytes(self) -> int:
         """Bytes of packed K/V actually held (codes, scales, zero points), all layers."""
         return sum(layer.nbytes() for layer in self.layers)
+
+    def snapshot(self) -> list[dict]:
+        """Packed state of every layer, for :meth:`restore` (used by :class:`kvcompile.cache.PrefixCache`)."""
+        return [layer.snapshot() for layer in self.layers]
+
+    def restore(self, state: list[dict]) -> "MixedPrecisionCache":
+        """Replace this cache's content with a :meth:`snapshot` taken from a cache of the same map."""
+        if len(state) != len(self.layers):
+            raise CacheError(f"snapshot has {len(state)} layers; this cache has {len(self.layers)}")
+        for layer, layer_state in zip(self.layers, state):
+            layer.restore(layer_state)
+        return self
 
     def bits_per_element(self) -> float:
         length = self.get_seq_length()

@@ -37,6 +37,17 @@ def test_export_run_validate_default_model(smollm, tmp_path, capsys):
     assert main(["run", str(out), "--prompt", "x " * 300, "--max-new-tokens", "2"]) == 2
     assert "exceeds the export's max_context of 256" in capsys.readouterr().err
 
+    # several requests sharing a document: the prefix cache restores its compressed blocks
+    shared = "Paris is the capital and largest city of France, on the river Seine. " * 4
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"{shared}Question {i}: what is the river? Answer:\n" for i in range(3)))
+    assert main(["run", str(out), "--prompt", f"@{prompts}", "--backend", "torch", "--prefix-cache-mb", "8",
+                 "--prefix-block", "16", "--max-new-tokens", "4", "--threads", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "prefix cache: 2/3 hits" in text and text.count(" restored, ") == 3 and " 0 restored" in text
+    assert main(["run", str(out), "--prompt", "Hi", "--prefix-cache-mb", "8"]) == 2  # ort backend
+    assert "--prefix-cache-mb runs with --backend torch" in capsys.readouterr().err
+
 
 def test_export_trt_builds_an_engine_of_the_default_model(smollm, tmp_path, capsys):
     from kvcompile.targets.trt.build import tensorrt_flavour
