@@ -123,9 +123,11 @@ class PrefixCache:
         """A new cache holding the longest cached block-aligned prefix of ``ids``, and its length (0 on a miss)."""
         self._expire()
         keys = self._block_keys(ids)
+        cache = MixedPrecisionCache(self.pmap, max_context=max_context, kernels=kernels)
+        if not keys:  # shorter than one block: nothing could be cached, not counted as a lookup
+            return cache, 0
         self.stats.lookups += 1
         self.stats.lookup_tokens += len(keys) * self.block_size
-        cache = MixedPrecisionCache(self.pmap, max_context=max_context, kernels=kernels)
         for key in reversed(keys):
             entry = self._entries.get(key)
             if entry is not None:

@@ -93,6 +93,7 @@ def test_longest_cached_prefix_wins_and_other_maps_never_match(model):
     assert prefix.lookup(ids + [1])[1] == 4 * BLOCK
     assert prefix.lookup(ids[: 3 * BLOCK] + [1] * BLOCK)[1] == 2 * BLOCK  # diverges in block 4
     assert prefix.lookup([ids[0] + 1] + ids[1:])[1] == 0
+    assert prefix.lookup(ids[: BLOCK - 1])[1] == 0 and prefix.stats.lookups == 3  # under one block: no lookup
     other = PrefixCache(PrecisionMap.uniform(2, 2, 32, key="int8"), block_size=BLOCK)
     other._entries = prefix._entries  # same stored states, different map: keys are seeded with the map
     assert other.lookup(ids + [1])[1] == 0
