@@ -71,11 +71,6 @@ class _Entry:
     last_used: float
 
 
-def _state_bytes(state: list[dict]) -> int:
-    return sum(q.nbytes for layer in state if layer["length"] for groups in layer["segments"].values()
-               for segments in groups for q in segments.values() if q is not None)
-
-
 class PrefixCache:
     """Compressed KV states of prompt prefixes, block-aligned, under a memory cap with TTL + LRU eviction."""
 
@@ -156,15 +151,14 @@ class PrefixCache:
             self._entries[key].last_used = self.clock()
             self._entries.move_to_end(key)
             return False
-        state = cache.snapshot()
-        size = _state_bytes(state)
+        size = cache.nbytes()  # counts the elements held, i.e. the size of the compacted snapshot
         if size > self.capacity_bytes:
             self.stats.rejected += 1
             return False
         while self._entries and self.stats.bytes + size > self.capacity_bytes:
             self._drop(next(iter(self._entries)))
             self.stats.evicted_lru += 1
-        self._entries[key] = _Entry(length, state, size, self.clock())
+        self._entries[key] = _Entry(length, cache.snapshot(), size, self.clock())
         self.stats.inserted += 1
         self.stats.entries += 1
         self.stats.bytes += size
