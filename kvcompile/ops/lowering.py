@@ -2,8 +2,8 @@
 
 Each lowering reproduces its scheme's torch reference (:mod:`kvcompile.quant`) operation for
 operation, in the same float32 order, so that ONNX Runtime produces the *same bits* (tested
-exhaustively on edge values in ``tests/unit/test_ops.py``); only ``-rot`` schemes differ, by
-the summation order of the Hadamard matmul.  Inputs are ``[B, H, T, D]`` float32 tensors with
+exhaustively on edge values in ``tests/unit/test_ops.py``), ``-rot`` schemes included: the
+Hadamard rotation is a butterfly of elementwise adds on both sides, not a matmul.  Inputs are ``[B, H, T, D]`` float32 tensors with
 any T, including 0 (an empty cache segment).
 
 Adding a family's lowering = one ``register_lowering(SchemeClass, quantize, dequantize)`` call.
@@ -24,7 +24,7 @@ from kvcompile.ops.builder import Builder
 from kvcompile.quant import get_scheme
 from kvcompile.quant.base import StorageScheme
 from kvcompile.quant.floating import FP16Scheme
-from kvcompile.quant.hadamard import hadamard_matrix
+from kvcompile.quant.hadamard import check_power_of_two, rotation_scale
 from kvcompile.quant.integer import IntegerScheme
 from kvcompile.quant.nf4 import NF4Scheme, nf4_codebook
 from kvcompile.quant.packing import block_shape
@@ -143,7 +143,22 @@ def unpack(b: Builder, packed: str, bits: int) -> str:
 
 
 def rotate(b: Builder, x: str, head_dim: int) -> str:
-    return b.op("MatMul", x, b.const(hadamard_matrix(head_dim).numpy()))
+    """The fast Walsh-Hadamard transform of :func:`kvcompile.quant.hadamard.rotate`, stage for stage.
+
+    ``x``: ``[B, H, T, D]`` float32.  Stage ``h`` views the last axis as ``[D / 2h, 2, h]`` and maps
+    the pair ``(a, b)`` to ``(a + b, a - b)``; elementwise adds give the reference's bits exactly
+    (a MatMul would sum in another order).
+    """
+    check_power_of_two(head_dim)
+    lead = b.op("Shape", x, start=0, end=-1)
+    h = 1
+    while h < head_dim:
+        pairs = b.reshape(x, b.op("Concat", lead, b.i64(head_dim // (2 * h), 2, h), axis=0))
+        first, second = b.op("Split", pairs, axis=-2, num_outputs=2, outputs=2)
+        x = b.op("Concat", b.op("Add", first, second), b.op("Sub", first, second), axis=-2)
+        h *= 2
+    x = b.reshape(x, b.op("Concat", lead, b.i64(head_dim), axis=0))
+    return b.op("Mul", x, b.const(rotation_scale(head_dim)))
 
 
 # --------------------------------------------------------------------------- fp16

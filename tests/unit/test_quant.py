@@ -142,6 +142,17 @@ def test_hadamard_is_orthonormal_and_self_inverse():
         hadamard_matrix(48)
 
 
+@pytest.mark.parametrize("dim", [4, 32, 64, 256])
+def test_rotation_is_the_hadamard_product_and_independent_of_batch_shape(dim):
+    """One position rotated alone gives the same bits as inside a whole window (decode vs simulation)."""
+    x = torch.randn(2, 3, 37, dim, generator=torch.Generator().manual_seed(dim)) * 10
+    whole = rotate(x)
+    torch.testing.assert_close(whole, x @ hadamard_matrix(dim), rtol=0, atol=1e-4)
+    one_by_one = torch.cat([rotate(x[:, :, t : t + 1]) for t in range(x.shape[2])], dim=2)
+    assert torch.equal(whole, one_by_one)
+    assert torch.equal(rotate(x[:1, :1]), whole[:1, :1])
+
+
 def test_nf4_codebook_matches_qlora():
     book = nf4_codebook()
     # Published NF4 levels (Dettmers et al. 2023, QLoRA, appendix E), a few of them.
