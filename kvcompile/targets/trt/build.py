@@ -10,12 +10,13 @@ TensorRT comes from ``tensorrt`` where installed, else ``tensorrt_rtx`` (``pip i
 tensorrt-rtx``: builds engines on a CPU-only machine; running them needs an RTX-class GPU).
 TensorRT-RTX dlopens ``libtensorrt_rtx.so`` by that unversioned name when plugins are involved,
 and the process aborts if it does not resolve; :func:`library_env` makes it resolve with a symlink
-to the wheel's ``libtensorrt_rtx.so.1`` in kvcompile's cache directory, put on the child's
-``LD_LIBRARY_PATH``.
+to the wheel's ``libtensorrt_rtx.so.1`` in kvcompile's cache directory (one directory per
+library directory and version, :func:`unversioned_links`), put on the child's ``LD_LIBRARY_PATH``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -49,8 +50,6 @@ def _has_builder(spec) -> bool:
 
 def library_env() -> dict:
     """Environment for the worker: unversioned symlinks for the TensorRT libraries on LD_LIBRARY_PATH."""
-    from kvcompile.models import cache_dir
-
     env = dict(os.environ)
     dirs = []
     for package in ("tensorrt_rtx_libs", "tensorrt_libs"):
@@ -58,17 +57,38 @@ def library_env() -> dict:
         if spec is None or not spec.submodule_search_locations:
             continue
         libdir = Path(list(spec.submodule_search_locations)[0])
-        links = cache_dir() / "trt-libs" / package
-        links.mkdir(parents=True, exist_ok=True)
-        for lib in libdir.glob("lib*.so.*"):
-            unversioned = links / (lib.name.split(".so.")[0] + ".so")
-            if not (libdir / unversioned.name).exists() and not unversioned.exists():
-                tmp = links / f".{unversioned.name}.{os.getpid()}"
-                tmp.symlink_to(lib)
-                os.replace(tmp, unversioned)  # atomic: concurrent builds may race here
-        dirs += [str(links), str(libdir)]
+        dirs += [str(unversioned_links(libdir)), str(libdir)]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(dirs + [p for p in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p])
     return env
+
+
+def unversioned_links(libdir: Path) -> Path:
+    """A directory of ``libX.so -> libdir/libX.so.N`` symlinks for the libraries in ``libdir``.
+
+    The directory lives in kvcompile's per-user cache under a key of what the links depend on:
+    the library directory's real path and each library's name, size and modification time.  So
+    two Python environments (or two TensorRT versions) never share links, and removing one
+    environment cannot leave another with dangling links into it.
+    """
+    from kvcompile.models import cache_dir
+
+    libdir = libdir.resolve()
+    libs = sorted(libdir.glob("lib*.so.*"))
+    key = hashlib.sha256(str(libdir).encode())
+    for lib in libs:
+        st = lib.stat()
+        key.update(f"\0{lib.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    links = cache_dir() / "trt-libs" / f"{libdir.parent.name}-{libdir.name}-{key.hexdigest()[:16]}"
+    links.mkdir(parents=True, exist_ok=True)
+    for lib in libs:
+        unversioned = links / (lib.name.split(".so.")[0] + ".so")
+        if (libdir / unversioned.name).exists() or (unversioned.is_symlink() and unversioned.resolve() == lib):
+            continue
+        tmp = links / f".{unversioned.name}.{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(lib)
+        os.replace(tmp, unversioned)  # atomic: concurrent builds may race here
+    return links
 
 
 def build_engine(export_dir: Path, *, max_batch: int = 1, opt_context: int = 256, timeout: int = 3600) -> dict:
