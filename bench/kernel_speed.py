@@ -1,6 +1,6 @@
 """Decode-attention and append kernels vs fp16 scaled_dot_product_attention, on a GPU.
 
-    python bench/kernels.py [--contexts 4096,32768,131072] [--batches 1,16] [--schemes kivi-2,kivi-4,int8,int4]
+    python bench/kernel_speed.py [--contexts 4096,32768,131072] [--batches 1,16] [--schemes kivi-2,kivi-4,int8,int4]
 
 For each scheme, context T and batch B: one decode step (one query position per sequence) over a
 cache of T positions for one layer (Hq query heads, Hkv kv heads, head dim D), timed with CUDA
@@ -81,7 +81,7 @@ def main() -> int:
     args = ap.parse_args()
     ok, reason = available(args.device)
     if not ok:
-        print(f"bench/kernels.py: no kernel run on {args.device}: {reason}. Nothing measured.")
+        print(f"bench/kernel_speed.py: no kernel run on {args.device}: {reason}. Nothing measured.")
         return 0
     from kvcompile.kernels import decode_attention, quantize
     from kvcompile.kernels.attention import Segment, Stored
