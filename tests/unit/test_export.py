@@ -168,3 +168,33 @@ def test_validate_passes_on_a_faithful_export_and_fails_against_another_map(expo
     # the graph still holds the mixed map, but the reference now decodes with int2 everywhere
     wrong = validate_export(dc_replace(ex, pmap=resolve_map("int2", tiny_geometry)), **kwargs)
     assert not wrong.passed and wrong.max_abs_error > 100 * LOGIT_ATOL
+
+
+def _pbtxt_tensors(text: str, section: str) -> list[dict]:
+    """The ``{ name: ... data_type: ... dims: [...] }`` entries of one section of a config.pbtxt."""
+    import re
+
+    body = re.search(rf"^{section} \[\n(.*?)\n\]$", text, re.M | re.S)
+    assert body, f"no {section} section"
+    entries = re.findall(r'\{ name: "([^"]+)" data_type: (TYPE_[A-Z0-9]+) dims: \[ ([^\]]*) \] \}', body[1])
+    assert len(entries) == body[1].count("{"), "an entry does not parse"
+    return [{"name": n, "data_type": t, "dims": [int(d) for d in dims.split(", ")]} for n, t, dims in entries]
+
+
+@pytest.mark.parametrize("name", ["fp16", "mixed"])
+def test_triton_config_matches_the_graph_field_by_field(exports, name):
+    """Every graph input and output appears in config.pbtxt with its name, type and dims, in order."""
+    triton_types = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",
+                    onnx.TensorProto.INT8: "TYPE_INT8", onnx.TensorProto.INT64: "TYPE_INT64"}
+    ex = exports[name]
+    graph = onnx.load(str(ex.onnx_path), load_external_data=False).graph
+    text = (ex.path / "config.pbtxt").read_text()
+    assert 'platform: "onnxruntime_onnx"' in text and "max_batch_size: 0" in text
+
+    def expected(values):
+        return [{"name": v.name, "data_type": triton_types[v.type.tensor_type.elem_type],
+                 "dims": [d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim]}
+                for v in values]
+
+    assert _pbtxt_tensors(text, "input") == expected(graph.input)
+    assert _pbtxt_tensors(text, "output") == expected(graph.output)

@@ -99,20 +99,67 @@ def test_cache_update_is_bit_exact_over_prefill_and_decode(case):
     assert got[-1].shape == (2, 3, total, 64)
 
 
-def test_every_op_spec_is_consistent():
-    assert set(op_names()) == {"KVQuantize", "KVDequantize", "KVCacheUpdate"}
-    attrs = {"KVQuantize": {"scheme": "int4-ch", "head_dim": 64}, "KVDequantize": {"scheme": "nf4", "head_dim": 64},
-             "KVCacheUpdate": {**CACHE_CASES[0], "head_dim": 64}}
-    for name in op_names():
-        spec = get_op(name)
-        a = attrs[name]
-        proto, _ = spec.function(a)
-        assert proto.domain == "kvcompile" and proto.name == name and proto.overload == spec.overload(a)
-        assert list(proto.input) == [p.name for p in spec.inputs(a)]
-        assert list(proto.output) == [p.name for p in spec.outputs(a)]
-        assert spec.plugin_fields(a) == a
-        with pytest.raises(ValueError):
-            spec.check_attrs({**a, "extra": 1})
+# Ports written out by hand from the formats' definitions (head_dim 64), not read off the specs:
+# int2 per-channel: 64 x 2 bits = 16 code bytes per position, fp16 scale and zero per channel per
+# block of 32 positions; NF4 g16 with double quantization: 32 code bytes, one int8 scale code per
+# group of 16 channels, one fp16 super-scale per position.
+EXPECTED_PORTS = {
+    "KVCacheUpdate": (
+        {**CACHE_CASES[0], "head_dim": 64},
+        [("past_sink.values", "float16", 64, 1), ("past_bulk.codes", "int8", 16, 1), ("past_bulk.scale", "float16", 64, 32),
+         ("past_bulk.zero", "float16", 64, 32), ("past_recent.values", "float16", 64, 1), ("states", "float32", None, 1)],
+        [("present_sink.values", "float16", 64, 1), ("present_bulk.codes", "int8", 16, 1),
+         ("present_bulk.scale", "float16", 64, 32), ("present_bulk.zero", "float16", 64, 32),
+         ("present_recent.values", "float16", 64, 1), ("all_states", "float32", None, 1)]),
+    "KVQuantize": (
+        {"scheme": "nf4", "head_dim": 64}, [("states", "float32", None, 1)],
+        [("codes", "int8", 32, 1), ("scale_codes", "int8", 4, 1), ("super_scale", "float16", 1, 1)]),
+    "KVDequantize": (
+        {"scheme": "int4-ch-g64", "head_dim": 64},
+        [("codes", "int8", 32, 1), ("scale", "float16", 64, 64), ("zero", "float16", 64, 64)],
+        [("states", "float32", None, 1)]),
+}
+
+
+def _ports(ports):
+    rows = []
+    for p in ports:
+        width = None if p.shape[-1] == "D" else int(p.shape[-1])
+        rows_per = int(p.shape[2].split("/")[1]) if "/" in p.shape[2] else 1
+        rows.append((p.name, p.dtype, width, rows_per))
+    return rows
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_PORTS))
+def test_op_ports_match_the_formats_and_the_function_and_node_carry_them(name):
+    spec = get_op(name)
+    attrs, inputs, outputs = EXPECTED_PORTS[name]
+    assert (_ports(spec.inputs(attrs)), _ports(spec.outputs(attrs))) == (inputs, outputs)
+    proto, _ = spec.function(attrs)
+    assert (proto.domain, proto.name) == ("kvcompile", name)
+    assert list(proto.input) == [p[0] for p in inputs] and list(proto.output) == [p[0] for p in outputs]
+    # The TensorRT parser hands a plugin the node's attributes named in its field list: they must
+    # be exactly the op's attributes with the map's values (plus how the parser finds the plugin).
+    node = spec.single_node_model(attrs).graph.node[0]
+    node_attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    found = {"plugin_namespace": b"kvcompile", "plugin_version": str(spec.version).encode()}
+    assert {k: v for k, v in node_attrs.items() if k != "overload"} == \
+        {**{k: v.encode() if isinstance(v, str) else v for k, v in attrs.items()}, **found}
+    assert spec.plugin_fields(attrs) == attrs
+    with pytest.raises(ValueError, match="expected attributes"):
+        spec.check_attrs({**attrs, "extra": 1})
+
+
+@pytest.mark.parametrize("scheme", ["int2-ch", "nf4", "int4-ch-g64", "int3", "fp16", "int8-ch-s32"])
+def test_stored_bytes_per_position_equal_the_schemes_bit_count(scheme):
+    """The ports' bytes per position (codes, scales, zero points) are the scheme's exact bits."""
+    from kvcompile.ops.quantize import part_ports
+
+    itemsize = {"float16": 2, "float32": 4, "int8": 1}
+    ports = part_ports(scheme, 64)
+    bits = sum(8 * itemsize[p.dtype] * int(p.shape[-1]) / r for p, (_, _, _, r) in zip(ports, _ports(ports)))
+    assert bits / 64 == get_scheme(scheme).bits_per_element(64)
+    assert {"int2-ch": 3.0, "nf4": 4.75, "int4-ch-g64": 4.5, "int3": 4.0, "fp16": 16.0}.get(scheme, bits / 64) == bits / 64
 
 
 def test_scheme_without_lowering_is_a_clear_export_error():
