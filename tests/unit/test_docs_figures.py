@@ -1,0 +1,161 @@
+"""The figures README.md and docs/ quote are the ones in the committed JSON of the bench that made them.
+
+Each claim names a document, a pattern whose groups capture figures as printed, and the same figures
+formatted from ``bench/results/*.json``; tables are compared row by row.  A bench re-run that changes
+a result, or an edit that changes a figure, fails here until the other side follows.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@lru_cache(maxsize=None)
+def result(name: str) -> dict:
+    return json.loads((ROOT / "bench" / "results" / f"{name}.json").read_text())
+
+
+def text(doc: str) -> str:
+    return (ROOT / doc).read_text()
+
+
+def pct(x: float, digits: int = 2) -> str:
+    """A ΔPPL as the docs print it: signed, and a true minus sign where the docs use one."""
+    return f"{x:+.{digits}f}"
+
+
+def same_number(printed: str, expected: str) -> bool:
+    return printed.replace("−", "-") == expected.replace("−", "-")
+
+
+def table_rows(doc: str, header_start: str) -> list[list[str]]:
+    """Cells of the Markdown table whose header row starts with ``header_start``."""
+    lines = text(doc).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip().strip("*") for c in line.strip("|").split("|")])
+    assert rows, f"{doc}: table {header_start!r} is empty"
+    return rows
+
+
+# ------------------------------------------------------------------ single figures in prose
+
+def _calibration_seconds() -> str:
+    return f"{result('plan_vs_uniform')['calibration_seconds']:.0f}"
+
+
+def _comparison(name: str) -> dict:
+    return next(c for c in result("plan_vs_uniform")["comparisons"] if c["map"] == name)
+
+
+def _bound(kind: str) -> dict:
+    return result("bound_validation")["summary"][kind]
+
+
+def _prefix(key: str) -> float:
+    return result("prefix_cache")[key]
+
+
+CLAIMS = [
+    ("README.md", r"hybrid\nestimator in (\d+) s", _calibration_seconds),
+    ("docs/calibration-results.md", r"\| hybrid \(default\) \| 4 × 512 \| (\d+) s \|", _calibration_seconds),
+    ("docs/calibration-results.md", r"In 3 rounds and (\d+) s",
+     lambda: f"{_comparison('plan kl<=0.02 refined')['refinement_seconds']:.0f}"),
+    ("docs/calibration-results.md", r"\+2\.47 → \+1\.69 %\), in (\d+) s",
+     lambda: f"{_comparison('plan 4b refined')['refinement_seconds']:.0f}"),
+    ("docs/calibration-results.md", r"holds on (\d+)% of sites at c = 1, and c ≈ ([\d.]+) makes it hold on (\d+) % \((\d+) of the (\d+)",
+     lambda: (f"{100 * _bound('predicted_corrected')['holds_c1']:.0f}", f"{_bound('predicted_corrected')['c_for_90pct']:.1f}",
+              f"{100 * _bound('predicted_corrected')['holds_c90']:.0f}",
+              f"{round(_bound('predicted_corrected')['holds_c90'] * len(result('bound_validation')['sites']))}",
+              f"{len(result('bound_validation')['sites'])}")),
+    ("README.md", r"time to first token of requests 2–8 is\n([\d.]+)x the cold time", lambda: f"{_prefix('ttft_ratio_median'):.2f}"),
+    ("README.md", r"total prefill ([\d.]+)x", lambda: f"{_prefix('prefill_ratio_total'):.2f}"),
+    ("README.md", r"takes ([\d.]+) MB, ([\d.]+)x an fp16 cache",
+     lambda: (f"{_prefix('entry_bytes') / 1e6:.2f}", f"{_prefix('entry_bytes') / _prefix('fp16_bytes'):.3f}")),
+]
+
+
+@pytest.mark.parametrize("doc,pattern,expected", CLAIMS, ids=[f"{d}:{p[:40]}" for d, p, _ in CLAIMS])
+def test_quoted_figure_equals_its_json(doc, pattern, expected):
+    matches = re.findall(pattern, text(doc))
+    assert matches, f"{doc}: no text matches {pattern!r}"
+    want = expected()
+    want = want if isinstance(want, tuple) else (want,)
+    for m in matches:
+        got = m if isinstance(m, tuple) else (m,)
+        assert all(same_number(g, w) for g, w in zip(got, want)), f"{doc}: {got} quoted, JSON says {want}"
+
+
+# ------------------------------------------------------------------ tables
+
+def test_readme_baseline_table_is_the_bench_output():
+    from kvcompile.validate.quality import QualityResult, format_table
+
+    results = [QualityResult.from_json(r) for r in result("quality")["results"]]
+    for line in format_table(results).splitlines():
+        assert line in text("README.md").splitlines(), f"README.md lacks the bench line {line!r}"
+
+
+def _readme_label(label: str) -> str:
+    return label.lower().replace(" (uniform)", "").replace(" + 4 sinks", " s4")
+
+
+def test_readme_equal_memory_table_matches_the_json():
+    rows = {e["baseline"]: e for e in result("plan_vs_uniform")["equal_memory"] if not e["refined"]}
+    for label, bits, base, planned in table_rows("README.md", "| baseline | bits/elt | baseline ΔPPL %"):
+        e = rows[_readme_label(label)]
+        digits = 0 if abs(e["baseline_delta_ppl_pct"]) >= 1000 else 1 if abs(e["baseline_delta_ppl_pct"]) >= 10 else 2
+        assert same_number(bits, f"{e['baseline_bits']:.2f}"), label
+        assert same_number(base, pct(e["baseline_delta_ppl_pct"], digits)), label
+        digits = 1 if abs(e["plan_delta_ppl_pct"]) >= 10 else 2
+        assert same_number(planned, pct(e["plan_delta_ppl_pct"], digits)), label
+
+
+def test_calibration_results_tables_match_the_json():
+    by_name = {r["name"]: r for r in result("plan_vs_uniform")["results"]}
+    for label, bits, dppl, kl, top1 in table_rows("docs/calibration-results.md", "| map | bits/elt | ΔPPL % | KL | top-1 |"):
+        name = max((n for n in by_name if label == n or label.startswith(n + " ")), key=len)
+        r = by_name[name]
+        assert (bits, kl, top1) == (f"{r['bits_per_element']:.3f}", f"{r['kl']:.4f}", f"{r['top1_agreement']:.3f}"), label
+        assert same_number(dppl, pct(r["delta_ppl_pct"])), label
+    equal = {e["baseline"]: e for e in result("plan_vs_uniform")["equal_memory"] if not e["refined"]}
+    rows = table_rows("docs/calibration-results.md", "| baseline | bits/elt | baseline ΔPPL % | planned ΔPPL %")
+    assert len(rows) == len(equal)
+    for label, bits, base, planned, interval, lower in rows:
+        e = equal[label]
+        low, high = e["difference_ci_pct"]
+        assert bits == f"{e['baseline_bits']:.2f}" and interval == f"[{low:+.2f}, {high:+.2f}]", label
+        assert same_number(base, pct(e["baseline_delta_ppl_pct"])) and same_number(planned, pct(e["plan_delta_ppl_pct"]))
+        winner = "plan" if e["plan_wins"] else "baseline"
+        assert lower == (winner if e["significant"] else f"{winner} (not significant)"), label
+
+
+def test_bound_validation_table_matches_the_json():
+    kinds = ["predicted", "predicted_corrected", "predicted_hnf"]
+    rows = table_rows("docs/calibration-results.md", "| prediction | Spearman |")
+    assert len(rows) == len(kinds)
+    for (label, spearman, holds, c90, ratio), kind in zip(rows, kinds):
+        s = _bound(kind)
+        assert (spearman, holds, c90, ratio) == (f"{s['spearman']:.3f}", f"{100 * s['holds_c1']:.0f}%",
+                                                 f"{s['c_for_90pct']:.2f}", f"{s['median_ratio']:.2f}"), label
+
+
+def test_onnx_runtime_table_matches_the_json():
+    rows = table_rows("docs/export.md", "| map | context | decode tokens/s |")
+    results = result("onnx_runtime")["results"]
+    assert len(rows) == len(results)
+    for (label, context, tps, speed, mib, mem, bits), r in zip(rows, results):
+        assert (label.lower(), int(context)) == (r["map"].lower(), r["context"])
+        assert (tps, speed, mib, mem, bits) == (f"{r['tokens_per_s']:.1f}", f"{r['speed_ratio']:.2f}",
+                                                f"{r['kv_bytes'] / 2**20:.2f}", f"{r['kv_bytes_ratio']:.3f}",
+                                                f"{r['map_bits_per_element']:.2f}"), label
