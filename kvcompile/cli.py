@@ -195,6 +195,8 @@ def cmd_run(args) -> int:
             prompts += [line for line in path.read_text().splitlines() if line.strip()]
         else:
             prompts.append(p)
+    if args.concurrency < 1:
+        raise KvcompileError(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.prefix_cache_mb is not None and args.backend != "torch":
         raise KvcompileError(f"--prefix-cache-mb runs with --backend torch; the {args.backend} graph takes its packed "
                              "cache as I/O and has no prefix reuse yet")
@@ -234,14 +236,22 @@ def _run_with_prefix_cache(args, ex, decoder, tokenizer, prompts: list[str], eos
 
     prefix = PrefixCache(ex.pmap, block_size=args.prefix_block, capacity_bytes=int(args.prefix_cache_mb * 2**20),
                          ttl_seconds=args.prefix_ttl)
-    for text in prompts:
+    def serve(text: str) -> str:
         ids = tokenizer(text).input_ids
         ids = ids[0] if isinstance(ids[0], list) else ids
         g = generate_with_prefix(decoder.lm.model, ids, prefix, args.max_new_tokens, max_context=ex.max_context,
                                  eos_token_id=eos)
-        print(text + tokenizer.decode(g.tokens, skip_special_tokens=True))
-        print(f"[torch + prefix cache] prompt {len(ids)} tokens: {g.reused_tokens} restored, {g.computed_tokens} "
-              f"computed; prefill {1000 * g.prefill_seconds:.0f} ms\n")
+        return (text + tokenizer.decode(g.tokens, skip_special_tokens=True) + "\n"
+                f"[torch + prefix cache] prompt {len(ids)} tokens: {g.reused_tokens} restored, {g.computed_tokens} "
+                f"computed; prefill {1000 * g.prefill_seconds:.0f} ms\n")
+
+    # Requests share one prefix cache; with --concurrency N they are served by N threads at once
+    # (answers print in prompt order).
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
+        for answer in pool.map(serve, prompts):
+            print(answer)
     s = prefix.stats
     print(f"prefix cache: {s.hits}/{s.lookups} hits, {s.hit_tokens} prompt tokens reused "
           f"({s.token_hit_rate:.0%} of block-aligned tokens), {s.entries} entries, {s.bytes / 2**20:.2f} MiB of "
@@ -390,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(torch backend)")
     p.add_argument("--prefix-block", type=int, default=64, help="prefix cache granularity in tokens (default 64)")
     p.add_argument("--prefix-ttl", type=float, default=600.0, help="seconds an unused prefix stays cached (default 600)")
+    p.add_argument("--concurrency", type=int, default=1,
+                   help="with --prefix-cache-mb: serve the prompts from this many threads sharing the prefix cache")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (ONNX Runtime intra-op / torch)")
     p.set_defaults(func=cmd_run)
 

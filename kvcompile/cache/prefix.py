@@ -14,6 +14,11 @@ exactly that prefix (codes, scales, zero points: the planned precision, not fp16
 * Eviction.  On every lookup and insert, entries unused for more than ``ttl_seconds`` are dropped,
   then least recently used ones until the total fits.  An entry larger than the capacity is not
   stored (``rejected``).
+* Threads.  One prefix cache can serve several request threads: every read and change of the
+  entry table and the statistics happens under one lock, so the byte total is exact and under the
+  cap after every operation.  The slow parts run outside it: hashing a prompt, copying a cache into
+  an entry (``snapshot``) and restoring an entry into a new cache (entries are never written after
+  insertion, so one evicted meanwhile is still whole for the request that found it).
 * Exactness.  A hit restores exactly the state the inserting request built (entries are copies,
   never written by the requests that restore them).  That state depends on how the prefix was cut
   into chunks, as with any chunked prefill of a quantized cache: a chunk's later layers read earlier
@@ -26,9 +31,10 @@ exactly that prefix (codes, scales, zero points: the planned precision, not fp16
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
 import torch
@@ -84,9 +90,16 @@ class PrefixCache:
         self.capacity_bytes = capacity_bytes
         self.ttl_seconds = ttl_seconds
         self.clock = clock
-        self.stats = PrefixCacheStats()
+        self._stats = PrefixCacheStats()
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()  # guards _entries and _stats
         self._seed = hashlib.sha256(pmap.content_hash().encode()).digest()
+
+    @property
+    def stats(self) -> PrefixCacheStats:
+        """A consistent copy of the statistics."""
+        with self._lock:
+            return replace(self._stats)
 
     def _block_keys(self, ids: Sequence[int]) -> list[str]:
         """Key of each block-aligned prefix of ``ids``: element k-1 for the first k blocks."""
@@ -97,41 +110,55 @@ class PrefixCache:
             keys.append(h.hex())
         return keys
 
+    # The three helpers below run with the lock held.
     def _expire(self) -> None:
         now = self.clock()
         for key in [k for k, e in self._entries.items() if now - e.last_used > self.ttl_seconds]:
             self._drop(key)
-            self.stats.evicted_ttl += 1
+            self._stats.evicted_ttl += 1
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key)
-        self.stats.bytes -= entry.nbytes
-        self.stats.entries -= 1
+        self._stats.bytes -= entry.nbytes
+        self._stats.entries -= 1
+
+    def _touch(self, key: str) -> _Entry:
+        entry = self._entries[key]
+        entry.last_used = self.clock()
+        self._entries.move_to_end(key)
+        return entry
 
     def nbytes(self) -> int:
-        return self.stats.bytes
+        with self._lock:
+            return self._stats.bytes
 
     def __len__(self) -> int:
-        return len(self._entries)
+        with self._lock:
+            return len(self._entries)
+
+    def audit(self) -> dict:
+        """The byte total as counted, the sum of the entries' sizes, and the cap, read at one instant."""
+        with self._lock:
+            return {"counted_bytes": self._stats.bytes, "entry_bytes": sum(e.nbytes for e in self._entries.values()),
+                    "entries": len(self._entries), "counted_entries": self._stats.entries,
+                    "capacity_bytes": self.capacity_bytes}
 
     def lookup(self, ids: Sequence[int], max_context: int = 8192, kernels: bool = False) -> tuple[MixedPrecisionCache, int]:
         """A new cache holding the longest cached block-aligned prefix of ``ids``, and its length (0 on a miss)."""
-        self._expire()
         keys = self._block_keys(ids)
         cache = MixedPrecisionCache(self.pmap, max_context=max_context, kernels=kernels)
-        if not keys:  # shorter than one block: nothing could be cached, not counted as a lookup
-            return cache, 0
-        self.stats.lookups += 1
-        self.stats.lookup_tokens += len(keys) * self.block_size
-        for key in reversed(keys):
-            entry = self._entries.get(key)
-            if entry is not None:
-                entry.last_used = self.clock()
-                self._entries.move_to_end(key)
-                self.stats.hits += 1
-                self.stats.hit_tokens += entry.length
-                return cache.restore(entry.state), entry.length
-        return cache, 0
+        with self._lock:
+            self._expire()
+            if not keys:  # shorter than one block: nothing could be cached, not counted as a lookup
+                return cache, 0
+            self._stats.lookups += 1
+            self._stats.lookup_tokens += len(keys) * self.block_size
+            entry = next((self._touch(k) for k in reversed(keys) if k in self._entries), None)
+            if entry is None:
+                return cache, 0
+            self._stats.hits += 1
+            self._stats.hit_tokens += entry.length
+        return cache.restore(entry.state), entry.length
 
     def insert(self, ids: Sequence[int], cache: MixedPrecisionCache) -> bool:
         """Store ``cache``'s state as the prefix ``ids`` (its whole content; a multiple of ``block_size`` tokens).
@@ -145,28 +172,34 @@ class PrefixCache:
                              f"non-zero multiple of block_size {self.block_size}; it holds {length}")
         if getattr(cache.layers[0], "batch_size", 1) != 1:
             raise CacheError(f"PrefixCache stores one sequence per entry; the cache has batch {cache.layers[0].batch_size}")
-        self._expire()
         key = self._block_keys(ids)[-1]
-        if key in self._entries:
-            self._entries[key].last_used = self.clock()
-            self._entries.move_to_end(key)
-            return False
         size = cache.nbytes()  # counts the elements held, i.e. the size of the compacted snapshot
-        if size > self.capacity_bytes:
-            self.stats.rejected += 1
-            return False
-        while self._entries and self.stats.bytes + size > self.capacity_bytes:
-            self._drop(next(iter(self._entries)))
-            self.stats.evicted_lru += 1
-        self._entries[key] = _Entry(length, cache.snapshot(), size, self.clock())
-        self.stats.inserted += 1
-        self.stats.entries += 1
-        self.stats.bytes += size
+        with self._lock:
+            self._expire()
+            if key in self._entries:
+                self._touch(key)
+                return False
+            if size > self.capacity_bytes:
+                self._stats.rejected += 1
+                return False
+        state = cache.snapshot()  # the copy, outside the lock
+        with self._lock:
+            if key in self._entries:  # another thread inserted the same prefix meanwhile
+                self._touch(key)
+                return False
+            while self._entries and self._stats.bytes + size > self.capacity_bytes:
+                self._drop(next(iter(self._entries)))
+                self._stats.evicted_lru += 1
+            self._entries[key] = _Entry(length, state, size, self.clock())
+            self._stats.inserted += 1
+            self._stats.entries += 1
+            self._stats.bytes += size
         return True
 
     def clear(self) -> None:
-        for key in list(self._entries):
-            self._drop(key)
+        with self._lock:
+            for key in list(self._entries):
+                self._drop(key)
 
 
 @dataclass

@@ -45,6 +45,13 @@ def test_export_run_validate_default_model(smollm, tmp_path, capsys):
                  "--prefix-block", "16", "--max-new-tokens", "4", "--threads", "2"]) == 0
     text = capsys.readouterr().out
     assert "prefix cache: 2/3 hits" in text and text.count(" restored, ") == 3 and " 0 restored" in text
+    answers = [line for line in text.splitlines() if line.startswith("Paris")]
+    # the same requests served by 3 threads sharing one prefix cache: the same answers, in order
+    assert main(["run", str(out), "--prompt", f"@{prompts}", "--backend", "torch", "--prefix-cache-mb", "8",
+                 "--prefix-block", "16", "--max-new-tokens", "4", "--threads", "2", "--concurrency", "3"]) == 0
+    text = capsys.readouterr().out
+    assert [line for line in text.splitlines() if line.startswith("Paris")] == answers and len(answers) == 3
+    assert "prefix cache: " in text and text.count(" restored, ") == 3
     assert main(["run", str(out), "--prompt", "Hi", "--prefix-cache-mb", "8"]) == 2  # ort backend
     assert "--prefix-cache-mb runs with --backend torch" in capsys.readouterr().err
 

@@ -139,3 +139,45 @@ def test_bad_inserts_fail_with_one_line(model):
         prefix.insert(ids[:BLOCK], filled(model, PrecisionMap.uniform(2, 2, 32, key="int8"), ids[:BLOCK]))
     with pytest.raises(CacheError, match="block_size >= 1"):
         PrefixCache(pmap, block_size=0)
+
+
+def test_eight_threads_keep_the_byte_total_exact_and_under_the_cap(model):
+    """8 threads x 1,000 random lookups and inserts on one cache that must evict all the time."""
+    import random
+    import threading
+
+    pmap = kivi_like()
+    pool = [(ids, filled(model, pmap, ids)) for ids in (prompt(s, (1 + s % 4) * BLOCK) for s in range(8))]
+    sizes = sorted(c.nbytes() for _, c in pool)
+    prefix = PrefixCache(pmap, block_size=BLOCK, capacity_bytes=sizes[-1] + sizes[-2])  # two large entries at most
+    failures: list[str] = []
+    start = threading.Barrier(8)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        start.wait()
+        for _ in range(1000):
+            ids, cache = rng.choice(pool)
+            if rng.random() < 0.5:
+                prefix.insert(ids, cache)
+            else:
+                restored, length = prefix.lookup(ids)
+                if length and restored.get_seq_length() != length:
+                    failures.append(f"restored {restored.get_seq_length()} positions for a {length}-token hit")
+            a = prefix.audit()
+            if not (a["counted_bytes"] == a["entry_bytes"] <= a["capacity_bytes"] and a["entries"] == a["counted_entries"]):
+                failures.append(str(a))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    s = prefix.stats
+    assert s.inserted - s.evicted_lru - s.evicted_ttl == s.entries == len(prefix) and s.evicted_lru > 0
+    assert s.lookups > 3000 and 0 < s.hits <= s.lookups
+    # still working afterwards: a fresh insert of the largest entry fits and is found
+    prefix.clear()
+    ids, cache = max(pool, key=lambda p: p[1].nbytes())
+    assert prefix.insert(ids, cache) and prefix.lookup(ids)[1] == len(ids)
