@@ -1,17 +1,23 @@
-"""Versioned, atomic saving and loading of JSON artifacts.
+"""Versioned, atomic saving and loading of artifacts.
 
 Every artifact file carries ``format_version`` (the schema of that artifact kind) and
 ``kvcompile_version`` (the producer).  Writes go to a temporary file in the same directory and are
-renamed into place, so a crash never leaves a half-written artifact behind.
+renamed into place, so a crash never leaves a half-written artifact behind.  A directory artifact
+(calibration, export, engine, report) is written into a staging directory beside it and swapped in
+whole by :func:`staged_directory`: a kill at any point leaves the old artifact or the new one.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 from kvcompile.errors import ArtifactError
 from kvcompile.version import __version__
@@ -63,3 +69,94 @@ def load_json_artifact(path: str | os.PathLike, kind: str, format_version: int) 
     if version != format_version:
         raise ArtifactError(f"{path}: {kind} format_version {version!r} is not supported (expected {format_version})")
     return doc
+
+
+# ----------------------------------------------------------------------------- directory artifacts
+
+STAGING_SUFFIX = ".staging"
+
+
+def _staging_prefix(out: Path) -> str:
+    return f".{out.name}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Remove staging directories beside ``out`` left by runs that were killed; returns them.
+
+    A staging directory is ``.<name>.<pid>.<random>.staging``: it is stale when that process no
+    longer exists.  If ``out`` itself is missing and a stale directory holds the previous artifact
+    (a kill between the two renames of a swap without atomic exchange), that artifact is put back.
+    """
+    removed = []
+    for path in sorted(out.parent.glob(f"{_staging_prefix(out)}*{STAGING_SUFFIX}")):
+        try:
+            pid = int(path.name[len(_staging_prefix(out)):].split(".")[0])
+        except ValueError:
+            continue
+        if _pid_alive(pid):
+            continue
+        previous = path / "previous"
+        if not out.exists() and previous.is_dir():
+            os.replace(previous, out)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported."""
+    libc_name = ctypes.util.find_library("c")
+    if not libc_name:
+        return False
+    libc = ctypes.CDLL(libc_name, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    return False  # EINVAL / ENOSYS: filesystem or kernel without exchange
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike, *, is_ours: Callable[[Path], bool] | None = None,
+                     what: str = "artifact") -> Iterator[Path]:
+    """Write a directory artifact: yields an empty directory to fill; on success it becomes ``out``.
+
+    An existing ``out`` is replaced only if ``is_ours(out)`` (default: any directory); otherwise a
+    one-line :class:`ArtifactError` is raised before anything is written.  The new content is
+    swapped in with one atomic exchange where the OS has one (then the old one is deleted), else
+    with two renames, the old one kept inside the staging directory until the new one is in place.
+    Stale staging directories of killed runs are removed first (:func:`remove_stale_staging`).
+    On any exception the staging directory is removed and ``out`` is untouched.
+    """
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (is_ours is not None and not is_ours(out))):
+        raise ArtifactError(f"{out} exists and is not a kvcompile {what} directory; expected a new or {what} directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    staging = Path(tempfile.mkdtemp(prefix=f"{_staging_prefix(out)}{os.getpid()}.", suffix=STAGING_SUFFIX, dir=out.parent))
+    try:
+        content = staging / "content"
+        content.mkdir()
+        yield content
+        for p in [content, *content.rglob("*")]:
+            if not p.is_symlink():
+                os.chmod(p, default_mode(directory=p.is_dir()))
+        if not out.exists():
+            os.replace(content, out)
+        elif not _exchange(content, out):
+            os.replace(out, staging / "previous")
+            os.replace(content, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from kvcompile.artifacts import atomic_write_bytes, load_json_artifact, save_json_artifact
+from kvcompile.artifacts import atomic_write_bytes, staged_directory, load_json_artifact, save_json_artifact
 from kvcompile.errors import ArtifactError
 from kvcompile.models.adapters import KVGeometry
 
@@ -82,17 +82,19 @@ class Calibration:
         from safetensors.torch import save
 
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         blob = save({"cost": self.cost.contiguous(), "curvature": self.curvature.contiguous(),
                      "diameter": self.diameter.contiguous(), "correction": self.correction.contiguous()})
-        atomic_write_bytes(directory / TENSORS_NAME, blob)
         body = {
             "model": self.model, "geometry": vars(self.geometry), "text": self.text, "windows": self.windows,
             "window": self.window, "estimator": self.estimator, "cost_unit": self.cost_unit, "schemes": self.schemes,
             "sink_options": self.sink_options, "window_options": self.window_options, "seconds": self.seconds,
             "extra": self.extra, "tensors_sha256": hashlib.sha256(blob).hexdigest(), "content_hash": self.content_hash(),
         }
-        save_json_artifact(directory / JSON_NAME, "calibration", FORMAT_VERSION, body)
+        # Both files are swapped in together: an interruption leaves the previous calibration whole.
+        with staged_directory(directory, is_ours=lambda d: not any(d.iterdir()) or (d / JSON_NAME).is_file(),
+                              what="calibration") as staging:
+            atomic_write_bytes(staging / TENSORS_NAME, blob)
+            save_json_artifact(staging / JSON_NAME, "calibration", FORMAT_VERSION, body)
         return directory
 
     @classmethod

@@ -17,13 +17,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from kvcompile.artifacts import default_mode, load_json_artifact, save_json_artifact
+from kvcompile.artifacts import load_json_artifact, save_json_artifact, staged_directory
 from kvcompile.errors import ExportError
 from kvcompile.export.layout import HeadGroup, cache_layout, layout_from_json, layout_to_json
 from kvcompile.ops.builder import OPSET
@@ -186,9 +184,7 @@ def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_conte
         raise ExportError(f"{out} already exists; pass overwrite=True (--force) to replace it")
     model, groups = build_onnx_model(lm, pmap, max_context)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with staged_directory(out, what="export") as tmp:
         onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                         location=DATA_FILE, size_threshold=1024)
         del model
@@ -206,17 +202,4 @@ def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_conte
             "cache_layout": layout_to_json(groups),
         })
         (tmp / "config.pbtxt").write_text(triton_config(lm.name, groups, lm.model.config.vocab_size))
-        for p in [tmp, *tmp.rglob("*")]:
-            os.chmod(p, default_mode(directory=p.is_dir()))
-        if out.exists():  # replace an older export: move it aside, then swap in the new one
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return ExportedModel.load(out)

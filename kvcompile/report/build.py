@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import html
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
-from kvcompile.artifacts import default_mode
+from kvcompile.artifacts import staged_directory
 from kvcompile.calibrate import Calibration
-from kvcompile.errors import KvcompileError
 from kvcompile.plan.precision_map import STREAMS, PrecisionMap
 from kvcompile.report import plots
 
@@ -59,9 +56,7 @@ def build_report(calibration, output, pmap_path=None, validation=None, compariso
     pmap = PrecisionMap.load(pmap_path) if pmap_path else None
     context = context or calib.window
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
-    try:
+    with staged_directory(output, what="report") as tmp:
         md = [f"# kvcompile report: {calib.model}", "",
               f"Calibration: {calib.windows} × {calib.window} tokens of `{calib.text}`, estimator `{calib.estimator}` "
               f"({calib.cost_unit}), {calib.seconds:.0f} s. Candidate schemes: {', '.join(calib.schemes)}.", ""]
@@ -100,13 +95,4 @@ def build_report(calibration, output, pmap_path=None, validation=None, compariso
         (tmp / "report.html").write_text(f"<!doctype html><meta charset=utf-8><title>kvcompile report</title>"
                                           f"<h1>kvcompile report: {html.escape(calib.model)}</h1>{body}"
                                           f"<h2>Per-layer breakdown</h2>{table}")
-        if output.exists():
-            if not output.is_dir():
-                raise KvcompileError(f"report output {output} exists and is not a directory")
-            shutil.rmtree(output)
-        tmp.chmod(default_mode(directory=True))
-        tmp.rename(output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return output

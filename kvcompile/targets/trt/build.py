@@ -20,13 +20,12 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from kvcompile.artifacts import load_json_artifact, save_json_artifact
+from kvcompile.artifacts import load_json_artifact, save_json_artifact, staged_directory
 from kvcompile.errors import ExportError
 from kvcompile.export.onnx_export import FORMAT_VERSION, MANIFEST, export_onnx
 
@@ -131,10 +130,7 @@ def export_trt(lm, pmap, out_dir, *, max_context: int | None = None, max_batch: 
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
         raise ExportError(f"{out} exists and is not a kvcompile export directory; expected a new or export directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".trt", dir=out.parent))
-    try:
-        work = staging / "export"
+    with staged_directory(out, what="export") as work:
         export_onnx(lm, pmap, work, max_context=max_context)
         report = build_engine(work, max_batch=max_batch, opt_context=opt_context)
         doc = load_json_artifact(work / MANIFEST, "onnx_export", FORMAT_VERSION)
@@ -143,14 +139,4 @@ def export_trt(lm, pmap, out_dir, *, max_context: int | None = None, max_batch: 
                        "plugin_namespace": report["plugin_namespace"], "max_batch": max_batch,
                        "plugin_layers": len(report["plugin_layers"])}
         save_json_artifact(work / MANIFEST, "onnx_export", FORMAT_VERSION, body)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(work, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(work, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return ExportedModel.load(out)
