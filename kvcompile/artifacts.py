@@ -34,6 +34,8 @@ def default_mode(directory: bool = False) -> int:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file + rename (same filesystem)."""
     path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a directory; expected a file path to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

@@ -16,13 +16,56 @@ from kvcompile.errors import KvcompileError
 from kvcompile.version import __version__
 
 
+# ----------------------------------------------------------------------------- argument types
+# Every number is range-checked before any work: a bad value is one line and exit status 2.
+
+MAX_TOKENS = 1 << 20  # no model here reads a million positions; larger values are typos or overflow
+
+
+def _int_in(lo: int, hi: int = MAX_TOKENS):
+    def parse(text: str) -> int:
+        digits = text.strip().lstrip("+-")
+        value = int(text) if digits.isascii() and digits.isdigit() else None
+        if value is None or not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"expected an integer from {lo} to {hi}, got {text!r}")
+        return value
+    return parse
+
+
+def _float_in(lo: float, hi: float, *, lo_open: bool = False):
+    import math
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+            bound = f"{'above' if lo_open else 'from'} {lo:g} {'up ' if lo_open else ''}to {hi:g}"
+            raise argparse.ArgumentTypeError(f"expected a finite number {bound}, got {text!r}")
+        return value
+    return parse
+
+
+POSITIVE = _int_in(1)
+NON_NEGATIVE = _int_in(0)
+THREADS = _int_in(1, 1024)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors (``kvcompile: error: ...``, exit status 2)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def _add_map_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--map", help="precision map JSON (from `kvcompile plan` or hand-written)")
     g.add_argument("--scheme", help="a storage scheme (uniform map) or a preset such as kivi-2; "
                    "comma-separated to compare several")
-    p.add_argument("--sinks", type=int, default=None, help="override the number of sink positions")
-    p.add_argument("--recent", type=int, default=None, help="override the recent-window length")
+    p.add_argument("--sinks", type=NON_NEGATIVE, default=None, help="override the number of sink positions")
+    p.add_argument("--recent", type=NON_NEGATIVE, default=None, help="override the recent-window length")
 
 
 def _resolve_maps(args, geometry, model_name: str) -> dict:
@@ -39,6 +82,14 @@ def _resolve_maps(args, geometry, model_name: str) -> dict:
     return maps
 
 
+def _quiet_loading(quiet: bool) -> None:
+    """``--quiet``: no weight-loading progress bar from transformers either."""
+    if quiet:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+
+
 def _set_threads(n: int | None) -> None:
     import torch
 
@@ -52,6 +103,7 @@ def cmd_eval(args) -> int:
     from kvcompile.validate.quality import evaluate, format_table
 
     _set_threads(args.threads)
+    _quiet_loading(args.quiet)
     lm = load_model(args.model)
     maps = _resolve_maps(args, lm.geometry, args.model)
     results = evaluate(lm, maps, text=args.text, window=args.window, max_windows=args.max_windows,
@@ -82,6 +134,7 @@ def cmd_calibrate(args) -> int:
     from kvcompile.models import load_model
 
     _set_threads(args.threads)
+    _quiet_loading(args.quiet)
     lm = load_model(args.model)
     calib = calibrate(lm, text=args.text, windows=args.windows, window=args.window, estimator=args.estimator,
                       schemes=args.schemes.split(",") if args.schemes else None,
@@ -98,6 +151,8 @@ def cmd_plan(args) -> int:
     from kvcompile.calibrate import Calibration
     from kvcompile.plan.optimize import plan
 
+    if Path(args.output).is_dir():
+        raise KvcompileError(f"-o {args.output} is a directory; expected the path of the map JSON to write")
     calib = Calibration.load(args.calibration)
     options = dict(context=args.context, schemes=args.schemes.split(",") if args.schemes else None,
                    sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
@@ -192,11 +247,18 @@ def cmd_run(args) -> int:
             path = Path(p[1:])
             if not path.is_file():
                 raise KvcompileError(f"--prompt {p}: expected a file with one prompt per line; {path} does not exist")
-            prompts += [line for line in path.read_text().splitlines() if line.strip()]
+            try:
+                lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            except UnicodeDecodeError as e:
+                raise KvcompileError(f"--prompt {p}: expected UTF-8 text, found byte 0x{e.object[e.start]:02x} at offset "
+                                     f"{e.start}") from None
+            if not lines:
+                raise KvcompileError(f"--prompt {p}: {path} has no non-empty line; expected one prompt per line")
+            prompts += lines
+        elif not p.strip():
+            raise KvcompileError("--prompt is empty; expected text to continue (or @FILE)")
         else:
             prompts.append(p)
-    if args.concurrency < 1:
-        raise KvcompileError(f"--concurrency must be >= 1, got {args.concurrency}")
     if args.prefix_cache_mb is not None and args.backend != "torch":
         raise KvcompileError(f"--prefix-cache-mb runs with --backend torch; the {args.backend} graph takes its packed "
                              "cache as I/O and has no prefix reuse yet")
@@ -265,11 +327,13 @@ def cmd_validate(args) -> int:
     from kvcompile.validate.compare import save_result, validate_export
 
     _set_threads(args.threads)
+    _quiet_loading(args.quiet)
     ex = ExportedModel.load(args.directory)
     lm = load_model(args.against or ex.model)
     result = validate_export(ex, backend=args.backend, lm=lm, text=args.text, window=args.window, prefill=args.prefill,
                              max_windows=args.max_windows, atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine,
-                             min_top1=args.min_top1, min_pass_rate=args.min_pass_rate, progress=not args.quiet, threads=args.threads)
+                             min_top1=args.min_top1, min_pass_rate=args.min_pass_rate, max_kl=args.max_kl,
+                             progress=not args.quiet, threads=args.threads)
     print(result.summary())
     if result.polygraphy_commands:
         print("equivalent polygraphy check of the prefill (reference outputs from torch):")
@@ -285,10 +349,18 @@ def cmd_schemes(args) -> int:
     from kvcompile.plan.presets import PRESETS
     from kvcompile.quant import get_scheme, scheme_names
 
+    from kvcompile.errors import SchemeError
+    from kvcompile.quant.base import part_layout
+
     print(f"{'scheme':<12} {'bits/elt (D=' + str(args.head_dim) + ')':>18}  axis     positions/block")
     for name in scheme_names():
         s = get_scheme(name)
-        print(f"{name:<12} {s.bits_per_element(args.head_dim):>18.3f}  {s.axis:<8} {s.token_group}")
+        try:
+            part_layout(s, args.head_dim)  # quantizes one block: refuses a head dim the scheme cannot store
+            bits = f"{s.bits_per_element(args.head_dim):>18.3f}"
+        except SchemeError:
+            bits = f"{'cannot store':>18}"
+        print(f"{name:<12} {bits}  {s.axis:<8} {s.token_group}")
     print("\npresets: " + ", ".join(PRESETS))
     print("integer grammar: int<2|3|4|8>[-sym][-ch][-g<G>][-s32][-rot]; nf4[-g<G>][-nodq]; fp8; fp16")
     return 0
@@ -306,21 +378,21 @@ def build_parser() -> argparse.ArgumentParser:
     from kvcompile.data import DEFAULT_EVAL_TEXT
     from kvcompile.models import DEFAULT_MODEL
 
-    parser = argparse.ArgumentParser(prog="kvcompile", description="Mixed-precision KV-cache compiler for decoder LLMs.")
+    parser = _Parser(prog="kvcompile", description="Mixed-precision KV-cache compiler for decoder LLMs.")
     parser.add_argument("--version", action="version", version=f"kvcompile {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("eval", help="perplexity / KL / top-1 of a quantized KV cache vs the full-precision cache")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"built-in name, .gguf file or HF directory (default {DEFAULT_MODEL})")
     _add_map_args(p)
     p.add_argument("--text", default=DEFAULT_EVAL_TEXT, help=f"shipped text name or a file (default {DEFAULT_EVAL_TEXT})")
-    p.add_argument("--window", type=int, default=512, help="tokens per scored window (default 512)")
-    p.add_argument("--max-windows", type=int, default=8, help="windows to score (default 8)")
+    p.add_argument("--window", type=_int_in(2), default=512, help="tokens per scored window (default 512)")
+    p.add_argument("--max-windows", type=POSITIVE, default=8, help="windows to score (default 8)")
     p.add_argument("--mode", choices=("simulate", "decode"), default="simulate",
                    help="exact parallel simulation (default) or real token-by-token decoding through the cache")
-    p.add_argument("--prefill", type=int, default=1, help="positions prefilled at once before decoding (default 1)")
+    p.add_argument("--prefill", type=POSITIVE, default=1, help="positions prefilled at once before decoding (default 1)")
     p.add_argument("--json", help="write the results as JSON here")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=THREADS, default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
@@ -330,28 +402,28 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="measure per-site sensitivity of quality to KV quantization")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     p.add_argument("--text", default=DEFAULT_CALIBRATION_TEXT, help=f"default {DEFAULT_CALIBRATION_TEXT}")
-    p.add_argument("--windows", type=int, default=4, help="calibration windows (default 4)")
-    p.add_argument("--window", type=int, default=512, help="tokens per window (default 512)")
+    p.add_argument("--windows", type=POSITIVE, default=4, help="calibration windows (default 4)")
+    p.add_argument("--window", type=_int_in(2), default=512, help="tokens per window (default 512)")
     p.add_argument("--estimator", choices=ESTIMATORS, default="hybrid",
                    help="hybrid: exact attention change x output Fisher (default); fisher: diagonal Fisher on K/V; "
                         "attention: closed form, forward only")
     p.add_argument("--schemes", help="comma-separated candidate schemes (default: a broad set)")
     p.add_argument("--sink-options", help=f"comma-separated sink counts to consider (default {DEFAULT_SINKS})")
     p.add_argument("--window-options", help=f"comma-separated recent windows to consider (default {DEFAULT_WINDOWS})")
-    p.add_argument("--samples", type=int, default=1, help="sampled targets per window for the Fisher estimate")
-    p.add_argument("--correction-windows", type=int, default=1,
+    p.add_argument("--samples", type=_int_in(1, 1024), default=1, help="sampled targets per window for the Fisher estimate")
+    p.add_argument("--correction-windows", type=_int_in(0, 1024), default=1,
                    help="windows on which to measure each scheme's real KL to calibrate the constant c (0 = skip)")
     p.add_argument("-o", "--output", required=True, help="output directory")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=THREADS, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("plan", help="optimal precision map under a memory budget or a quality target")
     p.add_argument("calibration", help="calibration directory (from kvcompile calibrate)")
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--budget-bits", type=float, help="average stored bits per K/V element at --context")
-    g.add_argument("--target-kl", type=float, help="predicted mean KL per position to stay under (nats)")
-    p.add_argument("--context", type=int, default=None, help="context length the bits are averaged over (default: calibration window)")
+    g.add_argument("--budget-bits", type=_float_in(0, 32, lo_open=True), help="average stored bits per K/V element at --context")
+    g.add_argument("--target-kl", type=_float_in(0, 100, lo_open=True), help="predicted mean KL per position to stay under (nats)")
+    p.add_argument("--context", type=POSITIVE, default=None, help="context length the bits are averaged over (default: calibration window)")
     p.add_argument("--memory", choices=["final", "allocated"], default="final",
                    help="count bits of the cache holding --context positions (final, default) or of buffers that hold "
                         "any length up to it (allocated: the window plus a waiting per-channel block at its largest)")
@@ -363,9 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure candidate maps' KL on the calibration text: with --budget-bits, choose sinks and window by it; "
                         "with --target-kl, re-plan until the map meets the target")
     p.add_argument("--model", default=None, help="model for --refine (default: the calibrated one)")
-    p.add_argument("--refine-windows", type=int, default=2, help="calibration windows measured per round (default 2)")
-    p.add_argument("--rounds", type=int, default=6, help="most maps measured by --refine --target-kl (default 6)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--refine-windows", type=_int_in(1, 1024), default=2, help="calibration windows measured per round (default 2)")
+    p.add_argument("--rounds", type=_int_in(1, 100), default=6, help="most maps measured by --refine --target-kl (default 6)")
+    p.add_argument("--threads", type=THREADS, default=None)
     p.add_argument("-o", "--output", required=True, help="precision map JSON to write")
     p.set_defaults(func=cmd_plan)
 
@@ -374,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--map", help="precision map to show (heatmap, chosen schemes)")
     p.add_argument("--validation", help="JSON from bench/bound_validation.py (predicted-vs-measured scatter)")
     p.add_argument("--comparison", help="JSON from bench/plan_vs_uniform.py or bench/quality.py (quality-vs-memory curve)")
-    p.add_argument("--context", type=int, default=None, help="context for bits/element (default: calibration window)")
+    p.add_argument("--context", type=POSITIVE, default=None, help="context for bits/element (default: calibration window)")
     p.add_argument("-o", "--output", required=True, help="report directory")
     p.set_defaults(func=cmd_report)
 
@@ -382,27 +454,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     _add_map_args(p)
     p.add_argument("--target", default="onnx", help="export target (default onnx)")
-    p.add_argument("--max-context", type=int, default=None,
+    p.add_argument("--max-context", type=POSITIVE, default=None,
                    help="longest prefill + generation the export accepts (default: the model's limit)")
-    p.add_argument("--max-batch", type=int, default=1, help="trt: largest batch of the engine's profile (default 1)")
+    p.add_argument("--max-batch", type=_int_in(1, 4096), default=1, help="trt: largest batch of the engine's profile (default 1)")
     p.add_argument("-o", "--output", required=True, help="export directory (replaced if it is an older export)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=THREADS, default=None)
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("run", help="generate text with an exported model, streaming tokens")
     p.add_argument("directory", help="export directory (from kvcompile export)")
     p.add_argument("--prompt", action="append", required=True,
                    help="prompt text; repeat for several requests (@FILE: one prompt per line of FILE)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     p.add_argument("--backend", default="ort", help="ort (ONNX Runtime, default) or torch (reference)")
-    p.add_argument("--prefix-cache-mb", type=float, default=None,
+    p.add_argument("--prefix-cache-mb", type=_float_in(0, 2**20, lo_open=True), default=None,
                    help="reuse the compressed KV cache of shared prompt prefixes across the prompts, up to this many MiB "
                         "(torch backend)")
-    p.add_argument("--prefix-block", type=int, default=64, help="prefix cache granularity in tokens (default 64)")
-    p.add_argument("--prefix-ttl", type=float, default=600.0, help="seconds an unused prefix stays cached (default 600)")
-    p.add_argument("--concurrency", type=int, default=1,
+    p.add_argument("--prefix-block", type=POSITIVE, default=64, help="prefix cache granularity in tokens (default 64)")
+    p.add_argument("--prefix-ttl", type=_float_in(0, 1e9, lo_open=True), default=600.0, help="seconds an unused prefix stays cached (default 600)")
+    p.add_argument("--concurrency", type=_int_in(1, 256), default=1,
                    help="with --prefix-cache-mb: serve the prompts from this many threads sharing the prefix cache")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads (ONNX Runtime intra-op / torch)")
+    p.add_argument("--threads", type=THREADS, default=None, help="CPU threads (ONNX Runtime intra-op / torch)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="compare an export with the torch reference (polygraphy) and full precision")
@@ -410,21 +482,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--against", help="model to compare with (default: the exported model's source)")
     p.add_argument("--backend", default="ort")
     p.add_argument("--text", default=DEFAULT_EVAL_TEXT, help=f"held-out text (default {DEFAULT_EVAL_TEXT})")
-    p.add_argument("--window", type=int, default=160, help="tokens per window (default 160)")
-    p.add_argument("--prefill", type=int, default=32, help="tokens prefilled before decoding each window (default 32)")
-    p.add_argument("--max-windows", type=int, default=1, help="windows (default 1)")
-    p.add_argument("--atol", type=float, default=0.05, help="polygraphy absolute tolerance on the median error")
-    p.add_argument("--rtol", type=float, default=0.05, help="polygraphy relative tolerance on the median error")
-    p.add_argument("--min-cosine", type=float, default=0.99, help="least logits cosine similarity per position")
-    p.add_argument("--min-top1", type=float, default=0.97, help="least greedy agreement with the torch reference")
-    p.add_argument("--min-pass-rate", type=float, default=0.9, help="least fraction of steps polygraphy passes")
+    p.add_argument("--window", type=_int_in(2), default=160, help="tokens per window (default 160)")
+    p.add_argument("--prefill", type=POSITIVE, default=32, help="tokens prefilled before decoding each window (default 32)")
+    p.add_argument("--max-windows", type=POSITIVE, default=1, help="windows (default 1)")
+    p.add_argument("--atol", type=_float_in(0, 1e6), default=0.05, help="polygraphy absolute tolerance on the median error")
+    p.add_argument("--rtol", type=_float_in(0, 1e6), default=0.05, help="polygraphy relative tolerance on the median error")
+    from kvcompile.validate import compare
+
+    p.add_argument("--min-cosine", type=_float_in(-1, 1), default=compare.MIN_COSINE,
+                   help=f"least logits cosine similarity per position (default {compare.MIN_COSINE})")
+    p.add_argument("--min-top1", type=_float_in(0, 1), default=compare.MIN_TOP1,
+                   help=f"least greedy agreement with the torch reference (default {compare.MIN_TOP1})")
+    p.add_argument("--min-pass-rate", type=_float_in(0, 1), default=compare.MIN_PASS_RATE,
+                   help=f"least fraction of steps polygraphy passes (default {compare.MIN_PASS_RATE})")
+    p.add_argument("--max-kl", type=_float_in(0, 100), default=compare.MAX_KL,
+                   help=f"most mean KL(torch reference || export) per position, nats (default {compare.MAX_KL})")
     p.add_argument("--json", help="write the result as JSON here")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=THREADS, default=None)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("schemes", help="list storage schemes with their exact bits per element")
-    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--head-dim", type=_int_in(1, 65536), default=64)
     p.set_defaults(func=cmd_schemes)
 
     p = sub.add_parser("texts", help="list the shipped calibration / evaluation texts")

@@ -103,7 +103,12 @@ class Calibration:
 
         directory = Path(directory)
         if directory.is_file():
+            if directory.name != JSON_NAME:
+                raise ArtifactError(f"{directory} is a file; expected a calibration directory (from `kvcompile calibrate`) "
+                                    f"or its {JSON_NAME}")
             directory = directory.parent
+        elif not directory.is_dir():
+            raise ArtifactError(f"calibration directory not found: {directory}; expected the output of `kvcompile calibrate`")
         doc = load_json_artifact(directory / JSON_NAME, "calibration", FORMAT_VERSION)
         tensors_path = directory / TENSORS_NAME
         if not tensors_path.is_file():

@@ -181,7 +181,7 @@ _FAMILIES: dict[str, tuple[Parser, tuple[str, ...]]] = {}
 def register_family(family: str, parse: Parser, examples: tuple[str, ...]) -> None:
     """Register a scheme family: ``parse(name)`` returns a scheme or None if the name is not its own."""
     _FAMILIES[family] = (parse, examples)
-    get_scheme.cache_clear()
+    _lookup.cache_clear()
 
 
 def scheme_names() -> list[str]:
@@ -189,11 +189,17 @@ def scheme_names() -> list[str]:
     return [n for _, examples in _FAMILIES.values() for n in examples]
 
 
-@functools.lru_cache(maxsize=None)
 def get_scheme(name: str) -> StorageScheme:
     """Look a scheme up by name (``fp16``, ``int4``, ``int2-ch-g64``, ``nf4``, ``fp8``, ...)."""
     if isinstance(name, StorageScheme):  # already resolved
         return name
+    if not isinstance(name, str) or len(name) > 64:
+        raise SchemeError(f"expected a storage scheme name (a short string such as 'int4'), got {str(name)[:40]!r}")
+    return _lookup(name)
+
+
+@functools.lru_cache(maxsize=None)
+def _lookup(name: str) -> StorageScheme:
     for parse, _ in _FAMILIES.values():
         scheme = parse(name)
         if scheme is not None:

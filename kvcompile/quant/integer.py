@@ -37,7 +37,7 @@ from kvcompile.quant.packing import pack_bits, packed_length, unpack_bits
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_GROUP = 32
-_NAME = re.compile(r"^int(?P<bits>\d+)(?P<sym>-sym)?(?P<ch>-ch)?(?:-g(?P<group>\d+))?(?P<s32>-s32)?(?P<rot>-rot)?$")
+_NAME = re.compile(r"int(?P<bits>[0-9]+)(?P<sym>-sym)?(?P<ch>-ch)?(?:-g(?P<group>[0-9]+))?(?P<s32>-s32)?(?P<rot>-rot)?")
 
 
 @dataclass(frozen=True)
@@ -52,8 +52,8 @@ class IntegerScheme(StorageScheme):
     def __post_init__(self) -> None:
         if self.bits not in SUPPORTED_BITS:
             raise SchemeError(f"int{self.bits}: integer schemes support bits {SUPPORTED_BITS}, got {self.bits}")
-        if self.group_size < 1:
-            raise SchemeError(f"group size must be >= 1, got {self.group_size}")
+        if not 1 <= self.group_size <= 65536:
+            raise SchemeError(f"int{self.bits}: group size must be from 1 to 65536, got {self.group_size}")
         if self.axis == "channel" and self.rotate:
             raise SchemeError("-rot mixes channels and is only defined for per-token groups, not -ch")
 
@@ -148,7 +148,7 @@ class IntegerScheme(StorageScheme):
 
 
 def _parse(name: str) -> IntegerScheme | None:
-    m = _NAME.match(name)
+    m = _NAME.fullmatch(name) if isinstance(name, str) else None  # fullmatch: no trailing newline
     if not m:
         return None
     return IntegerScheme(

@@ -30,7 +30,7 @@ from kvcompile.quant.base import FP16_MAX, QuantizedTensor, StorageScheme, check
 from kvcompile.quant.packing import pack_bits, unpack_bits
 
 DEFAULT_GROUP = 16
-_NAME = re.compile(r"^nf4(?:-g(?P<group>\d+))?(?P<nodq>-nodq)?$")
+_NAME = re.compile(r"nf4(?:-g(?P<group>[0-9]+))?(?P<nodq>-nodq)?")
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,6 +49,10 @@ class NF4Scheme(StorageScheme):
     group_size: int = DEFAULT_GROUP
     double_quant: bool = True
     bits: int = 4
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.group_size <= 65536:
+            raise SchemeError(f"nf4: group size must be from 1 to 65536, got {self.group_size}")
 
     @property
     def name(self) -> str:
@@ -103,7 +107,7 @@ class NF4Scheme(StorageScheme):
 
 
 def _parse(name: str) -> NF4Scheme | None:
-    m = _NAME.match(name)
+    m = _NAME.fullmatch(name) if isinstance(name, str) else None  # fullmatch: no trailing newline
     if not m:
         return None
     return NF4Scheme(group_size=int(m["group"]) if m["group"] else DEFAULT_GROUP, double_quant=not m["nodq"])

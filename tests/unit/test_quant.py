@@ -213,3 +213,16 @@ def test_pack_layout_is_little_endian_within_the_container():
     three = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 0]], dtype=torch.uint8)  # 8 x 3 bits in exactly 3 bytes
     block = sum(v << (3 * i) for i, v in enumerate([1, 2, 3, 4, 5, 6, 7, 0]))
     assert pack_bits(three, 3).view(torch.uint8).tolist() == [[block & 255, (block >> 8) & 255, block >> 16]]
+
+
+@pytest.mark.parametrize("name", ["int4\n", "int٤", "int4-g٣٢", " int4", "nf4-g0", "int4-g0", "int4-g100000", "nf4\n",
+                                  "fp16 ", "int4-g32-", ""])
+def test_scheme_names_outside_the_grammar_are_refused(name):
+    with pytest.raises(SchemeError):
+        get_scheme(name)
+
+
+@pytest.mark.parametrize("value", [None, 4, ["int4"], {"a": 1}, "x" * 65])
+def test_scheme_lookup_of_a_non_name_is_a_scheme_error(value):
+    with pytest.raises(SchemeError, match="expected a storage scheme name"):
+        get_scheme(value)
