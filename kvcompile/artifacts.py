@@ -54,22 +54,40 @@ def save_json_artifact(path: str | os.PathLike, kind: str, format_version: int, 
     atomic_write_bytes(path, (json.dumps(doc, indent=1, sort_keys=False) + "\n").encode())
 
 
+#: Largest JSON artifact read (a 4096-layer map is well under 1 MiB): a bigger file is refused unread.
+MAX_JSON_BYTES = 64 * 2**20
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
 def load_json_artifact(path: str | os.PathLike, kind: str, format_version: int) -> dict[str, Any]:
     """Load a ``kind`` artifact, checking its headers; any problem is one ``ArtifactError`` line."""
     path = Path(path)
-    if not path.is_file():
-        raise ArtifactError(f"{kind} file not found: {path}")
+    shown = str(path) if len(str(path)) <= 120 else str(path)[:117] + "..."
     try:
-        doc = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{path}: not a JSON {kind} ({e})") from None
+        if not path.is_file():
+            raise ArtifactError(f"{kind} file not found: {shown}")
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:
+            raise ArtifactError(f"{shown}: {size} bytes is more than a {kind} can be (at most {MAX_JSON_BYTES})")
+        data = path.read_bytes()
+    except OSError as e:
+        raise ArtifactError(f"{kind} file {shown} cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        doc = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError; so are 5,000-digit integers
+        raise ArtifactError(f"{shown}: not a JSON {kind} ({str(e).splitlines()[0][:160]})") from None
+    except RecursionError:
+        raise ArtifactError(f"{shown}: not a {kind}: JSON nested too deeply") from None
     if not isinstance(doc, dict):
-        raise ArtifactError(f"{path}: expected a JSON object for a {kind}, got {type(doc).__name__}")
+        raise ArtifactError(f"{shown}: expected a JSON object for a {kind}, got {type(doc).__name__}")
     if doc.get("artifact", kind) != kind:
-        raise ArtifactError(f"{path}: expected a {kind} artifact, found {doc.get('artifact')!r}")
+        raise ArtifactError(f"{shown}: expected a {kind} artifact, found {str(doc.get('artifact'))[:40]!r}")
     version = doc.get("format_version")
-    if version != format_version:
-        raise ArtifactError(f"{path}: {kind} format_version {version!r} is not supported (expected {format_version})")
+    if type(version) is not int or version != format_version:
+        raise ArtifactError(f"{shown}: {kind} format_version {repr(version)[:20]} is not supported (expected {format_version})")
     return doc
 
 

@@ -24,6 +24,7 @@ File format (JSON, ``format_version`` 1)::
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -67,6 +68,36 @@ def class_lengths(seq_len: int, sink_tokens: int, recent_window: int, token_grou
     e = bulk_end(seq_len, sink_tokens, recent_window, token_group)
     recent = seq_len - e if memory == "final" else min(seq_len - n, recent_window + token_group - 1)
     return {"sink": n, "bulk": e - n, "recent": recent}
+
+
+#: (field, least, most) of the map's integers: generous bounds that still reject typos and overflow.
+LIMITS = (("num_layers", 1, 4096), ("num_kv_heads", 1, 1024), ("head_dim", 1, 4096),
+          ("sink_tokens", 0, 1 << 20), ("recent_window", 0, 1 << 20))
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@functools.lru_cache(maxsize=1024)
+def _storable_scheme(name: str, head_dim: int) -> StorageScheme:
+    """The scheme ``name`` if it is canonical and can store vectors of ``head_dim`` (else SchemeError)."""
+    from kvcompile.errors import SchemeError
+    from kvcompile.quant.base import part_layout
+
+    scheme = get_scheme(name)
+    if scheme.name != name:
+        raise SchemeError(f"{name!r} is not the canonical name; write {scheme.name!r}")
+    part_layout(scheme, head_dim)  # quantizes one block: group sizes, packing and rotation must fit head_dim
+    return scheme
+
+
+def _storable(name: str, head_dim: int, where: str) -> StorageScheme:
+    try:
+        return _storable_scheme(name, head_dim)
+    except KvcompileError as e:
+        raise ArtifactError(f"precision map: {where}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -123,12 +154,19 @@ class PrecisionMap:
 
     # ---------------------------------------------------------------- validation
     def validate(self) -> None:
-        for name in ("num_layers", "num_kv_heads", "head_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ArtifactError(f"precision map: {name} must be a positive integer, got {getattr(self, name)!r}")
-        for name in ("sink_tokens", "recent_window"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ArtifactError(f"precision map: {name} must be a non-negative integer, got {getattr(self, name)!r}")
+        """Check every field strictly; any problem is one :class:`ArtifactError` line naming the field."""
+        for name, lo, hi in LIMITS:
+            value = getattr(self, name)
+            if type(value) is not int or not lo <= value <= hi:  # type(): a JSON true is not 1
+                raise ArtifactError(f"precision map: {name} must be an integer from {lo} to {hi}, got {_short(value)}")
+        for name in ("model", "description"):
+            if not isinstance(getattr(self, name), str) or len(getattr(self, name)) > 4096:
+                raise ArtifactError(f"precision map: {name} must be a string of at most 4096 characters")
+        if self.calibration_hash is not None and not (isinstance(self.calibration_hash, str)
+                                                      and len(self.calibration_hash) <= 128):
+            raise ArtifactError(f"precision map: calibration_hash must be null or a hash string, got {_short(self.calibration_hash)}")
+        if not isinstance(self.provenance, dict):
+            raise ArtifactError(f"precision map: provenance must be a JSON object, got {_short(self.provenance)}")
         if not isinstance(self.schemes, dict) or set(self.schemes) != set(STREAMS):
             raise ArtifactError(f"precision map: 'schemes' must have exactly the keys {list(STREAMS)}")
         for stream in STREAMS:
@@ -146,11 +184,9 @@ class PrecisionMap:
                         raise ArtifactError(f"precision map: {where}[{layer}] must list {self.num_kv_heads} kv heads")
                     for head, name in enumerate(row):
                         if not isinstance(name, str):
-                            raise ArtifactError(f"precision map: {where}[{layer}][{head}] must be a scheme name, got {name!r}")
-                        try:
-                            scheme = get_scheme(name)
-                        except KvcompileError as e:
-                            raise ArtifactError(f"precision map: {where}[{layer}][{head}]: {e}") from None
+                            raise ArtifactError(f"precision map: {where}[{layer}][{head}] must be a scheme name, got "
+                                                f"{_short(name)}")
+                        scheme = _storable(name, self.head_dim, f"{where}[{layer}][{head}]")
                         if cls_name != "bulk" and scheme.token_group != 1:
                             raise ArtifactError(f"precision map: {where}[{layer}][{head}] = {name!r} groups positions "
                                                 f"(-ch); the {cls_name} class needs a per-token scheme")

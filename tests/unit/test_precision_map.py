@@ -93,7 +93,18 @@ def _doc(tmp_path):
     (lambda d: d["schemes"]["key"]["bulk"][0].__setitem__(1, "int7"), r"bulk\[0\]\[1\].*int7"),
     (lambda d: d["schemes"]["key"]["recent"][0].__setitem__(0, "int4-ch"), "needs a per-token scheme"),
     (lambda d: d["schemes"].pop("value"), "exactly the keys"),
-    (lambda d: d.update(recent_window=-1), "recent_window must be a non-negative integer"),
+    (lambda d: d.update(recent_window=-1), "recent_window must be an integer from 0 to"),
+    (lambda d: d.update(sink_tokens=True), "sink_tokens must be an integer from 0 to .*, got True"),
+    (lambda d: d.update(head_dim=10**30), "head_dim must be an integer from 1 to 4096"),
+    (lambda d: d.update(num_layers=3.0), "num_layers must be an integer"),
+    (lambda d: d["schemes"]["key"]["bulk"][0].__setitem__(0, "int4-g7"), "not a multiple of the group size 7"),
+    (lambda d: d["schemes"]["key"]["bulk"][0].__setitem__(0, "int4\n"), "unknown storage scheme"),
+    (lambda d: d["schemes"]["key"]["bulk"][0].__setitem__(0, "int\u0664"), "unknown storage scheme"),
+    (lambda d: d["schemes"]["key"]["bulk"][0].__setitem__(0, "nf4-g0"), "group size must be from 1"),
+    (lambda d: d["schemes"]["key"]["bulk"][0].__setitem__(0, "int4-g32"), "not the canonical name; write 'int4'"),
+    (lambda d: d["schemes"]["key"]["bulk"][0].__setitem__(0, ["int4"]), "must be a scheme name"),
+    (lambda d: d.update(provenance=[1]), "provenance must be a JSON object"),
+    (lambda d: d.update(model=7), "model must be a string"),
     (lambda d: d.pop("head_dim"), "missing or mistypes field"),
     (lambda d: d.update(artifact="calibration"), "expected a precision_map artifact"),
 ])
@@ -105,6 +116,27 @@ def test_malformed_maps_fail_with_one_line(tmp_path, mutate, message):
     with pytest.raises(ArtifactError, match=message) as info:
         PrecisionMap.load(path)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("content,message", [
+    ('{"format_version": NaN}', "NaN is not a number JSON allows"),
+    ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ('{"artifact": "precision_map", "format_version": 1, "num_layers": ' + "9" * 5000 + "}", "not a JSON precision_map"),
+    (b"\xff\xfe{}", "not a JSON precision_map"),
+])
+def test_unparsable_files_fail_with_one_line(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(ArtifactError, match=message) as info:
+        PrecisionMap.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_an_unreadable_path_fails_with_one_line(tmp_path):
+    with pytest.raises(ArtifactError, match="cannot be read|not found"):
+        PrecisionMap.load(tmp_path / ("x" * 300 + ".json"))
+    with pytest.raises(ArtifactError, match="not found"):
+        PrecisionMap.load(tmp_path)
 
 
 def test_not_json_and_missing_file(tmp_path):
