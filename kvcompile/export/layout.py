@@ -83,8 +83,3 @@ def cache_layout(pmap: PrecisionMap) -> list[HeadGroup]:
 
 def layout_to_json(groups: list[HeadGroup]) -> list[dict]:
     return [asdict(g) for g in groups]
-
-
-def layout_from_json(items: list[dict]) -> list[HeadGroup]:
-    return [HeadGroup(**{**g, "heads": tuple(g["heads"]), "ports": tuple(CachePort(**p) for p in g["ports"])})
-            for g in items]

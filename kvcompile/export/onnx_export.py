@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kvcompile.artifacts import load_json_artifact, save_json_artifact, staged_directory
-from kvcompile.errors import ExportError
-from kvcompile.export.layout import HeadGroup, cache_layout, layout_from_json, layout_to_json
+from kvcompile.errors import ArtifactError, ExportError
+from kvcompile.export.layout import HeadGroup, cache_layout, layout_to_json
 from kvcompile.ops.builder import OPSET
 from kvcompile.plan.precision_map import PrecisionMap
 from kvcompile.version import __version__
@@ -81,16 +81,73 @@ class ExportedModel:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ExportedModel":
+        """Load and cross-check an export: manifest fields, map, cache layout, graph I/O and files.
+
+        Any inconsistency is one :class:`ExportError` / :class:`ArtifactError` line naming what was
+        expected, before a runtime sees the graph.
+        """
         path = Path(path)
         if not (path / MANIFEST).is_file():
             raise ExportError(f"{path} is not a kvcompile export directory (no {MANIFEST}); create one with "
                               "`kvcompile export`")
-        doc = load_json_artifact(path / MANIFEST, "onnx_export", FORMAT_VERSION)
-        if not (path / MODEL_FILE).is_file():
-            raise ExportError(f"{path}: {MODEL_FILE} is missing; re-run `kvcompile export`")
-        return cls(path, doc["model"], doc["model_type"], doc["geometry"], doc["max_context"],
-                   PrecisionMap.from_json_body(doc["precision_map"], str(path / MANIFEST)),
-                   layout_from_json(doc["cache_layout"]), doc["vocab_size"], doc["kvcompile_version"], doc.get("trt"))
+        manifest = path / MANIFEST
+        doc = load_json_artifact(manifest, "onnx_export", FORMAT_VERSION)
+        fields = {"model": str, "model_type": str, "geometry": dict, "max_context": int, "vocab_size": int,
+                  "kvcompile_version": str, "precision_map": dict, "precision_map_hash": str, "cache_layout": list}
+        for name, kind in fields.items():
+            if type(doc.get(name)) is not kind:
+                raise ArtifactError(f"{manifest}: field {name!r} must be a {kind.__name__}, got {str(doc.get(name))[:40]!r}")
+        if not 1 <= doc["max_context"] <= 1 << 20 or not 1 <= doc["vocab_size"] <= 1 << 24:
+            raise ArtifactError(f"{manifest}: max_context and vocab_size must be positive and sensible, got "
+                                f"{doc['max_context']} and {doc['vocab_size']}")
+        pmap = PrecisionMap.from_json_body(doc["precision_map"], str(manifest))
+        geometry = doc["geometry"]
+        try:
+            pmap.check_model(geometry["num_layers"], geometry["num_kv_heads"], geometry["head_dim"])
+        except KeyError as e:
+            raise ArtifactError(f"{manifest}: geometry lacks {e}") from None
+        if pmap.content_hash() != doc["precision_map_hash"]:
+            raise ArtifactError(f"{manifest}: precision_map does not match its precision_map_hash; the manifest was edited")
+        groups = cache_layout(pmap)
+        if json.loads(json.dumps(layout_to_json(groups))) != doc["cache_layout"]:  # tuples as JSON lists
+            raise ArtifactError(f"{manifest}: cache_layout is not the layout of its precision map; re-run `kvcompile export`")
+        _check_files(path, doc.get("file_sizes"))
+        _check_graph_io(path / MODEL_FILE, groups, doc["precision_map_hash"])
+        return cls(path, doc["model"], doc["model_type"], geometry, doc["max_context"], pmap, groups,
+                   doc["vocab_size"], doc["kvcompile_version"], doc.get("trt"))
+
+
+def _check_files(path: Path, sizes: dict | None) -> None:
+    """The model file and its weights exist, with the sizes recorded at export (when recorded)."""
+    for name in (MODEL_FILE, DATA_FILE):
+        if not (path / name).is_file():
+            raise ExportError(f"{path}: {name} is missing; re-run `kvcompile export`")
+    for name, size in (sizes or {}).items():
+        actual = (path / name).stat().st_size if (path / name).is_file() else None
+        if actual != size:
+            raise ExportError(f"{path}: {name} has {actual} bytes, the export recorded {size}; the file is truncated or "
+                              "was replaced: re-run `kvcompile export`")
+
+
+def _check_graph_io(model_path: Path, groups: list[HeadGroup], map_hash: str) -> None:
+    """The graph's cache inputs and outputs are the layout's ports, and it carries the same map."""
+    import onnx
+
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # a protobuf DecodeError or an OSError: the file is not a readable ONNX model
+        raise ExportError(f"{model_path}: not a readable ONNX model ({type(e).__name__}); re-run `kvcompile export`") from None
+    types = {v: k for k, v in ONNX_DTYPES.items()}
+    ins = [(i.name, types.get(i.type.tensor_type.elem_type)) for i in model.graph.input[1:]]
+    outs = [(o.name, types.get(o.type.tensor_type.elem_type)) for o in model.graph.output[1:]]
+    if ins != [(p.past, p.dtype) for g in groups for p in g.ports] or \
+            outs != [(p.present, p.dtype) for g in groups for p in g.ports]:
+        raise ExportError(f"{model_path}: the graph's cache inputs/outputs do not match the manifest's cache_layout; "
+                          "re-run `kvcompile export`")
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("kvcompile.precision_map_hash") != map_hash:
+        raise ExportError(f"{model_path}: the graph was built for another precision map than the manifest's; "
+                          "re-run `kvcompile export`")
 
 
 def _check_exportable(pmap: PrecisionMap, head_dim: int) -> None:
@@ -200,6 +257,7 @@ def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_conte
             "files": {"model": MODEL_FILE, "weights": DATA_FILE},
             "precision_map": pmap.to_json_body(), "precision_map_hash": pmap.content_hash(),
             "cache_layout": layout_to_json(groups),
+            "file_sizes": {name: (tmp / name).stat().st_size for name in (MODEL_FILE, DATA_FILE)},
         })
         (tmp / "config.pbtxt").write_text(triton_config(lm.name, groups, lm.model.config.vocab_size))
     return ExportedModel.load(out)

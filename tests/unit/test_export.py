@@ -198,3 +198,58 @@ def test_triton_config_matches_the_graph_field_by_field(exports, name):
 
     assert _pbtxt_tensors(text, "input") == expected(graph.input)
     assert _pbtxt_tensors(text, "output") == expected(graph.output)
+
+
+def _copy_export(ex, tmp_path):
+    import shutil
+
+    target = tmp_path / "copy"
+    shutil.copytree(ex.path, target)
+    return target
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda d: d.update(max_context=True), "field 'max_context' must be a int"),
+    (lambda d: d.update(max_context=10**12), "max_context and vocab_size must be positive"),
+    (lambda d: d.pop("cache_layout"), "field 'cache_layout' must be a list"),
+    (lambda d: d["cache_layout"][0]["ports"][0].update(width=7), "cache_layout is not the layout of its precision map"),
+    (lambda d: d["cache_layout"].reverse(), "cache_layout is not the layout of its precision map"),
+    (lambda d: d["precision_map"].update(recent_window=5), "does not match its precision_map_hash"),
+    (lambda d: d["precision_map"].update(num_layers=3), "layers"),
+    (lambda d: d["geometry"].pop("head_dim"), "geometry lacks 'head_dim'"),
+    (lambda d: d["file_sizes"].update({"model.onnx.data": 1}), "model.onnx.data has .* bytes, the export recorded 1"),
+])
+def test_a_manifest_inconsistent_with_its_map_layout_or_files_is_refused(exports, tmp_path, mutate, message):
+    path = _copy_export(exports["mixed"], tmp_path)
+    doc = json.loads((path / "kvcompile_export.json").read_text())
+    mutate(doc)
+    (path / "kvcompile_export.json").write_text(json.dumps(doc))
+    with pytest.raises(KvcompileError, match=message) as info:
+        ExportedModel.load(path)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_truncated_or_foreign_files_are_refused(exports, tmp_path):
+    path = _copy_export(exports["mixed"], tmp_path)
+    data = path / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(ExportError, match="truncated or was replaced"):
+        ExportedModel.load(path)
+    data.unlink()
+    with pytest.raises(ExportError, match="model.onnx.data is missing"):
+        ExportedModel.load(path)
+    # a graph of another map under this manifest: same file sizes recorded for the other export
+    other = _copy_export(exports["int8"], tmp_path / "o")
+    path = _copy_export(exports["mixed"], tmp_path / "m")
+    for name in ("model.onnx", "model.onnx.data"):
+        (path / name).write_bytes((other / name).read_bytes())
+    doc = json.loads((path / "kvcompile_export.json").read_text())
+    doc["file_sizes"] = {n: (path / n).stat().st_size for n in doc["file_sizes"]}
+    (path / "kvcompile_export.json").write_text(json.dumps(doc))
+    with pytest.raises(ExportError, match="cache inputs/outputs do not match"):
+        ExportedModel.load(path)
+    (path / "model.onnx").write_bytes(b"not a protobuf \xff\xff\xff")
+    doc["file_sizes"]["model.onnx"] = (path / "model.onnx").stat().st_size
+    (path / "kvcompile_export.json").write_text(json.dumps(doc))
+    with pytest.raises(ExportError, match="not a readable ONNX model"):
+        ExportedModel.load(path)
