@@ -60,12 +60,63 @@ class Calibration:
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        """Check every field strictly: a malformed calibration is one ArtifactError line naming the field,
+        never a crash in the planner (NaN costs, a window of 0, a short correction, ...)."""
+        from kvcompile.calibrate.defaults import ESTIMATORS
+        from kvcompile.plan.precision_map import _storable_scheme
+
+        def integer(name, value, lo, hi):
+            if type(value) is not int or not lo <= value <= hi:
+                raise ArtifactError(f"calibration: {name} must be an integer from {lo} to {hi}, got {str(value)[:40]!r}")
+
+        if not isinstance(self.geometry, KVGeometry):
+            raise ArtifactError("calibration: geometry must hold num_layers, num_kv_heads, num_q_heads, head_dim, max_positions")
         g = self.geometry
-        expected = (g.num_layers, g.num_kv_heads, 2, len(self.schemes), len(self.window_options), len(self.sink_options))
-        if tuple(self.cost.shape) != expected:
-            raise ArtifactError(f"calibration cost has shape {tuple(self.cost.shape)}, expected {expected}")
+        for name, hi in (("num_layers", 4096), ("num_kv_heads", 1024), ("num_q_heads", 65536), ("head_dim", 4096),
+                         ("max_positions", 1 << 24)):
+            integer(f"geometry.{name}", getattr(g, name), 1, hi)
+        integer("windows", self.windows, 1, 1 << 16)
+        integer("window", self.window, 2, 1 << 20)
+        for name in ("model", "text", "cost_unit"):
+            if not isinstance(getattr(self, name), str) or len(getattr(self, name)) > 4096:
+                raise ArtifactError(f"calibration: {name} must be a string")
+        if self.estimator not in ESTIMATORS:
+            raise ArtifactError(f"calibration: unknown estimator {str(self.estimator)[:40]!r}; expected one of {', '.join(ESTIMATORS)}")
+        if not isinstance(self.schemes, list) or not self.schemes or not all(isinstance(n, str) for n in self.schemes):
+            raise ArtifactError("calibration: schemes must be a non-empty list of scheme names")
+        if len(set(self.schemes)) != len(self.schemes):
+            raise ArtifactError("calibration: schemes lists a scheme twice")
+        for name in self.schemes:
+            try:
+                _storable_scheme(name, g.head_dim)
+            except Exception as e:  # SchemeError: unknown, non-canonical, or cannot store head_dim
+                raise ArtifactError(f"calibration: scheme {name[:40]!r}: {e}") from None
+        for name, lo in (("sink_options", 0), ("window_options", 0)):
+            values = getattr(self, name)
+            if not isinstance(values, list) or not values:
+                raise ArtifactError(f"calibration: {name} must be a non-empty list of integers")
+            for v in values:
+                integer(f"{name} entry", v, lo, 1 << 20)
+            if len(set(values)) != len(values):
+                raise ArtifactError(f"calibration: {name} lists a value twice")
+        expected = {"cost": (g.num_layers, g.num_kv_heads, 2, len(self.schemes), len(self.window_options), len(self.sink_options)),
+                    "curvature": (g.num_layers, g.num_kv_heads, 2, len(self.window_options)),
+                    "diameter": (g.num_layers, g.num_kv_heads, 2)}
         if self.correction is None:
             self.correction = torch.ones(len(self.schemes), dtype=torch.float64)
+        expected["correction"] = (len(self.schemes),)
+        for name, shape in expected.items():
+            t = getattr(self, name)
+            if not torch.is_tensor(t) or t.dtype not in (torch.float64, torch.float32):
+                raise ArtifactError(f"calibration: {name} must be a float64 tensor of shape {shape}")
+            if tuple(t.shape) != shape:
+                raise ArtifactError(f"calibration {name} has shape {tuple(t.shape)}, expected {shape}")
+            if not torch.isfinite(t).all() or (t < 0).any():
+                raise ArtifactError(f"calibration: {name} has NaN, infinite or negative values; expected finite values >= 0")
+        if not isinstance(self.seconds, (int, float)) or isinstance(self.seconds, bool) or not 0 <= self.seconds < 1e9:
+            raise ArtifactError(f"calibration: seconds must be a finite number >= 0, got {str(self.seconds)[:40]!r}")
+        if not isinstance(self.extra, dict):
+            raise ArtifactError("calibration: extra must be a JSON object")
 
     def corrected_cost(self) -> torch.Tensor:
         """``cost`` with each scheme scaled by its data-calibrated correction factor."""
@@ -116,7 +167,10 @@ class Calibration:
         blob = tensors_path.read_bytes()
         if hashlib.sha256(blob).hexdigest() != doc.get("tensors_sha256"):
             raise ArtifactError(f"{tensors_path} does not match the sha256 recorded in {JSON_NAME}")
-        tensors = load(blob)
+        try:
+            tensors = load(blob)
+        except Exception as e:  # safetensors raises its own SafetensorError on a malformed file
+            raise ArtifactError(f"{tensors_path}: not a readable safetensors file ({str(e)[:120]})") from None
         try:
             return cls(
                 model=doc["model"], geometry=KVGeometry(**doc["geometry"]), text=doc["text"], windows=doc["windows"],
@@ -126,5 +180,5 @@ class Calibration:
                 correction=tensors.get("correction"),
                 seconds=doc.get("seconds", 0.0), extra=doc.get("extra", {}),
             )
-        except (KeyError, TypeError) as e:
-            raise ArtifactError(f"{directory / JSON_NAME}: calibration is missing or mistypes field {e}") from None
+        except (KeyError, TypeError, AttributeError) as e:
+            raise ArtifactError(f"{directory / JSON_NAME}: calibration is missing or mistypes field {str(e)[:80]}") from None

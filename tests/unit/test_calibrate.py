@@ -83,3 +83,69 @@ def test_distance_buckets_partition_the_causal_triangle():
 def test_default_options_adapt_to_a_short_window(tiny_lm):
     c = calibrate(tiny_lm, text="wikipedia-calibration", windows=1, window=24, schemes=["int4"], progress=False)
     assert c.window_options == [0, 16] and c.sink_options == [0, 1, 4]
+
+
+def _resave(calib, tmp_path, json_edit=None, tensor_edit=None):
+    """Save ``calib``, edit its JSON and/or tensors, re-record the tensors' hash (so only the edit is wrong)."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load, save
+
+    d = calib.save(tmp_path / "cal")
+    tensors = load((d / "calibration.safetensors").read_bytes())
+    if tensor_edit:
+        tensor_edit(tensors)
+    blob = save(tensors)
+    (d / "calibration.safetensors").write_bytes(blob)
+    doc = json.loads((d / "calibration.json").read_text())
+    doc["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+    if json_edit:
+        json_edit(doc)
+    (d / "calibration.json").write_text(json.dumps(doc))
+    return d
+
+
+@pytest.mark.parametrize("json_edit,tensor_edit,message", [
+    (lambda d: d.update(window=0), None, "window must be an integer from 2"),
+    (lambda d: d.update(windows=True), None, "windows must be an integer"),
+    (lambda d: d.update(estimator="magic"), None, "unknown estimator 'magic'"),
+    (lambda d: d.update(schemes=["fp16", "int4-g7", *d["schemes"][2:]]), None, "int4-g7"),
+    (lambda d: d.update(sink_options=[0, -4]), None, "sink_options entry must be an integer from 0"),
+    (lambda d: d["geometry"].update(head_dim="32"), None, "geometry.head_dim must be an integer"),
+    (lambda d: d.update(geometry=[1, 2]), None, "missing or mistypes field"),
+    (None, lambda t: t["cost"].__setitem__((0, 0, 0, 0, 0, 0), float("nan")), "cost has NaN, infinite or negative"),
+    (None, lambda t: t["cost"].__setitem__((0, 0, 0, 0, 0, 0), -1.0), "cost has NaN, infinite or negative"),
+    (None, lambda t: t.update(correction=t["correction"][:2]), "correction has shape"),
+    (None, lambda t: t.update(curvature=t["curvature"].to(torch.int64)), "curvature must be a float64 tensor"),
+    (None, lambda t: t.pop("diameter"), "missing or mistypes field"),
+])
+def test_malformed_calibrations_are_refused_with_one_line(calib, tmp_path, json_edit, tensor_edit, message):
+    d = _resave(calib, tmp_path, json_edit, tensor_edit)
+    with pytest.raises(ArtifactError, match=message) as info:
+        Calibration.load(d)
+    assert "\n" not in str(info.value)
+
+
+def test_a_malformed_safetensors_file_with_a_matching_hash_is_refused(calib, tmp_path):
+    import hashlib
+    import json
+
+    d = calib.save(tmp_path / "cal")
+    blob = b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}"
+    (d / "calibration.safetensors").write_bytes(blob)
+    doc = json.loads((d / "calibration.json").read_text())
+    doc["tensors_sha256"] = hashlib.sha256(blob).hexdigest()
+    (d / "calibration.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match="not a readable safetensors file"):
+        Calibration.load(d)
+
+
+def test_saving_over_a_foreign_directory_is_refused(calib, tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(ArtifactError, match="not a kvcompile calibration directory"):
+        calib.save(tmp_path / "mine")
+    calib.save(tmp_path / "cal")
+    calib.save(tmp_path / "cal")  # an older calibration is replaced
+    assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == ["calibration.json", "calibration.safetensors"]
