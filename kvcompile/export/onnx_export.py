@@ -15,6 +15,7 @@ leaves nothing behind):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -33,6 +34,9 @@ MANIFEST = "kvcompile_export.json"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 ONNX_DTYPES = {"float32": 1, "float16": 10, "int8": 3}
+#: The manifest's geometry: each an integer from 1 to this bound.
+GEOMETRY_LIMITS = {"num_layers": 4096, "num_kv_heads": 1024, "num_q_heads": 65536, "head_dim": 4096,
+                   "max_positions": 1 << 24}
 
 GraphBuilder = Callable[..., Any]
 _GRAPH_BUILDERS: dict[str, GraphBuilder] = {}
@@ -102,35 +106,53 @@ class ExportedModel:
                                 f"{doc['max_context']} and {doc['vocab_size']}")
         pmap = PrecisionMap.from_json_body(doc["precision_map"], str(manifest))
         geometry = doc["geometry"]
-        try:
-            pmap.check_model(geometry["num_layers"], geometry["num_kv_heads"], geometry["head_dim"])
-        except KeyError as e:
-            raise ArtifactError(f"{manifest}: geometry lacks {e}") from None
+        if set(geometry) != set(GEOMETRY_LIMITS) or not all(
+                type(geometry[k]) is int and 1 <= geometry[k] <= hi for k, hi in GEOMETRY_LIMITS.items()):
+            raise ArtifactError(f"{manifest}: geometry must hold exactly {', '.join(GEOMETRY_LIMITS)} as positive integers")
+        pmap.check_model(geometry["num_layers"], geometry["num_kv_heads"], geometry["head_dim"])
+        if doc["max_context"] > geometry["max_positions"]:
+            raise ArtifactError(f"{manifest}: max_context {doc['max_context']} exceeds the model's "
+                                f"{geometry['max_positions']} positions")
         if pmap.content_hash() != doc["precision_map_hash"]:
             raise ArtifactError(f"{manifest}: precision_map does not match its precision_map_hash; the manifest was edited")
         groups = cache_layout(pmap)
         if json.loads(json.dumps(layout_to_json(groups))) != doc["cache_layout"]:  # tuples as JSON lists
             raise ArtifactError(f"{manifest}: cache_layout is not the layout of its precision map; re-run `kvcompile export`")
-        _check_files(path, doc.get("file_sizes"))
-        _check_graph_io(path / MODEL_FILE, groups, doc["precision_map_hash"])
+        _check_files(path, doc.get("files"))
+        _check_graph(path / MODEL_FILE, groups, doc)
         return cls(path, doc["model"], doc["model_type"], geometry, doc["max_context"], pmap, groups,
                    doc["vocab_size"], doc["kvcompile_version"], doc.get("trt"))
 
 
-def _check_files(path: Path, sizes: dict | None) -> None:
-    """The model file and its weights exist, with the sizes recorded at export (when recorded)."""
+def _file_record(path: Path) -> dict:
+    """What the manifest records of the exported files: sizes, and the graph's sha256 (the weights,
+    up to gigabytes, are checked by size only)."""
+    return {"model": MODEL_FILE, "weights": DATA_FILE,
+            "sizes": {name: (path / name).stat().st_size for name in (MODEL_FILE, DATA_FILE)},
+            "model_sha256": hashlib.sha256((path / MODEL_FILE).read_bytes()).hexdigest()}
+
+
+def _check_files(path: Path, record) -> None:
+    """The model file and its weights exist, with the sizes (and graph hash) recorded at export."""
     for name in (MODEL_FILE, DATA_FILE):
         if not (path / name).is_file():
             raise ExportError(f"{path}: {name} is missing; re-run `kvcompile export`")
-    for name, size in (sizes or {}).items():
-        actual = (path / name).stat().st_size if (path / name).is_file() else None
+    if not isinstance(record, dict) or record.get("model") != MODEL_FILE or record.get("weights") != DATA_FILE \
+            or not isinstance(record.get("sizes"), dict) or set(record["sizes"]) != {MODEL_FILE, DATA_FILE}:
+        raise ArtifactError(f"{path / MANIFEST}: 'files' must record {MODEL_FILE} and {DATA_FILE} with their sizes; "
+                            "re-run `kvcompile export`")
+    for name, size in record["sizes"].items():
+        actual = (path / name).stat().st_size
         if actual != size:
-            raise ExportError(f"{path}: {name} has {actual} bytes, the export recorded {size}; the file is truncated or "
-                              "was replaced: re-run `kvcompile export`")
+            raise ExportError(f"{path}: {name} has {actual} bytes, the export recorded {str(size)[:20]}; the file is "
+                              "truncated or was replaced: re-run `kvcompile export`")
+    if hashlib.sha256((path / MODEL_FILE).read_bytes()).hexdigest() != record.get("model_sha256"):
+        raise ExportError(f"{path}: {MODEL_FILE} is not the graph the export wrote (sha256 differs); re-run `kvcompile export`")
 
 
-def _check_graph_io(model_path: Path, groups: list[HeadGroup], map_hash: str) -> None:
-    """The graph's cache inputs and outputs are the layout's ports, and it carries the same map."""
+def _check_graph(model_path: Path, groups: list[HeadGroup], doc: dict) -> None:
+    """The graph's cache inputs and outputs are the layout's ports, its logits the vocabulary, and it
+    carries the manifest's map and context."""
     import onnx
 
     try:
@@ -144,10 +166,12 @@ def _check_graph_io(model_path: Path, groups: list[HeadGroup], map_hash: str) ->
             outs != [(p.present, p.dtype) for g in groups for p in g.ports]:
         raise ExportError(f"{model_path}: the graph's cache inputs/outputs do not match the manifest's cache_layout; "
                           "re-run `kvcompile export`")
+    vocab = model.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
     meta = {p.key: p.value for p in model.metadata_props}
-    if meta.get("kvcompile.precision_map_hash") != map_hash:
-        raise ExportError(f"{model_path}: the graph was built for another precision map than the manifest's; "
-                          "re-run `kvcompile export`")
+    if (meta.get("kvcompile.precision_map_hash"), meta.get("kvcompile.max_context"), vocab) != \
+            (doc["precision_map_hash"], str(doc["max_context"]), doc["vocab_size"]):
+        raise ExportError(f"{model_path}: the graph was built for another map, context or vocabulary than the manifest "
+                          "says; re-run `kvcompile export`")
 
 
 def _check_exportable(pmap: PrecisionMap, head_dim: int) -> None:
@@ -254,10 +278,9 @@ def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_conte
             "geometry": {"num_layers": g.num_layers, "num_kv_heads": g.num_kv_heads, "num_q_heads": g.num_q_heads,
                          "head_dim": g.head_dim, "max_positions": g.max_positions},
             "vocab_size": lm.model.config.vocab_size, "max_context": max_context, "opset": OPSET,
-            "files": {"model": MODEL_FILE, "weights": DATA_FILE},
             "precision_map": pmap.to_json_body(), "precision_map_hash": pmap.content_hash(),
             "cache_layout": layout_to_json(groups),
-            "file_sizes": {name: (tmp / name).stat().st_size for name in (MODEL_FILE, DATA_FILE)},
+            "files": _file_record(tmp),
         })
         (tmp / "config.pbtxt").write_text(triton_config(lm.name, groups, lm.model.config.vocab_size))
     return ExportedModel.load(out)

@@ -216,8 +216,12 @@ def _copy_export(ex, tmp_path):
     (lambda d: d["cache_layout"].reverse(), "cache_layout is not the layout of its precision map"),
     (lambda d: d["precision_map"].update(recent_window=5), "does not match its precision_map_hash"),
     (lambda d: d["precision_map"].update(num_layers=3), "layers"),
-    (lambda d: d["geometry"].pop("head_dim"), "geometry lacks 'head_dim'"),
-    (lambda d: d["file_sizes"].update({"model.onnx.data": 1}), "model.onnx.data has .* bytes, the export recorded 1"),
+    (lambda d: d["geometry"].pop("head_dim"), "geometry must hold exactly"),
+    (lambda d: d["geometry"].update(max_positions=64), "max_context 128 exceeds the model's 64 positions"),
+    (lambda d: d.update(vocab_size=98), "another map, context or vocabulary"),
+    (lambda d: d["files"]["sizes"].update({"model.onnx.data": 1}), "model.onnx.data has .* bytes, the export recorded 1"),
+    (lambda d: d["files"].update(model_sha256="0" * 64), "not the graph the export wrote"),
+    (lambda d: d.pop("files"), "'files' must record"),
 ])
 def test_a_manifest_inconsistent_with_its_map_layout_or_files_is_refused(exports, tmp_path, mutate, message):
     path = _copy_export(exports["mixed"], tmp_path)
@@ -243,13 +247,18 @@ def test_missing_truncated_or_foreign_files_are_refused(exports, tmp_path):
     path = _copy_export(exports["mixed"], tmp_path / "m")
     for name in ("model.onnx", "model.onnx.data"):
         (path / name).write_bytes((other / name).read_bytes())
-    doc = json.loads((path / "kvcompile_export.json").read_text())
-    doc["file_sizes"] = {n: (path / n).stat().st_size for n in doc["file_sizes"]}
-    (path / "kvcompile_export.json").write_text(json.dumps(doc))
+    import hashlib
+
+    def rerecord():  # the manifest recording the replaced files, so only the graph check can catch it
+        doc = json.loads((path / "kvcompile_export.json").read_text())
+        doc["files"]["sizes"] = {n: (path / n).stat().st_size for n in doc["files"]["sizes"]}
+        doc["files"]["model_sha256"] = hashlib.sha256((path / "model.onnx").read_bytes()).hexdigest()
+        (path / "kvcompile_export.json").write_text(json.dumps(doc))
+
+    rerecord()
     with pytest.raises(ExportError, match="cache inputs/outputs do not match"):
         ExportedModel.load(path)
     (path / "model.onnx").write_bytes(b"not a protobuf \xff\xff\xff")
-    doc["file_sizes"]["model.onnx"] = (path / "model.onnx").stat().st_size
-    (path / "kvcompile_export.json").write_text(json.dumps(doc))
+    rerecord()
     with pytest.raises(ExportError, match="not a readable ONNX model"):
         ExportedModel.load(path)
