@@ -118,6 +118,12 @@ class ExportedModel:
         groups = cache_layout(pmap)
         if json.loads(json.dumps(layout_to_json(groups))) != doc["cache_layout"]:  # tuples as JSON lists
             raise ArtifactError(f"{manifest}: cache_layout is not the layout of its precision map; re-run `kvcompile export`")
+        if doc.get("trt") is not None:
+            trt = doc["trt"]
+            if not isinstance(trt, dict) or not isinstance(trt.get("engine"), str) or "/" in trt["engine"] \
+                    or not (path / trt["engine"]).is_file() or type(trt.get("max_batch")) is not int:
+                raise ArtifactError(f"{manifest}: the 'trt' section must name the engine file beside the manifest and "
+                                    "its max_batch; re-run `kvcompile export --target trt`")
         _check_files(path, doc.get("files"))
         _check_graph(path / MODEL_FILE, groups, doc)
         return cls(path, doc["model"], doc["model_type"], geometry, doc["max_context"], pmap, groups,
