@@ -174,7 +174,9 @@ class MixedPrecisionLayer(CacheLayerMixin):
             groups = self.stores[stream]
             for g in groups:
                 g.append(states[:, g.heads] if len(groups) > 1 else states, self.length)
-            if len(groups) == 1:
+            if self.length + new == 0:  # an empty update of an empty cache: nothing stored, nothing to read
+                full = torch.empty(states.shape[0], states.shape[1], 0, states.shape[3])
+            elif len(groups) == 1:
                 full = groups[0].read()
             else:
                 full = torch.empty(states.shape[0], states.shape[1], self.length + new, states.shape[3])

@@ -129,6 +129,8 @@ def check_input(x: torch.Tensor, scheme: StorageScheme, max_abs: float | None = 
         raise SchemeError(f"{scheme.name}: expected a floating-point tensor [..., T, D], got {type(x).__name__}")
     if x.dim() < 2:
         raise SchemeError(f"{scheme.name}: expected shape [..., T, D], got {tuple(x.shape)}")
+    if x.shape[-1] < 1:
+        raise SchemeError(f"{scheme.name}: expected a head dimension D >= 1, got shape {tuple(x.shape)}")
     if x.shape[-2] % scheme.token_group:
         raise SchemeError(
             f"{scheme.name}: stores positions in blocks of {scheme.token_group}, got T={x.shape[-2]}"
@@ -142,10 +144,9 @@ def check_input(x: torch.Tensor, scheme: StorageScheme, max_abs: float | None = 
 def check_range(x: torch.Tensor, scheme: StorageScheme, max_abs: float | None) -> torch.Tensor:
     """Raise if ``x`` holds values that the scheme's float16 parameters cannot represent."""
     if max_abs is not None and x.numel() and x.abs().max().item() > max_abs:
-        raise SchemeError(
-            f"{scheme.name}: |x| up to {x.abs().max().item():.3g} exceeds what its float16 scales can "
-            f"represent (expected |x| <= {max_abs:.6g}); use a scheme with float32 scales (suffix -s32)"
-        )
+        hint = "; use a scheme with float32 scales (suffix -s32)" if max_abs <= FP16_MAX else ""
+        raise SchemeError(f"{scheme.name}: |x| up to {x.abs().max().item():.3g} exceeds what its scales can represent "
+                          f"(expected |x| <= {max_abs:.6g}){hint}")
     return x
 
 
@@ -170,6 +171,18 @@ def next_up_fp16(r: torch.Tensor) -> torch.Tensor:
     up = torch.where(bits >= 0, bits + 1, bits - 1)  # magnitude up for +, down for -
     up = torch.where(bits == -32768, torch.ones_like(bits), up)  # -0 -> smallest positive subnormal
     return up.to(torch.int16).view(torch.float16)
+
+
+def empty_quantized(scheme: "StorageScheme", shape: tuple[int, ...]) -> QuantizedTensor:
+    """The stored form of an empty ``[..., T, D]`` tensor (T = 0 or a zero batch): every part empty,
+    with the part's dtype and width (:func:`part_layout`), so empty segments concatenate and slice."""
+    *lead, t, d = shape
+    parts = {p.name: torch.zeros(*lead, t // p.rows_per, p.width, dtype=p.dtype) for p in part_layout(scheme, d)}
+    return QuantizedTensor(scheme.name, tuple(shape), parts)
+
+
+def is_empty(x) -> bool:
+    return math.prod(x.shape if torch.is_tensor(x) else x) == 0
 
 
 # ----------------------------------------------------------------------------- registry

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 import torch
 
 from kvcompile.errors import SchemeError
-from kvcompile.quant.base import FP16_MAX, QuantizedTensor, StorageScheme, check_input, check_range, register_family, round_to_dtype
+from kvcompile.quant.base import (FP16_MAX, QuantizedTensor, StorageScheme, check_input, check_range, empty_quantized,
+                                  is_empty, register_family, round_to_dtype)
 from kvcompile.quant.hadamard import rotate
 from kvcompile.quant.packing import pack_bits, packed_length, unpack_bits
 
@@ -102,8 +103,11 @@ class IntegerScheme(StorageScheme):
         return -1 if self.axis == "token" else -2
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
-        max_abs = FP16_MAX / 2 if self.scale_dtype == torch.float16 else None  # (max - min) must fit too
+        # (max - min) must fit the scale's dtype too
+        max_abs = (FP16_MAX if self.scale_dtype == torch.float16 else torch.finfo(torch.float32).max) / 2
         x = check_input(x, self)
+        if is_empty(x):
+            return empty_quantized(self, tuple(x.shape))
         if self.rotate:
             x = rotate(x)
         x = check_range(x, self, max_abs)
@@ -131,6 +135,8 @@ class IntegerScheme(StorageScheme):
         return scale, zero
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        if is_empty(q.shape):
+            return torch.zeros(q.shape)
         codes = unpack_bits(q.parts["codes"], self.bits, q.shape[-1]).float()
         g = self._grouped(codes)
         scale, zero = self._params(q)

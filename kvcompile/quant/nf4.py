@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import torch
 
 from kvcompile.errors import SchemeError
-from kvcompile.quant.base import FP16_MAX, QuantizedTensor, StorageScheme, check_input, register_family, round_to_dtype
+from kvcompile.quant.base import (FP16_MAX, QuantizedTensor, StorageScheme, check_input, empty_quantized, is_empty,
+                                  register_family, round_to_dtype)
 from kvcompile.quant.packing import pack_bits, unpack_bits
 
 DEFAULT_GROUP = 16
@@ -71,6 +72,8 @@ class NF4Scheme(StorageScheme):
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         x = check_input(x, self, FP16_MAX)
+        if is_empty(x):
+            return empty_quantized(self, tuple(x.shape))
         g = self._grouped(x)
         absmax = g.abs().amax(-1)  # [..., T, n_groups]
         if self.double_quant:
@@ -96,6 +99,8 @@ class NF4Scheme(StorageScheme):
         return q.parts["scale"].float()
 
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
+        if is_empty(q.shape):
+            return torch.zeros(q.shape)
         codes = unpack_bits(q.parts["codes"], 4, q.shape[-1]).long()
         values = self._grouped(nf4_codebook()[codes]) * self._scales(q).unsqueeze(-1)
         return values.reshape(q.shape)

@@ -104,3 +104,15 @@ def test_wrong_head_count_is_rejected(tiny_geometry):
     cache = MixedPrecisionCache(resolve_map("int4", tiny_geometry))
     with pytest.raises(CacheError, match=r"expected \[batch, 2, tokens, 32\]"):
         cache.update(torch.randn(1, 3, 2, 32), torch.randn(1, 3, 2, 32), 0)
+
+
+def test_an_update_with_no_positions_changes_nothing():
+    from kvcompile.plan.precision_map import PrecisionMap
+
+    cache = MixedPrecisionCache(PrecisionMap.uniform(2, 2, 32, "int2-ch", "int4", sink_tokens=2, recent_window=4))
+    k, v = cache.layers[0].update(torch.randn(1, 2, 0, 32), torch.randn(1, 2, 0, 32))
+    assert k.shape == v.shape == (1, 2, 0, 32) and cache.layers[0].length == 0
+    states = torch.randn(1, 2, 5, 32)
+    k5, _ = cache.layers[0].update(states, states)
+    k5b, _ = cache.layers[0].update(torch.randn(1, 2, 0, 32), torch.randn(1, 2, 0, 32))
+    assert torch.equal(k5, k5b) and cache.layers[0].length == 5

@@ -226,3 +226,30 @@ def test_scheme_names_outside_the_grammar_are_refused(name):
 def test_scheme_lookup_of_a_non_name_is_a_scheme_error(value):
     with pytest.raises(SchemeError, match="expected a storage scheme name"):
         get_scheme(value)
+
+
+@pytest.mark.parametrize("name", ["int4", "int4-ch", "nf4", "fp8", "fp16", "int3-s32", "int4-rot", "int2-ch-g8"])
+def test_empty_inputs_store_empty_parts_and_a_zero_head_dim_is_refused(name):
+    from kvcompile.quant.base import QuantizedTensor, part_layout
+
+    s = get_scheme(name)
+    for shape in [(2, 3, 0, 64), (0, 3, s.token_group, 64)]:
+        q = s.quantize(torch.zeros(shape))
+        assert s.dequantize(q).shape == shape
+        assert {k: (v.dtype, v.shape[-1]) for k, v in q.parts.items()} == \
+            {p.name: (p.dtype, p.width) for p in part_layout(s, 64)}
+    full = s.quantize(torch.randn(2, 3, s.token_group, 64))
+    both = QuantizedTensor.cat_tokens([s.quantize(torch.zeros(2, 3, 0, 64)), full])
+    assert torch.equal(s.dequantize(both), s.dequantize(full))
+    with pytest.raises(SchemeError, match="head dimension D >= 1"):
+        s.quantize(torch.zeros(1, 1, s.token_group, 0))
+
+
+def test_float32_scales_refuse_values_whose_span_overflows():
+    x = torch.full((1, 1, 1, 64), 3.3e38)
+    x[..., 0] = -3.3e38
+    with pytest.raises(SchemeError, match="exceeds what its scales can represent"):
+        get_scheme("int4-s32").quantize(x)
+    y = torch.full((1, 1, 1, 64), 1e37)
+    y[..., 0] = -1e37
+    assert torch.isfinite(get_scheme("int4-s32").roundtrip(y)).all()
