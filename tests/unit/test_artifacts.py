@@ -94,3 +94,66 @@ def test_a_killed_writer_leaves_the_old_artifact_and_the_next_run_cleans_up(tmp_
         assert not out.exists()
     removed = remove_stale_staging(out)
     assert len(removed) == 1 and _siblings(out) == [] and _read(out) == {"old"}
+
+
+WRITER = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from kvcompile.calibrate import Calibration
+    from kvcompile.export import export_onnx
+    from kvcompile.models import LoadedModel
+    from kvcompile.models.adapters import adapter_for
+    from kvcompile.plan.presets import resolve_map
+
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=128)
+    adapter = adapter_for(config)
+    lm = LoadedModel(LlamaForCausalLM(config).eval(), None, adapter.geometry(config), adapter, "tiny")
+    out, kind = Path(sys.argv[1]), sys.argv[2]
+    g = lm.geometry
+    maps = [resolve_map(s, g) for s in ("int4", "int8")]
+    calibs = [Calibration(model="tiny", geometry=g, text="t", windows=1, window=8, estimator="hybrid", cost_unit="nats",
+                          schemes=["fp16", "int4"], sink_options=[0], window_options=[0],
+                          cost=torch.full((2, 2, 2, 2, 1, 1), float(i)), curvature=torch.ones(2, 2, 2, 1),
+                          diameter=torch.ones(2, 2, 2)) for i in (1, 2)]
+    i = 0
+    while True:
+        if kind == "export":
+            export_onnx(lm, maps[i % 2], out, max_context=64)
+        else:
+            calibs[i % 2].save(out)
+        print("done", flush=True)
+        i += 1
+""")
+
+
+@pytest.mark.parametrize("kind", ["export", "calibration"])
+def test_kill_at_random_points_leaves_the_old_or_the_new_artifact(tmp_path, kind):
+    """kill -9 a process that rewrites an artifact in a loop, at random moments: the artifact always
+    loads whole, and the next write removes what the killed one left behind."""
+    import random
+
+    from kvcompile.calibrate import Calibration
+    from kvcompile.export import ExportedModel
+
+    out = tmp_path / "artifact"
+    rng = random.Random(0)
+    for trial in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(out), kind], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        for _ in range(rng.randrange(1, 4)):  # let it finish one to three writes, then kill it mid-way
+            assert proc.stdout.readline().strip() == "done"
+        import time
+
+        time.sleep(rng.random() * 0.3)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        if kind == "export":
+            ex = ExportedModel.load(out)  # cross-checks manifest, map, layout, files and graph
+            assert ex.pmap.scheme(0, 0, "key", "bulk").name in ("int4", "int8")
+        else:
+            assert Calibration.load(out).cost.flatten()[0].item() in (1.0, 2.0)
+        remove_stale_staging(out)
+        assert _siblings(out) == [], f"trial {trial}"
