@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from kvcompile.artifacts import staged_directory
+from kvcompile.errors import ArtifactError
 from kvcompile.calibrate import Calibration
 from kvcompile.plan.precision_map import STREAMS, PrecisionMap
 from kvcompile.report import plots
@@ -51,6 +52,18 @@ def _markdown_table(rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
+def _bench_result(path, made_by: str, keys: tuple[str, ...]) -> dict:
+    """A bench's JSON result, or one ArtifactError line naming what was expected."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ArtifactError(f"{path}: expected the JSON written by {made_by} ({type(e).__name__})") from None
+    if not isinstance(doc, dict) or any(k not in doc for k in keys):
+        raise ArtifactError(f"{path}: expected the JSON written by {made_by}, with {', '.join(keys)}")
+    return doc
+
+
 def build_report(calibration, output, pmap_path=None, validation=None, comparison=None, context: int | None = None) -> Path:
     calib = Calibration.load(calibration)
     pmap = PrecisionMap.load(pmap_path) if pmap_path else None
@@ -68,7 +81,7 @@ def build_report(calibration, output, pmap_path=None, validation=None, compariso
                    f"{pmap.bits_per_element(context):.3f} bits/element at context {context}; sinks {pmap.sink_tokens}, "
                    f"recent window {pmap.recent_window}.", "", "![precision heatmap](precision_heatmap.png)", ""]
         if validation:
-            doc = json.loads(Path(validation).read_text())
+            doc = _bench_result(validation, "bench/bound_validation.py", ("summary", "sites"))
             plots.scatter_predicted_measured(doc["sites"], tmp / "predicted_vs_measured.png")
             images.append(("Predicted vs measured", "predicted_vs_measured.png"))
             md += ["## Predicted vs measured error (one site at a time)", "",
@@ -77,7 +90,7 @@ def build_report(calibration, output, pmap_path=None, validation=None, compariso
                 md.append(f"| {key} | {s['spearman']:.3f} | {s['holds_c1']:.0%} | {s['c_for_90pct']:.2f} | {s['median_ratio']:.2f} |")
             md += ["", "![predicted vs measured](predicted_vs_measured.png)", ""]
         if comparison:
-            doc = json.loads(Path(comparison).read_text())
+            doc = _bench_result(comparison, "bench/plan_vs_uniform.py or bench/quality.py", ("results",))
             plots.quality_vs_memory(doc["results"], tmp / "quality_vs_memory.png")
             images.append(("Quality vs memory", "quality_vs_memory.png"))
             md += ["## Quality vs memory", "", "| map | bits/elt | ΔPPL % | KL | top-1 |", "|---|---|---|---|---|"]

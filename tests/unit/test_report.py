@@ -50,3 +50,14 @@ def test_failed_report_leaves_nothing_behind(artifacts, tmp_path):
     out = tmp_path / "r"
     rc = main(["report", str(artifacts / "calib"), "--map", str(tmp_path / "missing.json"), "-o", str(out)])
     assert rc == 2 and not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{nope", "expected the JSON written by bench/plan_vs_uniform.py or bench/quality.py"),
+    ('{"rows": []}', "with results"),
+])
+def test_a_malformed_comparison_is_one_line(artifacts, tmp_path, capsys, content, message):
+    (tmp_path / "cmp.json").write_text(content)
+    rc = main(["report", str(artifacts / "calib"), "--comparison", str(tmp_path / "cmp.json"), "-o", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert rc == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
