@@ -20,7 +20,15 @@ def setup(threads: int) -> None:
 
 
 def environment(threads: int) -> dict:
-    return {"kvcompile": __version__, "torch": torch.__version__, "python": platform.python_version(),
+    from importlib import metadata
+
+    versions = {}
+    for package in ("transformers", "numpy", "onnx", "onnxruntime"):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"kvcompile": __version__, "torch": torch.__version__, **versions, "python": platform.python_version(),
             "machine": platform.machine(), "cpus": os.cpu_count(), "threads": threads,
             "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}

@@ -30,13 +30,22 @@ def test_fp16_cache_matches_reference_and_int2_is_much_worse(smollm):
     assert gap["significant"] and gap["ci_low_pct"] > 0
 
 
-def test_decode_mode_agrees_with_simulation(smollm):
-    """Real token-by-token decoding vs the parallel simulation on the same window (int8: rounding flips are rare)."""
-    pmap = {"int8": resolve_map("int8", smollm.geometry, sink_tokens=2, recent_window=8)}
-    sim = evaluate(smollm, pmap, window=64, max_windows=1, mode="simulate", progress=False)[0]
-    dec = evaluate(smollm, pmap, window=64, max_windows=1, mode="decode", progress=False)[0]
-    assert dec.ppl == pytest.approx(sim.ppl, rel=2e-3)
-    assert dec.kl == pytest.approx(sim.kl, abs=2e-3)
+def test_decode_mode_agrees_with_simulation_far_below_the_effect_of_quantization(smollm):
+    """Real token-by-token decoding vs the parallel simulation at <= 4 bits on one 128-token window.
+
+    In float32 the two differ by rounding flips of low-bit codes (bench/simulate_vs_decode.py
+    measures the gap on 8k tokens); here each must see a quantization effect of more than 1 % in
+    PPL, and agree with the other to within a quarter of that effect (KL within a tenth), so a
+    simulation that skipped or misplaced the quantization would fail.
+    """
+    maps = {"int4": resolve_map("int4", smollm.geometry),
+            "kivi-2": resolve_map("kivi-2", smollm.geometry, sink_tokens=4, recent_window=32)}
+    sim = evaluate(smollm, maps, window=128, max_windows=1, mode="simulate", progress=False)
+    dec = evaluate(smollm, maps, window=128, max_windows=1, mode="decode", progress=False)
+    for s, d in zip(sim, dec):
+        assert s.delta_ppl_pct > 1.0 and d.delta_ppl_pct > 1.0, s.name
+        assert abs(d.delta_ppl_pct - s.delta_ppl_pct) < 0.25 * s.delta_ppl_pct, s.name
+        assert abs(d.kl - s.kl) < 0.1 * s.kl, s.name
 
 
 def test_cli_eval_writes_the_documented_json(tmp_path, capsys):
