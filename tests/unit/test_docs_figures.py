@@ -159,3 +159,15 @@ def test_onnx_runtime_table_matches_the_json():
         assert (tps, speed, mib, mem, bits) == (f"{r['tokens_per_s']:.1f}", f"{r['speed_ratio']:.2f}",
                                                 f"{r['kv_bytes'] / 2**20:.2f}", f"{r['kv_bytes_ratio']:.3f}",
                                                 f"{r['map_bits_per_element']:.2f}"), label
+
+
+def test_simulate_vs_decode_table_matches_the_json():
+    rows = table_rows("docs/evaluation.md", "| map | ΔPPL % simulate |")
+    results = result("simulate_vs_decode")["results"]
+    assert len(rows) == len(results) and result("simulate_vs_decode")["tokens_scored"] >= 8000
+    for (label, sim, dec, gap, interval, kl_sim, kl_dec), r in zip(rows, results):
+        ci = r["delta_ppl_gap_interval"]
+        assert (label, sim, dec, gap, interval, kl_sim, kl_dec) == (
+            r["map"], pct(r["simulate"]["delta_ppl_pct"], 3), pct(r["decode"]["delta_ppl_pct"], 3),
+            pct(r["delta_ppl_gap_pct"], 3), f"[{ci['ci_low_pct']:+.3f}, {ci['ci_high_pct']:+.3f}]",
+            f"{r['simulate']['kl']:.5f}", f"{r['decode']['kl']:.5f}")
