@@ -246,11 +246,20 @@ def calibration_problem(doc, tensors: dict | None) -> str | None:
     return None
 
 
+def _same_json(a, b) -> bool:
+    """Equal as JSON values, with booleans distinct from integers (``True == 1`` in Python)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same_json(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
 def export_manifest_problem(doc, original: dict) -> str | None:
     """Why an export manifest is invalid for the export directory that ``original`` describes.
 
     Per export/onnx_export.py's format: ``model``, ``model_type``, ``kvcompile_version`` are free
-    strings and unknown keys are ignored; the map, its hash, the cache layout, the file record, the
+    strings and unknown keys are ignored (in the embedded map too); the map, its hash, the cache layout, the file record, the
     context and the vocabulary must be those of the files on disk (here: the original's); the
     geometry must have its five positive integers, agree with the map, and admit the context.
     """
@@ -261,9 +270,13 @@ def export_manifest_problem(doc, original: dict) -> str | None:
     for key in ("model", "model_type", "kvcompile_version"):
         if not isinstance(doc.get(key), str):
             return key
-    for key in ("precision_map", "precision_map_hash", "cache_layout", "files", "max_context", "vocab_size"):
+    for key in ("precision_map_hash", "cache_layout", "files", "max_context", "vocab_size"):
         if key not in doc or type(doc[key]) is not type(original[key]) or doc[key] != original[key]:
             return key
+    body = doc.get("precision_map")  # the map's own fields must be the original's; unknown keys are ignored
+    if not isinstance(body, dict) or any(k not in body or not _same_json(body[k], v)
+                                         for k, v in original["precision_map"].items()):
+        return "precision_map"
     g, g0 = doc.get("geometry"), original["geometry"]
     limits = {"num_layers": 4096, "num_kv_heads": 1024, "num_q_heads": 65536, "head_dim": 4096, "max_positions": 1 << 24}
     if not isinstance(g, dict) or set(g) != set(limits) or not all(_int_in(g[k], 1, hi) for k, hi in limits.items()):
