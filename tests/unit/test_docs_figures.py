@@ -171,3 +171,15 @@ def test_simulate_vs_decode_table_matches_the_json():
             r["map"], pct(r["simulate"]["delta_ppl_pct"], 3), pct(r["decode"]["delta_ppl_pct"], 3),
             pct(r["delta_ppl_gap_pct"], 3), f"[{ci['ci_low_pct']:+.3f}, {ci['ci_high_pct']:+.3f}]",
             f"{r['simulate']['kl']:.5f}", f"{r['decode']['kl']:.5f}")
+
+
+def test_fuzz_table_matches_the_json():
+    rows = table_rows("README.md", "| loader | cases | one-line error |")
+    results = result("fuzz")["results"]
+    assert [r[0] for r in rows] == list(results)
+    for label, cases, *counts in rows:
+        r = results[label]
+        assert int(cases) == r["cases"] >= 1000
+        assert [int(c) for c in counts] == [r["outcomes"][o] for o in ("one-line error", "accepted valid",
+                                                                        "invalid accepted", "valid refused",
+                                                                        "other exception")]
