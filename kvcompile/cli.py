@@ -333,7 +333,7 @@ def cmd_validate(args) -> int:
     result = validate_export(ex, backend=args.backend, lm=lm, text=args.text, window=args.window, prefill=args.prefill,
                              max_windows=args.max_windows, atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine,
                              min_top1=args.min_top1, min_pass_rate=args.min_pass_rate, max_kl=args.max_kl,
-                             progress=not args.quiet, threads=args.threads)
+                             max_cache_differing=args.max_cache_differing, progress=not args.quiet, threads=args.threads)
     print(result.summary())
     if result.polygraphy_commands:
         print("equivalent polygraphy check of the prefill (reference outputs from torch):")
@@ -489,14 +489,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=_float_in(0, 1e6), default=0.05, help="polygraphy relative tolerance on the median error")
     from kvcompile.validate import compare
 
-    p.add_argument("--min-cosine", type=_float_in(-1, 1), default=compare.MIN_COSINE,
-                   help=f"least logits cosine similarity per position (default {compare.MIN_COSINE})")
-    p.add_argument("--min-top1", type=_float_in(0, 1), default=compare.MIN_TOP1,
-                   help=f"least greedy agreement with the torch reference (default {compare.MIN_TOP1})")
-    p.add_argument("--min-pass-rate", type=_float_in(0, 1), default=compare.MIN_PASS_RATE,
-                   help=f"least fraction of steps polygraphy passes (default {compare.MIN_PASS_RATE})")
-    p.add_argument("--max-kl", type=_float_in(0, 100), default=compare.MAX_KL,
-                   help=f"most mean KL(torch reference || export) per position, nats (default {compare.MAX_KL})")
+    strict, free = compare.STRICT, compare.FREE_RUNNING
+    for flag, key, lo, hi, what in (("--min-cosine", "min_cosine", -1, 1, "least logits cosine similarity per position"),
+                                    ("--min-top1", "min_top1", 0, 1, "least greedy agreement with the torch reference"),
+                                    ("--min-pass-rate", "min_pass_rate", 0, 1, "least fraction of steps polygraphy passes"),
+                                    ("--max-kl", "max_kl", 0, 100, "most mean KL(torch reference || export) per position"),
+                                    ("--max-cache-differing", "max_cache_differing", 0, 1,
+                                     "most fraction of stored cache elements that differ from the reference's")):
+        p.add_argument(flag, type=_float_in(lo, hi), default=None,
+                       help=f"{what} (default {strict[key]:g} with the cache compared, {free[key]:g} without)")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--threads", type=THREADS, default=None)
     p.add_argument("--quiet", action="store_true")

@@ -183,3 +183,23 @@ def test_fuzz_table_matches_the_json():
         assert [int(c) for c in counts] == [r["outcomes"][o] for o in ("one-line error", "accepted valid",
                                                                         "invalid accepted", "valid refused",
                                                                         "other exception")]
+
+
+def test_validate_faults_table_matches_the_json_and_the_thresholds_separate_it():
+    from kvcompile.validate.compare import STRICT
+
+    rows = table_rows("docs/export.md", "| case | kind | steps within polygraphy tol. |")
+    results = result("validate_faults")["results"]
+    assert len(rows) == len(results)
+    for (case, kind, steps, kl, top1, cos, shape, differing), r in zip(rows, results):
+        w = r["worst"]
+        assert (case, kind, steps, kl, top1, cos) == (r["case"], r["kind"], f"{100 * w['pass_rate']:.1f} %",
+                                                      f"{w['kl']:.1e}", f"{w['top1']:.3f}", f"{w['min_cosine']:.5f}")
+        if w["cache_checked"]:
+            assert (shape, differing) == (str(w["cache_mismatched"]), f"{100 * w['cache_differing']:.3f} %")
+            passes = (w["pass_rate"] >= STRICT["min_pass_rate"] and w["min_cosine"] >= STRICT["min_cosine"]
+                      and w["top1"] >= STRICT["min_top1"] and w["kl"] <= STRICT["max_kl"]
+                      and w["cache_mismatched"] == 0 and w["cache_differing"] <= STRICT["max_cache_differing"])
+            assert passes == (kind == "faithful"), case  # the thresholds pass every faithful export, fail every fault
+    worst_faithful = max(r["worst"]["kl"] for r in results if r["kind"] == "faithful")
+    assert "KL 2.1e-5" in text("docs/export.md") and f"{worst_faithful:.1e}" == "2.1e-05"

@@ -262,3 +262,26 @@ def test_missing_truncated_or_foreign_files_are_refused(exports, tmp_path):
     rerecord()
     with pytest.raises(ExportError, match="not a readable ONNX model"):
         ExportedModel.load(path)
+
+
+@pytest.mark.parametrize("fault", ["window_off_by_one", "dropped_sink", "swapped_head_groups", "wrong_scale"])
+def test_validate_fails_each_injected_fault_on_the_test_model(exports, maps, tiny_lm, tmp_path, fault):
+    """The packed cache is compared with the reference's after every step: a graph that stores other
+    segments than its map says fails on shapes, a wrong scale on the stored values."""
+    from kvcompile.validate import faults
+    from kvcompile.validate.compare import validate_export
+
+    kwargs = dict(lm=tiny_lm, window=60, prefill=20, max_windows=1, progress=False, write_polygraphy=False, threads=1)
+    good = validate_export(exports["mixed"], **kwargs)
+    assert good.passed and good.cache_checked and good.cache_mismatched_tensors == 0
+    if fault == "wrong_scale":
+        with faults.wrong_scale_lowering(1.05):
+            broken = export_onnx(tiny_lm, maps["mixed"], tmp_path / "e", max_context=128)
+    else:
+        broken = replace(exports["mixed"], pmap=faults.claimed_map(maps["mixed"], fault))
+    bad = validate_export(broken, **kwargs)
+    assert not bad.passed
+    if fault == "wrong_scale":
+        assert bad.cache_differing_fraction > 100 * max(good.cache_differing_fraction, 1e-4)
+    else:
+        assert bad.cache_mismatched_tensors > 0
