@@ -203,3 +203,26 @@ def test_validate_faults_table_matches_the_json_and_the_thresholds_separate_it()
             assert passes == (kind == "faithful"), case  # the thresholds pass every faithful export, fail every fault
     worst_faithful = max(r["worst"]["kl"] for r in results if r["kind"] == "faithful")
     assert "KL 2.1e-5" in text("docs/export.md") and f"{worst_faithful:.1e}" == "2.1e-05"
+
+
+def test_memory_accounting_tables_and_prose_match_the_json():
+    doc = result("memory_accounting")
+    rows = {r["map"]: r for r in doc["results"]}
+    table = table_rows("docs/calibration-results.md", "| map | bits, final | bits, allocated | ΔPPL % | KL |")
+    for label, final, allocated, dppl, kl in table:
+        r = rows[label]
+        assert (final, allocated, kl) == (f"{r['bits_final']:.3f}", f"{r['bits_allocated']:.3f}", f"{r['result']['kl']:.4f}")
+        assert same_number(dppl, pct(r["result"]["delta_ppl_pct"]))
+    comparisons = {(c["a"], c["b"]): c for c in doc["comparisons"]}
+    for label, final, sinks, window, dppl, kl, diff in table_rows("docs/calibration-results.md",
+                                                                  "| map | bits, final | sinks | window |"):
+        r, c = rows[label], comparisons[(label, "kivi-4 w32 s4")]
+        assert (int(sinks), int(window), kl) == (r["sinks"], r["window"], f"{r['result']['kl']:.4f}")
+        assert diff.startswith(f"{c['difference_pct']:+.2f} [{c['ci_low_pct']:+.2f}, {c['ci_high_pct']:+.2f}]")
+        assert diff.endswith("(not significant)") != c["significant"]
+    cal = doc["calibration"]
+    assert f"calibrates once ({cal['seconds']:.0f} s, peak resident memory\n{cal['peak_rss_gib_after']:.1f} GiB" in \
+        text("docs/calibration-results.md")
+    g = comparisons[("plan 2.5b, menu + g128", "plan 2.5b")]
+    assert (f"interval\nof the difference {g['ci_low_pct']:.1f} to {g['ci_high_pct']:.1f} points), but it costs "
+            f"{rows['plan 2.5b, menu + g128']['bits_allocated']:.2f} allocated bits") in text("docs/calibration-results.md")
