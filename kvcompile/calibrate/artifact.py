@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from kvcompile.artifacts import atomic_write_bytes, staged_directory, load_json_artifact, save_json_artifact
-from kvcompile.errors import ArtifactError
+from kvcompile.errors import ArtifactError, KvcompileError
 from kvcompile.models.adapters import KVGeometry
 
 FORMAT_VERSION = 1
@@ -63,7 +63,7 @@ class Calibration:
         """Check every field strictly: a malformed calibration is one ArtifactError line naming the field,
         never a crash in the planner (NaN costs, a window of 0, a short correction, ...)."""
         from kvcompile.calibrate.defaults import ESTIMATORS
-        from kvcompile.plan.precision_map import _storable_scheme
+        from kvcompile.quant.base import storable_scheme
 
         def integer(name, value, lo, hi):
             if type(value) is not int or not lo <= value <= hi:
@@ -88,8 +88,8 @@ class Calibration:
             raise ArtifactError("calibration: schemes lists a scheme twice")
         for name in self.schemes:
             try:
-                _storable_scheme(name, g.head_dim)
-            except Exception as e:  # SchemeError: unknown, non-canonical, or cannot store head_dim
+                storable_scheme(name, g.head_dim)
+            except KvcompileError as e:  # unknown, non-canonical, or cannot store head_dim
                 raise ArtifactError(f"calibration: scheme {name[:40]!r}: {e}") from None
         for name, lo in (("sink_options", 0), ("window_options", 0)):
             values = getattr(self, name)

@@ -24,7 +24,6 @@ File format (JSON, ``format_version`` 1)::
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from typing import Any, Iterator
 from kvcompile.artifacts import load_json_artifact, save_json_artifact
 from kvcompile.errors import ArtifactError, KvcompileError
 from kvcompile.quant import StorageScheme, get_scheme
+from kvcompile.quant.base import storable_scheme
 
 FORMAT_VERSION = 1
 STREAMS = ("key", "value")
@@ -80,22 +80,9 @@ def _short(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-@functools.lru_cache(maxsize=1024)
-def _storable_scheme(name: str, head_dim: int) -> StorageScheme:
-    """The scheme ``name`` if it is canonical and can store vectors of ``head_dim`` (else SchemeError)."""
-    from kvcompile.errors import SchemeError
-    from kvcompile.quant.base import part_layout
-
-    scheme = get_scheme(name)
-    if scheme.name != name:
-        raise SchemeError(f"{name!r} is not the canonical name; write {scheme.name!r}")
-    part_layout(scheme, head_dim)  # quantizes one block: group sizes, packing and rotation must fit head_dim
-    return scheme
-
-
 def _storable(name: str, head_dim: int, where: str) -> StorageScheme:
     try:
-        return _storable_scheme(name, head_dim)
+        return storable_scheme(name, head_dim)
     except KvcompileError as e:
         raise ArtifactError(f"precision map: {where}: {e}") from None
 

@@ -243,3 +243,18 @@ def part_layout(scheme: StorageScheme, head_dim: int) -> tuple[PartLayout, ...]:
     t = scheme.token_group
     q = scheme.quantize(torch.linspace(-1, 1, t * head_dim).reshape(1, 1, t, head_dim))
     return tuple(PartLayout(name, p.dtype, t // p.shape[-2], p.shape[-1]) for name, p in q.parts.items())
+
+
+@functools.lru_cache(maxsize=1024)
+def storable_scheme(name: str, head_dim: int) -> StorageScheme:
+    """The scheme ``name`` if it is its canonical name and can store vectors of ``head_dim``.
+
+    Raises :class:`SchemeError` otherwise (unknown or non-canonical name, a group size that does not
+    divide ``head_dim``, a rotation of a non-power-of-two ``head_dim``): artifact loaders use it so
+    that a map or calibration naming such a scheme is refused on load, not on use.
+    """
+    scheme = get_scheme(name)
+    if scheme.name != name:
+        raise SchemeError(f"{name!r} is not the canonical name; write {scheme.name!r}")
+    part_layout(scheme, head_dim)  # quantizes one block: group sizes, packing and rotation must fit head_dim
+    return scheme

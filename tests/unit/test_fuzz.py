@@ -56,10 +56,10 @@ def test_scheme_grammar(name, head_dim):
         assert fuzzing._scheme_problem(name, head_dim, per_token=False) is not None
         return
     if scheme.name == name:
-        from kvcompile.plan.precision_map import _storable_scheme
+        from kvcompile.quant.base import storable_scheme
 
         try:
-            _storable_scheme(name, head_dim)
+            storable_scheme(name, head_dim)
             stored = True
         except SchemeError:
             stored = False
