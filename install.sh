@@ -20,9 +20,12 @@ esac
 # [trt]: TensorRT for RTX, so the trt target builds engines here (no GPU needed to build).
 "$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,trt]"
 "$PY" - <<'PY'
-# Fail here, not later in a skipped test, if a dependency the install promises does not import.
-from kvcompile.environment import check_promised_dependencies
+# Fail here, not later in a skipped test, if a package the install promises is missing.
+import sys
 import kvcompile
-check_promised_dependencies()
+from kvcompile.environment import missing_dependencies
+missing = missing_dependencies()
+if missing:
+    sys.exit(f"install.sh: error: promised packages are missing: {'; '.join(missing)}")
 print(f"kvcompile installed: {kvcompile.__version__}")
 PY
