@@ -2,15 +2,14 @@
 
 The tests skip a path whose package is absent (so a partial install can still test the rest), but
 the default install promises every package below: ``install.sh`` and the test session under CI
-(``CI`` set) call :func:`check_promised_dependencies`, which fails instead of letting those tests
-skip silently.
+(``CI`` set) call :func:`missing_dependencies` and fail, with one line naming what is missing,
+instead of letting those tests skip silently.
 """
 
 from __future__ import annotations
 
 import importlib.util
 
-from kvcompile.errors import KvcompileError
 
 #: (what it is for, importable module names: any one of them satisfies the promise)
 PROMISED: tuple[tuple[str, tuple[str, ...]], ...] = (
@@ -35,11 +34,3 @@ def missing_dependencies() -> list[str]:
     """Descriptions of the promised packages that cannot be found (found without importing them:
     importing TensorRT-RTX can abort a process whose library path is not set up)."""
     return [what for what, modules in PROMISED if not any(importlib.util.find_spec(m) for m in modules)]
-
-
-def check_promised_dependencies() -> None:
-    """Raise :class:`KvcompileError` naming every promised package that is missing."""
-    missing = missing_dependencies()
-    if missing:
-        raise KvcompileError(f"the default install promises these packages, which are missing: {'; '.join(missing)}; "
-                             "run ./install.sh")

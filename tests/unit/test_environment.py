@@ -7,7 +7,6 @@ import os
 import pytest
 
 from kvcompile import environment
-from kvcompile.errors import KvcompileError
 
 
 def test_every_promised_dependency_is_installed():
@@ -18,8 +17,6 @@ def test_every_promised_dependency_is_installed():
 def test_a_missing_dependency_is_named(monkeypatch):
     monkeypatch.setattr(environment, "PROMISED", (("numpy", ("numpy",)), ("a TensorRT", ("no_such_trt", "no_trt_2"))))
     assert environment.missing_dependencies() == ["a TensorRT"]
-    with pytest.raises(KvcompileError, match="missing: a TensorRT; run ./install.sh"):
-        environment.check_promised_dependencies()
 
 
 def _fake_environment(root, version: str):
