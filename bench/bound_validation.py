@@ -51,9 +51,9 @@ def main() -> None:
 
     from kvcompile.calibrate import Calibration
     from kvcompile.models import load_model
-    from kvcompile.plan.precision_map import STREAMS, PrecisionMap
+    from kvcompile.kv.precision_map import STREAMS, PrecisionMap
     from kvcompile.quant import get_scheme
-    from kvcompile.validate.quality import mean_kl, token_windows
+    from kvcompile.measure.quality import mean_kl, token_windows
     from kvcompile.data import load_text
 
     calib = Calibration.load(args.calibration)

@@ -32,7 +32,7 @@ from common import environment, setup, write_json  # noqa: E402
 
 def restricted(pmap, keep):
     """``pmap`` with every bulk site not in ``keep(layer, stream)`` stored in fp16."""
-    from kvcompile.plan.precision_map import STREAMS
+    from kvcompile.kv.precision_map import STREAMS
 
     grids = {st: tuple(tuple(pmap.schemes[st]["bulk"][l][h] if keep(l, st) else "fp16"
                              for h in range(pmap.num_kv_heads)) for l in range(pmap.num_layers)) for st in STREAMS}
@@ -61,8 +61,8 @@ def main() -> None:
     from kvcompile.data import load_text
     from kvcompile.models import load_model
     from kvcompile.plan.optimize import plan
-    from kvcompile.plan.precision_map import STREAMS
-    from kvcompile.validate.quality import evaluate, mean_kl, reference_log_probs, token_windows
+    from kvcompile.kv.precision_map import STREAMS
+    from kvcompile.measure.quality import evaluate, mean_kl, reference_log_probs, token_windows
 
     lm = load_model(args.model)
     calib = Calibration.load(args.calibration)

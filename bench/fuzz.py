@@ -57,7 +57,7 @@ def base_maps(geometry):
 
 def fuzz_maps(cases: int, rng: random.Random, work: Path, geometry):
     from kvcompile import fuzzing
-    from kvcompile.plan.precision_map import PrecisionMap
+    from kvcompile.kv.precision_map import PrecisionMap
 
     bases = []
     for i, pmap in enumerate(base_maps(geometry)):

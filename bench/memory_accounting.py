@@ -53,7 +53,7 @@ def main() -> None:
     from kvcompile.models import load_model
     from kvcompile.plan.optimize import plan
     from kvcompile.plan.presets import resolve_map
-    from kvcompile.validate.quality import evaluate, paired_bootstrap
+    from kvcompile.measure.quality import evaluate, paired_bootstrap
 
     lm = load_model(args.model)
     n = args.window

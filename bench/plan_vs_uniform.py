@@ -10,7 +10,7 @@
 3. Evaluates planned and baseline maps on the same held-out windows (exact simulation of decoding).
 4. For each planned map, lists every baseline with at least as many bits and whether the plan has
    lower dPPL than all of them.  Every comparison carries a 95 % paired-bootstrap interval of the
-   dPPL difference over the held-out windows (``paired_bootstrap`` in kvcompile/validate/quality.py),
+   dPPL difference over the held-out windows (``paired_bootstrap`` in kvcompile/measure/quality.py),
    so a win or loss smaller than the window-to-window noise is reported as not significant.
 5. With --matched: also plans one map (plain and refined) at *each* baseline's exact bits/element
    and compares them at equal memory (the fair pairwise test; a 2.5-bit map cannot be expected to beat a 5.7-bit one).
@@ -57,9 +57,10 @@ def main() -> None:
     from kvcompile.calibrate import Calibration, calibrate
     from kvcompile.models import load_model
     from kvcompile.plan.optimize import plan
-    from kvcompile.plan.refine import kl_meter, refine_budget, refine_to_target
+    from kvcompile.measure.quality import kl_meter
+    from kvcompile.plan.refine import refine_budget, refine_to_target
     from kvcompile.plan.presets import resolve_map
-    from kvcompile.validate.quality import evaluate, format_table, paired_bootstrap
+    from kvcompile.measure.quality import evaluate, format_table, paired_bootstrap
 
     lm = load_model(args.model)
     if args.calibration:

@@ -48,7 +48,7 @@ def main() -> None:
 
     from kvcompile.models import load_model
     from kvcompile.plan.presets import resolve_map
-    from kvcompile.validate.quality import evaluate, format_table
+    from kvcompile.measure.quality import evaluate, format_table
 
     lm = load_model(args.model)
     maps = {label: resolve_map(spec, lm.geometry, sink_tokens=s, recent_window=w) for label, spec, s, w in SCHEMES}

@@ -36,7 +36,7 @@ def main() -> None:
 
     from kvcompile.models import load_model
     from kvcompile.plan.presets import resolve_map
-    from kvcompile.validate.quality import evaluate, paired_bootstrap
+    from kvcompile.measure.quality import evaluate, paired_bootstrap
 
     lm = load_model(args.model)
     maps = {label: resolve_map(spec, lm.geometry, sink_tokens=s, recent_window=w) for label, spec, s, w in MAPS}

@@ -89,7 +89,7 @@ def main() -> None:
     from kvcompile.data import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, load_text
     from kvcompile.models import load_model
     from kvcompile.quant import get_scheme
-    from kvcompile.validate.quality import token_windows
+    from kvcompile.measure.quality import token_windows
 
     def quantize(name, x):  # x [T, D]; T a multiple of 64 so every per-channel group is whole
         s = get_scheme(name)

@@ -70,7 +70,7 @@ def main() -> None:
     from kvcompile.plan.presets import resolve_map
     from kvcompile.runtime import open_decoder
     from kvcompile.validate import compare, faults
-    from kvcompile.validate.quality import token_windows
+    from kvcompile.measure.quality import token_windows
 
     lm = load_model(args.model)
     windows = token_windows(lm.tokenizer, load_text(args.text), args.window, args.windows).numpy()

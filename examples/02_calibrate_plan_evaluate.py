@@ -12,7 +12,7 @@ import kvcompile
 from kvcompile.calibrate import calibrate
 from kvcompile.plan.optimize import plan
 from kvcompile.plan.presets import resolve_map
-from kvcompile.validate.quality import evaluate, format_table
+from kvcompile.measure.quality import evaluate, format_table
 
 ap = argparse.ArgumentParser()
 ap.add_argument("--windows", type=int, default=2)

@@ -15,12 +15,12 @@ _LAZY = {
     "KvcompileError": "kvcompile.errors",
     "get_scheme": "kvcompile.quant",
     "scheme_names": "kvcompile.quant",
-    "PrecisionMap": "kvcompile.plan.precision_map",
+    "PrecisionMap": "kvcompile.kv.precision_map",
     "resolve_map": "kvcompile.plan.presets",
     "MixedPrecisionCache": "kvcompile.cache.mixed",
     "PrefixCache": "kvcompile.cache.prefix",
     "load_model": "kvcompile.models",
-    "evaluate": "kvcompile.validate.quality",
+    "evaluate": "kvcompile.measure.quality",
     "load_text": "kvcompile.data",
 }
 

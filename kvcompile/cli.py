@@ -100,7 +100,7 @@ def _set_threads(n: int | None) -> None:
 def cmd_eval(args) -> int:
     from kvcompile.artifacts import atomic_write_bytes
     from kvcompile.models import load_model
-    from kvcompile.validate.quality import evaluate, format_table
+    from kvcompile.measure.quality import evaluate, format_table
 
     _set_threads(args.threads)
     _quiet_loading(args.quiet)
@@ -159,7 +159,8 @@ def cmd_plan(args) -> int:
                    corrected=not args.raw, memory=args.memory)
     if args.refine:
         from kvcompile.models import load_model
-        from kvcompile.plan.refine import kl_meter, refine_budget, refine_to_target
+        from kvcompile.measure.quality import kl_meter
+        from kvcompile.plan.refine import refine_budget, refine_to_target
 
         _set_threads(args.threads)
         lm = load_model(args.model or calib.model)

@@ -1,11 +1,11 @@
 """MixedPrecisionCache: a ``transformers`` Cache that stores every position at its planned precision.
 
 For each layer and each stream (keys, values) the kv heads are grouped by their
-(sink, recent, bulk) scheme triple; each group keeps three packed segments
-(:class:`~kvcompile.quant.QuantizedTensor`):
+(sink, recent, bulk) scheme triple (:mod:`kvcompile.kv.grouping`); each group is a
+:class:`~kvcompile.kv.store.SegmentStore` of three packed segments:
 
     positions  [0, n)        sink    scheme  (first n = sink_tokens positions)
-               [n, e)        bulk    scheme  (e from :func:`kvcompile.plan.bulk_end`)
+               [n, e)        bulk    scheme  (e from :mod:`kvcompile.kv.segments`)
                [e, L)        recent  scheme  (last recent_window positions + an incomplete bulk block)
 
 A new position is quantized into the sink or recent segment.  When it ages out of the window
@@ -24,86 +24,14 @@ kernel on the packed segments.  Prefill steps attend over de-quantized states as
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvcompile.errors import CacheError
-from kvcompile.plan.precision_map import STREAMS, PrecisionMap, bulk_end
-from kvcompile.quant import QuantizedTensor, StorageScheme
-
-
-def _reference_quantize(scheme: StorageScheme, x: torch.Tensor) -> QuantizedTensor:
-    return scheme.quantize(x)
-
-
-def _kernel_quantize(scheme: StorageScheme, x: torch.Tensor) -> QuantizedTensor:
-    from kvcompile.quant.integer import IntegerScheme
-
-    if isinstance(scheme, IntegerScheme):
-        from kvcompile.kernels import quantize
-
-        return quantize(scheme, x)
-    return scheme.quantize(x)  # fp16: a cast
-
-
-class _HeadGroupStore:
-    """Packed sink / bulk / recent segments of the kv heads that share one scheme triple."""
-
-    def __init__(self, heads: list[int], sink: StorageScheme, recent: StorageScheme, bulk: StorageScheme,
-                 sink_tokens: int, recent_window: int, quantize=_reference_quantize):
-        self.quantize = quantize
-        self.heads = heads
-        self.schemes = {"sink": sink, "recent": recent, "bulk": bulk}
-        self.sink_tokens = sink_tokens
-        self.recent_window = recent_window
-        self.segments: dict[str, QuantizedTensor | None] = {"sink": None, "bulk": None, "recent": None}
-
-    def _bulk_length(self, length: int) -> int:
-        """Positions in the bulk segment when ``length`` positions are cached."""
-        end = bulk_end(length, self.sink_tokens, self.recent_window, self.schemes["bulk"].token_group)
-        return end - min(self.sink_tokens, length)
-
-    def append(self, x: torch.Tensor, start: int) -> None:
-        """Store ``x`` [B, h, t, D], the states of positions ``start .. start+t-1``."""
-        stop = start + x.shape[-2]
-        n_sink = max(0, min(self.sink_tokens, stop) - start)
-        seg = self.segments
-        if n_sink:
-            seg["sink"] = QuantizedTensor.cat_tokens([seg["sink"], self.quantize(self.schemes["sink"], x[..., :n_sink, :])])
-        if x.shape[-2] > n_sink:
-            seg["recent"] = QuantizedTensor.cat_tokens([seg["recent"], self.quantize(self.schemes["recent"], x[..., n_sink:, :])])
-        moved = self._bulk_length(stop) - self._bulk_length(start)
-        if moved:  # positions aging out of the window: recent precision -> bulk precision
-            leaving = seg["recent"].slice_tokens(0, moved)
-            rest = seg["recent"].num_tokens
-            seg["recent"] = seg["recent"].slice_tokens(moved, rest) if rest > moved else None
-            requantized = self.quantize(self.schemes["bulk"], self.schemes["recent"].dequantize(leaving))
-            seg["bulk"] = QuantizedTensor.cat_tokens([seg["bulk"], requantized])
-
-    def stored(self, heads: list[int]):
-        """``[(start, Stored)]`` of the non-empty segments in position order, restricted to ``heads``."""
-        from kvcompile.kernels.attention import Stored
-
-        index = None if heads == self.heads else torch.tensor([self.heads.index(h) for h in heads])
-        out, start = [], 0
-        for c in ("sink", "bulk", "recent"):
-            q = self.segments[c]
-            if q is None:
-                continue
-            parts = q.parts if index is None else {k: v.index_select(1, index.to(v.device)) for k, v in q.parts.items()}
-            out.append((start, Stored(self.schemes[c], parts, q.num_tokens)))
-            start += q.num_tokens
-        return out
-
-    def read(self) -> torch.Tensor:
-        """De-quantized states of all stored positions, [B, h, L, D] float32."""
-        parts = [self.schemes[c].dequantize(q) for c in ("sink", "bulk", "recent") if (q := self.segments[c]) is not None]
-        return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
-
-    def nbytes(self) -> int:
-        return sum(q.nbytes for q in self.segments.values() if q is not None)
+from kvcompile.kv.grouping import joint_groups, stream_groups
+from kvcompile.kv.precision_map import STREAMS, PrecisionMap
+from kvcompile.kv.store import SegmentStore, reference_quantize
+from kvcompile.quant import QuantizedTensor
 
 
 class MixedPrecisionLayer(CacheLayerMixin):
@@ -120,7 +48,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.max_context = max_context
         self.kernels = kernels
         self.length = 0
-        self.stores: dict[str, list[_HeadGroupStore]] = {}
+        self.stores: dict[str, list[SegmentStore]] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._setup(key_states.device, key_states.dtype, key_states.shape[0])
@@ -133,14 +61,13 @@ class MixedPrecisionLayer(CacheLayerMixin):
             ok, reason = available(torch.device(device).type)
             if not ok:
                 raise CacheError(f"MixedPrecisionCache(kernels=True) cannot run on {torch.device(device).type}: {reason}")
-        quantize = _kernel_quantize if self.kernels else _reference_quantize
+            from kvcompile.kernels import quantize_for_store as quantize
+        else:
+            quantize = reference_quantize
         for stream in STREAMS:
-            by_triple: dict[tuple, list[int]] = defaultdict(list)
-            for head in range(self.pmap.num_kv_heads):
-                by_triple[tuple(self.pmap.triple(self.layer_idx, head, stream))].append(head)
             self.stores[stream] = [
-                _HeadGroupStore(heads, *triple, self.pmap.sink_tokens, self.pmap.recent_window, quantize)
-                for triple, heads in by_triple.items()
+                SegmentStore(heads, *triple, self.pmap.sink_tokens, self.pmap.recent_window, quantize)
+                for triple, heads in stream_groups(self.pmap, self.layer_idx, stream)
             ]
         self.is_initialized = True
 
@@ -196,13 +123,9 @@ class MixedPrecisionLayer(CacheLayerMixin):
         from kvcompile.kernels.attention import Segment, decode_attention
 
         b, hq, _, d = query.shape
-        hkv = self.pmap.num_kv_heads
-        rep = hq // hkv
-        joint: dict[tuple, list[int]] = defaultdict(list)
-        for head in range(hkv):
-            joint[(self.pmap.triple(self.layer_idx, head, "key"), self.pmap.triple(self.layer_idx, head, "value"))].append(head)
+        rep = hq // self.pmap.num_kv_heads
         out = torch.empty(b, hq, d, dtype=torch.float32, device=query.device)
-        for heads in joint.values():
+        for heads in joint_groups(self.pmap, self.layer_idx):
             runs = []
             stored = {s: next(g for g in self.stores[s] if heads[0] in g.heads).stored(heads) for s in STREAMS}
             cuts = sorted({0, self.length, *(start for s in STREAMS for start, _ in stored[s])})

@@ -41,7 +41,7 @@ import torch
 
 from kvcompile.cache.mixed import MixedPrecisionCache
 from kvcompile.errors import CacheError
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 
 
 @dataclass

@@ -48,8 +48,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvcompile.calibrate.artifact import Calibration
 from kvcompile.data import DEFAULT_CALIBRATION_TEXT, load_text
 from kvcompile.errors import KvcompileError
+from kvcompile.kv.segments import SegmentRule
 from kvcompile.quant import get_scheme
-from kvcompile.validate.quality import token_windows
+from kvcompile.measure.quality import token_windows
 
 from kvcompile.calibrate.defaults import DEFAULT_SCHEMES, DEFAULT_SINKS, DEFAULT_WINDOWS, ESTIMATORS  # noqa: F401
 CORRECTION_TOKENS = 256  # the correction pass scores the first 256 tokens of each of its windows
@@ -206,8 +207,8 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window
     predicted = torch.zeros(len(schemes), dtype=torch.float64)
     measured = torch.zeros(len(schemes), dtype=torch.float64)
     if correction_windows and needs_backward and 0 in sink_options:
-        from kvcompile.plan.precision_map import PrecisionMap
-        from kvcompile.validate.quality import mean_kl
+        from kvcompile.kv.precision_map import PrecisionMap
+        from kvcompile.measure.quality import mean_kl
 
         n0 = sink_options.index(0)
         for i, name in enumerate(tqdm(schemes, desc="correction", disable=not progress, leave=False)):
@@ -261,7 +262,7 @@ def _stored_bulk_forms(x: torch.Tensor, schemes: list[str], sink_options: list[i
         g = scheme.token_group
         per_token = scheme.roundtrip(window_form) if g == 1 else None  # independent of n
         for n_idx, n in enumerate(sink_options):
-            full = g * ((t - n) // g)
+            full = SegmentRule(n, 0, g).bulk_length(t)  # positions that reach the bulk once the window has passed
             if not full:
                 continue
             part = per_token[:, n : n + full] if g == 1 else scheme.roundtrip(window_form[:, n : n + full])

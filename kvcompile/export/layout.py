@@ -1,7 +1,7 @@
 """How a PrecisionMap's cache appears as graph inputs and outputs.
 
 For each layer and stream (key, value) the kv heads are grouped by their (sink, recent, bulk)
-scheme triple, as in :class:`~kvcompile.cache.MixedPrecisionCache`.  A group is either
+scheme triple (:func:`kvcompile.kv.grouping.stream_groups`, as in the torch cache).  A group is either
 
 * *plain*: all three classes fp16, so the segments concatenate to one fp16 tensor and no custom
   op is needed; named as ONNX Runtime GenAI does, ``past_key_values.{l}.key`` /
@@ -17,10 +17,10 @@ manifest, so runtimes need no other knowledge of the map to feed the graph.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import asdict, dataclass
 
-from kvcompile.plan.precision_map import STREAMS, PrecisionMap
+from kvcompile.kv.grouping import stream_groups
+from kvcompile.kv.precision_map import STREAMS, PrecisionMap
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,10 @@ def cache_layout(pmap: PrecisionMap) -> list[HeadGroup]:
     groups = []
     for layer in range(pmap.num_layers):
         for stream in STREAMS:
-            by_triple: dict[tuple[str, str, str], list[int]] = defaultdict(list)
-            for head in range(pmap.num_kv_heads):
-                sink, recent, bulk = pmap.triple(layer, head, stream)
-                by_triple[(sink.name, recent.name, bulk.name)].append(head)
+            by_triple = stream_groups(pmap, layer, stream)
             split = len(by_triple) > 1
-            for (sink, recent, bulk), heads in by_triple.items():
+            for triple, heads in by_triple:
+                sink, recent, bulk = (s.name for s in triple)
                 base = f"{layer}.{stream}" + (f".h{'-'.join(map(str, heads))}" if split else "")
                 plain = sink == recent == bulk == "fp16"
                 if plain:

@@ -25,7 +25,7 @@ from kvcompile.errors import ExportError
 from kvcompile.export.layout import HeadGroup
 from kvcompile.ops.builder import Builder
 from kvcompile.ops.cache_update import KV_CACHE_UPDATE
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 
 
 class Weights:

@@ -26,7 +26,7 @@ from kvcompile.artifacts import load_json_artifact, save_json_artifact, staged_d
 from kvcompile.errors import ArtifactError, ExportError
 from kvcompile.export.layout import HeadGroup, cache_layout, layout_to_json
 from kvcompile.ops.builder import OPSET
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 from kvcompile.version import __version__
 
 FORMAT_VERSION = 1

@@ -60,10 +60,18 @@ def quantize(scheme: StorageScheme, x):
     return _quantize(scheme, x)
 
 
+def quantize_for_store(scheme: StorageScheme, x):
+    """A :data:`kvcompile.kv.store.Quantizer`: the append kernel for integer schemes, the
+    reference (a cast) for fp16; bit-identical to the scheme's torch ``quantize`` either way."""
+    if isinstance(scheme, IntegerScheme):
+        return quantize(scheme, x)
+    return scheme.quantize(x)
+
+
 def decode_attention(query, segments, sm_scale: float, block_t: int = 64, splits: int | None = None):
     from kvcompile.kernels.attention import decode_attention as _decode
 
     return _decode(query, segments, sm_scale, block_t=block_t, splits=splits)
 
 
-__all__ = ["available", "decode_attention", "quantize", "unsupported_reason", "KERNEL_BITS"]
+__all__ = ["available", "decode_attention", "quantize", "quantize_for_store", "unsupported_reason", "KERNEL_BITS"]

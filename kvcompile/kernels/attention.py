@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvcompile.kv.store import Stored  # noqa: F401  (segments are built from the store's records)
 from kvcompile.quant.base import StorageScheme
 from kvcompile.quant.floating import FP16Scheme
 
@@ -92,15 +93,6 @@ def _decode_partials_kernel(q_ptr, kc, ks, kz, vc, vs, vz, m_ptr, l_ptr, acc_ptr
     tl.store(m_ptr + out, m)
     tl.store(l_ptr + out, l)
     tl.store(acc_ptr + out[:, None] * D + d[None, :], acc)
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A stored segment of one stream: scheme, parts ``[B, Hkv, rows, width]`` for ``positions``."""
-
-    scheme: StorageScheme
-    parts: dict
-    positions: int
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """``kvcompile::KVCacheUpdate``: append new positions to one head group's packed K or V cache.
 
 The cache of H kv heads that share a (sink, recent, bulk) scheme triple is three packed
-segments (see :mod:`kvcompile.cache.mixed`): positions ``[0, n)`` in the sink scheme, ``[n, e)``
-in the bulk scheme and ``[e, L)`` in the recent scheme, with ``n = min(sink_tokens, L)`` and
-``e = n + G * floor(max(L - w - n, 0) / G)`` (G the bulk scheme's position block, w the window).
+segments (see :mod:`kvcompile.kv.segments`): positions ``[0, s)`` in the sink scheme, ``[s, e)``
+in the bulk scheme and ``[e, L)`` in the recent scheme, with ``s = min(sink_tokens, L)`` and
+``e = s + G * floor(max(L - w - s, 0) / G)`` (G the bulk scheme's position block, w the window).
 
 Inputs: the past segments' parts (P positions in all; the sink segment is absent when
 ``sink_tokens == 0``) and ``states`` float32 ``[B, H, S, D]``, positions ``P .. P+S-1``.
@@ -17,15 +17,18 @@ is what attention reads.  Per step::
     m       = bulk_len(P + S) - bulk_len(P)           positions leaving the window
     bulk'   = bulk ++ Q_bulk(D_recent(recent'[:m]));  recent' = recent'[m:]
 
-with ``bulk_len(L) = G * floor(max(L - w - min(n, L), 0) / G)``.  The reference is the torch
-cache's own head-group store, so the exported graph and ``MixedPrecisionCache`` share one
-definition.
+with ``bulk_len(L) = G * floor(max(L - w - min(n, L), 0) / G)``.  The reference is
+:class:`kvcompile.kv.store.SegmentStore`, the store ``MixedPrecisionCache`` appends through, and
+the function body evaluates the same :class:`~kvcompile.kv.segments.SegmentRule` with ONNX shape
+ops, so the exported graph and the torch cache share one definition.
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvcompile.kv.segments import STORAGE_ORDER, OnnxInts, SegmentRule
+from kvcompile.kv.store import SegmentStore, reference_quantize
 from kvcompile.ops.builder import INT_MAX
 from kvcompile.ops.lowering import lowering
 from kvcompile.ops.quantize import STATES, part_ports
@@ -45,7 +48,12 @@ ATTRIBUTES = (
 
 def segments(attrs) -> tuple[str, ...]:
     """The segments this op carries, in storage order."""
-    return ("sink", "bulk", "recent") if attrs["sink_tokens"] > 0 else ("bulk", "recent")
+    return STORAGE_ORDER if attrs["sink_tokens"] > 0 else tuple(c for c in STORAGE_ORDER if c != "sink")
+
+
+def segment_rule(attrs) -> SegmentRule:
+    """The op's :class:`~kvcompile.kv.segments.SegmentRule`."""
+    return SegmentRule(attrs["sink_tokens"], attrs["recent_window"], get_scheme(attrs["bulk_scheme"]).token_group)
 
 
 def _segment_ports(attrs, prefix: str) -> tuple[Port, ...]:
@@ -66,15 +74,13 @@ def _reference(attrs, *tensors):
 
 
 def run_cache_update(attrs, tensors: list, quantize=None) -> tuple:
-    """The op on torch tensors (any device): the torch cache's head-group store appends ``states``.
+    """The op on torch tensors (any device): the shared :class:`SegmentStore` appends ``states``.
 
     ``quantize(scheme, x)`` replaces the schemes' own ``quantize`` (the TensorRT plugin passes the
     Triton append kernel, which is bit-identical)."""
-    from kvcompile.cache.mixed import _HeadGroupStore, _reference_quantize
-
     schemes = {seg: get_scheme(attrs[f"{seg}_scheme"]) for seg in ("sink", "recent", "bulk")}
-    store = _HeadGroupStore([], schemes["sink"], schemes["recent"], schemes["bulk"], attrs["sink_tokens"],
-                            attrs["recent_window"], quantize or _reference_quantize)
+    store = SegmentStore([], schemes["sink"], schemes["recent"], schemes["bulk"], attrs["sink_tokens"],
+                         attrs["recent_window"], quantize or reference_quantize)
     states = tensors[-1]
     d = attrs["head_dim"]
     it = iter(tensors[:-1])
@@ -97,7 +103,6 @@ def run_cache_update(attrs, tensors: list, quantize=None) -> tuple:
 
 def _body(b, attrs, inputs):
     d = attrs["head_dim"]
-    n, w = attrs["sink_tokens"], attrs["recent_window"]
     segs = segments(attrs)
     it = iter(inputs[:-1])
     past = {seg: [next(it) for _ in part_layout(get_scheme(attrs[f"{seg}_scheme"]), d)] for seg in segs}
@@ -121,25 +126,20 @@ def _body(b, attrs, inputs):
             p_len = b.op("Add", p_len, length(past[seg]))
     s_len = b.dim(states, 2)
     zero, end = b.i64(0), b.i64(INT_MAX)
+    rule, ints = segment_rule(attrs), OnnxInts(b)
 
     def cat(a, c):
         return [b.op("Concat", x, y, axis=2) for x, y in zip(a, c)]
 
-    def bulk_len(total):
-        g = b.i64(get_scheme(attrs["bulk_scheme"]).token_group)
-        sinks = b.op("Min", b.i64(n), total)
-        free = b.op("Max", b.op("Sub", b.op("Sub", total, b.i64(w)), sinks), zero)
-        return b.op("Mul", b.op("Div", free, g), g)
-
     present = {}
     rest = states
     if "sink" in segs:
-        k = b.op("Max", zero, b.op("Min", b.op("Sub", b.i64(n), p_len), s_len))
+        k = rule.new_sinks(p_len, s_len, ints)
         new_sink = quantize("sink", b.slice_axis(states, zero, k, 2))
         present["sink"] = cat(past["sink"], new_sink)
         rest = b.slice_axis(states, k, end, 2)
     recent = cat(past["recent"], quantize("recent", rest))
-    moved = b.op("Sub", bulk_len(b.op("Add", p_len, s_len)), bulk_len(p_len))
+    moved = rule.aging(p_len, s_len, ints)
     leaving = [b.slice_axis(x, zero, moved, 2) for x in recent]
     present["recent"] = [b.slice_axis(x, moved, end, 2) for x in recent]
     requantized = quantize("bulk", dequantize("recent", leaving))
@@ -160,4 +160,4 @@ KV_CACHE_UPDATE = register_op(OpSpec(
     body=_body,
 ))
 
-__all__ = ["KV_CACHE_UPDATE", "segments"]
+__all__ = ["KV_CACHE_UPDATE", "segment_rule", "segments"]

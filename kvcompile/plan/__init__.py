@@ -1,5 +1,9 @@
-"""Precision maps: the artifact, presets, and (later) the optimizing planner."""
+"""Planning: the optimizer (budget or quality target), presets and measured refinement.
 
-from kvcompile.plan.precision_map import PrecisionMap, bulk_end
+The :class:`~kvcompile.kv.precision_map.PrecisionMap` artifact lives in :mod:`kvcompile.kv`; it is
+re-exported here for callers that think of it as the plan's output.
+"""
 
-__all__ = ["PrecisionMap", "bulk_end"]
+from kvcompile.kv.precision_map import PrecisionMap
+
+__all__ = ["PrecisionMap"]

@@ -27,7 +27,8 @@ import numpy as np
 
 from kvcompile.calibrate.artifact import Calibration
 from kvcompile.errors import KvcompileError
-from kvcompile.plan.precision_map import MEMORY_ACCOUNTING, STREAMS, PrecisionMap, class_lengths
+from kvcompile.kv.precision_map import STREAMS, PrecisionMap
+from kvcompile.kv.segments import MEMORY_ACCOUNTING, class_lengths
 from kvcompile.quant import get_scheme
 
 UNITS_PER_BIT = 64
@@ -47,7 +48,7 @@ def site_bits(scheme_name: str, head_dim: int, context: int, sinks: int, window:
     """Average stored bits per element of one site over ``context`` positions (fp16 sinks / window).
 
     ``memory``: ``final`` counts the cache holding exactly ``context`` positions, ``allocated`` the
-    buffers that hold any length up to it (:data:`~kvcompile.plan.precision_map.MEMORY_ACCOUNTING`)."""
+    buffers that hold any length up to it (:data:`~kvcompile.kv.precision_map.MEMORY_ACCOUNTING`)."""
     s = get_scheme(scheme_name)
     seg = class_lengths(context, sinks, window, s.token_group, memory)
     return ((seg["sink"] + seg["recent"]) * 16 + seg["bulk"] * s.bits_per_element(head_dim)) / context
@@ -96,7 +97,7 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
 
     ``memory``: how bits are counted at the context, ``final`` (the cache holding ``context``
     positions, default) or ``allocated`` (buffers for any length up to it; see
-    :data:`~kvcompile.plan.precision_map.MEMORY_ACCOUNTING`)."""
+    :data:`~kvcompile.kv.precision_map.MEMORY_ACCOUNTING`)."""
     if (budget_bits is None) == (target_kl is None):
         raise KvcompileError("give exactly one of --budget-bits or --target-kl")
     if memory not in MEMORY_ACCOUNTING:

@@ -18,7 +18,7 @@ from typing import Callable
 
 from kvcompile.errors import KvcompileError
 from kvcompile.models.adapters import KVGeometry
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 from kvcompile.quant import get_scheme
 
 PresetFactory = Callable[[KVGeometry], PrecisionMap]

@@ -30,7 +30,7 @@ from typing import Callable
 from kvcompile.calibrate.artifact import Calibration
 from kvcompile.errors import KvcompileError
 from kvcompile.plan.optimize import PlanResult, plan
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 
 #: stop once a map meets the target with measured KL at least this fraction of it (little left to save)
 CLOSE_ENOUGH = 0.85
@@ -53,7 +53,8 @@ def refine_to_target(calib: Calibration, target_kl: float, measure: Callable[[Pr
                      rounds: int = 6, **plan_options) -> RefineResult:
     """Plan for ``target_kl`` with measured KL in the loop (see the module docstring).
 
-    ``measure(pmap) -> float``: mean KL per position of decoding with ``pmap`` (e.g. :func:`kl_meter`).
+    ``measure(pmap) -> float``: mean KL per position of decoding with ``pmap`` (e.g.
+    :func:`kvcompile.measure.quality.kl_meter`).
     ``plan_options``: passed to :func:`kvcompile.plan.optimize.plan` (context, schemes, ...).
     """
     if not target_kl > 0:
@@ -139,18 +140,3 @@ def _recorded(result: PlanResult, refinement: dict, note: str, **provenance) -> 
     pmap = replace(pmap, provenance={**pmap.provenance, **provenance, "refinement": refinement},
                    description=f"{pmap.description}; {note}")
     return replace(result, pmap=pmap)
-
-
-def kl_meter(lm, text: str, window: int, windows: int) -> Callable[[PrecisionMap], float]:
-    """``measure(pmap)``: mean KL(full precision || ``pmap``) per position over ``windows`` windows of
-    ``window`` tokens of ``text`` (exact simulation of decoding; reference logits computed once)."""
-    from kvcompile.data import load_text
-    from kvcompile.validate.quality import mean_kl, reference_log_probs, token_windows
-
-    ids = token_windows(lm.tokenizer, load_text(text), window, windows)
-    reference = reference_log_probs(lm.model, ids)
-
-    def measure(pmap: PrecisionMap) -> float:
-        return mean_kl(lm.model, ids, pmap, reference=reference)
-
-    return measure

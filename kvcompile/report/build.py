@@ -15,7 +15,7 @@ from pathlib import Path
 from kvcompile.artifacts import staged_directory
 from kvcompile.errors import ArtifactError
 from kvcompile.calibrate import Calibration
-from kvcompile.plan.precision_map import STREAMS, PrecisionMap
+from kvcompile.kv.precision_map import STREAMS, PrecisionMap
 from kvcompile.report import plots
 
 

@@ -305,7 +305,7 @@ def validate_export(export, *, backend: str = "ort", lm=None, text: str = DEFAUL
     from kvcompile.data import load_text
     from kvcompile.models import load_model
     from kvcompile.runtime import open_decoder
-    from kvcompile.validate.quality import token_windows
+    from kvcompile.measure.quality import token_windows
 
     if not 1 <= prefill < window:
         raise KvcompileError(f"--prefill must be in [1, window), got {prefill} with window {window}")

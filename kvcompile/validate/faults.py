@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import replace
 
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 
 MAP_FAULTS = ("window_off_by_one", "dropped_sink", "swapped_head_groups")
 FAULTS = (*MAP_FAULTS, "wrong_scale")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from kvcompile.cli import main
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 
 pytestmark = pytest.mark.model
 

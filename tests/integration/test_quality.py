@@ -9,7 +9,7 @@ import pytest
 
 from kvcompile.cli import main
 from kvcompile.plan.presets import resolve_map
-from kvcompile.validate.quality import evaluate, paired_bootstrap
+from kvcompile.measure.quality import evaluate, paired_bootstrap
 
 pytestmark = pytest.mark.model
 

@@ -7,9 +7,9 @@ import torch
 from transformers import DynamicCache
 
 from kvcompile.cache import MixedPrecisionCache
-from kvcompile.cache.mixed import _HeadGroupStore
+from kvcompile.kv.store import SegmentStore
 from kvcompile.errors import CacheError
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 from kvcompile.plan.presets import resolve_map
 from kvcompile.quant import get_scheme
 
@@ -58,7 +58,7 @@ def test_bytes_held_equal_the_maps_accounting_at_every_step(tiny_llama, tiny_geo
 
 def test_store_holds_each_position_at_its_class_precision():
     sink, recent, bulk = get_scheme("fp16"), get_scheme("int8"), get_scheme("int2-ch-g4")
-    store = _HeadGroupStore([0], sink, recent, bulk, sink_tokens=2, recent_window=3)
+    store = SegmentStore([0], sink, recent, bulk, sink_tokens=2, recent_window=3)
     x = torch.randn(1, 1, 15, 64)
     for i in range(15):  # token by token
         store.append(x[..., i : i + 1, :], i)
@@ -68,7 +68,7 @@ def test_store_holds_each_position_at_its_class_precision():
     assert torch.equal(got[..., 2:10, :], bulk.roundtrip(recent.roundtrip(x[..., 2:10, :])))
     assert torch.equal(got[..., 10:, :], recent.roundtrip(x[..., 10:, :]))
     # a single 15-position append stores exactly the same bytes
-    once = _HeadGroupStore([0], sink, recent, bulk, sink_tokens=2, recent_window=3)
+    once = SegmentStore([0], sink, recent, bulk, sink_tokens=2, recent_window=3)
     once.append(x, 0)
     assert torch.equal(once.read(), got)
 
@@ -107,7 +107,7 @@ def test_wrong_head_count_is_rejected(tiny_geometry):
 
 
 def test_an_update_with_no_positions_changes_nothing():
-    from kvcompile.plan.precision_map import PrecisionMap
+    from kvcompile.kv.precision_map import PrecisionMap
 
     cache = MixedPrecisionCache(PrecisionMap.uniform(2, 2, 32, "int2-ch", "int4", sink_tokens=2, recent_window=4))
     k, v = cache.layers[0].update(torch.randn(1, 2, 0, 32), torch.randn(1, 2, 0, 32))

@@ -99,7 +99,7 @@ def test_quoted_figure_equals_its_json(doc, pattern, expected):
 # ------------------------------------------------------------------ tables
 
 def test_readme_baseline_table_is_the_bench_output():
-    from kvcompile.validate.quality import QualityResult, format_table
+    from kvcompile.measure.quality import QualityResult, format_table
 
     results = [QualityResult.from_json(r) for r in result("quality")["results"]]
     for line in format_table(results).splitlines():

@@ -14,7 +14,7 @@ pytest.importorskip("onnxruntime", reason="the ONNX path needs onnxruntime (inst
 
 from kvcompile.errors import ArtifactError, ExportError, KvcompileError, RuntimeBackendError  # noqa: E402
 from kvcompile.export import ExportedModel, export_onnx  # noqa: E402
-from kvcompile.plan.precision_map import PrecisionMap  # noqa: E402
+from kvcompile.kv.precision_map import PrecisionMap  # noqa: E402
 from kvcompile.plan.presets import resolve_map  # noqa: E402
 from kvcompile.runtime import generate, open_decoder  # noqa: E402
 

@@ -30,7 +30,7 @@ def workdir(tmp_path_factory):
 @BUDGET
 @given(seed=st.integers(0, 2**32 - 1), raw=st.booleans())
 def test_precision_map_loader(seed, raw, tiny_geometry, workdir):
-    from kvcompile.plan.precision_map import PrecisionMap
+    from kvcompile.kv.precision_map import PrecisionMap
     from kvcompile.plan.presets import resolve_map
 
     rng = random.Random(seed)

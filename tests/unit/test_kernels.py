@@ -15,7 +15,7 @@ from kvcompile.cache import MixedPrecisionCache, enable_kernel_attention  # noqa
 from kvcompile.errors import CacheError, SchemeError  # noqa: E402
 from kvcompile.kernels import available, decode_attention, quantize, unsupported_reason  # noqa: E402
 from kvcompile.kernels.attention import Segment, Stored, reference_decode_attention  # noqa: E402
-from kvcompile.plan.precision_map import PrecisionMap  # noqa: E402
+from kvcompile.kv.precision_map import PrecisionMap  # noqa: E402
 from kvcompile.plan.presets import resolve_map  # noqa: E402
 from kvcompile.quant import get_scheme  # noqa: E402
 

@@ -8,7 +8,8 @@ import pytest
 
 from kvcompile.errors import ArtifactError, KvcompileError
 from kvcompile.models.adapters import KVGeometry
-from kvcompile.plan.precision_map import PrecisionMap, bulk_end, class_lengths
+from kvcompile.kv.precision_map import PrecisionMap
+from kvcompile.kv.segments import bulk_end, class_lengths
 from kvcompile.plan.presets import resolve_map
 from kvcompile.quant import get_scheme
 

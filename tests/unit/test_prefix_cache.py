@@ -8,7 +8,7 @@ import torch
 from kvcompile.cache import MixedPrecisionCache, PrefixCache
 from kvcompile.cache.prefix import generate
 from kvcompile.errors import CacheError
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 from tests.conftest import make_tiny_llama
 
 BLOCK = 16

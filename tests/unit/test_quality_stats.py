@@ -1,4 +1,4 @@
-"""Paired bootstrap of dPPL differences (kvcompile.validate.quality.paired_bootstrap), on synthetic scores."""
+"""Paired bootstrap of dPPL differences (kvcompile.measure.quality.paired_bootstrap), on synthetic scores."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kvcompile.errors import KvcompileError
-from kvcompile.validate.quality import QualityResult, paired_bootstrap
+from kvcompile.measure.quality import QualityResult, paired_bootstrap
 
 TOKENS = 100  # scored positions per window
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from kvcompile.cache import MixedPrecisionCache
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 from kvcompile.plan.presets import resolve_map
-from kvcompile.validate.simulate import late_mask, simulate_cache
+from kvcompile.measure.simulate import late_mask, simulate_cache
 
 from tests.conftest import make_tiny_llama
 

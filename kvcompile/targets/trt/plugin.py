@@ -3,9 +3,9 @@
 One plugin class serves every :class:`~kvcompile.ops.spec.OpSpec`: the creator's field names are
 the spec's attributes (strings as CHAR, ints as INT32, the types the ONNX parser delivers), output
 types and the supported formats are the spec's ports (linear layout, exact dtype), and output
-shapes are symbolic expressions of the input shapes (:func:`output_shape_exprs`, the same
-segment arithmetic as the reference).  ``enqueue`` wraps TensorRT's device buffers as torch
-tensors and runs :func:`run_op` — the Triton append kernel where the scheme has one, the torch
+shapes are symbolic expressions of the input shapes (:func:`output_shape_exprs`: the reference's
+:class:`~kvcompile.kv.segments.SegmentRule` evaluated on TensorRT dimension expressions).
+``enqueue`` wraps TensorRT's device buffers as torch tensors and runs :func:`run_op` — the Triton append kernel where the scheme has one, the torch
 reference otherwise — then copies the results into TensorRT's outputs on its stream.
 
 Works with ``tensorrt`` and ``tensorrt_rtx`` alike: the module is passed in, never imported here.
@@ -87,10 +87,10 @@ def output_shape_exprs(trt, spec: OpSpec, attrs: dict, inputs, expr) -> list:
         return [dims(x[0], x[1], x[2], c(attrs["head_dim"]))]
     if spec.name != "KVCacheUpdate":
         raise NotImplementedError(spec.name)
-    from kvcompile.ops.cache_update import segments
+    from kvcompile.kv.segments import TensorRTDims
+    from kvcompile.ops.cache_update import segment_rule, segments
 
     d = attrs["head_dim"]
-    n, w = attrs["sink_tokens"], attrs["recent_window"]
     states = inputs[len(inputs) - 1]
     index, past = 0, None
     rows_per: dict[str, list[int]] = {}
@@ -101,11 +101,7 @@ def output_shape_exprs(trt, spec: OpSpec, attrs: dict, inputs, expr) -> list:
         past = t if past is None else f("SUM", past, t)
         index += len(layout)
     total = f("SUM", past, states[2])
-    sinks = f("MIN", c(n), total)
-    g = get_scheme(attrs["bulk_scheme"]).token_group
-    free = f("MAX", f("SUB", f("SUB", total, c(w)), sinks), c(0))
-    bulk = f("PROD", f("FLOOR_DIV", free, c(g)), c(g))
-    length = {"sink": sinks, "bulk": bulk, "recent": f("SUB", f("SUB", total, sinks), bulk)}
+    length = segment_rule(attrs).lengths(total, TensorRTDims(trt, expr))
     out = []
     i = 0
     for seg in segments(attrs):
@@ -122,12 +118,11 @@ def run_op(spec: OpSpec, attrs: dict, tensors: list) -> tuple:
     """What ``enqueue`` computes, on torch tensors of any device: the op's reference, with the
     Triton append kernel quantizing where it can run (GPU, or CPU under the interpreter)."""
     if spec.name == "KVCacheUpdate":
-        from kvcompile.cache.mixed import _kernel_quantize
-        from kvcompile.kernels import available
+        from kvcompile.kernels import available, quantize_for_store
         from kvcompile.ops.cache_update import run_cache_update
 
         kernels = available(tensors[-1].device.type)[0]
-        return run_cache_update(attrs, tensors, _kernel_quantize if kernels else None)
+        return run_cache_update(attrs, tensors, quantize_for_store if kernels else None)
     return spec.reference(attrs, *tensors)
 
 

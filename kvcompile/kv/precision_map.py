@@ -9,7 +9,7 @@ Position classes, for a sequence of L cached positions:
 
 The bulk end is ``e = n + G * floor(max(L - w - n, 0) / G)`` where ``w = recent_window`` and
 ``G = token_group`` of the bulk scheme (1 for per-token formats, the group size for per-channel
-formats, which quantize G positions together).  Positions enter the cache at their class's
+formats, which quantize G positions together); :mod:`kvcompile.kv.segments` holds this algebra.  Positions enter the cache at their class's
 precision and are re-quantized from their recent-window form into the bulk scheme when they age
 past the window.  Sink and recent schemes must store single positions (``token_group == 1``).
 
@@ -33,41 +33,12 @@ from kvcompile.artifacts import load_json_artifact, save_json_artifact
 from kvcompile.errors import ArtifactError, KvcompileError
 from kvcompile.quant import StorageScheme, get_scheme
 from kvcompile.quant.base import storable_scheme
+from kvcompile.kv.segments import CLASSES, MEMORY_ACCOUNTING, SegmentRule, bulk_end, class_lengths  # noqa: F401
 
 FORMAT_VERSION = 1
 STREAMS = ("key", "value")
-CLASSES = ("sink", "recent", "bulk")
 
 Grid = tuple[tuple[str, ...], ...]  # [layer][kv head] -> scheme name
-
-
-def bulk_end(seq_len: int, sink_tokens: int, recent_window: int, token_group: int) -> int:
-    """First position of the recent segment for a sequence of ``seq_len`` positions."""
-    n = min(sink_tokens, seq_len)
-    return n + token_group * (max(seq_len - recent_window - n, 0) // token_group)
-
-
-#: How memory is counted at a context of N positions (``memory=`` of the bit counts below):
-#: ``final``: what the cache stores holding exactly N positions;
-#: ``allocated``: the per-class buffers a preallocated cache needs to hold any length L <= N, i.e.
-#: the sinks, the bulk at N, and the recent segment at its longest, ``min(N - n, w + G - 1)``
-#: positions: the window plus a per-channel block still waiting to fill.
-MEMORY_ACCOUNTING = ("final", "allocated")
-
-
-def class_lengths(seq_len: int, sink_tokens: int, recent_window: int, token_group: int,
-                  memory: str = "final") -> dict[str, int]:
-    """Positions counted per class (sink, bulk, recent) at a context of ``seq_len`` positions.
-
-    ``memory="allocated"``: the recent segment's length ``L - e(L)`` is ``L - n`` up to ``n + w`` and
-    ``w + ((L - w - n) mod G)`` after, so its maximum over ``L <= N`` is ``min(N - n, w + G - 1)``.
-    """
-    if memory not in MEMORY_ACCOUNTING:
-        raise KvcompileError(f"memory accounting must be one of {', '.join(MEMORY_ACCOUNTING)}, got {memory!r}")
-    n = min(sink_tokens, seq_len)
-    e = bulk_end(seq_len, sink_tokens, recent_window, token_group)
-    recent = seq_len - e if memory == "final" else min(seq_len - n, recent_window + token_group - 1)
-    return {"sink": n, "bulk": e - n, "recent": recent}
 
 
 #: (field, least, most) of the map's integers: generous bounds that still reject typos and overflow.
@@ -195,10 +166,13 @@ class PrecisionMap:
                 for stream in STREAMS:
                     yield layer, head, stream
 
+    def segment_rule(self, layer: int, head: int, stream: str) -> SegmentRule:
+        """Where this stream stores each position (:class:`~kvcompile.kv.segments.SegmentRule`)."""
+        return SegmentRule(self.sink_tokens, self.recent_window, self.scheme(layer, head, stream, "bulk").token_group)
+
     def segment_lengths(self, layer: int, head: int, stream: str, seq_len: int, memory: str = "final") -> dict[str, int]:
         """Positions per class for a sequence of ``seq_len`` positions (``memory``: see :data:`MEMORY_ACCOUNTING`)."""
-        bulk = self.scheme(layer, head, stream, "bulk")
-        return class_lengths(seq_len, self.sink_tokens, self.recent_window, bulk.token_group, memory)
+        return self.segment_rule(layer, head, stream).counted(seq_len, memory)
 
     def kv_bits(self, seq_len: int, memory: str = "final") -> float:
         """Exact stored bits of one sequence of ``seq_len`` positions, all layers, heads, K and V.

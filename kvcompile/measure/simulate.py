@@ -6,7 +6,7 @@ position is stored in one of two forms over its life:
 
 * *early*: its sink form (``j < n``) or its recent-window form ``Q_recent(x_j)``;
 * *late*:  its bulk form ``Q_bulk(Q_recent(x))`` (re-quantized from the window form, per
-  position or per block of G positions), once ``j < e(L_i)`` (:func:`kvcompile.plan.bulk_end`).
+  position or per block of G positions), once ``j < e(L_i)`` (:meth:`kvcompile.kv.segments.SegmentRule.bulk_end`).
 
 Sink positions never change and bulk blocks never change once complete, so one forward pass
 over the whole window can score every position: for each (query i, key j) pick the late form if
@@ -32,7 +32,9 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from kvcompile.plan.precision_map import STREAMS, PrecisionMap, bulk_end
+from kvcompile.kv.grouping import stream_groups
+from kvcompile.kv.precision_map import PrecisionMap
+from kvcompile.kv.segments import SegmentRule
 
 IMPLEMENTATION = "kvcompile_sim"
 
@@ -50,7 +52,8 @@ _active: _Active | None = None
 def late_mask(seq_len: int, sink_tokens: int, recent_window: int, token_group: int, prefill_length: int) -> torch.Tensor:
     """``[T, T]`` bool: True where query i reads key j in its bulk (late) form."""
     lengths = torch.clamp(torch.arange(1, seq_len + 1), min=prefill_length)
-    ends = torch.tensor([bulk_end(int(L), sink_tokens, recent_window, token_group) for L in lengths])
+    rule = SegmentRule(sink_tokens, recent_window, token_group)
+    ends = torch.tensor([rule.bulk_end(int(L)) for L in lengths])
     j = torch.arange(seq_len)
     return (j[None, :] >= min(sink_tokens, seq_len)) & (j[None, :] < ends[:, None])
 
@@ -61,16 +64,13 @@ def stored_forms(x: torch.Tensor, pmap: PrecisionMap, layer: int, stream: str, p
     early = torch.empty(b, h, t, d)
     late = torch.empty(b, h, t, d)
     masks = torch.empty(h, t, t, dtype=torch.bool)
-    groups: dict[tuple, list[int]] = {}
-    for head in range(h):
-        groups.setdefault(tuple(pmap.triple(layer, head, stream)), []).append(head)
-    for (sink, recent, bulk), heads in groups.items():
+    for (sink, recent, bulk), heads in stream_groups(pmap, layer, stream):
         xs = x[:, heads].float()
         n = min(pmap.sink_tokens, t)
         window_form = recent.roundtrip(xs[..., n:, :]) if t > n else xs[..., n:, :]
         e = torch.cat([sink.roundtrip(xs[..., :n, :]), window_form], -2) if n else window_form
         g = bulk.token_group
-        full = g * ((t - n) // g)
+        full = SegmentRule(pmap.sink_tokens, 0, g).bulk_length(t)  # every position that ever reaches the bulk
         lt = e.clone()
         if full:
             lt[..., n : n + full, :] = bulk.roundtrip(window_form[..., :full, :])

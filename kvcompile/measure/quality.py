@@ -13,7 +13,7 @@ window every position ``i < window - 1`` predicts token ``i + 1``; we report
 
 How the quantized cache is exercised (``mode``):
 
-* ``simulate`` (default): the exact parallel simulation (:mod:`kvcompile.validate.simulate`) in
+* ``simulate`` (default): the exact parallel simulation (:mod:`kvcompile.measure.simulate`) in
   which query i reads every key/value at the precision it has in the cache after i + 1 positions
   (token-by-token decoding, ``prefill_length = 1``) or after ``prefill_length`` positions for the
   prompt part.  One forward pass per window.
@@ -27,13 +27,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from kvcompile.data import DEFAULT_EVAL_TEXT, load_text
 from kvcompile.errors import KvcompileError
-from kvcompile.plan.precision_map import PrecisionMap
+from kvcompile.kv.precision_map import PrecisionMap
 
 MODES = ("simulate", "decode")
 
@@ -107,7 +108,7 @@ class _Scores:
 @torch.no_grad()
 def _quantized_logits(model, ids: torch.Tensor, pmap: PrecisionMap, mode: str, prefill_length: int) -> torch.Tensor:
     if mode == "simulate":
-        from kvcompile.validate.simulate import simulate_cache
+        from kvcompile.measure.simulate import simulate_cache
 
         with simulate_cache(model, pmap, prefill_length):
             return model(ids[None], use_cache=False).logits[0]
@@ -227,3 +228,16 @@ def format_table(results: list[QualityResult]) -> str:
         rows.append(f"({r.tokens_scored} tokens scored in {r.windows} windows of {r.window}; mode {r.mode}; "
                     "bits and bytes for one sequence of one window)")
     return "\n".join(rows)
+
+
+def kl_meter(lm, text: str, window: int, windows: int) -> Callable[[PrecisionMap], float]:
+    """``measure(pmap)``: mean KL(full precision || ``pmap``) per position over ``windows`` windows of
+    ``window`` tokens of ``text`` (exact simulation of decoding; reference logits computed once).
+    This is what ``plan --refine`` measures maps with."""
+    ids = token_windows(lm.tokenizer, load_text(text), window, windows)
+    reference = reference_log_probs(lm.model, ids)
+
+    def measure(pmap: PrecisionMap) -> float:
+        return mean_kl(lm.model, ids, pmap, reference=reference)
+
+    return measure
