@@ -8,8 +8,12 @@ leaves nothing behind):
   model-local functions (so a stock ONNX Runtime runs it) carrying the map's schemes as
   attributes; ``metadata_props`` hold the whole map, its hash, the calibration hash and the
   kvcompile version.  ``onnx.checker`` with ``full_check`` passes before anything is renamed.
-* ``kvcompile_export.json``: the manifest (artifact ``onnx_export``): model spec and geometry,
-  the map, the cache layout (graph I/O per head group), max context, files.
+* ``kvcompile_export.json``: the manifest (artifact ``onnx_export``, ``format_version`` 2): model
+  spec and geometry, the map, the cache layout (graph I/O per head group), max context, the
+  graph's files, and ``targets``: one section per target that built something from the graph
+  (``onnx``: the Triton config; ``trt``: the engine), each added by :func:`add_target_section`
+  and listing its files with their sizes.
+* ``config.pbtxt``: a Triton Inference Server config for the ONNX Runtime backend.
 * ``tokenizer/``: the model's tokenizer, when it can be saved.
 """
 
@@ -29,10 +33,11 @@ from kvcompile.ops.builder import OPSET
 from kvcompile.kv.precision_map import PrecisionMap
 from kvcompile.version import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-target sections under "targets"
 MANIFEST = "kvcompile_export.json"
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+TRITON_CONFIG = "config.pbtxt"
 ONNX_DTYPES = {"float32": 1, "float16": 10, "int8": 3}
 #: The manifest's geometry: each an integer from 1 to this bound.
 GEOMETRY_LIMITS = {"num_layers": 4096, "num_kv_heads": 1024, "num_q_heads": 65536, "head_dim": 4096,
@@ -72,7 +77,12 @@ class ExportedModel:
     groups: list[HeadGroup]
     vocab_size: int
     kvcompile_version: str
-    trt: dict | None = None  # the engine section, for exports of the trt target
+    targets: dict  # target name -> its manifest section (see add_target_section)
+
+    @property
+    def trt(self) -> dict | None:
+        """The ``trt`` target's section (engine file, TensorRT flavour, max batch), if it built one."""
+        return self.targets.get("trt")
 
     @property
     def onnx_path(self) -> Path:
@@ -118,16 +128,46 @@ class ExportedModel:
         groups = cache_layout(pmap)
         if json.loads(json.dumps(layout_to_json(groups))) != doc["cache_layout"]:  # tuples as JSON lists
             raise ArtifactError(f"{manifest}: cache_layout is not the layout of its precision map; re-run `kvcompile export`")
-        if doc.get("trt") is not None:
-            trt = doc["trt"]
-            if not isinstance(trt, dict) or not isinstance(trt.get("engine"), str) or "/" in trt["engine"] \
-                    or not (path / trt["engine"]).is_file() or type(trt.get("max_batch")) is not int:
-                raise ArtifactError(f"{manifest}: the 'trt' section must name the engine file beside the manifest and "
-                                    "its max_batch; re-run `kvcompile export --target trt`")
+        targets = _check_targets(path, doc.get("targets"), manifest)
         _check_files(path, doc.get("files"))
         _check_graph(path / MODEL_FILE, groups, doc)
         return cls(path, doc["model"], doc["model_type"], geometry, doc["max_context"], pmap, groups,
-                   doc["vocab_size"], doc["kvcompile_version"], doc.get("trt"))
+                   doc["vocab_size"], doc["kvcompile_version"], targets)
+
+
+def _check_targets(path: Path, targets, manifest: Path) -> dict:
+    """Each target section is a JSON object whose ``files`` (name -> bytes) lie beside the manifest
+    at those sizes; what else a section holds is its target's business."""
+    if not isinstance(targets, dict) or "onnx" not in targets:
+        raise ArtifactError(f"{manifest}: 'targets' must be an object with at least the 'onnx' section; "
+                            "re-run `kvcompile export`")
+    for name, section in targets.items():
+        files = section.get("files") if isinstance(section, dict) else None
+        if not isinstance(files, dict):
+            raise ArtifactError(f"{manifest}: targets.{name} must be an object with a 'files' object (name -> bytes)")
+        for file, size in files.items():
+            if not isinstance(file, str) or not file or "/" in file or file.startswith(".") or type(size) is not int:
+                raise ArtifactError(f"{manifest}: targets.{name}.files must map plain file names to byte counts, got "
+                                    f"{str(file)[:40]!r}")
+            if not (path / file).is_file():
+                raise ArtifactError(f"{manifest}: {file} of target {name!r} is missing; re-run `kvcompile export "
+                                    f"--target {name}`")
+            if (path / file).stat().st_size != size:
+                raise ArtifactError(f"{manifest}: {file} has {(path / file).stat().st_size} bytes, the {name} target "
+                                    f"recorded {size}; re-run `kvcompile export --target {name}`")
+    return targets
+
+
+def add_target_section(export_dir: str | os.PathLike, name: str, section: dict, files: list[str]) -> None:
+    """Record target ``name``'s ``section`` and its ``files`` (written beside the manifest) in the
+    manifest of the export in ``export_dir`` (replaced atomically).  Targets call this on the
+    staged directory, before it is renamed into place."""
+    export_dir = Path(export_dir)
+    doc = load_json_artifact(export_dir / MANIFEST, "onnx_export", FORMAT_VERSION)
+    body = {k: v for k, v in doc.items() if k not in ("artifact", "format_version", "kvcompile_version")}
+    body["targets"] = {**body.get("targets", {}),
+                       name: {**section, "files": {f: (export_dir / f).stat().st_size for f in files}}}
+    save_json_artifact(export_dir / MANIFEST, "onnx_export", FORMAT_VERSION, body)
 
 
 def _file_record(path: Path) -> dict:
@@ -250,6 +290,26 @@ def triton_config(model: str, groups: list[HeadGroup], vocab_size: int) -> str:
             "input [\n" + ",\n".join(inputs) + "\n]\noutput [\n" + ",\n".join(outputs) + "\n]\n")
 
 
+def check_output_directory(out_dir: str | os.PathLike, overwrite: bool = True) -> Path:
+    """``out_dir`` as a Path, if an export may be written there: new, empty, or an earlier export
+    (replaced only with ``overwrite``); anything else is one :class:`ExportError` line."""
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
+        raise ExportError(f"{out} exists and is not a kvcompile export directory; expected a new or export directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"{out} already exists; pass overwrite=True (--force) to replace it")
+    return out
+
+
+def resolve_max_context(lm, max_context: int | None) -> int:
+    """The export's context limit: ``max_context`` capped at the model's positions (default: those)."""
+    limit = lm.geometry.max_positions
+    max_context = min(max_context or limit, limit)
+    if max_context < 1:
+        raise ExportError(f"max_context must be >= 1, got {max_context}")
+    return max_context
+
+
 def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_context: int | None = None,
                 overwrite: bool = True) -> ExportedModel:
     """Export ``lm`` (a :class:`~kvcompile.models.LoadedModel`) with ``pmap`` to ``out_dir``.
@@ -258,35 +318,37 @@ def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_conte
     the RoPE tables, and runtimes refuse longer contexts.  An existing export directory is
     replaced; any other non-empty directory is refused.
     """
+    out = check_output_directory(out_dir, overwrite)
+    max_context = resolve_max_context(lm, max_context)
+    with staged_directory(out, what="export") as tmp:
+        write_onnx_export(lm, pmap, tmp, max_context=max_context)
+    return ExportedModel.load(out)
+
+
+def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: int) -> None:
+    """Write the ONNX export into the empty (staged) ``directory``: graph, weights, tokenizer,
+    Triton config and the manifest with its ``onnx`` target section.  Targets that build on the
+    graph (``trt``) call this on their own staged directory, then :func:`add_target_section`."""
     import onnx
 
-    out = Path(out_dir)
-    limit = lm.geometry.max_positions
-    max_context = min(max_context or limit, limit)
-    if max_context < 1:
-        raise ExportError(f"max_context must be >= 1, got {max_context}")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise ExportError(f"{out} exists and is not a kvcompile export directory; expected a new or export directory")
-    if out.exists() and not overwrite:
-        raise ExportError(f"{out} already exists; pass overwrite=True (--force) to replace it")
     model, groups = build_onnx_model(lm, pmap, max_context)
-
-    with staged_directory(out, what="export") as tmp:
-        onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
-        del model
-        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
-        if hasattr(lm.tokenizer, "save_pretrained"):
-            lm.tokenizer.save_pretrained(tmp / "tokenizer")
-        g = lm.geometry
-        save_json_artifact(tmp / MANIFEST, "onnx_export", FORMAT_VERSION, {
-            "model": lm.name, "model_type": lm.model.config.model_type,
-            "geometry": {"num_layers": g.num_layers, "num_kv_heads": g.num_kv_heads, "num_q_heads": g.num_q_heads,
-                         "head_dim": g.head_dim, "max_positions": g.max_positions},
-            "vocab_size": lm.model.config.vocab_size, "max_context": max_context, "opset": OPSET,
-            "precision_map": pmap.to_json_body(), "precision_map_hash": pmap.content_hash(),
-            "cache_layout": layout_to_json(groups),
-            "files": _file_record(tmp),
-        })
-        (tmp / "config.pbtxt").write_text(triton_config(lm.name, groups, lm.model.config.vocab_size))
-    return ExportedModel.load(out)
+    tmp = Path(directory)
+    onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=DATA_FILE, size_threshold=1024)
+    del model
+    onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+    if hasattr(lm.tokenizer, "save_pretrained"):
+        lm.tokenizer.save_pretrained(tmp / "tokenizer")
+    (tmp / TRITON_CONFIG).write_text(triton_config(lm.name, groups, lm.model.config.vocab_size))
+    g = lm.geometry
+    save_json_artifact(tmp / MANIFEST, "onnx_export", FORMAT_VERSION, {
+        "model": lm.name, "model_type": lm.model.config.model_type,
+        "geometry": {"num_layers": g.num_layers, "num_kv_heads": g.num_kv_heads, "num_q_heads": g.num_q_heads,
+                     "head_dim": g.head_dim, "max_positions": g.max_positions},
+        "vocab_size": lm.model.config.vocab_size, "max_context": max_context, "opset": OPSET,
+        "precision_map": pmap.to_json_body(), "precision_map_hash": pmap.content_hash(),
+        "cache_layout": layout_to_json(groups),
+        "files": _file_record(tmp),
+        "targets": {"onnx": {"runtime": "onnxruntime", "triton_config": TRITON_CONFIG,
+                             "files": {TRITON_CONFIG: (tmp / TRITON_CONFIG).stat().st_size}}},
+    })

@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,9 +80,11 @@ def _convert_gguf(path: Path) -> Path:
     target = cache_dir() / "models" / f"{path.stem}-{_gguf_fingerprint(path)}-transformers{transformers.__version__}"
     if (target / "config.json").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    from kvcompile.artifacts import staged_directory
+
+    # Two processes converting at once each stage their own copy; the second swaps in identical content.
+    with staged_directory(target, is_ours=lambda d: (d / "config.json").is_file() or not any(d.iterdir()),
+                          what="converted model") as tmp:
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype="float32")
         adapter_for(model.config)
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -95,13 +95,6 @@ def _convert_gguf(path: Path) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.replace(tmp, target)
-        except OSError:  # another process finished first
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

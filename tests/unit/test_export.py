@@ -222,6 +222,12 @@ def _copy_export(ex, tmp_path):
     (lambda d: d["files"]["sizes"].update({"model.onnx.data": 1}), "model.onnx.data has .* bytes, the export recorded 1"),
     (lambda d: d["files"].update(model_sha256="0" * 64), "not the graph the export wrote"),
     (lambda d: d.pop("files"), "'files' must record"),
+    (lambda d: d.pop("targets"), "'targets' must be an object with at least the 'onnx' section"),
+    (lambda d: d["targets"]["onnx"].pop("files"), "targets.onnx must be an object with a 'files' object"),
+    (lambda d: d["targets"]["onnx"]["files"].update({"config.pbtxt": 3}), "config.pbtxt has .* bytes, the onnx target "
+                                                                          "recorded 3"),
+    (lambda d: d["targets"].update(trt={"files": {"model.engine": 10}}), "model.engine of target 'trt' is missing"),
+    (lambda d: d["targets"].update(trt={"files": {"../model.onnx": 10}}), "must map plain file names"),
 ])
 def test_a_manifest_inconsistent_with_its_map_layout_or_files_is_refused(exports, tmp_path, mutate, message):
     path = _copy_export(exports["mixed"], tmp_path)

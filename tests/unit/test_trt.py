@@ -49,6 +49,9 @@ def test_engine_is_built_with_one_plugin_layer_per_packed_group_carrying_the_map
     assert (ex.path / "model.engine").stat().st_size == report["engine_bytes"]
     assert (ex.path / "timing.cache").is_file() and (ex.path / "build.log").is_file()
     assert ex.trt["plugin_layers"] == 8 and ex.trt["engine"] == "model.engine"
+    # the trt target's section records its files beside the onnx target's
+    assert set(ex.targets) == {"onnx", "trt"}
+    assert ex.trt["files"]["model.engine"] == (ex.path / "model.engine").stat().st_size > 0
     assert (ex.path / "config.pbtxt").read_text().count("past_key_values.") == sum(len(g.ports) for g in ex.groups)
 
 

@@ -1,9 +1,10 @@
 """The ``trt`` export target: ONNX export + TensorRT engine build with the kvcompile plugins.
 
 ``export_trt(lm, pmap, out_dir)`` writes the ONNX export (see :mod:`kvcompile.export`) into a
-temporary directory, builds ``model.engine`` from it in a child process
-(:mod:`kvcompile.targets.trt.worker`), adds the ``trt`` section to the manifest and renames the
-directory into place; any failure leaves nothing behind.  One ``model.onnx`` serves both
+staged directory, builds ``model.engine`` from it in a child process
+(:mod:`kvcompile.targets.trt.worker`), adds its ``trt`` section to the manifest
+(:func:`~kvcompile.export.onnx_export.add_target_section`) and renames the directory into place;
+any failure leaves nothing behind.  One ``model.onnx`` serves both
 runtimes: ONNX Runtime runs the ops' function bodies, TensorRT's parser substitutes the plugins.
 
 TensorRT comes from ``tensorrt`` where installed, else ``tensorrt_rtx`` (``pip install
@@ -27,7 +28,8 @@ from pathlib import Path
 
 from kvcompile.artifacts import load_json_artifact, save_json_artifact, staged_directory
 from kvcompile.errors import ExportError
-from kvcompile.export.onnx_export import FORMAT_VERSION, MANIFEST, export_onnx
+from kvcompile.export.onnx_export import (FORMAT_VERSION, MANIFEST, add_target_section, check_output_directory,
+                                          resolve_max_context, write_onnx_export)
 
 ENGINE_FILE = "model.engine"
 
@@ -127,16 +129,13 @@ def export_trt(lm, pmap, out_dir, *, max_context: int | None = None, max_batch: 
 
     if tensorrt_flavour() is None:
         raise ExportError("the trt target needs TensorRT: pip install tensorrt-rtx (builds on CPU) or tensorrt")
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).is_file())):
-        raise ExportError(f"{out} exists and is not a kvcompile export directory; expected a new or export directory")
+    out = check_output_directory(out_dir, overwrite)
+    max_context = resolve_max_context(lm, max_context)
     with staged_directory(out, what="export") as work:
-        export_onnx(lm, pmap, work, max_context=max_context)
+        write_onnx_export(lm, pmap, work, max_context=max_context)
         report = build_engine(work, max_batch=max_batch, opt_context=opt_context)
-        doc = load_json_artifact(work / MANIFEST, "onnx_export", FORMAT_VERSION)
-        body = {k: v for k, v in doc.items() if k not in ("artifact", "format_version", "kvcompile_version")}
-        body["trt"] = {"engine": ENGINE_FILE, "tensorrt": report["tensorrt"], "tensorrt_version": report["tensorrt_version"],
-                       "plugin_namespace": report["plugin_namespace"], "max_batch": max_batch,
-                       "plugin_layers": len(report["plugin_layers"])}
-        save_json_artifact(work / MANIFEST, "onnx_export", FORMAT_VERSION, body)
+        add_target_section(work, "trt", {
+            "engine": ENGINE_FILE, "tensorrt": report["tensorrt"], "tensorrt_version": report["tensorrt_version"],
+            "plugin_namespace": report["plugin_namespace"], "max_batch": max_batch,
+            "plugin_layers": len(report["plugin_layers"])}, files=[ENGINE_FILE, "engine_report.json", "build.log"])
     return ExportedModel.load(out)
