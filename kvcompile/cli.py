@@ -207,7 +207,7 @@ def cmd_export(args) -> int:
     _set_threads(args.threads)
     lm = load_model(args.model)
     (label, pmap), = _resolve_maps(args, lm.geometry, args.model).items()
-    options = {"max_batch": args.max_batch} if args.target == "trt" else {}
+    options = {"max_batch": args.max_batch, "tensorrt": args.tensorrt} if args.target == "trt" else {}
     result = export(args.target, lm, pmap, args.output, max_context=args.max_context, **options)
     size = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
     ops = sum(not g.plain for g in result.groups)
@@ -458,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-context", type=POSITIVE, default=None,
                    help="longest prefill + generation the export accepts (default: the model's limit)")
     p.add_argument("--max-batch", type=_int_in(1, 4096), default=1, help="trt: largest batch of the engine's profile (default 1)")
+    p.add_argument("--tensorrt", choices=("tensorrt", "tensorrt_rtx"), default=None,
+                   help="trt: which TensorRT builds the engine (default: full TensorRT where installed, else TensorRT-RTX; "
+                        "env KVCOMPILE_TENSORRT)")
     p.add_argument("-o", "--output", required=True, help="export directory (replaced if it is an older export)")
     p.add_argument("--threads", type=THREADS, default=None)
     p.set_defaults(func=cmd_export)

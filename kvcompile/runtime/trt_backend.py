@@ -19,11 +19,11 @@ from kvcompile.runtime import check_context, check_finite, register_backend
 
 def why_not_runnable(export) -> str | None:
     """One line on why the engine cannot run here, or None."""
-    from kvcompile.targets.trt.build import tensorrt_flavour
+    from kvcompile.targets.trt.loader import find_tensorrt
 
     if not export.trt:
         return f"{export.path} has no TensorRT engine; export it with --target trt"
-    flavour = tensorrt_flavour()
+    flavour = find_tensorrt(export.trt.get("tensorrt"))
     if flavour is None:
         return "TensorRT is not installed (pip install tensorrt-rtx, or tensorrt)"
     import torch
@@ -44,9 +44,9 @@ class TrtDecoder:
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         from kvcompile.targets.trt.plugin import register_plugins
-        from kvcompile.targets.trt.worker import trt_module
+        from kvcompile.targets.trt.loader import import_tensorrt
 
-        register_plugins(trt_module())
+        register_plugins(import_tensorrt(export.trt.get("tensorrt")))
         self.export = export
         self.runner = TrtRunner(EngineFromBytes((export.path / export.trt["engine"]).read_bytes()))
         self.runner.activate()

@@ -132,3 +132,31 @@ def test_plugin_enqueue_logic_with_the_append_kernel_matches_the_reference():
             assert torch.equal(a, w)
         past = list(want[:-1])
     assert tuple(want[-1].shape) == (1, 2, 9 + 1 + 40 + 1, 64)
+
+
+def test_one_loader_chooses_the_tensorrt_flavour(monkeypatch):
+    """Full TensorRT is preferred where installed; KVCOMPILE_TENSORRT (or the option) picks one; a
+    choice that is not installed, or not a flavour, is one line."""
+    from kvcompile.errors import ExportError
+    from kvcompile.targets.trt import loader
+
+    monkeypatch.setattr(loader, "_installed", lambda name: name in installed)
+    monkeypatch.delenv(loader.ENV, raising=False)
+    installed = {"tensorrt", "tensorrt_rtx"}
+    assert loader.find_tensorrt() == "tensorrt"
+    assert loader.find_tensorrt("tensorrt_rtx") == "tensorrt_rtx"
+    monkeypatch.setenv(loader.ENV, "tensorrt_rtx")
+    assert loader.find_tensorrt() == "tensorrt_rtx"
+    installed = {"tensorrt_rtx"}
+    monkeypatch.setenv(loader.ENV, "tensorrt")
+    assert loader.find_tensorrt() is None
+    with pytest.raises(ExportError, match="tensorrt was requested and is not installed"):
+        loader.require_tensorrt()
+    monkeypatch.setenv(loader.ENV, "tensorrt9")
+    with pytest.raises(ExportError, match="must be one of tensorrt, tensorrt_rtx, got 'tensorrt9'"):
+        loader.find_tensorrt()
+    monkeypatch.delenv(loader.ENV)
+    assert loader.find_tensorrt() == "tensorrt_rtx"
+    installed = set()
+    with pytest.raises(ExportError, match="pip install tensorrt-rtx"):
+        loader.require_tensorrt()

@@ -8,7 +8,8 @@ any failure leaves nothing behind.  One ``model.onnx`` serves both
 runtimes: ONNX Runtime runs the ops' function bodies, TensorRT's parser substitutes the plugins.
 
 TensorRT comes from ``tensorrt`` where installed, else ``tensorrt_rtx`` (``pip install
-tensorrt-rtx``: builds engines on a CPU-only machine; running them needs an RTX-class GPU).
+tensorrt-rtx``: builds engines on a CPU-only machine; running them needs an RTX-class GPU); the
+choice is :mod:`kvcompile.targets.trt.loader`'s.
 TensorRT-RTX dlopens ``libtensorrt_rtx.so`` by that unversioned name when plugins are involved,
 and the process aborts if it does not resolve; :func:`library_env` makes it resolve with a symlink
 to the wheel's ``libtensorrt_rtx.so.1`` in kvcompile's cache directory (one directory per
@@ -28,25 +29,16 @@ from pathlib import Path
 
 from kvcompile.artifacts import load_json_artifact, save_json_artifact, staged_directory
 from kvcompile.errors import ExportError
+from kvcompile.targets.trt.loader import find_tensorrt, require_tensorrt
 from kvcompile.export.onnx_export import (FORMAT_VERSION, MANIFEST, add_target_section, check_output_directory,
                                           resolve_max_context, write_onnx_export)
 
 ENGINE_FILE = "model.engine"
 
 
-def tensorrt_flavour() -> str | None:
-    """``"tensorrt"``, ``"tensorrt_rtx"`` or None: which TensorRT Python package is installed."""
-    for name in ("tensorrt", "tensorrt_rtx"):
-        spec = importlib.util.find_spec(name)
-        if spec is not None and (name != "tensorrt" or importlib.util.find_spec("tensorrt.tensorrt") is not None
-                                 or _has_builder(spec)):
-            return name
-    return None
-
-
-def _has_builder(spec) -> bool:
-    root = Path(spec.origin).parent if spec.origin else None
-    return bool(root and any(root.glob("tensorrt*.so")))
+def tensorrt_flavour(prefer: str | None = None) -> str | None:
+    """Which TensorRT package builds and runs engines here (see :mod:`kvcompile.targets.trt.loader`)."""
+    return find_tensorrt(prefer)
 
 
 def library_env() -> dict:
@@ -92,10 +84,12 @@ def unversioned_links(libdir: Path) -> Path:
     return links
 
 
-def build_engine(export_dir: Path, *, max_batch: int = 1, opt_context: int = 256, timeout: int = 3600) -> dict:
-    """Build ``model.engine`` inside ``export_dir``; returns the engine report (also saved as JSON)."""
-    if tensorrt_flavour() is None:
-        raise ExportError("the trt target needs TensorRT: pip install tensorrt-rtx (builds on CPU) or tensorrt")
+def build_engine(export_dir: Path, *, max_batch: int = 1, opt_context: int = 256, timeout: int = 3600,
+                 tensorrt: str | None = None) -> dict:
+    """Build ``model.engine`` inside ``export_dir``; returns the engine report (also saved as JSON).
+
+    ``tensorrt``: ``"tensorrt"`` or ``"tensorrt_rtx"`` (default: :func:`~kvcompile.targets.trt.loader.find_tensorrt`)."""
+    flavour = require_tensorrt(tensorrt)
     doc = load_json_artifact(export_dir / MANIFEST, "onnx_export", FORMAT_VERSION)
     rows_per = {p["past"]: p["rows_per"] for g in doc["cache_layout"] for p in g["ports"]}
     import onnx
@@ -106,7 +100,7 @@ def build_engine(export_dir: Path, *, max_batch: int = 1, opt_context: int = 256
         job = {"onnx": str(export_dir / "model.onnx"), "output": str(export_dir), "engine": ENGINE_FILE,
                "result": str(Path(tmp) / "result.json"), "max_batch": max_batch, "max_context": doc["max_context"],
                "opt_context": min(opt_context, doc["max_context"]), "rows_per": rows_per,
-               "kvcompile_nodes": kvcompile_nodes}
+               "kvcompile_nodes": kvcompile_nodes, "tensorrt": flavour}
         (Path(tmp) / "job.json").write_text(json.dumps(job))
         proc = subprocess.run([sys.executable, "-m", "kvcompile.targets.trt.worker", "build", str(Path(tmp) / "job.json")],
                               env=library_env(), capture_output=True, text=True, timeout=timeout)
@@ -123,17 +117,16 @@ def build_engine(export_dir: Path, *, max_batch: int = 1, opt_context: int = 256
 
 
 def export_trt(lm, pmap, out_dir, *, max_context: int | None = None, max_batch: int = 1, opt_context: int = 256,
-               overwrite: bool = True):
-    """ONNX export + engine build, written atomically to ``out_dir``."""
+               overwrite: bool = True, tensorrt: str | None = None):
+    """ONNX export + engine build, written atomically to ``out_dir`` (``tensorrt``: see :func:`build_engine`)."""
     from kvcompile.export import ExportedModel
 
-    if tensorrt_flavour() is None:
-        raise ExportError("the trt target needs TensorRT: pip install tensorrt-rtx (builds on CPU) or tensorrt")
+    flavour = require_tensorrt(tensorrt)
     out = check_output_directory(out_dir, overwrite)
     max_context = resolve_max_context(lm, max_context)
     with staged_directory(out, what="export") as work:
         write_onnx_export(lm, pmap, work, max_context=max_context)
-        report = build_engine(work, max_batch=max_batch, opt_context=opt_context)
+        report = build_engine(work, max_batch=max_batch, opt_context=opt_context, tensorrt=flavour)
         add_target_section(work, "trt", {
             "engine": ENGINE_FILE, "tensorrt": report["tensorrt"], "tensorrt_version": report["tensorrt_version"],
             "plugin_namespace": report["plugin_namespace"], "max_batch": max_batch,

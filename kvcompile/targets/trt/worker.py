@@ -19,24 +19,12 @@ import time
 from pathlib import Path
 
 
-def trt_module():
-    try:
-        import tensorrt as trt  # full TensorRT, where installed
-
-        if hasattr(trt, "Builder"):
-            return trt
-    except ImportError:
-        pass
-    import tensorrt_rtx as trt
-
-    return trt
-
-
 def build(job: dict) -> dict:
     from kvcompile.ops.spec import get_op
+    from kvcompile.targets.trt.loader import import_tensorrt
     from kvcompile.targets.trt.plugin import NAMESPACE, attrs_from_fields, register_plugins
 
-    trt = trt_module()
+    trt = import_tensorrt(job.get("tensorrt"))
     out = Path(job["output"])
     log_lines: list[str] = []
 
