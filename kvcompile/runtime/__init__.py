@@ -1,7 +1,9 @@
 """Generation over an export directory with interchangeable backends.
 
-A *decoder* has ``start(batch) -> state`` and ``step(ids [B, S] int64, state) -> (logits
-[B, S, V] float32 numpy, state)``; :func:`generate` runs greedy decoding on any of them.
+A *decoder* (:class:`kvcompile.runtime.base.Decoder`) has ``activate`` / ``deactivate``,
+``start(batch) -> state`` and ``step(ids [B, S] int64, state) -> (logits [B, S, V] float32 numpy,
+state)``; :func:`open_decoder` returns one activated, and :func:`generate` runs greedy decoding on
+any of them.
 Backends register by name (``ort``: ONNX Runtime on the exported graph; ``torch``: the source
 model with :class:`~kvcompile.cache.MixedPrecisionCache` and the export's map; ``trt``: the
 TensorRT engine of a ``--target trt`` export, where a suitable GPU exists).
@@ -35,23 +37,12 @@ def _load_builtin() -> None:
 
 
 def open_decoder(export, backend: str = "ort", **options):
-    """A decoder for an :class:`~kvcompile.export.ExportedModel` on ``backend``."""
+    """An activated decoder for an :class:`~kvcompile.export.ExportedModel` on ``backend``
+    (``with open_decoder(...) as d:`` deactivates it at the end)."""
     _load_builtin()
     if backend not in _BACKENDS:
         raise RuntimeBackendError(f"unknown backend {backend!r}; expected one of {', '.join(sorted(_BACKENDS))}")
-    return _BACKENDS[backend](export, **options)
-
-
-def check_context(export, total: int) -> None:
-    if total > export.max_context:
-        raise RuntimeBackendError(f"context of {total} positions exceeds the export's max_context of "
-                                  f"{export.max_context}; re-export with a larger --max-context")
-
-
-def check_finite(logits: np.ndarray, where: str) -> None:
-    if not np.isfinite(logits).all():
-        raise RuntimeBackendError(f"{where}: the model produced NaN or inf logits; expected finite values "
-                                  "(check the precision map and the input)")
+    return _BACKENDS[backend](export, **options).activate()
 
 
 @dataclass

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvcompile.runtime import check_context, check_finite, register_backend
+from kvcompile.runtime import register_backend
+from kvcompile.runtime.base import Decoder, check_context, check_finite, check_ids
 
 
-class TorchDecoder:
+class TorchDecoder(Decoder):
+    name = "torch"
+
     def __init__(self, export, lm=None):
-        from kvcompile.models import load_model
+        super().__init__(export)
+        self.lm = lm
 
-        self.export = export
-        self.lm = lm if lm is not None else load_model(export.model)
+    def activate(self) -> "TorchDecoder":
+        if self.lm is None:
+            from kvcompile.models import load_model
+
+            self.lm = load_model(self.export.model)
+        return super().activate()
 
     def start(self, batch: int):
         from kvcompile.cache import MixedPrecisionCache
@@ -22,11 +30,13 @@ class TorchDecoder:
     def step(self, ids: np.ndarray, state):
         import torch
 
+        self._check_active()
+        check_ids(ids)
         check_context(self.export, state["length"] + ids.shape[1])
         with torch.no_grad():
             logits = self.lm.model(torch.from_numpy(ids), cache=state["cache"], use_cache=True).logits
         logits = logits.float().numpy()
-        check_finite(logits, "torch")
+        check_finite(logits, self.name)
         return logits, {"cache": state["cache"], "length": state["length"] + ids.shape[1]}
 
     def cache_bytes(self, state) -> int:

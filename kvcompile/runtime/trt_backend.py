@@ -14,7 +14,8 @@ import ctypes.util
 import numpy as np
 
 from kvcompile.errors import RuntimeBackendError
-from kvcompile.runtime import check_context, check_finite, register_backend
+from kvcompile.runtime import register_backend
+from kvcompile.runtime.base import GraphDecoder
 
 
 def why_not_runnable(export) -> str | None:
@@ -36,38 +37,35 @@ def why_not_runnable(export) -> str | None:
     return None
 
 
-class TrtDecoder:
+class TrtDecoder(GraphDecoder):
+    name = "tensorrt"
+
     def __init__(self, export, **_):
-        reason = why_not_runnable(export)
+        super().__init__(export)
+        self.runner = None
+
+    def activate(self) -> "TrtDecoder":
+        reason = why_not_runnable(self.export)
         if reason:
             raise RuntimeBackendError(f"the trt backend cannot run here: {reason}")
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
-        from kvcompile.targets.trt.plugin import register_plugins
         from kvcompile.targets.trt.loader import import_tensorrt
+        from kvcompile.targets.trt.plugin import register_plugins
 
-        register_plugins(import_tensorrt(export.trt.get("tensorrt")))
-        self.export = export
-        self.runner = TrtRunner(EngineFromBytes((export.path / export.trt["engine"]).read_bytes()))
+        register_plugins(import_tensorrt(self.export.trt.get("tensorrt")))
+        self.runner = TrtRunner(EngineFromBytes((self.export.path / self.export.trt["engine"]).read_bytes()))
         self.runner.activate()
-        self.ports = [p for g in export.groups for p in g.ports]
-        self.heads = {p.past: len(g.heads) for g in export.groups for p in g.ports}
+        return super().activate()
 
-    def start(self, batch: int):
-        from kvcompile.runtime.ort_backend import NUMPY_DTYPES
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.runner.infer(feed, copy_outputs_to_host=True)
 
-        return {"past": {p.past: np.zeros((batch, self.heads[p.past], 0, p.width), NUMPY_DTYPES[p.dtype])
-                         for p in self.ports}, "length": 0}
-
-    def step(self, ids: np.ndarray, state):
-        check_context(self.export, state["length"] + ids.shape[1])
-        out = self.runner.infer({"input_ids": ids, **state["past"]}, copy_outputs_to_host=True)
-        check_finite(out["logits"], "tensorrt")
-        return out["logits"], {"past": {p.past: out[p.present] for p in self.ports},
-                               "length": state["length"] + ids.shape[1]}
-
-    def cache_bytes(self, state) -> int:
-        return int(sum(a.nbytes for a in state["past"].values()))
+    def deactivate(self) -> None:
+        if self.runner is not None:
+            self.runner.deactivate()
+            self.runner = None
+        super().deactivate()
 
 
 register_backend("trt", TrtDecoder)

@@ -219,13 +219,10 @@ def write_polygraphy_files(export, prefill_ids: np.ndarray, reference_logits: np
     """Data-loader script, inputs and reference outputs beside the model; returns the CLI command."""
     from polygraphy.comparator import IterationResult, RunResults
 
-    from kvcompile.runtime.ort_backend import NUMPY_DTYPES
+    from kvcompile.runtime.base import empty_past
 
     directory = Path(export.path)
-    feeds = {"input_ids": prefill_ids.astype(np.int64)[None]}
-    for g in export.groups:
-        for p in g.ports:
-            feeds[p.past] = np.zeros((1, len(g.heads), 0, p.width), NUMPY_DTYPES[p.dtype])
+    feeds = {"input_ids": prefill_ids.astype(np.int64)[None], **empty_past(export, 1)}
     import io
 
     buf = io.BytesIO()

@@ -130,6 +130,26 @@ def test_reexport_replaces_an_export_atomically(tiny_lm, tiny_geometry, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e"]
 
 
+@pytest.mark.parametrize("backend", ["ort", "torch"])
+def test_decoders_follow_the_runner_lifecycle(exports, tiny_lm, backend):
+    """activate / deactivate (also as a with block); stepping an inactive decoder is one line, and
+    both backends give the same logits through the shared interface."""
+    ex = exports["mixed"]
+    options = {"lm": tiny_lm} if backend == "torch" else {"threads": 1}
+    ids = np.arange(1, 9, dtype=np.int64)[None]
+    with open_decoder(ex, backend, **options) as decoder:
+        assert decoder.is_active
+        logits, _ = decoder.step(ids, decoder.start(1))
+    assert not decoder.is_active
+    with pytest.raises(RuntimeBackendError, match=f"the {decoder.name} decoder is not active; call activate"):
+        decoder.step(ids, decoder.start(1))
+    again, _ = decoder.activate().step(ids, decoder.start(1))
+    np.testing.assert_array_equal(logits, again)
+    other = open_decoder(ex, "torch" if backend == "ort" else "ort", **({"threads": 1} if backend == "torch" else
+                                                                        {"lm": tiny_lm}))
+    np.testing.assert_allclose(other.step(ids, other.start(1))[0], logits, atol=2e-3)
+
+
 def test_runtime_errors_are_one_line(exports, tmp_path):
     ex = exports["int8"]
     decoder = open_decoder(ex, "ort")
