@@ -14,6 +14,8 @@ this package does not import triton; :func:`available` says whether the kernels 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from typing import Callable
 
 from kvcompile.quant.base import StorageScheme
 from kvcompile.quant.floating import FP16Scheme
@@ -41,17 +43,60 @@ def available(device: str = "cuda") -> tuple[bool, str]:
     return True, torch.cuda.get_device_name()
 
 
+KIND_FP16, KIND_TOKEN, KIND_CHANNEL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class KernelFormat:
+    """A storage family's kernel traits: which of its schemes the kernels read, with which
+    compile-time arguments (``KIND, BITS, G, SYM, LEVELS``) and from which parts
+    (``(codes, scale, zero)`` tensors; unused ones may repeat another)."""
+
+    unsupported: Callable[[StorageScheme], str | None]
+    arguments: Callable[[StorageScheme], dict]
+    pointers: Callable[[StorageScheme, dict], tuple]
+
+
+_KERNEL_FORMATS: dict[type, KernelFormat] = {}
+
+
+def register_kernel_format(scheme_class: type, traits: KernelFormat) -> None:
+    """Give a storage family kernel support (one call, beside its ONNX lowering)."""
+    _KERNEL_FORMATS[scheme_class] = traits
+
+
+def kernel_format(scheme: StorageScheme) -> KernelFormat:
+    """The kernel traits of ``scheme``'s family (see :func:`unsupported_reason` first)."""
+    return _KERNEL_FORMATS[type(scheme)]
+
+
 def unsupported_reason(scheme: StorageScheme) -> str | None:
     """Why the kernels cannot handle ``scheme`` (None if they can)."""
-    if isinstance(scheme, FP16Scheme):
-        return None
-    if isinstance(scheme, IntegerScheme):
-        if scheme.bits not in KERNEL_BITS:
-            return f"{scheme.name}: kernels pack {KERNEL_BITS}-bit codes, not {scheme.bits}"
-        if scheme.rotate:
-            return f"{scheme.name}: Hadamard-rotated schemes have no kernel yet"
-        return None
-    return f"{scheme.name}: the {type(scheme).__name__} family has no kernel yet (integer and fp16 do)"
+    traits = _KERNEL_FORMATS.get(type(scheme))
+    if traits is None:
+        have = " and ".join(sorted(c.__name__ for c in _KERNEL_FORMATS))
+        return f"{scheme.name}: the {type(scheme).__name__} family has no kernel yet ({have} do)"
+    return traits.unsupported(scheme)
+
+
+def _integer_unsupported(scheme: IntegerScheme) -> str | None:
+    if scheme.bits not in KERNEL_BITS:
+        return f"{scheme.name}: kernels pack {KERNEL_BITS}-bit codes, not {scheme.bits}"
+    if scheme.rotate:
+        return f"{scheme.name}: Hadamard-rotated schemes have no kernel yet"
+    return None
+
+
+register_kernel_format(FP16Scheme, KernelFormat(
+    unsupported=lambda s: None,
+    arguments=lambda s: {"KIND": KIND_FP16, "BITS": 16, "G": 1, "SYM": False, "LEVELS": 0},
+    pointers=lambda s, parts: (parts["values"].contiguous(),) * 3))
+register_kernel_format(IntegerScheme, KernelFormat(
+    unsupported=_integer_unsupported,
+    arguments=lambda s: {"KIND": KIND_TOKEN if s.axis == "token" else KIND_CHANNEL, "BITS": s.bits,
+                         "G": s.group_size, "SYM": s.symmetric, "LEVELS": s.levels},
+    pointers=lambda s, parts: (parts["codes"].contiguous(), parts["scale"].contiguous(),
+                               parts["zero"].contiguous() if "zero" in parts else parts["scale"].contiguous())))
 
 
 def quantize(scheme: StorageScheme, x):
@@ -74,4 +119,4 @@ def decode_attention(query, segments, sm_scale: float, block_t: int = 64, splits
     return _decode(query, segments, sm_scale, block_t=block_t, splits=splits)
 
 
-__all__ = ["available", "decode_attention", "quantize", "quantize_for_store", "unsupported_reason", "KERNEL_BITS"]
+__all__ = ["KernelFormat", "kernel_format", "register_kernel_format", "available", "decode_attention", "quantize", "quantize_for_store", "unsupported_reason", "KERNEL_BITS"]

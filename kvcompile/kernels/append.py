@@ -138,7 +138,7 @@ def quantize(scheme: IntegerScheme, x: torch.Tensor) -> QuantizedTensor:
     scale = torch.empty(*lead, *n_params, dtype=scheme.scale_dtype, device=x.device)
     zero = torch.empty_like(scale) if not scheme.symmetric else scale  # unused when symmetric
     tiny = float(torch.finfo(scheme.scale_dtype).tiny)
-    args = dict(D=d, G=g, BITS=scheme.bits, LEVELS=scheme._levels, SYM=scheme.symmetric, HALF=half, TINY=tiny)
+    args = dict(D=d, G=g, BITS=scheme.bits, LEVELS=scheme.levels, SYM=scheme.symmetric, HALF=half, TINY=tiny)
     if rows:
         if scheme.axis == "token":
             _quantize_token_kernel[(rows,)](x, codes, scale, zero, **args)

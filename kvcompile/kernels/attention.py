@@ -28,9 +28,7 @@ import triton.language as tl
 
 from kvcompile.kv.store import Stored  # noqa: F401  (segments are built from the store's records)
 from kvcompile.quant.base import StorageScheme
-from kvcompile.quant.floating import FP16Scheme
 
-KIND_FP16, KIND_TOKEN, KIND_CHANNEL = 0, 1, 2
 
 
 @triton.jit
@@ -113,19 +111,15 @@ class Segment:
 
 
 def _format_args(scheme: StorageScheme, prefix: str) -> dict:
-    if isinstance(scheme, FP16Scheme):
-        return {f"{prefix}_KIND": KIND_FP16, f"{prefix}_BITS": 16, f"{prefix}_G": 1, f"{prefix}_SYM": False,
-                f"{prefix}_LEVELS": 0}
-    return {f"{prefix}_KIND": KIND_TOKEN if scheme.axis == "token" else KIND_CHANNEL, f"{prefix}_BITS": scheme.bits,
-            f"{prefix}_G": scheme.group_size, f"{prefix}_SYM": scheme.symmetric, f"{prefix}_LEVELS": scheme._levels}
+    from kvcompile.kernels import kernel_format
+
+    return {f"{prefix}_{k}": v for k, v in kernel_format(scheme).arguments(scheme).items()}
 
 
 def _pointers(scheme: StorageScheme, parts: dict) -> tuple:
-    if isinstance(scheme, FP16Scheme):
-        v = parts["values"].contiguous()
-        return v, v, v
-    c, s = parts["codes"].contiguous(), parts["scale"].contiguous()
-    return c, s, parts["zero"].contiguous() if "zero" in parts else s
+    from kvcompile.kernels import kernel_format
+
+    return kernel_format(scheme).pointers(scheme, parts)
 
 
 def decode_attention(query: torch.Tensor, segments: list[Segment], sm_scale: float, block_t: int = 64,

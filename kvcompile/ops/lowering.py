@@ -184,7 +184,7 @@ def _int_quantize(b: Builder, s: IntegerScheme, x: str, head_dim: int) -> list[s
     g = b.reshape(x, grouped_shape(b, x, s.group_size, s.axis))
     r = b.i64(-1 if s.axis == "token" else -2)
     half = s.scale_dtype.itemsize == 2
-    levels = float(s._levels)
+    levels = float(s.levels)
     if s.symmetric:
         amax = b.op("ReduceMax", b.op("Abs", g), r, keepdims=1)
         scale, scale_f = stored_scale(b, b.op("Div", amax, b.const(levels)), half)
@@ -207,7 +207,7 @@ def _int_dequantize(b: Builder, s: IntegerScheme, parts: list[str], head_dim: in
     r = b.i64(-1 if s.axis == "token" else -2)
     scale = b.op("Unsqueeze", b.op("Cast", parts[1], to=1), r)
     if s.symmetric:
-        x = b.op("Mul", b.op("Sub", g, b.const(float(s._levels))), scale)
+        x = b.op("Mul", b.op("Sub", g, b.const(float(s.levels))), scale)
     else:
         zero = b.op("Unsqueeze", b.op("Cast", parts[2], to=1), r)
         x = b.op("Add", zero, b.op("Mul", g, scale))

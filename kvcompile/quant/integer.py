@@ -78,7 +78,9 @@ class IntegerScheme(StorageScheme):
         return self.group_size if self.axis == "channel" else 1
 
     @property
-    def _levels(self) -> int:
+    def levels(self) -> int:
+        """Codes run over ``[0, levels]`` (asymmetric, ``2^b - 1``) or ``[-levels, levels]`` stored offset
+        by ``levels`` (symmetric, ``2^(b-1) - 1``)."""
         return 2**self.bits - 1 if not self.symmetric else 2 ** (self.bits - 1) - 1
 
     @property
@@ -114,16 +116,16 @@ class IntegerScheme(StorageScheme):
         g = self._grouped(x)
         r = self._reduce_dim()
         if self.symmetric:
-            scale = round_to_dtype(g.abs().amax(r, keepdim=True) / self._levels, self.scale_dtype, "up")
+            scale = round_to_dtype(g.abs().amax(r, keepdim=True) / self.levels, self.scale_dtype, "up")
             scale = torch.where(scale == 0, torch.finfo(self.scale_dtype).tiny, scale)
-            q = torch.round(g / scale.float()).clamp(-self._levels, self._levels) + self._levels
+            q = torch.round(g / scale.float()).clamp(-self.levels, self.levels) + self.levels
             parts = {"scale": scale.squeeze(r)}
         else:
             zero = round_to_dtype(g.amin(r, keepdim=True), self.scale_dtype, "down")
             span = g.amax(r, keepdim=True) - zero.float()
-            scale = round_to_dtype(span / self._levels, self.scale_dtype, "up")
+            scale = round_to_dtype(span / self.levels, self.scale_dtype, "up")
             scale = torch.where(scale == 0, torch.finfo(self.scale_dtype).tiny, scale)
-            q = torch.round((g - zero.float()) / scale.float()).clamp(0, self._levels)
+            q = torch.round((g - zero.float()) / scale.float()).clamp(0, self.levels)
             parts = {"scale": scale.squeeze(r), "zero": zero.squeeze(r)}
         codes = q.to(torch.uint8).reshape(x.shape)
         return QuantizedTensor(self.name, tuple(x.shape), {"codes": pack_bits(codes, self.bits), **parts})
@@ -141,7 +143,7 @@ class IntegerScheme(StorageScheme):
         g = self._grouped(codes)
         scale, zero = self._params(q)
         if self.symmetric:
-            x = (g - self._levels) * scale
+            x = (g - self.levels) * scale
         else:
             x = zero + g * scale
         x = x.reshape(q.shape)

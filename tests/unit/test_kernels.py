@@ -114,3 +114,31 @@ def test_kernel_cache_errors_are_clear(tiny_llama, tiny_geometry):
         with pytest.raises(CacheError, match="enable_kernel_attention"):
             model(torch.ones(1, 1, dtype=torch.long), cache=cache, use_cache=True)
     assert available("cpu")[0]
+
+
+def test_kernel_support_is_a_per_family_trait():
+    """Each family's kernel support is one registered KernelFormat; a family without one is a
+    one-line refusal naming the families that have kernels, and registering one enables it."""
+    from dataclasses import dataclass
+
+    from kvcompile import kernels
+    from kvcompile.quant import get_scheme
+    from kvcompile.quant.floating import FP16Scheme
+
+    assert kernels.unsupported_reason(get_scheme("int4-ch-g32")) is None
+    assert kernels.kernel_format(get_scheme("int2")).arguments(get_scheme("int2"))["LEVELS"] == 3
+    assert kernels.kernel_format(get_scheme("int4-sym")).arguments(get_scheme("int4-sym"))["LEVELS"] == 7
+    reason = kernels.unsupported_reason(get_scheme("nf4"))
+    assert reason == "nf4: the NF4Scheme family has no kernel yet (FP16Scheme and IntegerScheme do)"
+
+    @dataclass(frozen=True)
+    class Halves(FP16Scheme):
+        pass
+
+    scheme = Halves()
+    assert "Halves family has no kernel yet" in kernels.unsupported_reason(scheme)
+    kernels.register_kernel_format(Halves, kernels.kernel_format(get_scheme("fp16")))
+    try:
+        assert kernels.unsupported_reason(scheme) is None
+    finally:
+        del kernels._KERNEL_FORMATS[Halves]
