@@ -49,6 +49,7 @@ from kvcompile.calibrate.artifact import Calibration
 from kvcompile.data import DEFAULT_CALIBRATION_TEXT, load_text
 from kvcompile.errors import KvcompileError
 from kvcompile.kv.segments import SegmentRule
+from kvcompile.models.attention_state import attention_state, state_of
 from kvcompile.quant import get_scheme
 from kvcompile.measure.quality import token_windows
 
@@ -68,8 +69,6 @@ class _Pass:
     layers: dict[int, dict] = field(default_factory=dict)
 
 
-_active: _Pass | None = None
-
 
 def distance_buckets(seq_len: int, edges: list[int]) -> torch.Tensor:
     """``[buckets, T, T]`` bool: query i reads key j through bucket b iff ``edges[b] <= i - j < edges[b+1]``."""
@@ -83,9 +82,7 @@ def _repeat(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _calibration_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    state = _active
-    if state is None:
-        raise RuntimeError("kvcompile_calib attention used outside a calibration pass")
+    state = state_of(module, "kvcompile_calib (calibration pass)")
     groups = query.shape[1] // key.shape[1]
     t = key.shape[-2]
     buckets = distance_buckets(t, state.window_options).to(query.device)
@@ -150,7 +147,6 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window
     """
     from tqdm.auto import tqdm
 
-    global _active
     if estimator not in ESTIMATORS:
         raise KvcompileError(f"unknown estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
     schemes = list(schemes or DEFAULT_SCHEMES)
@@ -173,30 +169,28 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window
     generator = torch.Generator().manual_seed(seed)
     needs_backward = estimator in ("fisher", "hybrid")
     passes = len(ids_all) * (samples if needs_backward else 1)
-    previous_impl = model.config._attn_implementation
     requires_grad = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
     start = time.perf_counter()
     bar = tqdm(total=passes, desc=f"calibrate ({estimator})", unit="pass", disable=not progress, leave=False)
+    state = _Pass(estimator, window_options)
     try:
-        model.set_attn_implementation(IMPLEMENTATION)
-        for ids in ids_all:
-            for _ in range(samples if needs_backward else 1):
-                _active = _Pass(estimator, window_options)
-                with torch.enable_grad() if needs_backward else torch.no_grad():
-                    embeds = model.get_input_embeddings()(ids[None]).detach()
-                    if needs_backward:
-                        embeds.requires_grad_(True)  # so layer 0's K/V copies are part of the graph
-                    logits = model(inputs_embeds=embeds, use_cache=False).logits[0, :-1]
-                    if needs_backward:
-                        targets = torch.multinomial(F.softmax(logits.detach().float(), -1), 1, generator=generator)[:, 0]
-                        F.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).sum().backward()
-                _accumulate(_active, cost, curvature, diameter, schemes, sink_options, estimator)
-                bar.update()
+        with attention_state(model, state, IMPLEMENTATION, "calibration"):
+            for ids in ids_all:
+                for _ in range(samples if needs_backward else 1):
+                    state.layers = {}
+                    with torch.enable_grad() if needs_backward else torch.no_grad():
+                        embeds = model.get_input_embeddings()(ids[None]).detach()
+                        if needs_backward:
+                            embeds.requires_grad_(True)  # so layer 0's K/V copies are part of the graph
+                        logits = model(inputs_embeds=embeds, use_cache=False).logits[0, :-1]
+                        if needs_backward:
+                            targets = torch.multinomial(F.softmax(logits.detach().float(), -1), 1, generator=generator)[:, 0]
+                            F.log_softmax(logits.float(), -1).gather(-1, targets[:, None]).sum().backward()
+                    _accumulate(state, cost, curvature, diameter, schemes, sink_options, estimator)
+                    bar.update()
     finally:
-        _active = None
-        model.set_attn_implementation(previous_impl)
         for p, r in zip(model.parameters(), requires_grad):
             p.requires_grad_(r)
         bar.close()

@@ -35,6 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvcompile.kv.grouping import stream_groups
 from kvcompile.kv.precision_map import PrecisionMap
 from kvcompile.kv.segments import SegmentRule
+from kvcompile.models.attention_state import attention_state, state_of
 
 IMPLEMENTATION = "kvcompile_sim"
 
@@ -43,9 +44,6 @@ IMPLEMENTATION = "kvcompile_sim"
 class _Active:
     pmap: PrecisionMap
     prefill_length: int
-
-
-_active: _Active | None = None
 
 
 @functools.lru_cache(maxsize=64)
@@ -84,11 +82,10 @@ def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 
 def _simulated_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
-    if _active is None:
-        raise RuntimeError("kvcompile_sim attention used outside simulate_cache()")
+    active = state_of(module, "kvcompile_sim (simulate_cache)")
     if key.shape[-2] != query.shape[-2]:
         raise RuntimeError("the cache simulation scores a whole window in one pass; call the model without a cache")
-    pmap, p = _active.pmap, _active.prefill_length
+    pmap, p = active.pmap, active.prefill_length
     groups = query.shape[1] // key.shape[1]
     k_early, k_late, k_mask = stored_forms(key, pmap, module.layer_idx, "key", p)
     v_early, v_late, v_mask = stored_forms(value, pmap, module.layer_idx, "value", p)
@@ -120,14 +117,5 @@ def simulate_cache(model, pmap: PrecisionMap, prefill_length: int = 1):
     ``prefill_length``: positions fed at once before token-by-token decoding (1 = decode every
     position).  Call the model with ``use_cache=False``; batches must not contain padding.
     """
-    global _active
-    if _active is not None:
-        raise RuntimeError("simulate_cache() does not nest")
-    previous = model.config._attn_implementation
-    _active = _Active(pmap, max(1, prefill_length))
-    model.set_attn_implementation(IMPLEMENTATION)
-    try:
+    with attention_state(model, _Active(pmap, max(1, prefill_length)), IMPLEMENTATION, "simulate_cache()"):
         yield
-    finally:
-        model.set_attn_implementation(previous)
-        _active = None

@@ -69,3 +69,30 @@ def test_late_mask_matches_the_segment_rule():
     assert m[11].nonzero().flatten().tolist() == [2, 3, 4, 5]
     # query 5 (6 cached): no complete block yet
     assert not m[5].any()
+
+
+def test_simulation_state_lives_on_each_model_not_in_a_global(model64):
+    """Two models simulate at once, each with its own map, and get what each gets alone; a block
+    does not nest on one model; the simulated attention outside a block is one clear error."""
+    import copy
+
+    other = copy.deepcopy(model64)
+    ids = torch.randint(0, model64.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(2))
+    coarse, fine = resolve_map("int2", _geom()), resolve_map("int8", _geom())
+    with torch.no_grad():
+        with simulate_cache(model64, coarse):
+            alone_coarse = model64(ids, use_cache=False).logits
+        with simulate_cache(other, fine):
+            alone_fine = other(ids, use_cache=False).logits
+        with simulate_cache(model64, coarse), simulate_cache(other, fine):
+            both = model64(ids, use_cache=False).logits, other(ids, use_cache=False).logits
+            with pytest.raises(RuntimeError, match="does not nest"):
+                with simulate_cache(model64, fine):
+                    pass
+    assert torch.equal(both[0], alone_coarse) and torch.equal(both[1], alone_fine)
+    assert not torch.equal(alone_coarse, alone_fine)
+    from kvcompile.measure.simulate import _simulated_attention
+
+    layer = model64.model.layers[0].self_attn
+    with pytest.raises(RuntimeError, match="called outside its pass"):
+        _simulated_attention(layer, ids, ids, ids, None, 1.0)
