@@ -138,7 +138,7 @@ def _scheme_problem(name, head_dim: int, per_token: bool) -> str | None:
 
 
 def map_doc_problem(doc) -> str | None:
-    """Why a precision-map JSON document is invalid (None if valid), per plan/precision_map.py's format."""
+    """Why a precision-map JSON document is invalid (None if valid), per kv/precision_map.py's format."""
     if not isinstance(doc, dict) or doc.get("artifact", "precision_map") != "precision_map":
         return "not a precision map object"
     if type(doc.get("format_version")) is not int or doc["format_version"] != 1:
@@ -258,14 +258,16 @@ def _same_json(a, b) -> bool:
 def export_manifest_problem(doc, original: dict) -> str | None:
     """Why an export manifest is invalid for the export directory that ``original`` describes.
 
-    Per export/onnx_export.py's format: ``model``, ``model_type``, ``kvcompile_version`` are free
-    strings and unknown keys are ignored (in the embedded map too); the map, its hash, the cache layout, the file record, the
-    context and the vocabulary must be those of the files on disk (here: the original's); the
-    geometry must have its five positive integers, agree with the map, and admit the context.
+    Per export/onnx_export.py's format (version 2): ``model``, ``model_type``, ``kvcompile_version``
+    are free strings and unknown keys are ignored (in the embedded map too); the map, its hash, the
+    cache layout, the file record, the context and the vocabulary must be those of the files on disk
+    (here: the original's); the geometry must have its five positive integers, agree with the map,
+    and admit the context; ``targets`` holds an ``onnx`` section, and each section's files are on disk
+    at their recorded sizes.
     """
     if not isinstance(doc, dict) or doc.get("artifact", "onnx_export") != "onnx_export":
         return "not an export manifest"
-    if type(doc.get("format_version")) is not int or doc["format_version"] != 1:
+    if type(doc.get("format_version")) is not int or doc["format_version"] != 2:
         return "format_version"
     for key in ("model", "model_type", "kvcompile_version"):
         if not isinstance(doc.get(key), str):
@@ -283,8 +285,18 @@ def export_manifest_problem(doc, original: dict) -> str | None:
         return "geometry"
     if any(g[k] != g0[k] for k in ("num_layers", "num_kv_heads", "head_dim")) or g["max_positions"] < doc["max_context"]:
         return "geometry vs map or context"
-    if doc.get("trt", original.get("trt")) != original.get("trt"):
-        return "trt"
+    # targets: an object with an "onnx" section; every section an object whose "files" map plain
+    # names to the byte counts of files on disk (here: those the original records); other keys are free
+    on_disk = {**original["files"]["sizes"], **{f: n for sec in original["targets"].values() for f, n in sec["files"].items()}}
+    targets = doc.get("targets")
+    if not isinstance(targets, dict) or "onnx" not in targets:
+        return "targets"
+    for section in targets.values():
+        files = section.get("files") if isinstance(section, dict) else None
+        if not isinstance(files, dict) or any(
+                not name or "/" in name or name.startswith(".") or type(size) is not int or on_disk.get(name) != size
+                for name, size in files.items()):
+            return "target section"
     return None
 
 

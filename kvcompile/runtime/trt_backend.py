@@ -24,6 +24,12 @@ def why_not_runnable(export) -> str | None:
 
     if not export.trt:
         return f"{export.path} has no TensorRT engine; export it with --target trt"
+    section = export.trt
+    if not isinstance(section.get("engine"), str) or section["engine"] not in section["files"] \
+            or type(section.get("max_batch")) is not int or section["max_batch"] < 1 \
+            or section.get("tensorrt") not in (None, "tensorrt", "tensorrt_rtx"):
+        return (f"{export.path}: the manifest's trt section must name its engine among its files, a max_batch >= 1 "
+                "and the TensorRT flavour; re-run `kvcompile export --target trt`")
     flavour = find_tensorrt(export.trt.get("tensorrt"))
     if flavour is None:
         return "TensorRT is not installed (pip install tensorrt-rtx, or tensorrt)"

@@ -160,3 +160,17 @@ def test_one_loader_chooses_the_tensorrt_flavour(monkeypatch):
     installed = set()
     with pytest.raises(ExportError, match="pip install tensorrt-rtx"):
         loader.require_tensorrt()
+
+
+@pytest.mark.parametrize("change", [{"engine": 3}, {"engine": "other.engine"}, {"max_batch": 0}, {"max_batch": True},
+                                    {"tensorrt": "tensorrt9"}])
+def test_a_malformed_trt_section_is_one_line_before_any_engine_is_read(tmp_path, change):
+    from types import SimpleNamespace
+
+    from kvcompile.runtime.trt_backend import why_not_runnable
+
+    section = {"engine": "model.engine", "files": {"model.engine": 10}, "max_batch": 1, "tensorrt": "tensorrt_rtx"}
+    reason = why_not_runnable(SimpleNamespace(path=tmp_path, trt={**section, **change}))
+    assert reason.endswith("the manifest's trt section must name its engine among its files, a max_batch >= 1 and the "
+                           "TensorRT flavour; re-run `kvcompile export --target trt`")
+    assert "trt section" not in (why_not_runnable(SimpleNamespace(path=tmp_path, trt=section)) or "")
