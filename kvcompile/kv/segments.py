@@ -1,31 +1,60 @@
 """The segment algebra: where each cached position is stored, written once over integers.
 
-A (layer, kv head, K|V) stream holding ``L`` positions stores them in three segments:
+A (layer, kv head, K|V) stream holding ``L`` positions stores them as ``s = min(n, L)`` sinks
+(``n = sink_tokens``) and the other ``L - s`` positions in *age tiers*, newest first:
+``recent`` (the last ``w_1 = recent_window`` positions), then optional ``age1 .. ageK`` of
+``w_2 .. w_{K+1}`` positions each, then the unbounded ``bulk``.  A position moves to the next tier
+when it is older than the tier's window, re-quantized from its current form; a tier whose scheme
+groups ``G`` positions (per-channel formats) takes whole blocks of ``G``, counted from the first
+non-sink position, and a block still filling waits in the tier before.
 
-* ``sink``   positions ``[0, s)``        with ``s = min(n, L)``, ``n = sink_tokens``;
-* ``bulk``   positions ``[s, s + b)``    with ``b = G * floor(max(L - w - s, 0) / G)``;
-* ``recent`` positions ``[s + b, L)``,   the last ``w = recent_window`` positions and any
-  positions still waiting for a complete block of ``G`` (the bulk scheme's ``token_group``:
-  1 for per-token formats, the group size for per-channel formats).
+With ``W_i = w_1 + ... + w_i`` (the age at which a position leaves tier i - 1) and ``G_i`` the
+position block of tier i (tier 0 = recent, tier K + 1 = bulk), the number of non-sink positions
+that have reached tier i or an older one is::
 
-Appending ``S`` positions to ``P`` stored ones moves ``m = b(P + S) - b(P)`` positions from the
-front of the recent segment into the bulk (re-quantized); ``k = clamp(n - P, 0, S)`` of the new
-positions are sinks.  These formulas are evaluated by Python code (the cache, the planner's bit
-counts, the simulation's masks), by ONNX shape ops (the exported graph) and by TensorRT dimension
-expressions (plugin output shapes).  Each of those is an :class:`IntegerOps` backend, and
+    c_0 = L - s
+    c_1 = G_1 * floor(max(c_0 - W_1, 0) / G_1)
+    c_i = G_i * floor(max(min(c_{i-1}, c_0 - W_i), 0) / G_i)        (i >= 2)
+
+so tier i holds ``c_i - c_{i+1}`` positions (``c_{K+2} = 0``).  With no age tiers this is the
+three-class model: bulk ``b = G * floor(max(L - w - s, 0) / G)``, recent ``L - s - b``.
+Appending ``S`` positions to ``P`` moves ``c_i(P + S) - c_i(P)`` positions into tier i, for
+i = 1, 2, ... in that order; ``clamp(n - P, 0, S)`` of the new positions are sinks.
+
+These formulas are evaluated by Python code (the cache, the planner's bit counts, the
+simulation's masks), by ONNX shape ops (the exported graph) and by TensorRT dimension expressions
+(plugin output shapes).  Each of those is an :class:`IntegerOps` backend, and
 :class:`SegmentRule` is written once against that interface, so the three cannot drift apart.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kvcompile.errors import KvcompileError
 
 CLASSES = ("sink", "recent", "bulk")
-#: storage order of the segments along the position axis
+#: storage order of the segments of a map without age tiers, along the position axis (oldest first)
 STORAGE_ORDER = ("sink", "bulk", "recent")
+#: most age tiers between recent and bulk
+MAX_AGE_TIERS = 6
+
+
+def tier_names(age_tiers: int) -> tuple[str, ...]:
+    """Tiers newest first: ``("recent", "age1", ..., "ageK", "bulk")``."""
+    return ("recent", *(f"age{i}" for i in range(1, age_tiers + 1)), "bulk")
+
+
+def class_names(age_tiers: int) -> tuple[str, ...]:
+    """Every position class: the sinks, then the tiers newest first."""
+    return ("sink", *tier_names(age_tiers))
+
+
+def storage_order(age_tiers: int) -> tuple[str, ...]:
+    """Segments along the position axis, oldest first: sinks, bulk, ageK, ..., age1, recent."""
+    return ("sink", *reversed(tier_names(age_tiers)))
 
 #: How memory is counted at a context of N positions (``memory=`` of :meth:`SegmentRule.counted`):
 #: ``final``: what the cache stores holding exactly N positions;
@@ -143,62 +172,112 @@ class TensorRTDims:
 
 @dataclass(frozen=True)
 class SegmentRule:
-    """Where a stream with ``sink_tokens`` sinks, a ``recent_window`` and a bulk block of
-    ``token_group`` positions stores each position.  Every method takes lengths in the
-    representation of ``ops`` (default: Python ints) and returns the same representation."""
+    """Where a stream with ``sink_tokens`` sinks, a ``recent_window``, optional age tiers ``ages``
+    (``((window, token_group), ...)``, newest first) and a bulk block of ``token_group`` positions
+    stores each position.  Every method takes lengths in the representation of ``ops`` (default:
+    Python ints) and returns the same representation."""
 
     sink_tokens: int
     recent_window: int
     token_group: int = 1
+    ages: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.sink_tokens < 0 or self.recent_window < 0 or self.token_group < 1:
             raise KvcompileError(f"segment rule needs sink_tokens >= 0, recent_window >= 0 and token_group >= 1, got "
                                  f"{self.sink_tokens}, {self.recent_window}, {self.token_group}")
+        if len(self.ages) > MAX_AGE_TIERS or any(w < 1 or g < 1 for w, g in self.ages):
+            raise KvcompileError(f"segment rule: at most {MAX_AGE_TIERS} age tiers, each with a window >= 1 and "
+                                 f"token_group >= 1, got {list(self.ages)}")
+
+    @property
+    def tiers(self) -> tuple[str, ...]:
+        return tier_names(len(self.ages))
+
+    def _boundaries(self) -> list[tuple[int, int]]:
+        """``(W_i, G_i)`` for tiers i = 1 .. K + 1."""
+        out, age = [], self.recent_window
+        for window, group in self.ages:
+            out.append((age, group))
+            age += window
+        out.append((age, self.token_group))
+        return out
 
     def sinks(self, length, ops: IntegerOps = PYTHON):
         """``s = min(n, L)``: positions in the sink segment."""
         return ops.min(ops.const(self.sink_tokens), length)
 
+    def reached(self, length, ops: IntegerOps = PYTHON) -> list:
+        """``[c_0, c_1, ..., c_{K+1}]``: non-sink positions in tier i or an older one."""
+        c0 = ops.sub(length, self.sinks(length, ops))
+        counts = [c0]
+        for i, (start, group) in enumerate(self._boundaries()):
+            free = ops.sub(c0, ops.const(start))
+            if i:  # a tier only takes positions the tier before has (c_1 <= c_0 holds already)
+                free = ops.min(counts[-1], free)
+            g = ops.const(group)
+            counts.append(ops.mul(ops.floordiv(ops.max(free, ops.const(0)), g), g))
+        return counts
+
     def bulk_length(self, length, ops: IntegerOps = PYTHON):
-        """``b = G * floor(max(L - w - s, 0) / G)``: positions in the bulk segment."""
-        free = ops.max(ops.sub(ops.sub(length, ops.const(self.recent_window)), self.sinks(length, ops)), ops.const(0))
-        g = ops.const(self.token_group)
-        return ops.mul(ops.floordiv(free, g), g)
+        """``c_{K+1}``; without age tiers ``b = G * floor(max(L - w - s, 0) / G)``: positions in the bulk."""
+        return self.reached(length, ops)[-1]
 
     def bulk_end(self, length, ops: IntegerOps = PYTHON):
-        """``e = s + b``: the first position of the recent segment."""
+        """``s + c_{K+1}``: the first position after the bulk (of the recent tier, without age tiers)."""
         return ops.add(self.sinks(length, ops), self.bulk_length(length, ops))
 
     def recent_length(self, length, ops: IntegerOps = PYTHON):
-        """``L - s - b``: positions in the recent segment."""
-        return ops.sub(ops.sub(length, self.sinks(length, ops)), self.bulk_length(length, ops))
+        """``c_0 - c_1``: positions in the recent segment."""
+        c = self.reached(length, ops)
+        return ops.sub(c[0], c[1])
 
     def lengths(self, length, ops: IntegerOps = PYTHON) -> dict:
-        """``{"sink": s, "bulk": b, "recent": L - s - b}``."""
-        return {"sink": self.sinks(length, ops), "bulk": self.bulk_length(length, ops),
-                "recent": self.recent_length(length, ops)}
+        """Positions per class: ``{"sink": s, "recent": c_0 - c_1, "age1": c_1 - c_2, ..., "bulk": c_{K+1}}``."""
+        c = self.reached(length, ops)
+        out = {"sink": self.sinks(length, ops)}
+        for i, name in enumerate(self.tiers):
+            out[name] = c[i] if name == "bulk" else ops.sub(c[i], c[i + 1])
+        return out
 
     def new_sinks(self, past, new, ops: IntegerOps = PYTHON):
         """``k = clamp(n - P, 0, S)``: how many of ``S`` positions appended to ``P`` are sinks."""
         return ops.max(ops.const(0), ops.min(ops.sub(ops.const(self.sink_tokens), past), new))
 
+    def moves(self, past, new, ops: IntegerOps = PYTHON) -> list:
+        """``[c_i(P + S) - c_i(P) for i = 1 .. K+1]``: positions entering tier i on that append."""
+        before, after = self.reached(past, ops), self.reached(ops.add(past, new), ops)
+        return [ops.sub(a, b) for a, b in zip(after[1:], before[1:])]
+
     def aging(self, past, new, ops: IntegerOps = PYTHON):
-        """``m = b(P + S) - b(P)``: positions leaving the recent segment for the bulk on that append."""
-        return ops.sub(self.bulk_length(ops.add(past, new), ops), self.bulk_length(past, ops))
+        """Positions leaving the recent tier on an append of ``S`` to ``P`` (into the bulk, without age tiers)."""
+        return self.moves(past, new, ops)[0]
 
     def counted(self, context: int, memory: str = "final") -> dict[str, int]:
         """Positions counted per class at a context of ``context`` positions (Python ints).
 
-        ``memory="allocated"``: the recent segment's length ``L - e(L)`` is ``L - s`` up to ``s + w``
-        and ``w + ((L - w - s) mod G)`` after, so its maximum over ``L <= N`` is ``min(N - s, w + G - 1)``.
+        ``memory="allocated"``: each class at its longest over ``L <= N``.  Without age tiers the
+        recent segment's length is ``L - s`` up to ``s + w`` and ``w + ((L - w - s) mod G)`` after,
+        so its maximum is ``min(N - s, w + G - 1)``; sinks and bulk only grow.  With age tiers the
+        maxima are found by counting every ``L <= N``.
         """
         if memory not in MEMORY_ACCOUNTING:
             raise KvcompileError(f"memory accounting must be one of {', '.join(MEMORY_ACCOUNTING)}, got {memory!r}")
-        counts = self.lengths(context)
-        if memory == "allocated":
-            counts["recent"] = min(context - counts["sink"], self.recent_window + self.token_group - 1)
-        return counts
+        if memory == "final":
+            return self.lengths(context)
+        return dict(_allocated(self, context))
+
+
+@functools.lru_cache(maxsize=4096)
+def _allocated(rule: SegmentRule, context: int) -> tuple[tuple[str, int], ...]:
+    counts = rule.lengths(context)
+    if not rule.ages:
+        counts["recent"] = min(context - counts["sink"], rule.recent_window + rule.token_group - 1)
+    else:
+        for length in range(context):
+            for name, n in rule.lengths(length).items():
+                counts[name] = max(counts[name], n)
+    return tuple(counts.items())
 
 
 def bulk_end(seq_len: int, sink_tokens: int, recent_window: int, token_group: int) -> int:
