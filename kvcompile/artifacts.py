@@ -62,8 +62,10 @@ def _reject_constant(name: str):
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def load_json_artifact(path: str | os.PathLike, kind: str, format_version: int) -> dict[str, Any]:
-    """Load a ``kind`` artifact, checking its headers; any problem is one ``ArtifactError`` line."""
+def load_json_artifact(path: str | os.PathLike, kind: str, format_version: int | tuple[int, ...]) -> dict[str, Any]:
+    """Load a ``kind`` artifact, checking its headers; any problem is one ``ArtifactError`` line.
+
+    ``format_version``: the version this kvcompile writes, or every version it reads."""
     path = Path(path)
     shown = str(path) if len(str(path)) <= 120 else str(path)[:117] + "..."
     try:
@@ -86,8 +88,10 @@ def load_json_artifact(path: str | os.PathLike, kind: str, format_version: int) 
     if doc.get("artifact", kind) != kind:
         raise ArtifactError(f"{shown}: expected a {kind} artifact, found {str(doc.get('artifact'))[:40]!r}")
     version = doc.get("format_version")
-    if type(version) is not int or version != format_version:
-        raise ArtifactError(f"{shown}: {kind} format_version {repr(version)[:20]} is not supported (expected {format_version})")
+    accepted = format_version if isinstance(format_version, tuple) else (format_version,)
+    if type(version) is not int or version not in accepted:
+        expected = " or ".join(map(str, accepted))
+        raise ArtifactError(f"{shown}: {kind} format_version {repr(version)[:20]} is not supported (expected {expected})")
     return doc
 
 

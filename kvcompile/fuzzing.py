@@ -141,7 +141,7 @@ def map_doc_problem(doc) -> str | None:
     """Why a precision-map JSON document is invalid (None if valid), per kv/precision_map.py's format."""
     if not isinstance(doc, dict) or doc.get("artifact", "precision_map") != "precision_map":
         return "not a precision map object"
-    if type(doc.get("format_version")) is not int or doc["format_version"] != 1:
+    if type(doc.get("format_version")) is not int or doc["format_version"] not in (1, 2):
         return "format_version"
     limits = {"num_layers": (1, 4096), "num_kv_heads": (1, 1024), "head_dim": (1, 4096), "sink_tokens": (0, 1 << 20),
               "recent_window": (0, 1 << 20)}
@@ -156,11 +156,15 @@ def map_doc_problem(doc) -> str | None:
         return "calibration_hash"
     if "provenance" in doc and not isinstance(doc["provenance"], dict):
         return "provenance"
+    ages = doc.get("age_windows", [])  # version 1 has none; version 2 without the key means none too
+    if not isinstance(ages, list) or len(ages) > 6 or not all(_int_in(w, 1, 1 << 20) for w in ages):
+        return "age_windows"
+    classes = {"sink", "recent", "bulk", *(f"age{i}" for i in range(1, len(ages) + 1))}
     schemes = doc.get("schemes")
     if not isinstance(schemes, dict) or set(schemes) != {"key", "value"}:
         return "schemes"
     for stream in schemes.values():
-        if not isinstance(stream, dict) or set(stream) != {"sink", "recent", "bulk"}:
+        if not isinstance(stream, dict) or set(stream) != classes:
             return "schemes.stream"
         for cls, grid in stream.items():
             if not isinstance(grid, list) or len(grid) != doc["num_layers"]:
@@ -169,7 +173,7 @@ def map_doc_problem(doc) -> str | None:
                 if not isinstance(row, list) or len(row) != doc["num_kv_heads"]:
                     return "grid heads"
                 for name in row:
-                    problem = _scheme_problem(name, doc["head_dim"], per_token=cls != "bulk")
+                    problem = _scheme_problem(name, doc["head_dim"], per_token=cls in ("sink", "recent"))
                     if problem:
                         return f"scheme {str(name)[:20]!r}: {problem}"
     return None

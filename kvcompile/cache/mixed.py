@@ -66,8 +66,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
             quantize = reference_quantize
         for stream in STREAMS:
             self.stores[stream] = [
-                SegmentStore(heads, *triple, self.pmap.sink_tokens, self.pmap.recent_window, quantize)
-                for triple, heads in stream_groups(self.pmap, self.layer_idx, stream)
+                SegmentStore(heads, schemes, self.pmap.segment_rule(self.layer_idx, heads[0], stream), quantize)
+                for schemes, heads in stream_groups(self.pmap, self.layer_idx, stream)
             ]
         self.is_initialized = True
 
@@ -206,7 +206,7 @@ class MixedPrecisionCache(Cache):
             from kvcompile.kernels import unsupported_reason
 
             for site in pmap.sites():
-                for scheme in pmap.triple(*site):
+                for scheme in pmap.class_schemes(*site):
                     if (reason := unsupported_reason(scheme)) is not None:
                         raise CacheError(f"MixedPrecisionCache(kernels=True): {reason}")
         super().__init__(layers=[MixedPrecisionLayer(pmap, i, max_context, kernels) for i in range(pmap.num_layers)])

@@ -42,40 +42,43 @@ class HeadGroup:
     sink_scheme: str
     recent_scheme: str
     bulk_scheme: str
+    age_tiers: str  # the KVCacheUpdate attribute: "scheme:window,..." of the age tiers ("" = none)
     plain: bool
     ports: tuple[CachePort, ...]
 
     def op_attrs(self, pmap: PrecisionMap) -> dict:
         """Attributes of this group's KVCacheUpdate node."""
         return {"sink_scheme": self.sink_scheme, "recent_scheme": self.recent_scheme, "bulk_scheme": self.bulk_scheme,
-                "sink_tokens": pmap.sink_tokens, "recent_window": pmap.recent_window, "head_dim": pmap.head_dim}
+                "sink_tokens": pmap.sink_tokens, "recent_window": pmap.recent_window, "head_dim": pmap.head_dim,
+                "age_tiers": self.age_tiers}
 
 
 def cache_layout(pmap: PrecisionMap) -> list[HeadGroup]:
     """Head groups of every (layer, stream), in graph order."""
-    from kvcompile.ops.cache_update import KV_CACHE_UPDATE
+    from kvcompile.ops.cache_update import KV_CACHE_UPDATE, format_age_tiers
 
     groups = []
     for layer in range(pmap.num_layers):
         for stream in STREAMS:
             by_triple = stream_groups(pmap, layer, stream)
             split = len(by_triple) > 1
-            for triple, heads in by_triple:
-                sink, recent, bulk = (s.name for s in triple)
+            for schemes, heads in by_triple:
+                sink, recent, bulk = (schemes[c].name for c in ("sink", "recent", "bulk"))
+                ages = format_age_tiers((schemes[f"age{i}"].name, w) for i, w in enumerate(pmap.age_windows, 1))
                 base = f"{layer}.{stream}" + (f".h{'-'.join(map(str, heads))}" if split else "")
-                plain = sink == recent == bulk == "fp16"
+                plain = all(s.name == "fp16" for s in schemes.values())
                 if plain:
                     ports = (CachePort(f"past_key_values.{base}", f"present.{base}", "float16", pmap.head_dim, 1),)
                 else:
                     attrs = {"sink_scheme": sink, "recent_scheme": recent, "bulk_scheme": bulk,
                              "sink_tokens": pmap.sink_tokens, "recent_window": pmap.recent_window,
-                             "head_dim": pmap.head_dim}
+                             "head_dim": pmap.head_dim, "age_tiers": ages}
                     ports = tuple(
                         CachePort(f"past_key_values.{base}.{p.name.removeprefix('past_')}",
                                   f"present.{base}.{p.name.removeprefix('past_')}", p.dtype, int(p.shape[-1]),
                                   1 if p.shape[2] == "T" else int(p.shape[2].split("/")[1]))
                         for p in KV_CACHE_UPDATE.inputs(attrs)[:-1])
-                groups.append(HeadGroup(layer, stream, tuple(heads), sink, recent, bulk, plain, ports))
+                groups.append(HeadGroup(layer, stream, tuple(heads), sink, recent, bulk, ages, plain, ports))
     return groups
 
 

@@ -224,7 +224,7 @@ def _check_exportable(pmap: PrecisionMap, head_dim: int) -> None:
     from kvcompile.ops.lowering import check_lowerable
 
     for layer, head, stream in pmap.sites():
-        for scheme in pmap.triple(layer, head, stream):
+        for scheme in pmap.class_schemes(layer, head, stream):
             check_lowerable(scheme, head_dim)
 
 

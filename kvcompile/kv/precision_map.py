@@ -13,12 +13,19 @@ formats, which quantize G positions together); :mod:`kvcompile.kv.segments` hold
 precision and are re-quantized from their recent-window form into the bulk scheme when they age
 past the window.  Sink and recent schemes must store single positions (``token_group == 1``).
 
-File format (JSON, ``format_version`` 1)::
+Recency tiers: between ``recent`` and ``bulk`` a map may have age tiers ``age1 .. ageK`` of
+``age_windows[i]`` positions each; a position moves ``recent -> age1 -> ... -> bulk`` as it ages,
+re-quantized from tier to tier (:mod:`kvcompile.kv.segments` gives the positions per tier).
 
-    {"artifact": "precision_map", "format_version": 1, "kvcompile_version": "...",
+File format (JSON, ``format_version`` 2; version 1 files, which have no ``age_windows``, load as
+maps without age tiers)::
+
+    {"artifact": "precision_map", "format_version": 2, "kvcompile_version": "...",
      "model": "smollm2-135m", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
-     "sink_tokens": 4, "recent_window": 32, "calibration_hash": null, "description": "...",
-     "schemes": {"key":   {"sink": [[...] * heads] * layers, "recent": ..., "bulk": ...},
+     "sink_tokens": 4, "recent_window": 32, "age_windows": [96, 384], "calibration_hash": null,
+     "description": "...",
+     "schemes": {"key":   {"sink": [[...] * heads] * layers, "recent": ..., "age1": ..., "age2": ...,
+                           "bulk": ...},
                  "value": {...}}}
 """
 
@@ -33,9 +40,11 @@ from kvcompile.artifacts import load_json_artifact, save_json_artifact
 from kvcompile.errors import ArtifactError, KvcompileError
 from kvcompile.quant import StorageScheme, get_scheme
 from kvcompile.quant.base import storable_scheme
-from kvcompile.kv.segments import CLASSES, MEMORY_ACCOUNTING, SegmentRule, bulk_end, class_lengths  # noqa: F401
+from kvcompile.kv.segments import (CLASSES, MAX_AGE_TIERS, MEMORY_ACCOUNTING, SegmentRule, bulk_end,  # noqa: F401
+                                   class_lengths, class_names)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 STREAMS = ("key", "value")
 
 Grid = tuple[tuple[str, ...], ...]  # [layer][kv head] -> scheme name
@@ -71,6 +80,8 @@ class PrecisionMap:
     description: str = ""
     #: how the map was made (planner inputs and predictions); free-form JSON object
     provenance: dict = field(default_factory=dict)
+    #: windows of the age tiers age1 .. ageK between recent and bulk (empty: sink / recent / bulk)
+    age_windows: tuple[int, ...] = ()
     _resolved: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -90,18 +101,22 @@ class PrecisionMap:
         recent_window: int = 0,
         sink: str = "fp16",
         recent: str = "fp16",
+        ages: tuple[tuple[int, str], ...] = (),
         model: str = "",
         description: str = "",
     ) -> "PrecisionMap":
-        """Same bulk scheme everywhere (``key`` for K, ``value`` for V, default = ``key``)."""
+        """Same bulk scheme everywhere (``key`` for K, ``value`` for V, default = ``key``);
+        ``ages``: ``((window, scheme), ...)`` of the age tiers, newest first, for K and V alike."""
         def grid(name: str) -> Grid:
             return tuple(tuple(name for _ in range(num_kv_heads)) for _ in range(num_layers))
 
         schemes = {
-            stream: {"sink": grid(sink), "recent": grid(recent), "bulk": grid(bulk)}
+            stream: {"sink": grid(sink), "recent": grid(recent),
+                     **{f"age{i}": grid(name) for i, (_, name) in enumerate(ages, 1)}, "bulk": grid(bulk)}
             for stream, bulk in (("key", key), ("value", value or key))
         }
-        return cls(num_layers, num_kv_heads, head_dim, sink_tokens, recent_window, schemes, model, None, description)
+        return cls(num_layers, num_kv_heads, head_dim, sink_tokens, recent_window, schemes, model, None, description,
+                   age_windows=tuple(w for w, _ in ages))
 
     def with_bulk(self, bulk: dict[str, Grid], **changes) -> "PrecisionMap":
         """A copy with new bulk grids (``{"key": grid, "value": grid}``) and other fields changed."""
@@ -123,15 +138,20 @@ class PrecisionMap:
         if self.calibration_hash is not None and not (isinstance(self.calibration_hash, str)
                                                       and len(self.calibration_hash) <= 128):
             raise ArtifactError(f"precision map: calibration_hash must be null or a hash string, got {_short(self.calibration_hash)}")
+        windows = self.age_windows
+        if not isinstance(windows, (list, tuple)) or len(windows) > MAX_AGE_TIERS or \
+                any(type(w) is not int or not 1 <= w <= 1 << 20 for w in windows):
+            raise ArtifactError(f"precision map: age_windows must list at most {MAX_AGE_TIERS} integers from 1 to "
+                                f"{1 << 20}, got {_short(windows)}")
         if not isinstance(self.provenance, dict):
             raise ArtifactError(f"precision map: provenance must be a JSON object, got {_short(self.provenance)}")
         if not isinstance(self.schemes, dict) or set(self.schemes) != set(STREAMS):
             raise ArtifactError(f"precision map: 'schemes' must have exactly the keys {list(STREAMS)}")
         for stream in STREAMS:
             classes = self.schemes[stream]
-            if not isinstance(classes, dict) or set(classes) != set(CLASSES):
-                raise ArtifactError(f"precision map: schemes.{stream} must have exactly the keys {list(CLASSES)}")
-            for cls_name in CLASSES:
+            if not isinstance(classes, dict) or set(classes) != set(self.classes):
+                raise ArtifactError(f"precision map: schemes.{stream} must have exactly the keys {list(self.classes)}")
+            for cls_name in self.classes:
                 grid = classes[cls_name]
                 where = f"schemes.{stream}.{cls_name}"
                 if not isinstance(grid, (list, tuple)) or len(grid) != self.num_layers:
@@ -145,11 +165,20 @@ class PrecisionMap:
                             raise ArtifactError(f"precision map: {where}[{layer}][{head}] must be a scheme name, got "
                                                 f"{_short(name)}")
                         scheme = _storable(name, self.head_dim, f"{where}[{layer}][{head}]")
-                        if cls_name != "bulk" and scheme.token_group != 1:
+                        if cls_name in ("sink", "recent") and scheme.token_group != 1:
                             raise ArtifactError(f"precision map: {where}[{layer}][{head}] = {name!r} groups positions "
                                                 f"(-ch); the {cls_name} class needs a per-token scheme")
 
     # ---------------------------------------------------------------- queries
+    @property
+    def classes(self) -> tuple[str, ...]:
+        """Position classes: ``("sink", "recent", "age1", ..., "bulk")``."""
+        return class_names(len(self.age_windows))
+
+    def class_schemes(self, layer: int, head: int, stream: str) -> tuple[StorageScheme, ...]:
+        """The schemes of every class of one stream, in :attr:`classes` order."""
+        return tuple(self.scheme(layer, head, stream, c) for c in self.classes)
+
     def scheme(self, layer: int, head: int, stream: str, cls_name: str) -> StorageScheme:
         key = (layer, head, stream, cls_name)
         if key not in self._resolved:
@@ -168,7 +197,9 @@ class PrecisionMap:
 
     def segment_rule(self, layer: int, head: int, stream: str) -> SegmentRule:
         """Where this stream stores each position (:class:`~kvcompile.kv.segments.SegmentRule`)."""
-        return SegmentRule(self.sink_tokens, self.recent_window, self.scheme(layer, head, stream, "bulk").token_group)
+        ages = tuple((w, self.scheme(layer, head, stream, f"age{i}").token_group)
+                     for i, w in enumerate(self.age_windows, 1))
+        return SegmentRule(self.sink_tokens, self.recent_window, self.scheme(layer, head, stream, "bulk").token_group, ages)
 
     def segment_lengths(self, layer: int, head: int, stream: str, seq_len: int, memory: str = "final") -> dict[str, int]:
         """Positions per class for a sequence of ``seq_len`` positions (``memory``: see :data:`MEMORY_ACCOUNTING`)."""
@@ -204,7 +235,8 @@ class PrecisionMap:
         def distinct(stream: str) -> str:
             names = sorted({n for row in self.schemes[stream]["bulk"] for n in row})
             return "/".join(names) if len(names) <= 3 else f"{len(names)} schemes"
-        return f"K {distinct('key')}, V {distinct('value')}, sinks {self.sink_tokens}, window {self.recent_window}"
+        ages = f", age tiers {list(self.age_windows)}" if self.age_windows else ""
+        return f"K {distinct('key')}, V {distinct('value')}, sinks {self.sink_tokens}, window {self.recent_window}{ages}"
 
     # ---------------------------------------------------------------- I/O
     def to_json_body(self) -> dict[str, Any]:
@@ -216,9 +248,10 @@ class PrecisionMap:
             "head_dim": self.head_dim,
             "sink_tokens": self.sink_tokens,
             "recent_window": self.recent_window,
+            "age_windows": list(self.age_windows),
             "calibration_hash": self.calibration_hash,
             "provenance": self.provenance,
-            "schemes": {s: {c: [list(row) for row in self.schemes[s][c]] for c in CLASSES} for s in STREAMS},
+            "schemes": {s: {c: [list(row) for row in self.schemes[s][c]] for c in self.classes} for s in STREAMS},
         }
 
     def content_hash(self) -> str:
@@ -230,7 +263,7 @@ class PrecisionMap:
 
     @classmethod
     def load(cls, path) -> "PrecisionMap":
-        return cls.from_json_body(load_json_artifact(path, "precision_map", FORMAT_VERSION), str(path))
+        return cls.from_json_body(load_json_artifact(path, "precision_map", READABLE_VERSIONS), str(path))
 
     @classmethod
     def from_json_body(cls, doc: dict, source: str = "precision map") -> "PrecisionMap":
@@ -249,7 +282,8 @@ class PrecisionMap:
                 sink_tokens=doc["sink_tokens"], recent_window=doc["recent_window"], schemes=schemes,
                 model=doc.get("model", ""), calibration_hash=doc.get("calibration_hash"),
                 description=doc.get("description", ""), provenance=doc.get("provenance", {}),
+                age_windows=as_tuples(doc.get("age_windows", [])),
             )
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{path}: precision map is missing or mistypes field {e}; expected format_version "
-                                f"{FORMAT_VERSION} with schemes.key/value.sink/recent/bulk grids") from None
+                                f"{FORMAT_VERSION} with schemes.key/value.sink/recent/bulk grids (and age1.. for age_windows)") from None

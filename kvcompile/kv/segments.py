@@ -8,13 +8,14 @@ when it is older than the tier's window, re-quantized from its current form; a t
 groups ``G`` positions (per-channel formats) takes whole blocks of ``G``, counted from the first
 non-sink position, and a block still filling waits in the tier before.
 
-With ``W_i = w_1 + ... + w_i`` (the age at which a position leaves tier i - 1) and ``G_i`` the
-position block of tier i (tier 0 = recent, tier K + 1 = bulk), the number of non-sink positions
-that have reached tier i or an older one is::
+With ``W_i = w_1 + ... + w_i`` (the age at which a position leaves tier i - 1), ``G_i`` the
+position block of tier i's scheme (tier 0 = recent, tier K + 1 = bulk) and
+``B_i = lcm(G_i, G_{i-1})`` (a block of a per-channel tier also leaves it whole), the number of
+non-sink positions that have reached tier i or an older one is::
 
     c_0 = L - s
-    c_1 = G_1 * floor(max(c_0 - W_1, 0) / G_1)
-    c_i = G_i * floor(max(min(c_{i-1}, c_0 - W_i), 0) / G_i)        (i >= 2)
+    c_1 = B_1 * floor(max(c_0 - W_1, 0) / B_1)
+    c_i = B_i * floor(max(min(c_{i-1}, c_0 - W_i), 0) / B_i)        (i >= 2)
 
 so tier i holds ``c_i - c_{i+1}`` positions (``c_{K+2} = 0``).  With no age tiers this is the
 three-class model: bulk ``b = G * floor(max(L - w - s, 0) / G)``, recent ``L - s - b``.
@@ -30,6 +31,7 @@ simulation's masks), by ONNX shape ops (the exported graph) and by TensorRT dime
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -195,12 +197,15 @@ class SegmentRule:
         return tier_names(len(self.ages))
 
     def _boundaries(self) -> list[tuple[int, int]]:
-        """``(W_i, G_i)`` for tiers i = 1 .. K + 1."""
-        out, age = [], self.recent_window
-        for window, group in self.ages:
-            out.append((age, group))
-            age += window
-        out.append((age, self.token_group))
+        """``(W_i, B_i)`` for tiers i = 1 .. K + 1, with ``B_i = lcm(G_i, G_{i-1})``: positions move
+        in whole blocks of the tier they enter and of the tier they leave (a per-channel block
+        leaves whole)."""
+        out, age, previous = [], self.recent_window, 1
+        for window, group in (*self.ages, (None, self.token_group)):
+            out.append((age, math.lcm(group, previous)))
+            if window is not None:
+                age += window
+            previous = group
         return out
 
     def sinks(self, length, ops: IntegerOps = PYTHON):

@@ -1,14 +1,17 @@
 """The packed segments of one head group: the store every cache implementation shares.
 
-:class:`SegmentStore` holds the sink, bulk and recent segments (:class:`~kvcompile.quant.QuantizedTensor`,
-``[B, H, positions, D]``) of the kv heads that share one (sink, recent, bulk) scheme triple and
-appends positions to them as :mod:`kvcompile.kv.segments` prescribes::
+:class:`SegmentStore` holds one segment per class (:class:`~kvcompile.quant.QuantizedTensor`,
+``[B, H, positions, D]``: sinks, recent, age tiers, bulk) of the kv heads that share their schemes
+and appends positions to them as :mod:`kvcompile.kv.segments` prescribes::
 
-    k       = clamp(n - P, 0, S)                  new positions that are sinks
-    sink'   = sink ++ Q_sink(x[:k])
-    recent' = recent ++ Q_recent(x[k:])
-    m       = b(P + S) - b(P)                      positions leaving the window
-    bulk'   = bulk ++ Q_bulk(D_recent(recent'[:m]));  recent' = recent'[m:]
+    k        = clamp(n - P, 0, S)                  new positions that are sinks
+    sink'    = sink ++ Q_sink(x[:k])
+    tier_0'  = recent ++ Q_recent(x[k:])
+    for i = 1 .. K+1:                              (age1 .. ageK, then bulk)
+        m_i      = c_i(P + S) - c_i(P)             positions reaching tier i
+        tier_i'  = tier_i ++ Q_i(D_{i-1}(tier_{i-1}'[:m_i]));  tier_{i-1}' = tier_{i-1}'[m_i:]
+
+Without age tiers that is one move, recent -> bulk.
 
 The torch cache (:mod:`kvcompile.cache.mixed`), the custom ops' torch references
 (:mod:`kvcompile.ops.cache_update`) and the TensorRT plugin all append through this class, so
@@ -23,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from kvcompile.kv.segments import STORAGE_ORDER, SegmentRule
+from kvcompile.kv.segments import SegmentRule, storage_order
 from kvcompile.quant import QuantizedTensor, StorageScheme
 
 
@@ -45,15 +48,26 @@ class Stored:
 
 
 class SegmentStore:
-    """Packed sink / bulk / recent segments of the kv heads ``heads`` that share one scheme triple."""
+    """Packed segments, one per class, of the kv heads ``heads`` that share ``schemes``
+    (``{class: scheme}``: sink, recent, age1 .. ageK, bulk), placed by ``rule``."""
 
-    def __init__(self, heads: list[int], sink: StorageScheme, recent: StorageScheme, bulk: StorageScheme,
-                 sink_tokens: int, recent_window: int, quantize: Quantizer = reference_quantize):
+    def __init__(self, heads: list[int], schemes: dict[str, StorageScheme], rule: SegmentRule,
+                 quantize: Quantizer = reference_quantize):
         self.quantize = quantize
         self.heads = heads
-        self.schemes = {"sink": sink, "recent": recent, "bulk": bulk}
-        self.rule = SegmentRule(sink_tokens, recent_window, bulk.token_group)
-        self.segments: dict[str, QuantizedTensor | None] = {c: None for c in STORAGE_ORDER}
+        self.rule = rule
+        self.order = storage_order(len(rule.ages))
+        if set(schemes) != set(self.order):
+            raise ValueError(f"SegmentStore: schemes for {sorted(schemes)}, the rule has classes {sorted(self.order)}")
+        self.schemes = dict(schemes)
+        self.segments: dict[str, QuantizedTensor | None] = {c: None for c in self.order}
+
+    @classmethod
+    def three_class(cls, heads: list[int], sink: StorageScheme, recent: StorageScheme, bulk: StorageScheme,
+                    sink_tokens: int, recent_window: int, quantize: Quantizer = reference_quantize) -> "SegmentStore":
+        """A store without age tiers."""
+        return cls(heads, {"sink": sink, "recent": recent, "bulk": bulk},
+                   SegmentRule(sink_tokens, recent_window, bulk.token_group), quantize)
 
     @property
     def length(self) -> int:
@@ -69,19 +83,21 @@ class SegmentStore:
             seg["sink"] = QuantizedTensor.cat_tokens([seg["sink"], self.quantize(self.schemes["sink"], x[..., :n_sink, :])])
         if new > n_sink:
             seg["recent"] = QuantizedTensor.cat_tokens([seg["recent"], self.quantize(self.schemes["recent"], x[..., n_sink:, :])])
-        moved = self.rule.aging(start, new)
-        if moved:  # positions aging out of the window: recent precision -> bulk precision
-            leaving = seg["recent"].slice_tokens(0, moved)
-            rest = seg["recent"].num_tokens
-            seg["recent"] = seg["recent"].slice_tokens(moved, rest) if rest > moved else None
-            requantized = self.quantize(self.schemes["bulk"], self.schemes["recent"].dequantize(leaving))
-            seg["bulk"] = QuantizedTensor.cat_tokens([seg["bulk"], requantized])
+        tiers = self.rule.tiers
+        for (younger, older), moved in zip(zip(tiers[:-1], tiers[1:]), self.rule.moves(start, new)):
+            if not moved:  # positions aging out of a tier: re-quantized into the next one
+                continue
+            leaving = seg[younger].slice_tokens(0, moved)
+            rest = seg[younger].num_tokens
+            seg[younger] = seg[younger].slice_tokens(moved, rest) if rest > moved else None
+            requantized = self.quantize(self.schemes[older], self.schemes[younger].dequantize(leaving))
+            seg[older] = QuantizedTensor.cat_tokens([seg[older], requantized])
 
     def stored(self, heads: list[int]) -> list[tuple[int, Stored]]:
         """``[(start, Stored)]`` of the non-empty segments in position order, restricted to ``heads``."""
         index = None if heads == self.heads else torch.tensor([self.heads.index(h) for h in heads])
         out, start = [], 0
-        for c in STORAGE_ORDER:
+        for c in self.order:
             q = self.segments[c]
             if q is None:
                 continue
@@ -92,7 +108,7 @@ class SegmentStore:
 
     def read(self) -> torch.Tensor:
         """De-quantized states of all stored positions, [B, h, L, D] float32."""
-        parts = [self.schemes[c].dequantize(q) for c in STORAGE_ORDER if (q := self.segments[c]) is not None]
+        parts = [self.schemes[c].dequantize(q) for c in self.order if (q := self.segments[c]) is not None]
         return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
     def nbytes(self) -> int:

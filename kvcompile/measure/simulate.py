@@ -56,25 +56,45 @@ def late_mask(seq_len: int, sink_tokens: int, recent_window: int, token_group: i
     return (j[None, :] >= min(sink_tokens, seq_len)) & (j[None, :] < ends[:, None])
 
 
+@functools.lru_cache(maxsize=64)
+def tier_index(seq_len: int, rule: SegmentRule, prefill_length: int) -> torch.Tensor:
+    """``[T, T]`` int8: the tier (0 = sink or recent, 1 = age1 / bulk, ...) in whose form query i
+    reads key j, i.e. the number of tiers t >= 1 with ``j - n < c_t(L_i)``, ``L_i = max(i + 1, P)``."""
+    lengths = torch.clamp(torch.arange(1, seq_len + 1), min=prefill_length)
+    reached = torch.tensor([rule.reached(int(L))[1:] for L in lengths])  # [T, K + 1]
+    u = torch.arange(seq_len) - rule.sink_tokens  # non-sink index; negative for sinks
+    tiers = (u[None, :, None] < reached[:, None, :]).sum(-1)
+    return torch.where(u[None, :] >= 0, tiers, 0).to(torch.int8)
+
+
 def stored_forms(x: torch.Tensor, pmap: PrecisionMap, layer: int, stream: str, prefill_length: int):
-    """Early and late stored forms of ``x`` [B, H, T, D] and the per-head late mask [H, T, T]."""
+    """Every stored form of ``x`` [B, H, T, D] and which one each query reads.
+
+    Returns ``(forms, index)``: ``forms[t]`` [B, H, T, D] is each position as tier t stores it
+    (t = 0: its sink or recent form; t >= 1: re-quantized tier by tier, ``Q_t(Q_{t-1}(...))``, for
+    the whole blocks that can reach tier t), and ``index`` [H, T, T] the tier query i reads key j in.
+    """
     b, h, t, d = x.shape
-    early = torch.empty(b, h, t, d)
-    late = torch.empty(b, h, t, d)
-    masks = torch.empty(h, t, t, dtype=torch.bool)
-    for (sink, recent, bulk), heads in stream_groups(pmap, layer, stream):
+    tiers = len(pmap.age_windows) + 2
+    forms = [torch.empty(b, h, t, d) for _ in range(tiers)]
+    index = torch.empty(h, t, t, dtype=torch.int8)
+    for schemes, heads in stream_groups(pmap, layer, stream):
+        rule = pmap.segment_rule(layer, heads[0], stream)
         xs = x[:, heads].float()
         n = min(pmap.sink_tokens, t)
-        window_form = recent.roundtrip(xs[..., n:, :]) if t > n else xs[..., n:, :]
-        e = torch.cat([sink.roundtrip(xs[..., :n, :]), window_form], -2) if n else window_form
-        g = bulk.token_group
-        full = SegmentRule(pmap.sink_tokens, 0, g).bulk_length(t)  # every position that ever reaches the bulk
-        lt = e.clone()
-        if full:
-            lt[..., n : n + full, :] = bulk.roundtrip(window_form[..., :full, :])
-        early[:, heads], late[:, heads] = e, lt
-        masks[heads] = late_mask(t, pmap.sink_tokens, pmap.recent_window, g, prefill_length)
-    return early, late, masks
+        form = xs[..., n:, :]
+        form = schemes["recent"].roundtrip(form) if t > n else form
+        forms[0][:, heads] = torch.cat([schemes["sink"].roundtrip(xs[..., :n, :]), form], -2) if n else form
+        full = t - n  # positions that can reach the tier (whole blocks of each tier on the way)
+        for i, ((_, block), name) in enumerate(zip(rule._boundaries(), rule.tiers[1:]), 1):
+            full = block * (full // block)
+            form = form.clone()
+            if full:
+                form[..., :full, :] = schemes[name].roundtrip(form[..., :full, :])
+            forms[i][:, heads, :n] = forms[0][:, heads, :n]
+            forms[i][:, heads, n:] = form
+        index[heads] = tier_index(t, rule, prefill_length)
+    return forms, index
 
 
 def _repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -87,22 +107,23 @@ def _simulated_attention(module, query, key, value, attention_mask, scaling, dro
         raise RuntimeError("the cache simulation scores a whole window in one pass; call the model without a cache")
     pmap, p = active.pmap, active.prefill_length
     groups = query.shape[1] // key.shape[1]
-    k_early, k_late, k_mask = stored_forms(key, pmap, module.layer_idx, "key", p)
-    v_early, v_late, v_mask = stored_forms(value, pmap, module.layer_idx, "value", p)
+    k_forms, k_index = stored_forms(key, pmap, module.layer_idx, "key", p)
+    v_forms, v_index = stored_forms(value, pmap, module.layer_idx, "value", p)
     # Compute in the model's dtype, as attention over the cache's (de-quantized) K/V would.
     q, dt = query, query.dtype
-    k_early, k_late, v_early, v_late = (t.to(dt) for t in (k_early, k_late, v_early, v_late))
-    k_mask = k_mask.repeat_interleave(groups, 0)
-    v_mask = v_mask.repeat_interleave(groups, 0).to(dt)
-    scores = torch.where(
-        k_mask,
-        q @ _repeat_heads(k_late, groups).transpose(-1, -2),
-        q @ _repeat_heads(k_early, groups).transpose(-1, -2),
-    ) * scaling
+    k_index = k_index.repeat_interleave(groups, 0)
+    v_index = v_index.repeat_interleave(groups, 0)
+    scores = q @ _repeat_heads(k_forms[0].to(dt), groups).transpose(-1, -2)
+    for tier, k in enumerate(k_forms[1:], 1):
+        scores = torch.where(k_index == tier, q @ _repeat_heads(k.to(dt), groups).transpose(-1, -2), scores)
+    scores = scores * scaling
     if attention_mask is not None:
         scores = scores + attention_mask[..., : key.shape[-2]].to(dt)
     weights = torch.softmax(scores, dim=-1)
-    out = (weights * v_mask) @ _repeat_heads(v_late, groups) + (weights * (1 - v_mask)) @ _repeat_heads(v_early, groups)
+    out = None
+    for tier in reversed(range(len(v_forms))):  # oldest form first: without age tiers, late + early as before
+        part = (weights * (v_index == tier).to(dt)) @ _repeat_heads(v_forms[tier].to(dt), groups)
+        out = part if out is None else out + part
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

@@ -17,7 +17,10 @@ is what attention reads.  Per step::
     m       = bulk_len(P + S) - bulk_len(P)           positions leaving the window
     bulk'   = bulk ++ Q_bulk(D_recent(recent'[:m]));  recent' = recent'[m:]
 
-with ``bulk_len(L) = G * floor(max(L - w - min(n, L), 0) / G)``.  The reference is
+with ``bulk_len(L) = G * floor(max(L - w - min(n, L), 0) / G)``.  With age tiers (attribute
+``age_tiers``) the segments are sink, bulk, ageK .. age1, recent, and the move repeats tier by tier,
+recent -> age1 -> ... -> bulk, each with its ``m_i = c_i(P + S) - c_i(P)`` (:mod:`kvcompile.kv.segments`).
+The reference is
 :class:`kvcompile.kv.store.SegmentStore`, the store ``MixedPrecisionCache`` appends through, and
 the function body evaluates the same :class:`~kvcompile.kv.segments.SegmentRule` with ONNX shape
 ops, so the exported graph and the torch cache share one definition.
@@ -27,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from kvcompile.kv.segments import STORAGE_ORDER, OnnxInts, SegmentRule
+from kvcompile.kv.segments import OnnxInts, SegmentRule, storage_order
 from kvcompile.kv.store import SegmentStore, reference_quantize
 from kvcompile.ops.builder import INT_MAX
 from kvcompile.ops.lowering import lowering
@@ -43,22 +46,51 @@ ATTRIBUTES = (
     Attribute("sink_tokens", "int", "n, number of sink positions (0 = no sink segment)"),
     Attribute("recent_window", "int", "w, positions kept in the recent scheme"),
     Attribute("head_dim", "int", "D, the head dimension"),
+    Attribute("age_tiers", "string", "age tiers between recent and bulk, newest first, as 'scheme:window,...' "
+                                     "('' = none)"),
 )
+
+
+def format_age_tiers(tiers) -> str:
+    """``[(scheme name, window), ...]`` -> the ``age_tiers`` attribute."""
+    return ",".join(f"{name}:{window}" for name, window in tiers)
+
+
+def parse_age_tiers(text: str) -> tuple[tuple[str, int], ...]:
+    """The ``age_tiers`` attribute -> ``((scheme name, window), ...)``."""
+    if not text:
+        return ()
+    out = []
+    for item in text.split(","):
+        name, _, window = item.rpartition(":")
+        if not name or not window.isdigit() or int(window) < 1:
+            raise ValueError(f"KVCacheUpdate: age_tiers must be 'scheme:window,...' with windows >= 1, got {text!r}")
+        out.append((name, int(window)))
+    return tuple(out)
+
+
+def class_scheme(attrs, cls: str):
+    """The scheme of class ``cls`` (sink, recent, age1.., bulk) of this op."""
+    if cls.startswith("age"):
+        return get_scheme(parse_age_tiers(attrs["age_tiers"])[int(cls[3:]) - 1][0])
+    return get_scheme(attrs[f"{cls}_scheme"])
 
 
 def segments(attrs) -> tuple[str, ...]:
     """The segments this op carries, in storage order."""
-    return STORAGE_ORDER if attrs["sink_tokens"] > 0 else tuple(c for c in STORAGE_ORDER if c != "sink")
+    order = storage_order(len(parse_age_tiers(attrs["age_tiers"])))
+    return order if attrs["sink_tokens"] > 0 else tuple(c for c in order if c != "sink")
 
 
 def segment_rule(attrs) -> SegmentRule:
     """The op's :class:`~kvcompile.kv.segments.SegmentRule`."""
-    return SegmentRule(attrs["sink_tokens"], attrs["recent_window"], get_scheme(attrs["bulk_scheme"]).token_group)
+    ages = tuple((w, get_scheme(name).token_group) for name, w in parse_age_tiers(attrs["age_tiers"]))
+    return SegmentRule(attrs["sink_tokens"], attrs["recent_window"], get_scheme(attrs["bulk_scheme"]).token_group, ages)
 
 
 def _segment_ports(attrs, prefix: str) -> tuple[Port, ...]:
     return tuple(p for seg in segments(attrs)
-                 for p in part_ports(attrs[f"{seg}_scheme"], attrs["head_dim"], prefix=f"{prefix}_{seg}."))
+                 for p in part_ports(class_scheme(attrs, seg).name, attrs["head_dim"], prefix=f"{prefix}_{seg}."))
 
 
 def _inputs(attrs):
@@ -78,9 +110,9 @@ def run_cache_update(attrs, tensors: list, quantize=None) -> tuple:
 
     ``quantize(scheme, x)`` replaces the schemes' own ``quantize`` (the TensorRT plugin passes the
     Triton append kernel, which is bit-identical)."""
-    schemes = {seg: get_scheme(attrs[f"{seg}_scheme"]) for seg in ("sink", "recent", "bulk")}
-    store = SegmentStore([], schemes["sink"], schemes["recent"], schemes["bulk"], attrs["sink_tokens"],
-                         attrs["recent_window"], quantize or reference_quantize)
+    rule = segment_rule(attrs)
+    schemes = {c: class_scheme(attrs, c) for c in ("sink", *rule.tiers)}
+    store = SegmentStore([], schemes, rule, quantize or reference_quantize)
     states = tensors[-1]
     d = attrs["head_dim"]
     it = iter(tensors[:-1])
@@ -105,9 +137,10 @@ def _body(b, attrs, inputs):
     d = attrs["head_dim"]
     segs = segments(attrs)
     it = iter(inputs[:-1])
-    past = {seg: [next(it) for _ in part_layout(get_scheme(attrs[f"{seg}_scheme"]), d)] for seg in segs}
+    rule = segment_rule(attrs)
+    schemes = {c: class_scheme(attrs, c) for c in ("sink", *rule.tiers)}
+    past = {seg: [next(it) for _ in part_layout(schemes[seg], d)] for seg in segs}
     states = inputs[-1]
-    schemes = {seg: get_scheme(attrs[f"{seg}_scheme"]) for seg in ("sink", "recent", "bulk")}
 
     # The scheme lowerings are inlined rather than called as nested KVQuantize functions:
     # ONNX Runtime does not resolve overloaded functions called from inside a function.
@@ -126,7 +159,7 @@ def _body(b, attrs, inputs):
             p_len = b.op("Add", p_len, length(past[seg]))
     s_len = b.dim(states, 2)
     zero, end = b.i64(0), b.i64(INT_MAX)
-    rule, ints = segment_rule(attrs), OnnxInts(b)
+    ints = OnnxInts(b)
 
     def cat(a, c):
         return [b.op("Concat", x, y, axis=2) for x, y in zip(a, c)]
@@ -138,12 +171,17 @@ def _body(b, attrs, inputs):
         new_sink = quantize("sink", b.slice_axis(states, zero, k, 2))
         present["sink"] = cat(past["sink"], new_sink)
         rest = b.slice_axis(states, k, end, 2)
-    recent = cat(past["recent"], quantize("recent", rest))
-    moved = rule.aging(p_len, s_len, ints)
-    leaving = [b.slice_axis(x, zero, moved, 2) for x in recent]
-    present["recent"] = [b.slice_axis(x, moved, end, 2) for x in recent]
-    requantized = quantize("bulk", dequantize("recent", leaving))
-    present["bulk"] = cat(past["bulk"], requantized)
+    present["recent"] = cat(past["recent"], quantize("recent", rest))
+    for seg in rule.tiers[1:]:
+        present[seg] = past[seg]
+    tiers = rule.tiers
+    for younger, older, moved in zip(tiers[:-1], tiers[1:], rule.moves(p_len, s_len, ints)):
+        # a part with one row per r positions (per-channel parameters) is cut at moved / r rows
+        rows = [moved if p.rows_per == 1 else b.op("Div", moved, b.i64(p.rows_per))
+                for p in part_layout(schemes[younger], d)]
+        leaving = [b.slice_axis(x, zero, m, 2) for x, m in zip(present[younger], rows)]
+        present[younger] = [b.slice_axis(x, m, end, 2) for x, m in zip(present[younger], rows)]
+        present[older] = cat(present[older], quantize(older, dequantize(younger, leaving)))
     full = [dequantize(seg, present[seg]) for seg in segs]
     all_states = b.op("Concat", *full, axis=2) if len(full) > 1 else full[0]
     return [x for seg in segs for x in present[seg]] + [all_states]
@@ -160,4 +198,4 @@ KV_CACHE_UPDATE = register_op(OpSpec(
     body=_body,
 ))
 
-__all__ = ["KV_CACHE_UPDATE", "segment_rule", "segments"]
+__all__ = ["KV_CACHE_UPDATE", "class_scheme", "format_age_tiers", "parse_age_tiers", "segment_rule", "segments"]

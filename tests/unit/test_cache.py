@@ -42,9 +42,15 @@ def test_generate_with_the_cache(tiny_llama, tiny_geometry):
     assert cache.get_seq_length() == 43  # the last generated token is never fed back
 
 
-@pytest.mark.parametrize("spec,sinks,window", [("int4", 0, 0), ("kivi-2", 2, 5), ("int2-ch-g8", 3, 4), ("nf4", 1, 2)])
+@pytest.mark.parametrize("spec,sinks,window", [("int4", 0, 0), ("kivi-2", 2, 5), ("int2-ch-g8", 3, 4), ("nf4", 1, 2),
+                                               ("tiers", 2, 3)])
 def test_bytes_held_equal_the_maps_accounting_at_every_step(tiny_llama, tiny_geometry, spec, sinks, window):
-    pmap = resolve_map(spec, tiny_geometry, sink_tokens=sinks, recent_window=window)
+    if spec == "tiers":  # fp16 window -> int8 -> per-channel int4 -> int2
+        g = tiny_geometry
+        pmap = PrecisionMap.uniform(g.num_layers, g.num_kv_heads, g.head_dim, "int2", sink_tokens=sinks,
+                                    recent_window=window, ages=((4, "int8"), (6, "int4-ch-g8")))
+    else:
+        pmap = resolve_map(spec, tiny_geometry, sink_tokens=sinks, recent_window=window)
     cache = MixedPrecisionCache(pmap)
     ids = torch.randint(0, 97, (1, 50), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -58,7 +64,7 @@ def test_bytes_held_equal_the_maps_accounting_at_every_step(tiny_llama, tiny_geo
 
 def test_store_holds_each_position_at_its_class_precision():
     sink, recent, bulk = get_scheme("fp16"), get_scheme("int8"), get_scheme("int2-ch-g4")
-    store = SegmentStore([0], sink, recent, bulk, sink_tokens=2, recent_window=3)
+    store = SegmentStore.three_class([0], sink, recent, bulk, sink_tokens=2, recent_window=3)
     x = torch.randn(1, 1, 15, 64)
     for i in range(15):  # token by token
         store.append(x[..., i : i + 1, :], i)
@@ -68,7 +74,7 @@ def test_store_holds_each_position_at_its_class_precision():
     assert torch.equal(got[..., 2:10, :], bulk.roundtrip(recent.roundtrip(x[..., 2:10, :])))
     assert torch.equal(got[..., 10:, :], recent.roundtrip(x[..., 10:, :]))
     # a single 15-position append stores exactly the same bytes
-    once = SegmentStore([0], sink, recent, bulk, sink_tokens=2, recent_window=3)
+    once = SegmentStore.three_class([0], sink, recent, bulk, sink_tokens=2, recent_window=3)
     once.append(x, 0)
     assert torch.equal(once.read(), got)
 

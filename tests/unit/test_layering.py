@@ -69,7 +69,7 @@ import sys, torch
 from kvcompile.ops import get_op
 from kvcompile.targets.trt.plugin import run_op
 spec = get_op("KVCacheUpdate")
-attrs = dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int4", sink_tokens=1, recent_window=2, head_dim=32)
+attrs = dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int4", sink_tokens=1, recent_window=2, head_dim=32, age_tiers="")
 past = [torch.empty(1, 1, 0, int(p.shape[3]), dtype=getattr(torch, p.dtype)) for p in spec.inputs(attrs)[:-1]]
 out = run_op(spec, attrs, [*past, torch.randn(1, 1, 5, 32)])
 assert out[-1].shape == (1, 1, 5, 32), out[-1].shape

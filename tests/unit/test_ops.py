@@ -73,14 +73,19 @@ def test_quantize_is_bit_exact_and_dequantize_matches(name):
 
 
 CACHE_CASES = [
-    dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int2-ch", sink_tokens=4, recent_window=8),
-    dict(sink_scheme="int8", recent_scheme="int4", bulk_scheme="nf4", sink_tokens=0, recent_window=0),
-    dict(sink_scheme="fp16", recent_scheme="int8", bulk_scheme="int3", sink_tokens=2, recent_window=5),
-    dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int4-ch-g64", sink_tokens=1, recent_window=3),
+    dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int2-ch", sink_tokens=4, recent_window=8, age_tiers=""),
+    dict(sink_scheme="int8", recent_scheme="int4", bulk_scheme="nf4", sink_tokens=0, recent_window=0, age_tiers=""),
+    dict(sink_scheme="fp16", recent_scheme="int8", bulk_scheme="int3", sink_tokens=2, recent_window=5, age_tiers=""),
+    dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int4-ch-g64", sink_tokens=1, recent_window=3, age_tiers=""),
+    # recency tiers: fp16 -> int8 -> per-channel int4 (blocks of 32) -> int2, and a tier chain without sinks
+    dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int2", sink_tokens=2, recent_window=4,
+         age_tiers="int8:5,int4-ch-g32:7"),
+    dict(sink_scheme="int8", recent_scheme="fp16", bulk_scheme="int2-ch-g32", sink_tokens=0, recent_window=1,
+         age_tiers="int8:1,nf4:3"),
 ]
 
 
-@pytest.mark.parametrize("case", CACHE_CASES, ids=lambda c: c["bulk_scheme"])
+@pytest.mark.parametrize("case", CACHE_CASES, ids=lambda c: c["bulk_scheme"] + ("-tiers" if c["age_tiers"] else ""))
 def test_cache_update_is_bit_exact_over_prefill_and_decode(case):
     attrs = {**case, "head_dim": 64}
     sess = session(KV_CACHE_UPDATE.single_node_model(attrs))

@@ -40,11 +40,21 @@ def _geom():
     return KVGeometry(2, 2, 4, 32, 256)
 
 
+def _tiered_map() -> PrecisionMap:
+    """Recency tiers fp16 -> int8 -> per-channel int4 (blocks of 8) -> int2, K and V differing by head."""
+    base = PrecisionMap.uniform(2, 2, 32, "int2", sink_tokens=2, recent_window=3, ages=((4, "int8"), (5, "int4-ch-g8")))
+    schemes = {s: dict(c) for s, c in base.schemes.items()}
+    schemes["key"]["age1"] = (("int8", "nf4"), ("int4", "int8"))
+    schemes["value"]["bulk"] = (("int2-ch-g8", "int3"), ("int2", "int2"))
+    return PrecisionMap(2, 2, 32, 2, 3, schemes, age_windows=(4, 5))
+
+
 @pytest.mark.parametrize("spec,sinks,window", [("int4", 0, 0), ("int2", 0, 0), ("kivi-2", 3, 5), ("int2-ch-g8", 2, 3),
-                                               ("int4-rot", 1, 2), ("mixed", None, None)])
+                                               ("int4-rot", 1, 2), ("mixed", None, None), ("tiers", None, None)])
 @pytest.mark.parametrize("prefill", [1, 9])
 def test_simulation_equals_token_by_token_decoding(model64, spec, sinks, window, prefill):
-    pmap = _mixed_map() if spec == "mixed" else resolve_map(spec, _geom(), sink_tokens=sinks, recent_window=window)
+    special = {"mixed": _mixed_map, "tiers": _tiered_map}
+    pmap = special[spec]() if spec in special else resolve_map(spec, _geom(), sink_tokens=sinks, recent_window=window)
     ids = torch.randint(0, 97, (1, 37), generator=torch.Generator().manual_seed(7))
     with torch.no_grad(), simulate_cache(model64, pmap, prefill_length=prefill):
         simulated = model64(ids, use_cache=False).logits
@@ -96,3 +106,41 @@ def test_simulation_state_lives_on_each_model_not_in_a_global(model64):
     layer = model64.model.layers[0].self_attn
     with pytest.raises(RuntimeError, match="called outside its pass"):
         _simulated_attention(layer, ids, ids, ids, None, 1.0)
+
+
+def test_a_version_1_map_file_loads_and_gives_the_same_logits(model64, tmp_path):
+    """A map saved as format_version 1 (no age tiers) loads as the same map: equal content and
+    bit-identical simulated and decoded logits; saving it again writes version 2."""
+    import json
+
+    pmap = resolve_map("kivi-2", _geom(), sink_tokens=2, recent_window=5)
+    body = pmap.to_json_body()
+    del body["age_windows"]
+    v1 = tmp_path / "v1.json"
+    v1.write_text(json.dumps({"artifact": "precision_map", "format_version": 1, "kvcompile_version": "0.1.0", **body}))
+    loaded = PrecisionMap.load(v1)
+    assert loaded == pmap and loaded.age_windows == () and loaded.classes == ("sink", "recent", "bulk")
+    ids = torch.randint(0, 97, (1, 29), generator=torch.Generator().manual_seed(3))
+    outs = []
+    with torch.no_grad():
+        for m in (pmap, loaded):
+            with simulate_cache(model64, m):
+                outs.append(model64(ids, use_cache=False).logits)
+            outs.append(_decode(model64, ids, m, 1))
+    assert torch.equal(outs[0], outs[2]) and torch.equal(outs[1], outs[3])
+    loaded.save(tmp_path / "v2.json")
+    assert json.loads((tmp_path / "v2.json").read_text())["format_version"] == 2
+
+
+def test_age_tiers_change_the_logits_and_the_bits(model64):
+    """An int8 age tier between the fp16 window and an int2 bulk costs bits and changes what is read."""
+    plain = PrecisionMap.uniform(2, 2, 32, "int2", sink_tokens=2, recent_window=3)
+    tiered = PrecisionMap.uniform(2, 2, 32, "int2", sink_tokens=2, recent_window=3, ages=((8, "int8"),))
+    assert tiered.kv_bits(40) > plain.kv_bits(40)
+    ids = torch.randint(0, 97, (1, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits = []
+        for m in (plain, tiered):
+            with simulate_cache(model64, m):
+                logits.append(model64(ids, use_cache=False).logits)
+    assert not torch.equal(logits[0], logits[1])

@@ -97,9 +97,12 @@ FAKE_TRT = SimpleNamespace(DimensionOperation=SimpleNamespace(**{k: k for k in _
 
 
 @pytest.mark.parametrize("case", [dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int2-ch", sink_tokens=4,
-                                       recent_window=8),
+                                       recent_window=8, age_tiers=""),
                                   dict(sink_scheme="int8", recent_scheme="int4", bulk_scheme="int4-ch-g64",
-                                       sink_tokens=0, recent_window=0)], ids=["kivi", "no-window"])
+                                       sink_tokens=0, recent_window=0, age_tiers=""),
+                                  dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int2", sink_tokens=2,
+                                       recent_window=4, age_tiers="int8:5,int4-ch-g32:7")],
+                         ids=["kivi", "no-window", "tiers"])
 def test_plugin_output_shapes_equal_the_reference_shapes(case):
     attrs = {**case, "head_dim": 64}
     ins = KV_CACHE_UPDATE.inputs(attrs)
@@ -120,7 +123,7 @@ def test_plugin_enqueue_logic_with_the_append_kernel_matches_the_reference():
     if not available("cpu")[0]:
         pytest.skip(available("cpu")[1])
     attrs = dict(sink_scheme="fp16", recent_scheme="int8", bulk_scheme="int2-ch", sink_tokens=2, recent_window=5,
-                 head_dim=64)
+                 head_dim=64, age_tiers="")
     ins = KV_CACHE_UPDATE.inputs(attrs)
     past = [torch.zeros(1, 2, 0, int(p.shape[-1]), dtype=getattr(torch, p.dtype)) for p in ins[:-1]]
     gen = torch.Generator().manual_seed(1)

@@ -88,14 +88,14 @@ def output_shape_exprs(trt, spec: OpSpec, attrs: dict, inputs, expr) -> list:
     if spec.name != "KVCacheUpdate":
         raise NotImplementedError(spec.name)
     from kvcompile.kv.segments import TensorRTDims
-    from kvcompile.ops.cache_update import segment_rule, segments
+    from kvcompile.ops.cache_update import class_scheme, segment_rule, segments
 
     d = attrs["head_dim"]
     states = inputs[len(inputs) - 1]
     index, past = 0, None
     rows_per: dict[str, list[int]] = {}
     for seg in segments(attrs):
-        layout = part_layout(get_scheme(attrs[f"{seg}_scheme"]), d)
+        layout = part_layout(class_scheme(attrs, seg), d)
         rows_per[seg] = [p.rows_per for p in layout]
         t = inputs[index][2]
         past = t if past is None else f("SUM", past, t)
