@@ -98,7 +98,7 @@ def cache_ports(cache, pmap) -> dict[str, np.ndarray | None]:
     ``cache``: a :class:`~kvcompile.cache.MixedPrecisionCache`.  Each head group of
     :func:`~kvcompile.export.layout.cache_layout` is the cache's store of the same heads: a plain
     group is its fp16 segments joined along positions, a packed one its segments' parts (sink when
-    the map has sinks, bulk, recent; None for a segment still empty).  A group with no store of the
+    the map has sinks, bulk, age tiers oldest first, recent; None for a segment still empty).  A group with no store of the
     same heads is left out, which :func:`compare_cache_state` counts as a mismatch.
     """
     import torch
@@ -112,7 +112,7 @@ def cache_ports(cache, pmap) -> dict[str, np.ndarray | None]:
         store = next((st for st in stores if tuple(st.heads) == g.heads), None)
         if store is None:
             continue
-        segments = [c for c in ("sink", "bulk", "recent") if c != "sink" or pmap.sink_tokens > 0]
+        segments = [c for c in store.order if c != "sink" or pmap.sink_tokens > 0]
         if g.plain:
             parts = [store.segments[c].parts["values"] for c in segments if store.segments[c] is not None]
             out[g.ports[0].past] = torch.cat(parts, 2).numpy() if parts else None

@@ -33,10 +33,19 @@ def mixed_map(geometry) -> PrecisionMap:
     return replace(pmap, schemes=schemes, _resolved={})
 
 
+def tiered_map(geometry) -> PrecisionMap:
+    """Recency tiers: fp16 window -> int8 -> per-channel int4 -> int2 bulk, one head's tiers differing."""
+    base = PrecisionMap.uniform(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, "int2",
+                                sink_tokens=2, recent_window=4, ages=((6, "int8"), (8, "int4-ch-g8")), model="tiny")
+    schemes = {s: dict(v) for s, v in base.schemes.items()}
+    schemes["key"]["age1"] = (("int8", "nf4"), ("int4", "int8"))
+    return replace(base, schemes=schemes, _resolved={})
+
+
 @pytest.fixture(scope="module")
 def maps(tiny_geometry):
     return {"fp16": resolve_map("fp16", tiny_geometry), "int8": resolve_map("int8", tiny_geometry),
-            "mixed": mixed_map(tiny_geometry)}
+            "mixed": mixed_map(tiny_geometry), "tiers": tiered_map(tiny_geometry)}
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +64,7 @@ def teacher_forced(decoder, ids, prefill):
     return np.concatenate(rows, axis=1), state
 
 
-@pytest.mark.parametrize("name", ["fp16", "int8", "mixed"])
+@pytest.mark.parametrize("name", ["fp16", "int8", "mixed", "tiers"])
 def test_exported_logits_match_torch_reference_on_prefill_and_40_decode_steps(name, exports, tiny_lm):
     ex = exports[name]
     ids = torch.randint(0, 97, (1, 60), generator=torch.Generator().manual_seed(3)).numpy()
@@ -175,12 +184,13 @@ def test_runtime_errors_are_one_line(exports, tmp_path):
         ExportedModel.load(tmp_path)
 
 
-def test_validate_passes_on_a_faithful_export_and_fails_against_another_map(exports, tiny_lm, tiny_geometry):
+@pytest.mark.parametrize("name", ["mixed", "tiers"])
+def test_validate_passes_on_a_faithful_export_and_fails_against_another_map(exports, tiny_lm, tiny_geometry, name):
     from dataclasses import replace as dc_replace
 
     from kvcompile.validate.compare import validate_export
 
-    ex = exports["mixed"]
+    ex = exports[name]
     kwargs = dict(lm=tiny_lm, window=48, prefill=8, max_windows=1, progress=False, write_polygraphy=False)
     good = validate_export(ex, **kwargs)
     assert good.passed and good.max_abs_error < LOGIT_ATOL and good.top1_vs_reference == 1.0
@@ -201,7 +211,7 @@ def _pbtxt_tensors(text: str, section: str) -> list[dict]:
     return [{"name": n, "data_type": t, "dims": [int(d) for d in dims.split(", ")]} for n, t, dims in entries]
 
 
-@pytest.mark.parametrize("name", ["fp16", "mixed"])
+@pytest.mark.parametrize("name", ["fp16", "mixed", "tiers"])
 def test_triton_config_matches_the_graph_field_by_field(exports, name):
     """Every graph input and output appears in config.pbtxt with its name, type and dims, in order."""
     triton_types = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16: "TYPE_FP16",

@@ -83,10 +83,16 @@ def per_head_mixed(geometry) -> PrecisionMap:
                            "value": (("int2", "int2"), ("int4-sym", "int8"))})
 
 
-@pytest.mark.parametrize("label", ["kivi-2", "per-head-mixed"])
+def recency_tiers(geometry) -> PrecisionMap:
+    """fp16 window -> int8 -> per-channel int4 -> int2 bulk."""
+    return PrecisionMap.uniform(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, "int2",
+                                sink_tokens=2, recent_window=3, ages=((5, "int8"), (8, "int4-ch-g8")))
+
+
+@pytest.mark.parametrize("label", ["kivi-2", "per-head-mixed", "recency-tiers"])
 def test_kernel_cache_generates_the_same_tokens_as_the_reference(label, tiny_geometry):
-    pmap = resolve_map("kivi-2", tiny_geometry, sink_tokens=2, recent_window=8) if label == "kivi-2" \
-        else per_head_mixed(tiny_geometry)
+    pmap = {"kivi-2": lambda g: resolve_map("kivi-2", g, sink_tokens=2, recent_window=8),
+            "per-head-mixed": per_head_mixed, "recency-tiers": recency_tiers}[label](tiny_geometry)
     reference, fused = make_tiny_llama(), make_tiny_llama()
     enable_kernel_attention(fused)
     ids = torch.randint(0, 97, (2, 36), generator=torch.Generator().manual_seed(0))
