@@ -156,7 +156,9 @@ def cmd_plan(args) -> int:
     calib = Calibration.load(args.calibration)
     options = dict(context=args.context, schemes=args.schemes.split(",") if args.schemes else None,
                    sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
-                   corrected=not args.raw, memory=args.memory)
+                   corrected=not args.raw, memory=args.memory, age_tiers=args.age_tiers)
+    if args.refine and args.age_tiers:
+        raise KvcompileError("--refine does not search recency tiers yet; plan with --age-tiers without --refine")
     if args.refine:
         from kvcompile.models import load_model
         from kvcompile.measure.quality import kl_meter
@@ -180,7 +182,8 @@ def cmd_plan(args) -> int:
         result = plan(calib, budget_bits=args.budget_bits, target_kl=args.target_kl, **options)
     result.pmap.save(args.output)
     print(result.pmap.description)
-    print(f"sinks {result.sink_tokens}, recent window {result.recent_window}; {result.pmap.summary()} -> {args.output}")
+    ages = f", age tiers {list(result.pmap.age_windows)}" if result.pmap.age_windows else ""
+    print(f"sinks {result.sink_tokens}, recent window {result.recent_window}{ages}; {result.pmap.summary()} -> {args.output}")
     if args.refine:
         if not refined.met:
             print(f"warning: no map tried meets the target on the calibration text; the best measures "
@@ -432,6 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-options", help="subset of the calibrated sink counts")
     p.add_argument("--window-options", help="subset of the calibrated recent windows")
     p.add_argument("--raw", action="store_true", help="plan on the raw Fisher predictions, without the data-calibrated correction")
+    p.add_argument("--age-tiers", type=_int_in(0, 3), default=0,
+                   help="also consider up to this many recency tiers between the fp16 window and the bulk, their "
+                        "boundaries from the calibrated windows (default 0: sinks, window, bulk)")
     p.add_argument("--refine", action="store_true",
                    help="measure candidate maps' KL on the calibration text: with --budget-bits, choose sinks and window by it; "
                         "with --target-kl, re-plan until the map meets the target")

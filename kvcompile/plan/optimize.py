@@ -17,6 +17,18 @@ is exhaustive over the calibrated options.  The same DP table answers the dual q
 (``target_kl``): the fewest bits whose predicted cost meets the target.
 
 Deterministic: ties break towards the earlier scheme / option, and the output contains no clock.
+
+Recency tiers (``age_tiers=K >= 1``, :func:`plan_tiers`): the structure is n sinks, an fp16
+window of w positions and up to K age tiers whose boundaries ``w = W_1 < W_2 < ... < W_{K+1}``
+are calibrated window options; each site chooses a per-token scheme per age tier and a bulk
+scheme.  A tier read by the queries at distances ``[W_t, W_{t+1})`` is charged
+``max(cost(s, W_t) - cost(s, W_{t+1}), 0)``, the bulk ``cost(s, W_{K+1})``: the calibration's costs
+are sums over query distances (docs/theory.md), so a tier's share is the difference of two of them.
+This charges each tier's own rounding only; a position re-quantized along the chain
+(``Q_bulk(Q_age(x))``) carries both errors, which the difference ignores (small when the age tier is
+finer than the bulk).  Each site's options are its (age schemes, bulk scheme) combinations, cut to
+the Pareto front of (bits, cost) before the same exact knapsack; the outer choice over (n, W_1..)
+is exhaustive.
 """
 
 from __future__ import annotations
@@ -28,7 +40,7 @@ import numpy as np
 from kvcompile.calibrate.artifact import Calibration
 from kvcompile.errors import KvcompileError
 from kvcompile.kv.precision_map import STREAMS, PrecisionMap
-from kvcompile.kv.segments import MEMORY_ACCOUNTING, class_lengths
+from kvcompile.kv.segments import MEMORY_ACCOUNTING, SegmentRule, class_lengths
 from kvcompile.quant import get_scheme
 
 UNITS_PER_BIT = 64
@@ -92,12 +104,18 @@ def _backtrack(choice: np.ndarray, weights: np.ndarray, capacity: int) -> list[i
 
 def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float | None = None, context: int | None = None,
          schemes: list[str] | None = None, sink_options: list[int] | None = None,
-         window_options: list[int] | None = None, corrected: bool = True, memory: str = "final") -> PlanResult:
+         window_options: list[int] | None = None, corrected: bool = True, memory: str = "final",
+         age_tiers: int = 0) -> PlanResult:
     """Optimal precision map under a memory budget (``budget_bits``) or a quality target (``target_kl``).
 
     ``memory``: how bits are counted at the context, ``final`` (the cache holding ``context``
     positions, default) or ``allocated`` (buffers for any length up to it; see
-    :data:`~kvcompile.kv.precision_map.MEMORY_ACCOUNTING`)."""
+    :data:`~kvcompile.kv.precision_map.MEMORY_ACCOUNTING`).  ``age_tiers`` > 0: also consider up to
+    that many recency tiers (:func:`plan_tiers`)."""
+    if age_tiers:
+        return plan_tiers(calib, age_tiers, budget_bits=budget_bits, target_kl=target_kl, context=context,
+                          schemes=schemes, sink_options=sink_options, window_options=window_options,
+                          corrected=corrected, memory=memory)
     if (budget_bits is None) == (target_kl is None):
         raise KvcompileError("give exactly one of --budget-bits or --target-kl")
     if memory not in MEMORY_ACCOUNTING:
@@ -170,3 +188,138 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
                     "target_kl": target_kl, "budget_bits": budget_bits, "candidates": candidates},
     )
     return PlanResult(pmap, total_cost, exact_bits, n, w, candidates)
+
+
+def _tier_structures(sink_options: list[int], window_options: list[int], max_tiers: int) -> list[tuple[int, tuple]]:
+    """``(n, (W_1, ..., W_{K+1}))``: increasing boundaries from the window options, K <= max_tiers."""
+    from itertools import combinations
+
+    out = []
+    for n in sink_options:
+        for k in range(0, max_tiers + 1):
+            out += [(n, bounds) for bounds in combinations(sorted(window_options), k + 1)]
+    return out
+
+
+def _pareto(costs: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """Indices of the options no other option beats in both bits and cost (ties: the first)."""
+    order = np.lexsort((costs, bits))
+    keep, best = [], np.inf
+    for o in order:
+        if costs[o] < best:
+            keep.append(o)
+            best = costs[o]
+    return np.array(keep)
+
+
+def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = None, target_kl: float | None = None,
+               context: int | None = None, schemes: list[str] | None = None, sink_options: list[int] | None = None,
+               window_options: list[int] | None = None, corrected: bool = True, memory: str = "final") -> PlanResult:
+    """Optimal map with up to ``age_tiers`` recency tiers between the fp16 window and the bulk
+    (see the module docstring); the arguments are :func:`plan`'s."""
+    from itertools import product
+
+    if (budget_bits is None) == (target_kl is None):
+        raise KvcompileError("give exactly one of --budget-bits or --target-kl")
+    if memory not in MEMORY_ACCOUNTING:
+        raise KvcompileError(f"memory accounting must be one of {', '.join(MEMORY_ACCOUNTING)}, got {memory!r}")
+    g = calib.geometry
+    context = context or calib.window
+    schemes = schemes or calib.schemes
+    missing = [s for s in schemes if s not in calib.schemes]
+    if missing:
+        raise KvcompileError(f"schemes {missing} were not calibrated; calibrated: {', '.join(calib.schemes)}")
+    for opts, have, what in ((sink_options, calib.sink_options, "sink"), (window_options, calib.window_options, "window")):
+        if opts and any(o not in have for o in opts):
+            raise KvcompileError(f"{what} options {opts} were not all calibrated; calibrated: {have}")
+    sink_options = sink_options or calib.sink_options
+    window_options = [w for w in (window_options or calib.window_options) if w < context]
+    ages_menu = ["fp16", *[s for s in schemes if s != "fp16" and get_scheme(s).token_group == 1]]
+    cost_all = (calib.corrected_cost() if corrected else calib.cost).numpy()  # [L, H, 2, S, W, N]
+    n_sites = g.num_layers * g.num_kv_heads * 2
+    site_cost = cost_all.reshape(n_sites, *cost_all.shape[3:])  # sites in (layer, head, stream) order
+    per_bits = {s: get_scheme(s).bits_per_element(g.head_dim) for s in set(schemes) | set(ages_menu)}
+    candidates, best_pick = [], None
+    for n, bounds in _tier_structures(sink_options, window_options, age_tiers):
+        ni = calib.sink_options.index(n)
+        wi = [calib.window_options.index(b) for b in bounds]
+        k = len(bounds) - 1
+        combos = list(product(*([ages_menu] * k), schemes))
+        cost = np.zeros((n_sites, len(combos)))
+        bits = np.zeros(len(combos))
+        for c, combo in enumerate(combos):
+            for t, name in enumerate(combo[:-1]):
+                if name != "fp16":
+                    si = calib.schemes.index(name)
+                    cost[:, c] += np.maximum(site_cost[:, si, wi[t], ni] - site_cost[:, si, wi[t + 1], ni], 0.0)
+            if combo[-1] != "fp16":
+                cost[:, c] += site_cost[:, calib.schemes.index(combo[-1]), wi[-1], ni]
+            ages = tuple((b2 - b1, 1) for b1, b2 in zip(bounds[:-1], bounds[1:]))
+            counts = SegmentRule(n, bounds[0], get_scheme(combo[-1]).token_group, ages).counted(context, memory)
+            tiers = ("recent", *(f"age{i}" for i in range(1, k + 1)), "bulk")
+            names = {"sink": "fp16", **dict(zip(tiers, ("fp16", *combo)))}
+            bits[c] = sum(counts[t] * (16.0 if names[t] == "fp16" else per_bits[names[t]]) for t in counts) / context
+        # per site, the Pareto front of (bits, cost), padded with options that are never chosen
+        fronts = [_pareto(cost[j], bits) for j in range(n_sites)]
+        width = max(len(f) for f in fronts)
+        opt = np.zeros((n_sites, width), dtype=np.int64)
+        costs = np.full((n_sites, width), np.inf)
+        for j, f in enumerate(fronts):
+            opt[j, :len(f)] = f
+            opt[j, len(f):] = f[0]
+            costs[j, :len(f)] = cost[j, f]
+        site_bits_ = bits[opt]
+        weights = np.ceil(site_bits_ * UNITS_PER_BIT - 1e-9).astype(np.int64)
+        label = {"sink_tokens": n, "boundaries": list(bounds)}
+        if budget_bits is not None:
+            capacity = int(np.floor(budget_bits * UNITS_PER_BIT * n_sites + 1e-9))
+            if weights.min(1).sum() > capacity:
+                candidates.append({**label, "feasible": False})
+                continue
+        else:
+            capacity = int(np.where(np.isfinite(costs), weights, 0).max(1).sum())
+        best, choice = _dp(costs, weights, capacity)
+        if budget_bits is not None:
+            cap = capacity
+        else:
+            ok = np.nonzero(best <= target_kl)[0]
+            cap = int(ok[0]) if len(ok) else capacity
+        picks = _backtrack(choice, weights, cap)
+        total_cost = float(sum(costs[j, o] for j, o in enumerate(picks)))
+        exact_bits = float(np.mean([site_bits_[j, o] for j, o in enumerate(picks)]))
+        candidates.append({**label, "feasible": True, "predicted_cost": total_cost, "bits_per_element": exact_bits})
+        key = (total_cost, exact_bits) if budget_bits is not None else (total_cost > target_kl, exact_bits, total_cost)
+        if best_pick is None or key < best_pick[0]:
+            best_pick = (key, n, bounds, [combos[opt[j, o]] for j, o in enumerate(picks)], total_cost, exact_bits)
+    if best_pick is None:
+        raise KvcompileError(f"budget of {budget_bits} bits/element is below the smallest map possible with these "
+                             f"schemes and options at context {context} ({memory} memory)")
+    _, n, bounds, chosen, total_cost, exact_bits = best_pick
+    k = len(bounds) - 1
+    tiers = [f"age{i}" for i in range(1, k + 1)] + ["bulk"]
+    grids = {st: {t: [[None] * g.num_kv_heads for _ in range(g.num_layers)] for t in tiers} for st in STREAMS}
+    sites = [(l, h, st) for l in range(g.num_layers) for h in range(g.num_kv_heads) for st in range(2)]
+    for (l, h, st), combo in zip(sites, chosen):
+        for t, name in zip(tiers, combo):
+            grids[STREAMS[st]][t][l][h] = name
+    base = PrecisionMap.uniform(g.num_layers, g.num_kv_heads, g.head_dim, key="fp16", sink_tokens=n,
+                                recent_window=bounds[0],
+                                ages=tuple((b2 - b1, "fp16") for b1, b2 in zip(bounds[:-1], bounds[1:])),
+                                model=calib.model)
+    schemes_out = {st: {**base.schemes[st], **{t: tuple(tuple(r) for r in grids[st][t]) for t in tiers}}
+                   for st in STREAMS}
+    mode = f"budget {budget_bits} bits/element" if budget_bits is not None else f"target KL {target_kl}"
+    if memory != "final":
+        mode += f", {memory} memory"
+    from dataclasses import replace
+
+    pmap = replace(
+        base, schemes=schemes_out, _resolved={}, calibration_hash=calib.content_hash(),
+        description=f"planned with up to {age_tiers} age tiers ({mode}, context {context}): {exact_bits:.3f} "
+                    f"bits/element, predicted {calib.cost_unit} {total_cost:.4g}",
+        provenance={"planner": "multiple-choice knapsack over tier combinations (Pareto-pruned), exact DP at 1/64 bit",
+                    "mode": mode, "context": context, "memory": memory, "estimator": calib.estimator,
+                    "cost_unit": calib.cost_unit, "predicted_cost": total_cost, "bits_per_element": exact_bits,
+                    "schemes": schemes, "age_tiers": age_tiers, "corrected": corrected, "target_kl": target_kl,
+                    "budget_bits": budget_bits, "candidates": candidates})
+    return PlanResult(pmap, total_cost, exact_bits, n, bounds[0], candidates)

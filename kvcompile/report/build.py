@@ -79,7 +79,9 @@ def build_report(calibration, output, pmap_path=None, validation=None, compariso
             images.append(("Precision map", "precision_heatmap.png"))
             md += [f"## Precision map", "", f"{pmap.description or pmap.summary()}", "",
                    f"{pmap.bits_per_element(context):.3f} bits/element at context {context}; sinks {pmap.sink_tokens}, "
-                   f"recent window {pmap.recent_window}.", "", "![precision heatmap](precision_heatmap.png)", ""]
+                   f"recent window {pmap.recent_window}"
+                   + (f", age tiers {', '.join(f'age{i} {w}' for i, w in enumerate(pmap.age_windows, 1))}"
+                      if pmap.age_windows else "") + ".", "", "![precision heatmap](precision_heatmap.png)", ""]
         if validation:
             doc = _bench_result(validation, "bench/bound_validation.py", ("summary", "sites"))
             plots.scatter_predicted_measured(doc["sites"], tmp / "predicted_vs_measured.png")

@@ -29,26 +29,39 @@ def _save(fig, path) -> Path:
     return Path(path)
 
 
+def heatmap_tiers(pmap) -> list[str]:
+    """Tiers the heatmap shows: every age tier and the bulk, and the recent tier unless it is all fp16."""
+    recent_fp16 = all(n == "fp16" for st in ("key", "value") for row in pmap.schemes[st]["recent"] for n in row)
+    return [c for c in pmap.classes[1:] if c != "recent" or not recent_fp16]
+
+
 def precision_heatmap(pmap, path, context: int) -> Path:
-    """Bulk bits/element per (layer, kv head) for K and V side by side, annotated with scheme names."""
+    """Bits/element per (layer, kv head), one row of panels per tier (K and V side by side),
+    annotated with scheme names."""
     import numpy as np
 
     plt = _pyplot()
     L, H = pmap.num_layers, pmap.num_kv_heads
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.3 * H * 2, 0.28 * L + 1.6), sharey=True)
-    for ax, stream in zip(axes, ("key", "value")):
-        bits = np.array([[pmap.scheme(l, h, stream, "bulk").bits_per_element(pmap.head_dim) for h in range(H)]
-                         for l in range(L)])
-        im = ax.imshow(bits, aspect="auto", cmap="viridis_r", vmin=2, vmax=9)  # fp16 (16) saturates
-        for l in range(L):
-            for h in range(H):
-                ax.text(h, l, pmap.schemes[stream]["bulk"][l][h], ha="center", va="center", fontsize=6,
-                        color="black" if bits[l, h] < 4 else "white")
-        ax.set_title(f"{'K' if stream == 'key' else 'V'} bulk scheme")
-        ax.set_xticks(range(H), [f"head {h}" for h in range(H)])
+    tiers = heatmap_tiers(pmap)
+    windows = {"recent": pmap.recent_window, **{f"age{i}": w for i, w in enumerate(pmap.age_windows, 1)}}
+    fig, axes = plt.subplots(len(tiers), 2, figsize=(2.2 + 1.3 * H * 2, (0.28 * L + 1.2) * len(tiers) + 0.4),
+                             sharey=True, squeeze=False)
+    for row, tier in zip(axes, tiers):
+        for ax, stream in zip(row, ("key", "value")):
+            bits = np.array([[pmap.scheme(l, h, stream, tier).bits_per_element(pmap.head_dim) for h in range(H)]
+                             for l in range(L)])
+            im = ax.imshow(bits, aspect="auto", cmap="viridis_r", vmin=2, vmax=9)  # fp16 (16) saturates
+            for l in range(L):
+                for h in range(H):
+                    ax.text(h, l, pmap.schemes[stream][tier][l][h], ha="center", va="center", fontsize=6,
+                            color="black" if bits[l, h] < 4 else "white")
+            span = f" ({windows[tier]} positions)" if tier in windows else ""
+            ax.set_title(f"{'K' if stream == 'key' else 'V'} {tier} scheme{span}", fontsize=8)
+            ax.set_xticks(range(H), [f"head {h}" for h in range(H)])
+        row[0].set_ylabel("layer")
+    for ax in axes[-1]:
         ax.set_xlabel("kv head")
-    axes[0].set_ylabel("layer")
-    fig.colorbar(im, ax=axes, label="bits / element (bulk)")
+    fig.colorbar(im, ax=axes, label="bits / element")
     fig.suptitle(f"{pmap.summary()} — {pmap.bits_per_element(context):.3f} bits/element at context {context}", fontsize=9)
     return _save(fig, path)
 

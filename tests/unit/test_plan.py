@@ -171,3 +171,93 @@ def test_budget_refinement_chooses_sinks_and_window_by_measurement():
     assert refined.result.sink_tokens == 0
     with pytest.raises(KvcompileError, match="below the smallest map possible"):
         refine_budget(calib, 2.0, measure, context=512)
+
+
+# ----------------------------------------------------------------------------- recency tiers
+
+def synthetic_tiers(seed=0) -> Calibration:
+    """One layer (2 sites), three distance buckets: cost falls as the reading queries get farther."""
+    g = torch.Generator().manual_seed(seed)
+    geom = KVGeometry(num_layers=1, num_kv_heads=1, num_q_heads=2, head_dim=64, max_positions=1024)
+    sens = torch.rand(1, 1, 2, 1, 1, 1, generator=g, dtype=torch.float64) * 10 + 0.1
+    per_scheme = torch.tensor([0.0, 1e-4, 1e-2, 0.5], dtype=torch.float64).view(1, 1, 1, 4, 1, 1)
+    distance = torch.tensor([1.0, 0.45, 0.1], dtype=torch.float64).view(1, 1, 1, 1, 3, 1)
+    cost = sens * per_scheme * distance * torch.tensor([1.0, 0.8], dtype=torch.float64).view(1, 1, 1, 1, 1, 2)
+    return Calibration(model="synthetic", geometry=geom, text="-", windows=1, window=512, estimator="fisher",
+                       cost_unit="nats of KL per position", schemes=SCHEMES, sink_options=[0, 4],
+                       window_options=[0, 32, 128], cost=cost, curvature=torch.ones(1, 1, 2, 3),
+                       diameter=torch.ones(1, 1, 2))
+
+
+def brute_force_tiers(calib, context, budget, age_tiers):
+    """Every (sinks, boundaries with at most ``age_tiers`` age tiers) and every (age schemes, bulk
+    scheme) per site."""
+    from kvcompile.kv.precision_map import PrecisionMap
+
+    best = None
+    c = calib.cost
+    for n in calib.sink_options:
+        ni = calib.sink_options.index(n)
+        for bounds in [b for k in range(1, age_tiers + 2) for b in itertools.combinations(calib.window_options, k)]:
+            wi = [calib.window_options.index(b) for b in bounds]
+            per_site = []
+            for st in range(2):
+                opts = []
+                for combo in itertools.product(*([SCHEMES] * (len(bounds) - 1)), SCHEMES):
+                    cost = sum(max(c[0, 0, st, SCHEMES.index(s), wi[t], ni].item()
+                                   - c[0, 0, st, SCHEMES.index(s), wi[t + 1], ni].item(), 0.0)
+                               for t, s in enumerate(combo[:-1]))
+                    cost += c[0, 0, st, SCHEMES.index(combo[-1]), wi[-1], ni].item()
+                    ages = tuple((b2 - b1, s) for (b1, b2), s in zip(zip(bounds[:-1], bounds[1:]), combo[:-1]))
+                    bits = PrecisionMap.uniform(1, 1, 64, combo[-1], sink_tokens=n, recent_window=bounds[0],
+                                                ages=ages).bits_per_element(context)
+                    opts.append((cost, bits))
+                per_site.append(opts)
+            for a, b in itertools.product(*per_site):
+                units = sum(-(-int(x[1] * UNITS_PER_BIT * 1e6) // 10**6) for x in (a, b))
+                if units > budget * UNITS_PER_BIT * 2:
+                    continue
+                if best is None or a[0] + b[0] < best:
+                    best = a[0] + b[0]
+    return best
+
+
+@pytest.mark.parametrize("budget", [3.0, 5.0, 8.5])
+@pytest.mark.parametrize("seed,age_tiers", [(0, 1), (1, 1), (0, 2), (3, 2)])
+def test_tier_planner_is_optimal_within_budget_and_counts_bits_as_the_map_does(budget, seed, age_tiers):
+    from kvcompile.plan.optimize import plan_tiers
+
+    calib = synthetic_tiers(seed)
+    result = plan_tiers(calib, age_tiers, budget_bits=budget, context=512, corrected=False)
+    assert result.pmap.bits_per_element(512) == pytest.approx(result.bits_per_element, rel=1e-12)
+    assert result.bits_per_element <= budget + 1e-12
+    want = brute_force_tiers(calib, 512, budget, age_tiers)
+    assert result.predicted_cost == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_tiers_predict_no_worse_than_three_classes_and_use_a_tier_where_it_pays():
+    from kvcompile.plan.optimize import plan_tiers
+
+    calib = synthetic_tiers(2)
+    three = plan(calib, budget_bits=4.0, context=512, corrected=False)
+    tiered = plan_tiers(calib, 1, budget_bits=4.0, context=512, corrected=False)
+    assert tiered.predicted_cost <= three.predicted_cost
+    assert tiered.pmap.age_windows  # the int8 age tier for queries at distance 32..128 beats a longer fp16 window
+    assert tiered.predicted_cost < three.predicted_cost
+    again = plan_tiers(calib, 1, budget_bits=4.0, context=512, corrected=False)
+    assert again.pmap.to_json_body() == tiered.pmap.to_json_body()
+
+
+def test_cli_plans_age_tiers(tmp_path, capsys):
+    from kvcompile.cli import main
+    from kvcompile.kv.precision_map import PrecisionMap
+
+    synthetic_tiers(2).save(tmp_path / "calib")
+    assert main(["plan", str(tmp_path / "calib"), "--budget-bits", "4", "--context", "512", "--age-tiers", "1",
+                 "-o", str(tmp_path / "m.json")]) == 0
+    pmap = PrecisionMap.load(tmp_path / "m.json")
+    assert pmap.age_windows and "age tiers" in capsys.readouterr().out
+    assert pmap.bits_per_element(512) <= 4.0
+    assert main(["plan", str(tmp_path / "calib"), "--budget-bits", "4", "--age-tiers", "1", "--refine",
+                 "-o", str(tmp_path / "r.json")]) == 2
+    assert "--refine does not search recency tiers yet" in capsys.readouterr().err

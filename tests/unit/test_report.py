@@ -61,3 +61,24 @@ def test_a_malformed_comparison_is_one_line(artifacts, tmp_path, capsys, content
     rc = main(["report", str(artifacts / "calib"), "--comparison", str(tmp_path / "cmp.json"), "-o", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert rc == 2 and message in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+def test_heatmap_has_a_row_per_tier(artifacts, tmp_path):
+    """A map with recency tiers gets a heatmap panel row per shown tier and its windows in the text."""
+    from kvcompile.kv.precision_map import PrecisionMap
+    from kvcompile.report.plots import heatmap_tiers
+
+    three = PrecisionMap.load(artifacts / "map.json")
+    tiered = PrecisionMap.uniform(three.num_layers, three.num_kv_heads, three.head_dim, "int2", sink_tokens=0,
+                                  recent_window=16, ages=((16, "int8"), (16, "int4")))
+    assert heatmap_tiers(three) == ["bulk"]
+    assert heatmap_tiers(tiered) == ["age1", "age2", "bulk"]
+    tiered.save(tmp_path / "t.json")
+    assert main(["report", str(artifacts / "calib"), "--map", str(tmp_path / "t.json"), "-o", str(tmp_path / "r")]) == 0
+    assert "age tiers age1 16, age2 16" in (tmp_path / "r" / "report.md").read_text()
+    tall = (tmp_path / "r" / "precision_heatmap.png").read_bytes()
+    main(["report", str(artifacts / "calib"), "--map", str(artifacts / "map.json"), "-o", str(tmp_path / "r3")])
+    import struct
+
+    height = lambda png: struct.unpack(">I", png[20:24])[0]  # noqa: E731  (PNG IHDR height)
+    assert height(tall) > 2 * height((tmp_path / "r3" / "precision_heatmap.png").read_bytes())
