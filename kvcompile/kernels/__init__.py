@@ -14,14 +14,10 @@ this package does not import triton; :func:`available` says whether the kernels 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Callable
 
-from kvcompile.quant.base import StorageScheme
-from kvcompile.quant.floating import FP16Scheme
-from kvcompile.quant.integer import IntegerScheme
-
-KERNEL_BITS = (2, 4, 8)
+import kvcompile.quant  # noqa: F401  (registers the families and their traits)
+from kvcompile.quant.base import KernelFormat, StorageScheme, families_with, family_traits, register_traits
+from kvcompile.quant.integer import KERNEL_BITS, IntegerScheme
 
 
 def available(device: str = "cuda") -> tuple[bool, str]:
@@ -43,60 +39,27 @@ def available(device: str = "cuda") -> tuple[bool, str]:
     return True, torch.cuda.get_device_name()
 
 
-KIND_FP16, KIND_TOKEN, KIND_CHANNEL = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class KernelFormat:
-    """A storage family's kernel traits: which of its schemes the kernels read, with which
-    compile-time arguments (``KIND, BITS, G, SYM, LEVELS``) and from which parts
-    (``(codes, scale, zero)`` tensors; unused ones may repeat another)."""
-
-    unsupported: Callable[[StorageScheme], str | None]
-    arguments: Callable[[StorageScheme], dict]
-    pointers: Callable[[StorageScheme, dict], tuple]
-
-
-_KERNEL_FORMATS: dict[type, KernelFormat] = {}
-
-
 def register_kernel_format(scheme_class: type, traits: KernelFormat) -> None:
-    """Give a storage family kernel support (one call, beside its ONNX lowering)."""
-    _KERNEL_FORMATS[scheme_class] = traits
+    """Give a storage family kernel support (its module normally registers it in its traits)."""
+    from dataclasses import replace
+
+    from kvcompile.quant.base import _TRAITS, FamilyTraits
+
+    register_traits(scheme_class, replace(_TRAITS.get(scheme_class, FamilyTraits()), kernel=traits))
 
 
 def kernel_format(scheme: StorageScheme) -> KernelFormat:
     """The kernel traits of ``scheme``'s family (see :func:`unsupported_reason` first)."""
-    return _KERNEL_FORMATS[type(scheme)]
+    return family_traits(scheme).kernel
 
 
 def unsupported_reason(scheme: StorageScheme) -> str | None:
     """Why the kernels cannot handle ``scheme`` (None if they can)."""
-    traits = _KERNEL_FORMATS.get(type(scheme))
+    traits = family_traits(scheme).kernel
     if traits is None:
-        have = " and ".join(sorted(c.__name__ for c in _KERNEL_FORMATS))
+        have = " and ".join(families_with("kernel"))
         return f"{scheme.name}: the {type(scheme).__name__} family has no kernel yet ({have} do)"
     return traits.unsupported(scheme)
-
-
-def _integer_unsupported(scheme: IntegerScheme) -> str | None:
-    if scheme.bits not in KERNEL_BITS:
-        return f"{scheme.name}: kernels pack {KERNEL_BITS}-bit codes, not {scheme.bits}"
-    if scheme.rotate:
-        return f"{scheme.name}: Hadamard-rotated schemes have no kernel yet"
-    return None
-
-
-register_kernel_format(FP16Scheme, KernelFormat(
-    unsupported=lambda s: None,
-    arguments=lambda s: {"KIND": KIND_FP16, "BITS": 16, "G": 1, "SYM": False, "LEVELS": 0},
-    pointers=lambda s, parts: (parts["values"].contiguous(),) * 3))
-register_kernel_format(IntegerScheme, KernelFormat(
-    unsupported=_integer_unsupported,
-    arguments=lambda s: {"KIND": KIND_TOKEN if s.axis == "token" else KIND_CHANNEL, "BITS": s.bits,
-                         "G": s.group_size, "SYM": s.symmetric, "LEVELS": s.levels},
-    pointers=lambda s, parts: (parts["codes"].contiguous(), parts["scale"].contiguous(),
-                               parts["zero"].contiguous() if "zero" in parts else parts["scale"].contiguous())))
 
 
 def quantize(scheme: StorageScheme, x):

@@ -258,3 +258,49 @@ def storable_scheme(name: str, head_dim: int) -> StorageScheme:
         raise SchemeError(f"{name!r} is not the canonical name; write {scheme.name!r}")
     part_layout(scheme, head_dim)  # quantizes one block: group sizes, packing and rotation must fit head_dim
     return scheme
+
+
+# ----------------------------------------------------------------------------- family traits
+
+
+#: kinds of stored tile the kernels read
+KIND_FP16, KIND_TOKEN, KIND_CHANNEL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class KernelFormat:
+    """How the kernels read a family: which of its schemes they support (``unsupported`` returns a
+    reason or None), their compile-time arguments (``KIND, BITS, G, SYM, LEVELS``) and the parts
+    they load (``(codes, scale, zero)`` tensors; unused ones may repeat another)."""
+
+    unsupported: Callable[["StorageScheme"], str | None]
+    arguments: Callable[["StorageScheme"], dict]
+    pointers: Callable[["StorageScheme", dict], tuple]
+
+
+@dataclass(frozen=True)
+class FamilyTraits:
+    """What a storage family provides beyond its torch reference (in the spirit of ggml's type
+    traits): ``onnx`` = ``(quantize, dequantize)`` lowerings to standard ONNX ops
+    (:mod:`kvcompile.quant.onnx_ops`), ``kernel`` = :class:`KernelFormat`; None where it has none.
+    The family's module registers them beside its scheme class, so adding a family is one module."""
+
+    onnx: tuple[Callable, Callable] | None = None
+    kernel: KernelFormat | None = None
+
+
+_TRAITS: dict[type, FamilyTraits] = {}
+
+
+def register_traits(scheme_class: type, traits: FamilyTraits) -> None:
+    _TRAITS[scheme_class] = traits
+
+
+def family_traits(scheme: "StorageScheme") -> FamilyTraits:
+    """The traits of ``scheme``'s family (empty traits if it registered none)."""
+    return _TRAITS.get(type(scheme), FamilyTraits())
+
+
+def families_with(trait: str) -> list[str]:
+    """Names of the scheme classes that have ``trait`` (``"onnx"`` or ``"kernel"``)."""
+    return sorted(c.__name__ for c, t in _TRAITS.items() if getattr(t, trait) is not None)

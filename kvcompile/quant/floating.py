@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from kvcompile.quant.base import FP16_MAX, QuantizedTensor, StorageScheme, check_input, register_family, round_to_dtype
+from kvcompile.quant import onnx_ops as ox
+from kvcompile.quant.base import KIND_FP16, FamilyTraits, KernelFormat, register_traits
 
 E4M3_MAX = 448.0
 
@@ -69,3 +71,20 @@ class FP8Scheme(StorageScheme):
 
 register_family("fp16", lambda n: FP16Scheme() if n == "fp16" else None, ("fp16",))
 register_family("fp8", lambda n: FP8Scheme() if n in ("fp8", "fp8-e4m3") else None, ("fp8",))
+
+
+# ----------------------------------------------------------------------------- traits: ONNX and kernels
+
+def _fp16_quantize(b: ox.GraphBuilder, scheme: FP16Scheme, x: str, head_dim: int) -> list[str]:
+    return [b.op("Cast", x, to=10)]
+
+
+def _fp16_dequantize(b: ox.GraphBuilder, scheme: FP16Scheme, parts: list[str], head_dim: int) -> str:
+    return b.op("Cast", parts[0], to=1)
+
+
+register_traits(FP16Scheme, FamilyTraits(
+    onnx=(_fp16_quantize, _fp16_dequantize),
+    kernel=KernelFormat(unsupported=lambda s: None,
+                        arguments=lambda s: {"KIND": KIND_FP16, "BITS": 16, "G": 1, "SYM": False, "LEVELS": 0},
+                        pointers=lambda s, parts: (parts["values"].contiguous(),) * 3)))

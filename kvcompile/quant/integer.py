@@ -35,6 +35,8 @@ from kvcompile.quant.base import (FP16_MAX, QuantizedTensor, StorageScheme, chec
                                   is_empty, register_family, round_to_dtype)
 from kvcompile.quant.hadamard import rotate
 from kvcompile.quant.packing import pack_bits, packed_length, unpack_bits
+from kvcompile.quant import onnx_ops as ox
+from kvcompile.quant.base import KIND_CHANNEL, KIND_TOKEN, FamilyTraits, KernelFormat, register_traits
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_GROUP = 32
@@ -170,3 +172,64 @@ def _parse(name: str) -> IntegerScheme | None:
 
 
 register_family("integer", _parse, ("int8", "int4", "int3", "int2", "int4-ch", "int2-ch", "int8-sym", "int4-rot", "int2-rot"))
+
+
+# ----------------------------------------------------------------------------- traits: ONNX and kernels
+
+def _int_quantize(b: ox.GraphBuilder, s: IntegerScheme, x: str, head_dim: int) -> list[str]:
+    if s.rotate:
+        x = ox.rotate(b, x, head_dim)
+    g = b.reshape(x, ox.grouped_shape(b, x, s.group_size, s.axis))
+    r = b.i64(-1 if s.axis == "token" else -2)
+    half = s.scale_dtype.itemsize == 2
+    levels = float(s.levels)
+    if s.symmetric:
+        amax = b.op("ReduceMax", b.op("Abs", g), r, keepdims=1)
+        scale, scale_f = ox.stored_scale(b, b.op("Div", amax, b.const(levels)), half)
+        q = b.op("Add", b.op("Clip", b.op("Round", b.op("Div", g, scale_f)), b.const(-levels), b.const(levels)),
+                 b.const(levels))
+        params = [scale]
+    else:
+        zero, zero_f = ox.stored_zero(b, b.op("ReduceMin", g, r, keepdims=1), half)
+        span = b.op("Sub", b.op("ReduceMax", g, r, keepdims=1), zero_f)
+        scale, scale_f = ox.stored_scale(b, b.op("Div", span, b.const(levels)), half)
+        q = b.op("Clip", b.op("Round", b.op("Div", b.op("Sub", g, zero_f), scale_f)), b.const(0.0), b.const(levels))
+        params = [scale, zero]
+    codes = b.reshape(b.op("Cast", q, to=7), b.op("Shape", x))
+    return [ox.pack(b, codes, s.bits), *[b.op("Squeeze", p, r) for p in params]]
+
+
+def _int_dequantize(b: ox.GraphBuilder, s: IntegerScheme, parts: list[str], head_dim: int) -> str:
+    codes = b.op("Cast", ox.unpack(b, parts[0], s.bits), to=1)
+    g = b.reshape(codes, ox.grouped_shape(b, codes, s.group_size, s.axis))
+    r = b.i64(-1 if s.axis == "token" else -2)
+    scale = b.op("Unsqueeze", b.op("Cast", parts[1], to=1), r)
+    if s.symmetric:
+        x = b.op("Mul", b.op("Sub", g, b.const(float(s.levels))), scale)
+    else:
+        zero = b.op("Unsqueeze", b.op("Cast", parts[2], to=1), r)
+        x = b.op("Add", zero, b.op("Mul", g, scale))
+    x = b.reshape(x, b.op("Shape", codes))
+    return ox.rotate(b, x, head_dim) if s.rotate else x
+
+
+#: code widths the Triton kernels unpack
+KERNEL_BITS = (2, 4, 8)
+
+
+def _kernel_unsupported(scheme: IntegerScheme) -> str | None:
+    if scheme.bits not in KERNEL_BITS:
+        return f"{scheme.name}: kernels pack {KERNEL_BITS}-bit codes, not {scheme.bits}"
+    if scheme.rotate:
+        return f"{scheme.name}: Hadamard-rotated schemes have no kernel yet"
+    return None
+
+
+register_traits(IntegerScheme, FamilyTraits(
+    onnx=(_int_quantize, _int_dequantize),
+    kernel=KernelFormat(
+        unsupported=_kernel_unsupported,
+        arguments=lambda s: {"KIND": KIND_TOKEN if s.axis == "token" else KIND_CHANNEL, "BITS": s.bits,
+                             "G": s.group_size, "SYM": s.symmetric, "LEVELS": s.levels},
+        pointers=lambda s, parts: (parts["codes"].contiguous(), parts["scale"].contiguous(),
+                                   parts["zero"].contiguous() if "zero" in parts else parts["scale"].contiguous()))))

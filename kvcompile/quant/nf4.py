@@ -23,12 +23,15 @@ import functools
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kvcompile.errors import SchemeError
 from kvcompile.quant.base import (FP16_MAX, QuantizedTensor, StorageScheme, check_input, empty_quantized, is_empty,
                                   register_family, round_to_dtype)
 from kvcompile.quant.packing import pack_bits, unpack_bits
+from kvcompile.quant import onnx_ops as ox
+from kvcompile.quant.base import FamilyTraits, register_traits
 
 DEFAULT_GROUP = 16
 _NAME = re.compile(r"nf4(?:-g(?P<group>[0-9]+))?(?P<nodq>-nodq)?")
@@ -119,3 +122,42 @@ def _parse(name: str) -> NF4Scheme | None:
 
 
 register_family("nf4", _parse, ("nf4", "nf4-g32"))
+
+
+# ----------------------------------------------------------------------------- traits: ONNX (no kernel yet)
+
+def _nf4_scales(b: ox.GraphBuilder, s: NF4Scheme, params: list[str]) -> str:
+    """Dequantized first-level scales [B,H,T,D/G] float32."""
+    if s.double_quant:
+        codes = b.op("Cast", b.op("Mod", b.op("Cast", params[0], to=7), b.const(256, np.int64)), to=1)
+        return b.op("Div", b.op("Mul", b.op("Cast", params[1], to=1), codes), b.const(255.0))
+    return b.op("Cast", params[0], to=1)
+
+
+def _nf4_quantize(b: ox.GraphBuilder, s: NF4Scheme, x: str, head_dim: int) -> list[str]:
+    g = b.reshape(x, ox.grouped_shape(b, x, s.group_size, "token"))
+    absmax = b.op("ReduceMax", b.op("Abs", g), b.i64(-1), keepdims=0)  # [B,H,T,ng]
+    if s.double_quant:
+        sup, sup_f = ox.stored_scale(b, b.op("ReduceMax", absmax, b.i64(-1), keepdims=1), True)
+        c = b.op("Clip", b.op("Ceil", b.op("Mul", b.op("Div", absmax, sup_f), b.const(255.0))),
+                 b.const(1.0), b.const(255.0))
+        params = [ox.to_int8_container(b, b.op("Cast", c, to=7)), sup]
+    else:
+        params = [ox.stored_scale(b, absmax, True)[0]]
+    scales = b.op("Unsqueeze", _nf4_scales(b, s, params), b.i64(-1))
+    y = b.op("Div", g, scales)
+    book = b.const(nf4_codebook().numpy())
+    codes = b.op("ArgMin", b.op("Abs", b.op("Sub", b.op("Unsqueeze", y, b.i64(-1)), book)), axis=-1, keepdims=0)
+    codes = b.reshape(codes, b.op("Shape", x))
+    return [ox.pack(b, codes, 4), *params]
+
+
+def _nf4_dequantize(b: ox.GraphBuilder, s: NF4Scheme, parts: list[str], head_dim: int) -> str:
+    codes = ox.unpack(b, parts[0], 4)
+    values = b.op("Gather", b.const(nf4_codebook().numpy()), codes, axis=0)
+    g = b.reshape(values, ox.grouped_shape(b, values, s.group_size, "token"))
+    x = b.op("Mul", g, b.op("Unsqueeze", _nf4_scales(b, s, parts[1:]), b.i64(-1)))
+    return b.reshape(x, b.op("Shape", values))
+
+
+register_traits(NF4Scheme, FamilyTraits(onnx=(_nf4_quantize, _nf4_dequantize)))

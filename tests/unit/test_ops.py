@@ -6,6 +6,8 @@ an exported graph and MixedPrecisionCache hold the same cache.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -172,3 +174,62 @@ def test_scheme_without_lowering_is_a_clear_export_error():
         check_lowerable(get_scheme("fp8"), 64)
     with pytest.raises(ExportError, match="head dim 60"):
         check_lowerable(get_scheme("int3"), 60)
+
+
+FAMILY_MODULE = '''
+"""A storage family in one module: reference, ONNX lowering, (no) kernel."""
+from dataclasses import dataclass
+
+from kvcompile.quant.base import FamilyTraits, QuantizedTensor, StorageScheme, register_family, register_traits
+
+
+@dataclass(frozen=True)
+class NegatedHalfScheme(StorageScheme):
+    bits: int = 16
+    name: str = "neghalf"
+
+    def bits_per_element(self, head_dim):
+        return 16.0
+
+    def quantize(self, x):
+        return QuantizedTensor(self.name, tuple(x.shape), {"values": (-x).half()})
+
+    def dequantize(self, q):
+        return -q.parts["values"].float()
+
+    def error_bound(self, q):
+        return q.parts["values"].float().abs() * 2.0**-11 + 2.0**-25
+
+
+register_family("neghalf", lambda n: NegatedHalfScheme() if n == "neghalf" else None, ("neghalf",))
+register_traits(NegatedHalfScheme, FamilyTraits(
+    onnx=(lambda b, s, x, d: [b.op("Cast", b.op("Neg", x), to=10)],
+          lambda b, s, parts, d: b.op("Neg", b.op("Cast", parts[0], to=1)))))
+'''
+
+
+def test_a_storage_family_is_one_module(tmp_path, monkeypatch):
+    """A module that registers a family and its traits is all the export and kernels need to know."""
+    import importlib
+
+    from kvcompile import kernels
+    from kvcompile.quant import base
+
+    (tmp_path / "neghalf_family.py").write_text(FAMILY_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    families, traits = dict(base._FAMILIES), dict(base._TRAITS)
+    try:
+        module = importlib.import_module("neghalf_family")
+        attrs = {"scheme": "neghalf", "head_dim": 64}
+        x = adversarial(5)
+        (codes,) = session(KV_QUANTIZE.single_node_model(attrs)).run(None, {"states": x.numpy()})
+        assert np.array_equal(codes, KV_QUANTIZE.reference(attrs, x)[0].numpy())
+        (back,) = session(KV_DEQUANTIZE.single_node_model(attrs)).run(None, {"values": codes})
+        assert np.array_equal(back, -codes.astype(np.float32))
+        assert kernels.unsupported_reason(module.NegatedHalfScheme()).startswith(
+            "neghalf: the NegatedHalfScheme family has no kernel yet")
+    finally:
+        base._FAMILIES.clear(), base._FAMILIES.update(families)
+        base._TRAITS.clear(), base._TRAITS.update(traits)
+        base._lookup.cache_clear()
+        sys.modules.pop("neghalf_family", None)
