@@ -226,3 +226,32 @@ def test_memory_accounting_tables_and_prose_match_the_json():
     g = comparisons[("plan 2.5b, menu + g128", "plan 2.5b")]
     assert (f"interval\nof the difference {g['ci_low_pct']:.1f} to {g['ci_high_pct']:.1f} points), but it costs "
             f"{rows['plan 2.5b, menu + g128']['bits_allocated']:.2f} allocated bits") in text("docs/calibration-results.md")
+
+
+def test_tiers_table_matches_the_json():
+    rows = table_rows("README.md", "| context | budget | 3-class bits |")
+    results = result("tiers")["results"]
+    assert len(rows) == len(results)
+    for row, r in zip(rows, results):
+        t, c, b = r["tiers"], r["three_class"], r["tiers_minus_three_class"]
+        want = [str(r["context"]), str(r["budget_bits"]), f"{c['bits_per_element']:.3f}", f"{pct(c['delta_ppl_pct'])} %",
+                f"{c['kl']:.4f}", f"{t['bits_per_element']:.3f}",
+                f"{t['recent_window']} + {t['age_windows']}", f"{pct(t['delta_ppl_pct'])} %", f"{t['kl']:.4f}",
+                f"{pct(b['difference_pct'])} [{pct(b['ci_low_pct'])}, {pct(b['ci_high_pct'])}]"]
+        assert all(same_number(g, w) for g, w in zip(row, want)) and len(row) == len(want), (row, want)
+
+
+def _tier_row(context: int, budget: float) -> dict:
+    return next(r for r in result("tiers")["results"] if r["context"] == context and r["budget_bits"] == budget)
+
+
+def test_tiers_prose_quotes_the_json():
+    r = _tier_row(2048, 3.5)
+    quoted = re.search(r"by ([\d.]+) points of ΔPPL \(([+\d.]+) % against ([+\d.]+) %\)", text("README.md"))
+    assert quoted and quoted.groups() == (f"{-r['tiers_minus_three_class']['difference_pct']:.2f}",
+                                          pct(r["tiers"]["delta_ppl_pct"]), pct(r["three_class"]["delta_ppl_pct"]))
+    assert r["tiers_minus_three_class"]["significant"]
+    r = _tier_row(2048, 3.0)
+    assert f"gain at 2,048 tokens ({-r['tiers_minus_three_class']['difference_pct']:.2f} points)" in text("README.md")
+    r = _tier_row(4096, 3.0)
+    assert f"(KL {r['tiers']['kl']:.3f} with tiers against {r['three_class']['kl']:.3f} without)" in text("README.md")
