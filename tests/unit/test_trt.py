@@ -177,3 +177,22 @@ def test_a_malformed_trt_section_is_one_line_before_any_engine_is_read(tmp_path,
     assert reason.endswith("the manifest's trt section must name its engine among its files, a max_batch >= 1 and the "
                            "TensorRT flavour; re-run `kvcompile export --target trt`")
     assert "trt section" not in (why_not_runnable(SimpleNamespace(path=tmp_path, trt=section)) or "")
+
+
+@needs_trt
+def test_an_engine_with_recency_tiers_builds_with_their_segments(tiny_lm, tiny_geometry, tmp_path):
+    """The plugin's fields carry the age tiers and its output shapes (the same SegmentRule on
+    TensorRT dimension expressions) let the builder accept every tier segment's I/O."""
+    import json
+
+    from kvcompile.kv.precision_map import PrecisionMap
+
+    g = tiny_geometry
+    pmap = PrecisionMap.uniform(g.num_layers, g.num_kv_heads, g.head_dim, "int2", sink_tokens=2, recent_window=4,
+                                ages=((6, "int8"), (8, "int4-ch-g8")))
+    ex = export_trt(tiny_lm, pmap, tmp_path / "tiers", max_context=64)
+    report = json.loads((ex.path / "engine_report.json").read_text())
+    assert len(report["plugin_layers"]) == 2 * g.num_layers
+    assert {layer["fields"]["age_tiers"] for layer in report["plugin_layers"]} == {"int8:6,int4-ch-g8:8"}
+    io = {t["name"] for t in report["io"]}
+    assert any(".age2." in name for name in io) and any(".age1." in name for name in io)
