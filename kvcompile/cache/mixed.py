@@ -1,8 +1,8 @@
 """MixedPrecisionCache: a ``transformers`` Cache that stores every position at its planned precision.
 
 For each layer and each stream (keys, values) the kv heads are grouped by their
-(sink, recent, bulk) scheme triple (:mod:`kvcompile.kv.grouping`); each group is a
-:class:`~kvcompile.kv.store.SegmentStore` of three packed segments:
+schemes (:mod:`kvcompile.kv.grouping`); each group is a :class:`~kvcompile.kv.store.SegmentStore`
+of packed segments, three for a map without recency tiers:
 
     positions  [0, n)        sink    scheme  (first n = sink_tokens positions)
                [n, e)        bulk    scheme  (e from :mod:`kvcompile.kv.segments`)
@@ -11,7 +11,8 @@ For each layer and each stream (keys, values) the kv heads are grouped by their
 A new position is quantized into the sink or recent segment.  When it ages out of the window
 (``e`` grows) it is taken from the recent segment, de-quantized and re-quantized into the bulk
 scheme: the original float values are gone by then, as in a real cache.  Per-channel bulk
-schemes move G positions at a time.  ``update`` returns the de-quantized K/V of *all* cached
+schemes move G positions at a time.  A map with recency tiers moves positions recent -> age1 ->
+... -> bulk the same way, one re-quantization per tier.  ``update`` returns the de-quantized K/V of *all* cached
 positions (the new ones included, at the precision they are stored at), which is what attention
 then reads; no float copy is kept, so :meth:`MixedPrecisionCache.nbytes` is the true footprint.
 

@@ -3,7 +3,7 @@
 * :func:`quantize` — integer schemes (2/4/8 bits, asymmetric or symmetric, per-token or per-channel
   groups, float16 or float32 parameters): bit-identical to the scheme's torch ``quantize``.
 * :func:`decode_attention` — one query position per sequence attending over a head group's
-  sink / bulk / recent segments read *packed* (fp16 or integer), GQA, the sequence split into
+  segments (sinks, bulk, age tiers, recent) read *packed* (fp16 or integer), GQA, the sequence split into
   chunks whose partial softmax states are merged stably.
 
 Triton runs on a GPU, or on CPU tensors under ``TRITON_INTERPRET=1`` (exact, slow), which is how

@@ -9,9 +9,10 @@ Position classes, for a sequence of L cached positions:
 
 The bulk end is ``e = n + G * floor(max(L - w - n, 0) / G)`` where ``w = recent_window`` and
 ``G = token_group`` of the bulk scheme (1 for per-token formats, the group size for per-channel
-formats, which quantize G positions together); :mod:`kvcompile.kv.segments` holds this algebra.  Positions enter the cache at their class's
-precision and are re-quantized from their recent-window form into the bulk scheme when they age
-past the window.  Sink and recent schemes must store single positions (``token_group == 1``).
+formats, which quantize G positions together); :mod:`kvcompile.kv.segments` holds this algebra.
+Positions enter the cache at their class's precision and are re-quantized from their
+recent-window form into the bulk scheme when they age past the window.  Sink and recent schemes
+must store single positions (``token_group == 1``).
 
 Recency tiers: between ``recent`` and ``bulk`` a map may have age tiers ``age1 .. ageK`` of
 ``age_windows[i]`` positions each; a position moves ``recent -> age1 -> ... -> bulk`` as it ages,

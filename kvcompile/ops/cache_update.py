@@ -1,6 +1,6 @@
 """``kvcompile::KVCacheUpdate``: append new positions to one head group's packed K or V cache.
 
-The cache of H kv heads that share a (sink, recent, bulk) scheme triple is three packed
+The cache of H kv heads that share their schemes is, without age tiers, three packed
 segments (see :mod:`kvcompile.kv.segments`): positions ``[0, s)`` in the sink scheme, ``[s, e)``
 in the bulk scheme and ``[e, L)`` in the recent scheme, with ``s = min(sink_tokens, L)`` and
 ``e = s + G * floor(max(L - w - s, 0) / G)`` (G the bulk scheme's position block, w the window).
