@@ -102,6 +102,23 @@ def _backtrack(choice: np.ndarray, weights: np.ndarray, capacity: int) -> list[i
     return picks[::-1]
 
 
+def _request(calib: Calibration, budget_bits, target_kl, memory: str, context, schemes, sink_options, window_options):
+    """Check a planning request against the calibration; ``(context, schemes, sinks, windows)`` with defaults filled."""
+    if (budget_bits is None) == (target_kl is None):
+        raise KvcompileError("give exactly one of --budget-bits or --target-kl")
+    if memory not in MEMORY_ACCOUNTING:
+        raise KvcompileError(f"memory accounting must be one of {', '.join(MEMORY_ACCOUNTING)}, got {memory!r}")
+    schemes = schemes or calib.schemes
+    missing = [s for s in schemes if s not in calib.schemes]
+    if missing:
+        raise KvcompileError(f"schemes {missing} were not calibrated; calibrated: {', '.join(calib.schemes)}")
+    for opts, have, what in ((sink_options, calib.sink_options, "sink"), (window_options, calib.window_options, "window")):
+        if opts and any(o not in have for o in opts):
+            raise KvcompileError(f"{what} options {opts} were not all calibrated; calibrated: {have}")
+    return (context or calib.window, schemes, sink_options or calib.sink_options,
+            window_options or calib.window_options)
+
+
 def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float | None = None, context: int | None = None,
          schemes: list[str] | None = None, sink_options: list[int] | None = None,
          window_options: list[int] | None = None, corrected: bool = True, memory: str = "final",
@@ -116,21 +133,9 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
         return plan_tiers(calib, age_tiers, budget_bits=budget_bits, target_kl=target_kl, context=context,
                           schemes=schemes, sink_options=sink_options, window_options=window_options,
                           corrected=corrected, memory=memory)
-    if (budget_bits is None) == (target_kl is None):
-        raise KvcompileError("give exactly one of --budget-bits or --target-kl")
-    if memory not in MEMORY_ACCOUNTING:
-        raise KvcompileError(f"memory accounting must be one of {', '.join(MEMORY_ACCOUNTING)}, got {memory!r}")
+    context, schemes, sink_options, window_options = _request(calib, budget_bits, target_kl, memory, context, schemes,
+                                                              sink_options, window_options)
     g = calib.geometry
-    context = context or calib.window
-    schemes = schemes or calib.schemes
-    missing = [s for s in schemes if s not in calib.schemes]
-    if missing:
-        raise KvcompileError(f"schemes {missing} were not calibrated; calibrated: {', '.join(calib.schemes)}")
-    for opts, have, what in ((sink_options, calib.sink_options, "sink"), (window_options, calib.window_options, "window")):
-        if opts and any(o not in have for o in opts):
-            raise KvcompileError(f"{what} options {opts} were not all calibrated; calibrated: {have}")
-    sink_options = sink_options or calib.sink_options
-    window_options = window_options or calib.window_options
     s_idx = [calib.schemes.index(s) for s in schemes]
     sites = [(l, h, st) for l in range(g.num_layers) for h in range(g.num_kv_heads) for st in range(2)]
     cost_all = (calib.corrected_cost() if corrected else calib.cost).numpy()
@@ -219,21 +224,10 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
     (see the module docstring); the arguments are :func:`plan`'s."""
     from itertools import product
 
-    if (budget_bits is None) == (target_kl is None):
-        raise KvcompileError("give exactly one of --budget-bits or --target-kl")
-    if memory not in MEMORY_ACCOUNTING:
-        raise KvcompileError(f"memory accounting must be one of {', '.join(MEMORY_ACCOUNTING)}, got {memory!r}")
+    context, schemes, sink_options, window_options = _request(calib, budget_bits, target_kl, memory, context, schemes,
+                                                              sink_options, window_options)
+    window_options = [w for w in window_options if w < context]
     g = calib.geometry
-    context = context or calib.window
-    schemes = schemes or calib.schemes
-    missing = [s for s in schemes if s not in calib.schemes]
-    if missing:
-        raise KvcompileError(f"schemes {missing} were not calibrated; calibrated: {', '.join(calib.schemes)}")
-    for opts, have, what in ((sink_options, calib.sink_options, "sink"), (window_options, calib.window_options, "window")):
-        if opts and any(o not in have for o in opts):
-            raise KvcompileError(f"{what} options {opts} were not all calibrated; calibrated: {have}")
-    sink_options = sink_options or calib.sink_options
-    window_options = [w for w in (window_options or calib.window_options) if w < context]
     ages_menu = ["fp16", *[s for s in schemes if s != "fp16" and get_scheme(s).token_group == 1]]
     cost_all = (calib.corrected_cost() if corrected else calib.cost).numpy()  # [L, H, 2, S, W, N]
     n_sites = g.num_layers * g.num_kv_heads * 2
