@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 
 import kvcompile.quant  # noqa: F401  (registers the families and their traits)
-from kvcompile.quant.base import KernelFormat, StorageScheme, families_with, family_traits, register_traits
+from kvcompile.quant.base import KernelFormat, StorageScheme, families_with, family_traits, update_traits
 from kvcompile.quant.integer import KERNEL_BITS, IntegerScheme
 
 
@@ -41,11 +41,7 @@ def available(device: str = "cuda") -> tuple[bool, str]:
 
 def register_kernel_format(scheme_class: type, traits: KernelFormat) -> None:
     """Give a storage family kernel support (its module normally registers it in its traits)."""
-    from dataclasses import replace
-
-    from kvcompile.quant.base import _TRAITS, FamilyTraits
-
-    register_traits(scheme_class, replace(_TRAITS.get(scheme_class, FamilyTraits()), kernel=traits))
+    update_traits(scheme_class, kernel=traits)
 
 
 def kernel_format(scheme: StorageScheme) -> KernelFormat:

@@ -38,8 +38,6 @@ from typing import Any, Protocol
 from kvcompile.errors import KvcompileError
 
 CLASSES = ("sink", "recent", "bulk")
-#: storage order of the segments of a map without age tiers, along the position axis (oldest first)
-STORAGE_ORDER = ("sink", "bulk", "recent")
 #: most age tiers between recent and bulk
 MAX_AGE_TIERS = 6
 
@@ -253,10 +251,6 @@ class SegmentRule:
         """``[c_i(P + S) - c_i(P) for i = 1 .. K+1]``: positions entering tier i on that append."""
         before, after = self.reached(past, ops), self.reached(ops.add(past, new), ops)
         return [ops.sub(a, b) for a, b in zip(after[1:], before[1:])]
-
-    def aging(self, past, new, ops: IntegerOps = PYTHON):
-        """Positions leaving the recent tier on an append of ``S`` to ``P`` (into the bulk, without age tiers)."""
-        return self.moves(past, new, ops)[0]
 
     def counted(self, context: int, memory: str = "final") -> dict[str, int]:
         """Positions counted per class at a context of ``context`` positions (Python ints).

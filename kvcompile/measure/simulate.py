@@ -47,16 +47,6 @@ class _Active:
 
 
 @functools.lru_cache(maxsize=64)
-def late_mask(seq_len: int, sink_tokens: int, recent_window: int, token_group: int, prefill_length: int) -> torch.Tensor:
-    """``[T, T]`` bool: True where query i reads key j in its bulk (late) form."""
-    lengths = torch.clamp(torch.arange(1, seq_len + 1), min=prefill_length)
-    rule = SegmentRule(sink_tokens, recent_window, token_group)
-    ends = torch.tensor([rule.bulk_end(int(L)) for L in lengths])
-    j = torch.arange(seq_len)
-    return (j[None, :] >= min(sink_tokens, seq_len)) & (j[None, :] < ends[:, None])
-
-
-@functools.lru_cache(maxsize=64)
 def tier_index(seq_len: int, rule: SegmentRule, prefill_length: int) -> torch.Tensor:
     """``[T, T]`` int8: the tier (0 = sink or recent, 1 = age1 / bulk, ...) in whose form query i
     reads key j, i.e. the number of tiers t >= 1 with ``j - n < c_t(L_i)``, ``L_i = max(i + 1, P)``."""

@@ -12,13 +12,12 @@ one-line error.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable
 
 from kvcompile.errors import ExportError
 from kvcompile.ops.builder import Builder
 from kvcompile.quant import get_scheme
-from kvcompile.quant.base import StorageScheme, families_with, family_traits, register_traits
+from kvcompile.quant.base import StorageScheme, families_with, family_traits, update_traits
 from kvcompile.quant.onnx_ops import (grouped_shape, pack, rotate, round_fp16, stored_scale,  # noqa: F401
                                       stored_zero, to_int8_container, unpack)
 from kvcompile.quant.packing import block_shape
@@ -32,9 +31,7 @@ DequantizeLowering = Callable[[Builder, StorageScheme, list[str], int], str]
 
 def register_lowering(scheme_class: type, quantize: QuantizeLowering, dequantize: DequantizeLowering) -> None:
     """Replace a family's ONNX lowering (its module registers the real one; tests inject faults)."""
-    from kvcompile.quant.base import _TRAITS, FamilyTraits
-
-    register_traits(scheme_class, replace(_TRAITS.get(scheme_class, FamilyTraits()), onnx=(quantize, dequantize)))
+    update_traits(scheme_class, onnx=(quantize, dequantize))
 
 
 def lowering(scheme: StorageScheme | str) -> tuple[QuantizeLowering, DequantizeLowering]:

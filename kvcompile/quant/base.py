@@ -296,6 +296,13 @@ def register_traits(scheme_class: type, traits: FamilyTraits) -> None:
     _TRAITS[scheme_class] = traits
 
 
+def update_traits(scheme_class: type, **changes) -> None:
+    """Replace some of a family's traits (``onnx=...``, ``kernel=...``), keeping the others."""
+    from dataclasses import replace
+
+    register_traits(scheme_class, replace(_TRAITS.get(scheme_class, FamilyTraits()), **changes))
+
+
 def family_traits(scheme: "StorageScheme") -> FamilyTraits:
     """The traits of ``scheme``'s family (empty traits if it registered none)."""
     return _TRAITS.get(type(scheme), FamilyTraits())

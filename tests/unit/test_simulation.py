@@ -8,7 +8,8 @@ import torch
 from kvcompile.cache import MixedPrecisionCache
 from kvcompile.kv.precision_map import PrecisionMap
 from kvcompile.plan.presets import resolve_map
-from kvcompile.measure.simulate import late_mask, simulate_cache
+from kvcompile.kv.segments import SegmentRule
+from kvcompile.measure.simulate import simulate_cache, tier_index
 
 from tests.conftest import make_tiny_llama
 
@@ -73,12 +74,16 @@ def test_simulation_differs_from_a_plain_forward_pass(model64):
     assert model64.config._attn_implementation == "sdpa"  # restored
 
 
-def test_late_mask_matches_the_segment_rule():
-    m = late_mask(12, 2, 3, 4, 1)
+def test_tier_index_matches_the_segment_rule():
+    m = tier_index(12, SegmentRule(2, 3, 4), 1)
     # query 11 (12 cached): bulk = [2, 2 + 4 * floor((12 - 3 - 2) / 4)) = [2, 6)
-    assert m[11].nonzero().flatten().tolist() == [2, 3, 4, 5]
+    assert (m[11] == 1).nonzero().flatten().tolist() == [2, 3, 4, 5]
     # query 5 (6 cached): no complete block yet
     assert not m[5].any()
+    # with an age tier of 2 positions (12 cached): c_1 = 10 - 3 = 7 non-sink positions are past the
+    # window, c_2 = 4 * floor(min(7, 10 - 5) / 4) = 4 in the bulk: bulk [2, 6), age1 [6, 9), recent [9, 12)
+    m = tier_index(12, SegmentRule(2, 3, 4, ((2, 1),)), 1)
+    assert m[11].tolist() == [0, 0, 2, 2, 2, 2, 1, 1, 1, 0, 0, 0]
 
 
 def test_simulation_state_lives_on_each_model_not_in_a_global(model64):
