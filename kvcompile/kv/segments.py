@@ -37,6 +37,7 @@ from typing import Any, Protocol
 
 from kvcompile.errors import KvcompileError
 
+#: position classes of a map without age tiers (:func:`class_names` gives them with tiers)
 CLASSES = ("sink", "recent", "bulk")
 #: most age tiers between recent and bulk
 MAX_AGE_TIERS = 6
@@ -55,6 +56,7 @@ def class_names(age_tiers: int) -> tuple[str, ...]:
 def storage_order(age_tiers: int) -> tuple[str, ...]:
     """Segments along the position axis, oldest first: sinks, bulk, ageK, ..., age1, recent."""
     return ("sink", *reversed(tier_names(age_tiers)))
+
 
 #: How memory is counted at a context of N positions (``memory=`` of :meth:`SegmentRule.counted`):
 #: ``final``: what the cache stores holding exactly N positions;
