@@ -1,12 +1,14 @@
 """How a PrecisionMap's cache appears as graph inputs and outputs.
 
-For each layer and stream (key, value) the kv heads are grouped by their (sink, recent, bulk)
-scheme triple (:func:`kvcompile.kv.grouping.stream_groups`, as in the torch cache).  A group is either
+For each layer the kv heads are grouped by their key *and* value schemes in every class
+(:func:`kvcompile.kv.grouping.joint_groups`: the heads one ``KVAttention`` node reads), and each
+group appears once per stream (key, value).  A group is either
 
-* *plain*: all three classes fp16, so the segments concatenate to one fp16 tensor and no custom
-  op is needed; named as ONNX Runtime GenAI does, ``past_key_values.{l}.key`` /
+* *plain*: every class fp16 in both streams, so the segments concatenate to one fp16 tensor and
+  no custom op is needed; named as ONNX Runtime GenAI does, ``past_key_values.{l}.key`` /
   ``present.{l}.key``, ``[batch, heads, past_sequence, head_dim]``;
-* *packed*: one ``KVCacheUpdate`` node whose segments' parts are graph I/O named
+* *packed*: the segments of a ``KVAttention`` node (or, unfused, of a ``KVCacheUpdate`` node per
+  stream), whose parts are graph I/O named
   ``past_key_values.{l}.key[.h{heads}].{segment}.{part}`` (``present.`` for outputs), e.g.
   ``past_key_values.3.key.bulk.codes`` int8 ``[batch, heads, past_sequence, 16]``.  The ``.h0-2``
   head tag appears only when a layer's heads are split into several groups.
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kvcompile.kv.grouping import stream_groups
+from kvcompile.kv.grouping import joint_groups
 from kvcompile.kv.precision_map import STREAMS, PrecisionMap
 
 
@@ -54,20 +56,23 @@ class HeadGroup:
 
 
 def cache_layout(pmap: PrecisionMap) -> list[HeadGroup]:
-    """Head groups of every (layer, stream), in graph order."""
+    """Head groups of every (layer, stream), in graph order: per layer, the key groups then the
+    value groups, each over the layer's joint head groups (:func:`~kvcompile.kv.grouping.joint_groups`)."""
     from kvcompile.ops.cache_update import KV_CACHE_UPDATE, format_age_tiers
 
     groups = []
     for layer in range(pmap.num_layers):
+        joint = joint_groups(pmap, layer)
+        split = len(joint) > 1
+        plain = [all(s.name == "fp16" for stream in STREAMS for s in pmap.class_schemes(layer, heads[0], stream))
+                 for heads in joint]
         for stream in STREAMS:
-            by_triple = stream_groups(pmap, layer, stream)
-            split = len(by_triple) > 1
-            for schemes, heads in by_triple:
-                sink, recent, bulk = (schemes[c].name for c in ("sink", "recent", "bulk"))
-                ages = format_age_tiers((schemes[f"age{i}"].name, w) for i, w in enumerate(pmap.age_windows, 1))
+            for heads, is_plain in zip(joint, plain):
+                schemes = {c: s.name for c, s in zip(pmap.classes, pmap.class_schemes(layer, heads[0], stream))}
+                sink, recent, bulk = schemes["sink"], schemes["recent"], schemes["bulk"]
+                ages = format_age_tiers((schemes[f"age{i}"], w) for i, w in enumerate(pmap.age_windows, 1))
                 base = f"{layer}.{stream}" + (f".h{'-'.join(map(str, heads))}" if split else "")
-                plain = all(s.name == "fp16" for s in schemes.values())
-                if plain:
+                if is_plain:
                     ports = (CachePort(f"past_key_values.{base}", f"present.{base}", "float16", pmap.head_dim, 1),)
                 else:
                     attrs = {"sink_scheme": sink, "recent_scheme": recent, "bulk_scheme": bulk,
@@ -78,7 +83,7 @@ def cache_layout(pmap: PrecisionMap) -> list[HeadGroup]:
                                   f"present.{base}.{p.name.removeprefix('past_')}", p.dtype, int(p.shape[-1]),
                                   1 if p.shape[2] == "T" else int(p.shape[2].split("/")[1]))
                         for p in KV_CACHE_UPDATE.inputs(attrs)[:-1])
-                groups.append(HeadGroup(layer, stream, tuple(heads), sink, recent, bulk, ages, plain, ports))
+                groups.append(HeadGroup(layer, stream, tuple(heads), sink, recent, bulk, ages, is_plain, ports))
     return groups
 
 

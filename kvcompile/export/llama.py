@@ -4,12 +4,16 @@ One graph serves prefill and decode: ``input_ids`` ``[batch, sequence]`` (positi
 ``P .. P+S-1``, P the number of cached positions read off the past inputs) and the past cache
 in; ``logits`` ``[batch, sequence, vocab]`` (float32) and the present cache out.  Per layer::
 
-    h = x + o_proj(attention(rope(q(rms(x))), cache(rope(k(rms(x)))), cache(v(rms(x)))))
+    h = x + o_proj(attention(rope(q(rms(x))), rope(k(rms(x))), v(rms(x)), cache))
     x' = h + down(silu(gate(rms(h))) * up(rms(h)))
 
-where ``cache(.)`` is a ``KVCacheUpdate`` node per head group (or a plain fp16 concat), which
-returns every cached position de-quantized, and attention is causal softmax attention with GQA
-(each kv head serves ``q_heads / kv_heads`` query heads).  The maths follows ``transformers``'
+where attention is causal softmax attention with GQA (each kv head serves ``q_heads / kv_heads``
+query heads) that appends the new keys and values to the cache and reads it.  Per joint head
+group (:mod:`kvcompile.export.layout`) that is one ``KVAttention`` node, which reads the packed
+segments without a de-quantized copy in the graph; a plain fp16 group concatenates and attends in
+standard ops.  The *unfused* form (``fused=False``, what the TensorRT target builds until its
+plugin implements KVAttention) has a ``KVCacheUpdate`` node per stream returning every position
+de-quantized, and standard attention over that.  The maths follows ``transformers``'
 ``LlamaForCausalLM`` in float32; RoPE uses cos/sin tables computed by the model's own rotary
 module (so any RoPE scaling it implements is reproduced), which bounds the context at the
 table length.
@@ -24,7 +28,10 @@ import numpy as np
 from kvcompile.errors import ExportError
 from kvcompile.export.layout import HeadGroup
 from kvcompile.ops.builder import Builder
-from kvcompile.ops.cache_update import KV_CACHE_UPDATE
+from kvcompile.ops.attention import KV_ATTENTION, KV_ATTENTION_PORTABLE, attention_attrs
+from kvcompile.ops.cache_update import KV_CACHE_UPDATE, parse_age_tiers
+from kvcompile.quant import get_scheme
+from kvcompile.quant.base import native_readable
 from kvcompile.kv.precision_map import PrecisionMap
 
 
@@ -89,30 +96,78 @@ def past_length(b: Builder, groups: list[HeadGroup]) -> str:
     return total
 
 
-def cache_states(b: Builder, pmap: PrecisionMap, groups: list[HeadGroup], states: str, num_kv_heads: int,
-                 outputs: list[str]) -> str:
-    """Run one layer-stream's head groups; returns all positions [B, Hkv, L, D] float32."""
-    pieces, order = [], []
-    for g in groups:
-        x = _select_heads(b, states, g.heads, num_kv_heads)
-        if g.plain:
-            port = g.ports[0]
-            present = b.op("Concat", port.past, b.op("Cast", x, to=10), axis=2, outputs=[port.present])
-            pieces.append(b.op("Cast", present, to=1))
+def _plain_states(b: Builder, group: HeadGroup, states: str) -> str:
+    """A plain group's fp16 cache: ``present = past ++ fp16(states)``; returns it as float32."""
+    port = group.ports[0]
+    present = b.op("Concat", port.past, b.op("Cast", states, to=10), axis=2, outputs=[port.present])
+    return b.op("Cast", present, to=1)
+
+
+def _expand_kv(b: Builder, x: str, heads: int, r: int, d: int) -> str:
+    """[B, heads, L, D] -> [B, heads r, L, D]: kv head j serves query heads j r .. j r + r - 1 (GQA)."""
+    if r == 1:
+        return x
+    return b.op("Reshape", b.op("Expand", b.op("Unsqueeze", x, b.i64(2)), b.i64(1, 1, r, 1, 1)),
+                b.i64(0, heads * r, -1, d))
+
+
+def _attention(b: Builder, q: str, k_all: str, v_all: str, heads: int, r: int, d: int, scale: float, mask: str) -> str:
+    """Causal softmax attention in standard ops: q [B, heads r, S, D] over k_all / v_all [B, heads, L, D]."""
+    k_all, v_all = _expand_kv(b, k_all, heads, r, d), _expand_kv(b, v_all, heads, r, d)
+    scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k_all, perm=[0, 1, 3, 2])), b.const(scale))
+    return b.op("MatMul", b.op("Softmax", b.op("Add", scores, mask), axis=-1), v_all)
+
+
+def attention_op(group: HeadGroup, pmap: PrecisionMap):
+    """The op a fused group emits: ``KVAttention``, or ``KVAttentionPortable`` (its function body
+    always runs) when a format of the group has no native kernel (:func:`native_readable`)."""
+    schemes = [group.sink_scheme, group.recent_scheme, group.bulk_scheme,
+               *(name for name, _ in parse_age_tiers(group.age_tiers))]
+    return KV_ATTENTION if all(native_readable(get_scheme(s)) for s in schemes) else KV_ATTENTION_PORTABLE
+
+
+def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup], value_groups: list[HeadGroup],
+                    q: str, k: str, v: str, shape: tuple[int, int, int], scale: float, mask: str, fused: bool) -> str:
+    """One layer's attention over its head groups; returns the context [B, Hq, S, D].
+
+    ``shape`` = (query heads, kv heads, head dim).  Each joint head group attends on its own
+    query heads: a plain group over its fp16 cache in standard ops; a packed one through one
+    ``KVAttention`` node (``fused``) or, unfused, a ``KVCacheUpdate`` node per stream followed by
+    standard attention over the de-quantized states.
+    """
+    hq, hkv, d = shape
+    r = hq // hkv
+    outputs, order = [], []
+    for kg, vg in zip(key_groups, value_groups):
+        assert kg.heads == vg.heads and kg.plain == vg.plain
+        q_heads = tuple(h * r + j for h in kg.heads for j in range(r))
+        q_g = _select_heads(b, q, q_heads, hq)
+        k_g, v_g = _select_heads(b, k, kg.heads, hkv), _select_heads(b, v, kg.heads, hkv)
+        if kg.plain:
+            out = _attention(b, q_g, _plain_states(b, kg, k_g), _plain_states(b, vg, v_g), len(kg.heads), r, d, scale,
+                             mask)
+        elif fused:
+            attrs = attention_attrs(kg.op_attrs(pmap), vg.op_attrs(pmap), r, scale)
+            names = [b.fresh("attention")] + [p.present for p in kg.ports] + [p.present for p in vg.ports]
+            inputs = [q_g, k_g, v_g] + [p.past for p in kg.ports] + [p.past for p in vg.ports]
+            out = attention_op(kg, pmap).emit(b, attrs, inputs, names)[0]
         else:
-            names = [p.present for p in g.ports] + [b.fresh("all_states")]
-            out = KV_CACHE_UPDATE.emit(b, g.op_attrs(pmap), [p.past for p in g.ports] + [x], names)
-            pieces.append(out[-1])
-        outputs.extend(p.present for p in g.ports)
-        order.extend(g.heads)
-    full = b.op("Concat", *pieces, axis=1) if len(pieces) > 1 else pieces[0]
-    if order != list(range(num_kv_heads)):
-        full = b.op("Gather", full, b.const(list(np.argsort(order)), np.int64), axis=1)
-    return full
+            states = []
+            for g, x in ((kg, k_g), (vg, v_g)):
+                names = [p.present for p in g.ports] + [b.fresh("all_states")]
+                states.append(KV_CACHE_UPDATE.emit(b, g.op_attrs(pmap), [p.past for p in g.ports] + [x], names)[-1])
+            out = _attention(b, q_g, *states, len(kg.heads), r, d, scale, mask)
+        outputs.append(out)
+        order.extend(q_heads)
+    ctx = b.op("Concat", *outputs, axis=1) if len(outputs) > 1 else outputs[0]
+    if order != list(range(hq)):
+        ctx = b.op("Gather", ctx, b.const(list(np.argsort(order)), np.int64), axis=1)
+    return ctx
 
 
-def build_llama_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup], max_context: int):
-    """Returns ``(nodes, weights, cache output names)`` for a ``LlamaForCausalLM``-like model."""
+def build_llama_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup], max_context: int, fused: bool = True):
+    """Returns ``(builder, weights, cache output names)`` for a ``LlamaForCausalLM``-like model
+    (``fused``: attention through ``KVAttention`` nodes; else ``KVCacheUpdate`` + standard ops)."""
     import torch
 
     config = model.config
@@ -142,7 +197,7 @@ def build_llama_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup], m
     allowed = b.op("LessOrEqual", b.op("Unsqueeze", keys, b.i64(0)), b.op("Unsqueeze", pos, b.i64(1)))  # [S, L]
     mask = b.op("Where", allowed, b.const(0.0), b.const(-np.inf))
 
-    cache_outputs: list[str] = []
+    cache_outputs = [p.present for g in groups for p in g.ports]
     by_layer: dict[tuple[int, str], list[HeadGroup]] = {}
     for g in groups:
         by_layer.setdefault((g.layer, g.stream), []).append(g)
@@ -154,16 +209,9 @@ def build_llama_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup], m
         q = _rope(b, _heads(b, _linear(b, w, h, attn.q_proj, f"{name}.q_proj"), hq, d), cos, sin, d)
         k = _rope(b, _heads(b, _linear(b, w, h, attn.k_proj, f"{name}.k_proj"), hkv, d), cos, sin, d)
         v = _heads(b, _linear(b, w, h, attn.v_proj, f"{name}.v_proj"), hkv, d)
-        k_all = cache_states(b, pmap, by_layer[(i, "key")], k, hkv, cache_outputs)
-        v_all = cache_states(b, pmap, by_layer[(i, "value")], v, hkv, cache_outputs)
-        if hq != hkv:  # GQA: kv head j serves query heads j*r .. j*r + r-1
-            expand = b.i64(1, 1, hq // hkv, 1, 1)
-            k_all = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", k_all, b.i64(2)), expand), b.i64(0, hq, -1, d))
-            v_all = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", v_all, b.i64(2)), expand), b.i64(0, hq, -1, d))
-        scores = b.op("Mul", b.op("MatMul", q, b.op("Transpose", k_all, perm=[0, 1, 3, 2])),
-                      b.const(float(attn.scaling)))
-        probs = b.op("Softmax", b.op("Add", scores, mask), axis=-1)
-        ctx = b.op("Reshape", b.op("Transpose", b.op("MatMul", probs, v_all), perm=[0, 2, 1, 3]), b.i64(0, 0, hq * d))
+        ctx = layer_attention(b, pmap, by_layer[(i, "key")], by_layer[(i, "value")], q, k, v, (hq, hkv, d),
+                              float(attn.scaling), mask, fused)
+        ctx = b.op("Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]), b.i64(0, 0, hq * d))
         x = b.op("Add", x, _linear(b, w, ctx, attn.o_proj, f"{name}.o_proj"))
         h = _rms_norm(b, w, x, layer.post_attention_layernorm, f"{name}.post_attention_layernorm", eps)
         gate = _linear(b, w, h, mlp.gate_proj, f"{name}.gate_proj")

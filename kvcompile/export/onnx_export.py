@@ -48,7 +48,7 @@ _GRAPH_BUILDERS: dict[str, GraphBuilder] = {}
 
 
 def register_graph_builder(model_type: str, build: GraphBuilder) -> None:
-    """``build(model, pmap, groups, max_context) -> (Builder, Weights, cache output names)``."""
+    """``build(model, pmap, groups, max_context, fused=True) -> (Builder, Weights, cache output names)``."""
     _GRAPH_BUILDERS[model_type] = build
 
 
@@ -228,8 +228,11 @@ def _check_exportable(pmap: PrecisionMap, head_dim: int) -> None:
             check_lowerable(scheme, head_dim)
 
 
-def build_onnx_model(lm, pmap: PrecisionMap, max_context: int):
-    """The ModelProto (weights inline) and the cache layout; raises ExportError for what it cannot emit."""
+def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: bool = True):
+    """The ModelProto (weights inline) and the cache layout; raises ExportError for what it cannot emit.
+
+    ``fused_attention``: attention through ``KVAttention`` nodes (default); else a ``KVCacheUpdate``
+    node per stream and standard attention over the de-quantized cache (the TensorRT target's form)."""
     from onnx import helper, numpy_helper
 
     from kvcompile.ops.spec import DOMAIN, collect_functions
@@ -239,7 +242,8 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int):
     _check_exportable(pmap, g.head_dim)
     build = _builder_for(lm.model.config.model_type)
     groups = cache_layout(pmap)
-    b, weights, cache_outputs = build(lm.model, pmap, groups, max_context)
+    b, weights, cache_outputs = build(lm.model, pmap, groups, max_context, fused=fused_attention)
+    _notice_portable(b.calls)
 
     def rows(p, prefix):
         return f"{prefix}_sequence" if p.rows_per == 1 else f"{prefix}_sequence_div_{p.rows_per}"
@@ -264,6 +268,19 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int):
             "kvcompile.calibration_hash": pmap.calibration_hash or "", "kvcompile.max_context": str(max_context)}
     helper.set_model_props(model, meta)
     return model, groups
+
+
+def _notice_portable(calls) -> None:
+    """One notice line if some head groups run KVAttention's function body (no native kernel)."""
+    portable = [attrs for spec, attrs in calls if spec.name == "KVAttentionPortable"]
+    if portable:
+        import logging
+
+        names = sorted({attrs[f"{s}_{c}_scheme"] for attrs in portable for s in ("key", "value")
+                        for c in ("sink", "recent", "bulk")})
+        logging.getLogger("kvcompile").warning(
+            f"notice: {len(portable)} head group(s) use formats the native library cannot read "
+            f"({', '.join(names)}); they run KVAttention's ONNX function body")
 
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8"}
@@ -311,27 +328,29 @@ def resolve_max_context(lm, max_context: int | None) -> int:
 
 
 def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_context: int | None = None,
-                overwrite: bool = True) -> ExportedModel:
+                overwrite: bool = True, fused_attention: bool = True) -> ExportedModel:
     """Export ``lm`` (a :class:`~kvcompile.models.LoadedModel`) with ``pmap`` to ``out_dir``.
 
     ``max_context`` (default: the model's limit) bounds prefill + generated positions; it sizes
     the RoPE tables, and runtimes refuse longer contexts.  An existing export directory is
-    replaced; any other non-empty directory is refused.
+    replaced; any other non-empty directory is refused.  ``fused_attention``: see
+    :func:`build_onnx_model`.
     """
     out = check_output_directory(out_dir, overwrite)
     max_context = resolve_max_context(lm, max_context)
     with staged_directory(out, what="export") as tmp:
-        write_onnx_export(lm, pmap, tmp, max_context=max_context)
+        write_onnx_export(lm, pmap, tmp, max_context=max_context, fused_attention=fused_attention)
     return ExportedModel.load(out)
 
 
-def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: int) -> None:
+def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: int,
+                      fused_attention: bool = True) -> None:
     """Write the ONNX export into the empty (staged) ``directory``: graph, weights, tokenizer,
     Triton config and the manifest with its ``onnx`` target section.  Targets that build on the
     graph (``trt``) call this on their own staged directory, then :func:`add_target_section`."""
     import onnx
 
-    model, groups = build_onnx_model(lm, pmap, max_context)
+    model, groups = build_onnx_model(lm, pmap, max_context, fused_attention)
     tmp = Path(directory)
     onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
@@ -350,5 +369,6 @@ def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: i
         "cache_layout": layout_to_json(groups),
         "files": _file_record(tmp),
         "targets": {"onnx": {"runtime": "onnxruntime", "triton_config": TRITON_CONFIG,
+                             "attention": "fused" if fused_attention else "unfused",
                              "files": {TRITON_CONFIG: (tmp / TRITON_CONFIG).stat().st_size}}},
     })

@@ -88,17 +88,17 @@ def segment_rule(attrs) -> SegmentRule:
     return SegmentRule(attrs["sink_tokens"], attrs["recent_window"], get_scheme(attrs["bulk_scheme"]).token_group, ages)
 
 
-def _segment_ports(attrs, prefix: str) -> tuple[Port, ...]:
+def segment_ports(attrs, prefix: str) -> tuple[Port, ...]:
     return tuple(p for seg in segments(attrs)
                  for p in part_ports(class_scheme(attrs, seg).name, attrs["head_dim"], prefix=f"{prefix}_{seg}."))
 
 
 def _inputs(attrs):
-    return (*_segment_ports(attrs, "past"), STATES)
+    return (*segment_ports(attrs, "past"), STATES)
 
 
 def _outputs(attrs):
-    return (*_segment_ports(attrs, "present"), Port("all_states", "float32", ("B", "H", "P+S", "D")))
+    return (*segment_ports(attrs, "present"), Port("all_states", "float32", ("B", "H", "P+S", "D")))
 
 
 def _reference(attrs, *tensors):
@@ -134,13 +134,19 @@ def run_cache_update(attrs, tensors: list, quantize=None) -> tuple:
 
 
 def _body(b, attrs, inputs):
+    present, all_states = update_body(b, attrs, inputs[:-1], inputs[-1])
+    return present + [all_states]
+
+
+def update_body(b, attrs, past_parts: list[str], states: str) -> tuple[list[str], str]:
+    """The op's computation in standard ONNX ops, inlined into builder ``b``: the past segments'
+    part names and the new ``states`` -> (present part names, all positions de-quantized)."""
     d = attrs["head_dim"]
     segs = segments(attrs)
-    it = iter(inputs[:-1])
+    it = iter(past_parts)
     rule = segment_rule(attrs)
     schemes = {c: class_scheme(attrs, c) for c in ("sink", *rule.tiers)}
     past = {seg: [next(it) for _ in part_layout(schemes[seg], d)] for seg in segs}
-    states = inputs[-1]
 
     # The scheme lowerings are inlined rather than called as nested KVQuantize functions:
     # ONNX Runtime does not resolve overloaded functions called from inside a function.
@@ -184,7 +190,7 @@ def _body(b, attrs, inputs):
         present[older] = cat(present[older], quantize(older, dequantize(younger, leaving)))
     full = [dequantize(seg, present[seg]) for seg in segs]
     all_states = b.op("Concat", *full, axis=2) if len(full) > 1 else full[0]
-    return [x for seg in segs for x in present[seg]] + [all_states]
+    return [x for seg in segs for x in present[seg]], all_states
 
 
 KV_CACHE_UPDATE = register_op(OpSpec(
@@ -198,4 +204,5 @@ KV_CACHE_UPDATE = register_op(OpSpec(
     body=_body,
 ))
 
-__all__ = ["KV_CACHE_UPDATE", "class_scheme", "format_age_tiers", "parse_age_tiers", "segment_rule", "segments"]
+__all__ = ["KV_CACHE_UPDATE", "class_scheme", "format_age_tiers", "parse_age_tiers", "run_cache_update", "segment_ports",
+           "segment_rule", "segments", "update_body"]

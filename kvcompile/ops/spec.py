@@ -27,7 +27,7 @@ DOMAIN = "kvcompile"
 @dataclass(frozen=True)
 class Attribute:
     name: str
-    kind: str  # "string" | "int"
+    kind: str  # "string" | "int" | "float"
     doc: str
 
 
@@ -61,7 +61,9 @@ class OpSpec:
         if set(attrs) != names:
             raise ValueError(f"{self.name}: expected attributes {sorted(names)}, got {sorted(attrs)}")
         for a in self.attributes:
-            ok = isinstance(attrs[a.name], str) if a.kind == "string" else isinstance(attrs[a.name], int)
+            value = attrs[a.name]
+            ok = {"string": isinstance(value, str), "int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, float)}[a.kind]
             if not ok:
                 raise ValueError(f"{self.name}: attribute {a.name} must be {a.kind}, got {attrs[a.name]!r}")
         return attrs
@@ -121,7 +123,7 @@ class OpSpec:
                                  functions=collect_functions(b.calls), ir_version=10)
 
     def plugin_fields(self, attrs: Attrs) -> dict[str, Any]:
-        """TensorRT plugin fields: the attributes (strings as bytes, ints as int32)."""
+        """TensorRT plugin fields: the attributes (strings as bytes, ints as int32, floats as float32)."""
         self.check_attrs(attrs)
         return {a.name: attrs[a.name] for a in self.attributes}
 

@@ -278,15 +278,25 @@ class KernelFormat:
     pointers: Callable[["StorageScheme", dict], tuple]
 
 
+#: kinds of format the native CPU library (``native/``) reads
+NATIVE_FP16, NATIVE_INTEGER, NATIVE_NF4 = 0, 1, 2
+#: fields of a native format descriptor, in the order ``kvc_describe_scheme`` writes them
+NATIVE_FIELDS = ("kind", "bits", "group", "channel", "symmetric", "scale_bytes", "rotate", "double_quant")
+
+
 @dataclass(frozen=True)
 class FamilyTraits:
     """What a storage family provides beyond its torch reference (in the spirit of ggml's type
     traits): ``onnx`` = ``(quantize, dequantize)`` lowerings to standard ONNX ops
-    (:mod:`kvcompile.quant.onnx_ops`), ``kernel`` = :class:`KernelFormat`; None where it has none.
-    The family's module registers them beside its scheme class, so adding a family is one module."""
+    (:mod:`kvcompile.quant.onnx_ops`), ``kernel`` = :class:`KernelFormat` (Triton), ``native`` =
+    the scheme's descriptor for the native CPU library (``{field: int}`` over
+    :data:`NATIVE_FIELDS`; the library parses scheme names itself, and a test checks that it reads
+    every name to this descriptor); None where it has none.  The family's module registers them
+    beside its scheme class, so adding a family is one module."""
 
     onnx: tuple[Callable, Callable] | None = None
     kernel: KernelFormat | None = None
+    native: Callable[["StorageScheme"], dict] | None = None
 
 
 _TRAITS: dict[type, FamilyTraits] = {}
@@ -308,6 +318,18 @@ def family_traits(scheme: "StorageScheme") -> FamilyTraits:
     return _TRAITS.get(type(scheme), FamilyTraits())
 
 
+def native_descriptor(scheme: "StorageScheme") -> dict | None:
+    """The native library's descriptor of ``scheme`` (None: the library cannot read it)."""
+    native = family_traits(scheme).native
+    return native(scheme) if native is not None else None
+
+
+def native_readable(scheme: "StorageScheme") -> bool:
+    """Whether the native CPU library stores and reads ``scheme`` (else KVAttention falls back to
+    its function body for that head group)."""
+    return native_descriptor(scheme) is not None
+
+
 def families_with(trait: str) -> list[str]:
-    """Names of the scheme classes that have ``trait`` (``"onnx"`` or ``"kernel"``)."""
+    """Names of the scheme classes that have ``trait`` (``"onnx"``, ``"kernel"`` or ``"native"``)."""
     return sorted(c.__name__ for c, t in _TRAITS.items() if getattr(t, trait) is not None)

@@ -18,7 +18,7 @@ import torch
 
 from kvcompile.quant.base import FP16_MAX, QuantizedTensor, StorageScheme, check_input, register_family, round_to_dtype
 from kvcompile.quant import onnx_ops as ox
-from kvcompile.quant.base import KIND_FP16, FamilyTraits, KernelFormat, register_traits
+from kvcompile.quant.base import KIND_FP16, NATIVE_FP16, FamilyTraits, KernelFormat, register_traits
 
 E4M3_MAX = 448.0
 
@@ -85,6 +85,8 @@ def _fp16_dequantize(b: ox.GraphBuilder, scheme: FP16Scheme, parts: list[str], h
 
 register_traits(FP16Scheme, FamilyTraits(
     onnx=(_fp16_quantize, _fp16_dequantize),
+    native=lambda s: {"kind": NATIVE_FP16, "bits": 16, "group": 1, "channel": 0, "symmetric": 0, "scale_bytes": 0,
+                      "rotate": 0, "double_quant": 0},
     kernel=KernelFormat(unsupported=lambda s: None,
                         arguments=lambda s: {"KIND": KIND_FP16, "BITS": 16, "G": 1, "SYM": False, "LEVELS": 0},
                         pointers=lambda s, parts: (parts["values"].contiguous(),) * 3)))

@@ -36,7 +36,7 @@ from kvcompile.quant.base import (FP16_MAX, QuantizedTensor, StorageScheme, chec
 from kvcompile.quant.hadamard import rotate
 from kvcompile.quant.packing import pack_bits, packed_length, unpack_bits
 from kvcompile.quant import onnx_ops as ox
-from kvcompile.quant.base import KIND_CHANNEL, KIND_TOKEN, FamilyTraits, KernelFormat, register_traits
+from kvcompile.quant.base import KIND_CHANNEL, KIND_TOKEN, NATIVE_INTEGER, FamilyTraits, KernelFormat, register_traits
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 DEFAULT_GROUP = 32
@@ -225,8 +225,15 @@ def _kernel_unsupported(scheme: IntegerScheme) -> str | None:
     return None
 
 
+def _native(s: IntegerScheme) -> dict:
+    return {"kind": NATIVE_INTEGER, "bits": s.bits, "group": s.group_size, "channel": int(s.axis == "channel"),
+            "symmetric": int(s.symmetric), "scale_bytes": s.scale_dtype.itemsize, "rotate": int(s.rotate),
+            "double_quant": 0}
+
+
 register_traits(IntegerScheme, FamilyTraits(
     onnx=(_int_quantize, _int_dequantize),
+    native=_native,
     kernel=KernelFormat(
         unsupported=_kernel_unsupported,
         arguments=lambda s: {"KIND": KIND_TOKEN if s.axis == "token" else KIND_CHANNEL, "BITS": s.bits,

@@ -31,7 +31,7 @@ from kvcompile.quant.base import (FP16_MAX, QuantizedTensor, StorageScheme, chec
                                   register_family, round_to_dtype)
 from kvcompile.quant.packing import pack_bits, unpack_bits
 from kvcompile.quant import onnx_ops as ox
-from kvcompile.quant.base import FamilyTraits, register_traits
+from kvcompile.quant.base import NATIVE_NF4, FamilyTraits, register_traits
 
 DEFAULT_GROUP = 16
 _NAME = re.compile(r"nf4(?:-g(?P<group>[0-9]+))?(?P<nodq>-nodq)?")
@@ -124,7 +124,7 @@ def _parse(name: str) -> NF4Scheme | None:
 register_family("nf4", _parse, ("nf4", "nf4-g32"))
 
 
-# ----------------------------------------------------------------------------- traits: ONNX (no kernel yet)
+# ----------------------------------------------------------------------------- traits: ONNX and native (no Triton kernel yet)
 
 def _nf4_scales(b: ox.GraphBuilder, s: NF4Scheme, params: list[str]) -> str:
     """Dequantized first-level scales [B,H,T,D/G] float32."""
@@ -160,4 +160,7 @@ def _nf4_dequantize(b: ox.GraphBuilder, s: NF4Scheme, parts: list[str], head_dim
     return b.reshape(x, b.op("Shape", values))
 
 
-register_traits(NF4Scheme, FamilyTraits(onnx=(_nf4_quantize, _nf4_dequantize)))
+register_traits(NF4Scheme, FamilyTraits(
+    onnx=(_nf4_quantize, _nf4_dequantize),
+    native=lambda s: {"kind": NATIVE_NF4, "bits": 4, "group": s.group_size, "channel": 0, "symmetric": 1,
+                      "scale_bytes": 1 if s.double_quant else 2, "rotate": 0, "double_quant": int(s.double_quant)}))

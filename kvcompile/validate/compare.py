@@ -96,10 +96,10 @@ def cache_ports(cache, pmap) -> dict[str, np.ndarray | None]:
     """The torch reference's packed cache as the graph's cache tensors of ``pmap``'s layout.
 
     ``cache``: a :class:`~kvcompile.cache.MixedPrecisionCache`.  Each head group of
-    :func:`~kvcompile.export.layout.cache_layout` is the cache's store of the same heads: a plain
+    :func:`~kvcompile.export.layout.cache_layout` is read from the cache's store holding its heads: a plain
     group is its fp16 segments joined along positions, a packed one its segments' parts (sink when
     the map has sinks, bulk, age tiers oldest first, recent; None for a segment still empty).  A group with no store of the
-    same heads is left out, which :func:`compare_cache_state` counts as a mismatch.
+    heads is left out, which :func:`compare_cache_state` counts as a mismatch.
     """
     import torch
 
@@ -109,19 +109,25 @@ def cache_ports(cache, pmap) -> dict[str, np.ndarray | None]:
     out: dict[str, np.ndarray | None] = {}
     for g in cache_layout(pmap):
         stores = getattr(cache.layers[g.layer], "stores", {}).get(g.stream, [])
-        store = next((st for st in stores if tuple(st.heads) == g.heads), None)
+        store = next((st for st in stores if set(g.heads) <= set(st.heads)), None)
         if store is None:
             continue
+        # the graph groups heads jointly over K and V, the torch cache per stream: take g's heads
+        index = torch.tensor([store.heads.index(h) for h in g.heads])
+
+        def part(q, name):
+            return q.parts[name].index_select(1, index).numpy()
+
         segments = [c for c in store.order if c != "sink" or pmap.sink_tokens > 0]
         if g.plain:
-            parts = [store.segments[c].parts["values"] for c in segments if store.segments[c] is not None]
-            out[g.ports[0].past] = torch.cat(parts, 2).numpy() if parts else None
+            parts = [part(store.segments[c], "values") for c in segments if store.segments[c] is not None]
+            out[g.ports[0].past] = np.concatenate(parts, 2) if parts else None
             continue
         ports = iter(g.ports)
         for c in segments:
             q = store.segments[c]
             for layout in part_layout(store.schemes[c], pmap.head_dim):
-                out[next(ports).past] = q.parts[layout.name].numpy() if q is not None else None
+                out[next(ports).past] = part(q, layout.name) if q is not None else None
     return out
 
 

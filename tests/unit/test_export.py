@@ -91,23 +91,37 @@ def test_graph_carries_the_map(exports, maps):
     assert json.loads(meta["kvcompile.precision_map"]) == json.loads(json.dumps(maps["mixed"].to_json_body()))
     assert meta["kvcompile.precision_map_hash"] == maps["mixed"].content_hash()
     nodes = [n for n in model.graph.node if n.domain == "kvcompile"]
-    assert {n.op_type for n in nodes} == {"KVCacheUpdate"}
-    # one node per (layer, stream, head group); its attributes are the map's schemes for those heads
+    # attention reads the packed cache: no node of the graph de-quantizes it
+    assert {n.op_type for n in nodes} == {"KVAttention"}
+    # one node per (layer, joint head group); its attributes are the map's schemes for those heads
     pmap = maps["mixed"]
     for g in ex.groups:
-        node = next(n for n in nodes if n.output[0] == g.ports[0].present)
+        node = next(n for n in nodes if g.ports[0].present in n.output)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         for head in g.heads:
             sink, recent, bulk = pmap.triple(g.layer, head, g.stream)
-            assert (attrs["sink_scheme"].decode(), attrs["recent_scheme"].decode(), attrs["bulk_scheme"].decode()) == \
+            assert tuple(attrs[f"{g.stream}_{c}_scheme"].decode() for c in ("sink", "recent", "bulk")) == \
                 (sink.name, recent.name, bulk.name)
-        assert attrs["sink_tokens"] == 2 and attrs["recent_window"] == 4
+        assert attrs["sink_tokens"] == 2 and attrs["recent_window"] == 4 and attrs["q_per_kv"] == 2
+    assert len(nodes) == len(ex.groups) // 2
     names = [i.name for i in model.graph.input]
     assert names[0] == "input_ids" and "past_key_values.0.key.h0.bulk.codes" in names
     assert model.graph.output[0].name == "logits"
-    assert {f.name for f in model.functions} == {"KVCacheUpdate"}
+    assert {f.name for f in model.functions} == {"KVAttention"}
     assert all(f.domain == "kvcompile" for f in model.functions)
     onnx.checker.check_model(str(ex.onnx_path), full_check=True)
+
+
+def test_unfused_export_updates_the_cache_per_stream_and_gives_the_same_logits(tiny_lm, maps, exports, tmp_path):
+    """The TensorRT target's graph form: KVCacheUpdate per stream + standard attention, same maths."""
+    ex = export_onnx(tiny_lm, maps["mixed"], tmp_path / "unfused", max_context=128, fused_attention=False)
+    model = onnx.load(str(ex.onnx_path), load_external_data=False)
+    assert {n.op_type for n in model.graph.node if n.domain == "kvcompile"} == {"KVCacheUpdate"}
+    assert ex.targets["onnx"]["attention"] == "unfused" and exports["mixed"].targets["onnx"]["attention"] == "fused"
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(4)).numpy()
+    unfused, _ = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=10)
+    fused, _ = teacher_forced(open_decoder(exports["mixed"], "ort", threads=1), ids, prefill=10)
+    np.testing.assert_allclose(fused, unfused, rtol=0, atol=LOGIT_ATOL)
 
 
 def test_full_precision_export_uses_plain_fp16_cache_names(exports):

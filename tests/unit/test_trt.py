@@ -56,8 +56,16 @@ def test_engine_is_built_with_one_plugin_layer_per_packed_group_carrying_the_map
 
 
 @needs_trt
-def test_a_mismatched_plugin_is_a_clear_error(tiny_lm, tiny_geometry, tmp_path):
+def test_a_fused_graph_is_refused_by_the_engine_build(tiny_lm, tiny_geometry, tmp_path):
     ex = export_onnx(tiny_lm, resolve_map("int4", tiny_geometry), tmp_path / "e", max_context=64)
+    with pytest.raises(ExportError, match="KVAttention.*--target trt"):
+        build_engine(ex.path)
+    assert not (ex.path / "model.engine").exists()
+
+
+@needs_trt
+def test_a_mismatched_plugin_is_a_clear_error(tiny_lm, tiny_geometry, tmp_path):
+    ex = export_onnx(tiny_lm, resolve_map("int4", tiny_geometry), tmp_path / "e", max_context=64, fused_attention=False)
     model = onnx.load(str(ex.onnx_path), load_external_data=False)
     node = next(n for n in model.graph.node if n.domain == "kvcompile")
     for a in node.attribute:

@@ -96,6 +96,10 @@ def build_engine(export_dir: Path, *, max_batch: int = 1, opt_context: int = 256
 
     graph = onnx.load(str(export_dir / "model.onnx"), load_external_data=False).graph
     kvcompile_nodes = sum(n.domain == "kvcompile" for n in graph.node)
+    if any(n.domain == "kvcompile" and n.op_type.startswith("KVAttention") for n in graph.node):
+        raise ExportError(f"{export_dir / 'model.onnx'} attends through KVAttention nodes, which the TensorRT plugins "
+                          "do not implement yet; build engines from `kvcompile export --target trt` (its graph updates "
+                          "the cache with KVCacheUpdate)")
     with tempfile.TemporaryDirectory() as tmp:
         job = {"onnx": str(export_dir / "model.onnx"), "output": str(export_dir), "engine": ENGINE_FILE,
                "result": str(Path(tmp) / "result.json"), "max_batch": max_batch, "max_context": doc["max_context"],
@@ -125,7 +129,8 @@ def export_trt(lm, pmap, out_dir, *, max_context: int | None = None, max_batch: 
     out = check_output_directory(out_dir, overwrite)
     max_context = resolve_max_context(lm, max_context)
     with staged_directory(out, what="export") as work:
-        write_onnx_export(lm, pmap, work, max_context=max_context)
+        # unfused graph: the TensorRT plugins implement KVCacheUpdate, not yet KVAttention
+        write_onnx_export(lm, pmap, work, max_context=max_context, fused_attention=False)
         report = build_engine(work, max_batch=max_batch, opt_context=opt_context, tensorrt=flavour)
         add_target_section(work, "trt", {
             "engine": ENGINE_FILE, "tensorrt": report["tensorrt"], "tensorrt_version": report["tensorrt_version"],
