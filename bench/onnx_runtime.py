@@ -1,19 +1,35 @@
-"""Decode speed and KV-cache bytes of an exported mixed-precision map vs a full-precision (fp16 KV) export.
+"""Decode speed and peak memory in ONNX Runtime: fp16-KV export vs packed export (function bodies / native library).
 
-    python bench/onnx_runtime.py [--scheme kivi-2 | --map MAP.json] [--contexts 512,2048] [--steps 16]
+    python bench/onnx_runtime.py [--scheme kivi-2 | --map MAP.json] [--contexts 512,2048,8192] [--batches 1,8]
 
-Both graphs are exported from the same model in this run and timed in this run with ONNX
-Runtime (CPU, --threads intra-op threads; the CUDA provider when present).  At each context C
-the prompt is C - steps tokens (one prefill), then ``steps`` greedy decode steps are timed;
-decode tokens/s and the bytes of the packed cache after the last step (what the runtime
-actually holds) are reported, with ratios against the fp16-KV export.  Prints a table and
-writes bench/results/onnx_runtime.json.
+Variants, all exported from the same model in this run and timed in this run with ONNX Runtime
+on the CPU (``--threads`` intra-op threads):
+
+* ``fp16 KV``: the map ``fp16`` (plain fp16 cache, MatMul/Softmax attention) - the baseline;
+* ``packed, function bodies``: the packed map with KVAttention run as its ONNX function body
+  (stock ONNX Runtime, ``native=False``);
+* ``packed, native``: the same ``model.onnx`` with kvcompile's native library registered;
+* ``ORT GroupQueryAttention, int8 KV``: ONNX Runtime's own fused attention with a quantized
+  cache (``com.microsoft.GroupQueryAttention``), tried on a one-layer graph; recorded as not
+  runnable, with ONNX Runtime's reason, when this build has no CPU kernel for it.
+
+Each point (variant, context C, batch B) runs in its own process, so that its peak resident
+memory (``ru_maxrss``) is its own.  The cache holds C - steps positions before timing starts:
+Gaussian keys and values (unit variance) stored through the map's own segment rule
+(:func:`kvcompile.ops.cache_update.run_cache_update`; decode speed does not depend on the
+values), then ``steps`` decode steps of B sequences are timed after one warm-up step.  Reported:
+decode tokens/s (B tokens per step), the ratio to the fp16-KV export at the same (C, B), the bytes
+of the cache the runtime holds, and peak RSS.  Prints a table and writes
+bench/results/onnx_runtime.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,75 +40,177 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, setup, write_json  # noqa: E402
 
-from kvcompile.data import DEFAULT_EVAL_TEXT, load_text  # noqa: E402
-from kvcompile.export import export_onnx  # noqa: E402
-from kvcompile.models import DEFAULT_MODEL, load_model  # noqa: E402
-from kvcompile.plan.presets import resolve_map  # noqa: E402
-from kvcompile.runtime import open_decoder  # noqa: E402
+VARIANTS = ("fp16 KV", "packed, function bodies", "packed, native")
 
 
-def measure(decoder, ids: np.ndarray, steps: int, repeats: int) -> dict:
-    """Median decode seconds per step after prefilling ``ids``; cache bytes at the end."""
-    per_step = []
-    for _ in range(repeats):
-        state = decoder.start(1)
-        logits, state = decoder.step(ids[None], state)
-        times = []
-        for _ in range(steps):
-            token = np.asarray([[int(logits[0, -1].argmax())]], dtype=np.int64)
-            t0 = time.perf_counter()
-            logits, state = decoder.step(token, state)
-            times.append(time.perf_counter() - t0)
-        per_step.append(statistics.median(times))
-    return {"decode_s_per_token": min(per_step), "kv_bytes": decoder.cache_bytes(state)}
+def synthetic_past(export, batch: int, positions: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """The graph's past inputs holding ``positions`` Gaussian positions, stored as the map says.
+
+    One layer's tensors are computed per distinct group signature and copied for the others, so
+    every input is its own array (the memory a runtime really holds)."""
+    import torch
+
+    from kvcompile.ops.cache_update import run_cache_update
+
+    made: dict[tuple, list[np.ndarray]] = {}
+    past = {}
+    g = torch.Generator().manual_seed(seed)
+    for group in export.groups:
+        heads = len(group.heads)
+        if group.plain:
+            key = ("plain", heads)
+            if key not in made:
+                made[key] = [torch.randn(batch, heads, positions, export.pmap.head_dim, generator=g).half().numpy()]
+        else:
+            attrs = group.op_attrs(export.pmap)
+            key = (tuple(sorted(attrs.items())), heads)
+            if key not in made:
+                from kvcompile.quant import get_scheme
+                from kvcompile.quant.base import part_layout
+                from kvcompile.ops.cache_update import class_scheme, segments
+
+                empty = [torch.zeros(batch, heads, 0, p.width, dtype=p.dtype) for seg in segments(attrs)
+                         for p in part_layout(get_scheme(class_scheme(attrs, seg).name), attrs["head_dim"])]
+                states = torch.randn(batch, heads, positions, attrs["head_dim"], generator=g)
+                made[key] = [t.numpy() for t in run_cache_update(attrs, [*empty, states])[:-1]]
+        for port, value in zip(group.ports, made[key]):
+            past[port.past] = value.copy()
+    return past
+
+
+def worker(job: dict) -> dict:
+    """One (variant, context, batch) point; runs in its own process."""
+    from kvcompile.export import ExportedModel
+    from kvcompile.runtime import open_decoder
+
+    ex = ExportedModel.load(job["export"])
+    batch, steps = job["batch"], job["steps"]
+    decoder = open_decoder(ex, "ort", threads=job["threads"], native=job["native"])
+    state = {"past": synthetic_past(ex, batch, job["context"] - steps - 1), "length": job["context"] - steps - 1}
+    token = np.full((batch, 1), 42, dtype=np.int64)
+    _, state = decoder.step(token, state)  # warm-up
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        logits, state = decoder.step(token, state)
+        times.append(time.perf_counter() - t0)
+        token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+    step_s = statistics.median(times)
+    return {"tokens_per_s": batch / step_s, "step_s": step_s, "kv_bytes": decoder.cache_bytes(state),
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "runner": decoder.name}
+
+
+def gqa_peer(threads: int) -> dict:
+    """Whether this ONNX Runtime runs com.microsoft.GroupQueryAttention with an int8 cache on the CPU."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    hq, hkv, d = 9, 3, 64
+    node = helper.make_node("GroupQueryAttention", ["query", "key", "value", "past_key", "past_value", "seqlens_k",
+                                                    "total_sequence_length", "", "", "", "", "k_scale", "v_scale"],
+                            ["output", "present_key", "present_value"], domain="com.microsoft", num_heads=hq,
+                            kv_num_heads=hkv, k_quant_type="PER_TENSOR", v_quant_type="PER_TENSOR",
+                            kv_cache_bit_width=8)
+    f = TensorProto.FLOAT
+    graph = helper.make_graph([node], "gqa", [
+        helper.make_tensor_value_info("query", f, [1, 1, hq * d]), helper.make_tensor_value_info("key", f, [1, 1, hkv * d]),
+        helper.make_tensor_value_info("value", f, [1, 1, hkv * d]),
+        helper.make_tensor_value_info("past_key", TensorProto.INT8, [1, hkv, "P", d]),
+        helper.make_tensor_value_info("past_value", TensorProto.INT8, [1, hkv, "P", d]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
+        helper.make_tensor_value_info("k_scale", f, [1]), helper.make_tensor_value_info("v_scale", f, [1])],
+        [helper.make_tensor_value_info("output", f, None), helper.make_tensor_value_info("present_key", TensorProto.INT8, None),
+         helper.make_tensor_value_info("present_value", TensorProto.INT8, None)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=10)
+    try:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        p = 16
+        sess.run(None, {"query": np.zeros((1, 1, hq * d), np.float32), "key": np.zeros((1, 1, hkv * d), np.float32),
+                        "value": np.zeros((1, 1, hkv * d), np.float32),
+                        "past_key": np.zeros((1, hkv, p, d), np.int8), "past_value": np.zeros((1, hkv, p, d), np.int8),
+                        "seqlens_k": np.array([p], np.int32), "total_sequence_length": np.array(p + 1, np.int32),
+                        "k_scale": np.ones(1, np.float32), "v_scale": np.ones(1, np.float32)})
+        return {"runs_on_cpu": True, "onnxruntime": ort.__version__}
+    except Exception as e:  # the reason, on one line
+        return {"runs_on_cpu": False, "onnxruntime": ort.__version__,
+                "reason": str(e).split("Status Message: ")[-1].strip().splitlines()[0][:300]}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default=DEFAULT_MODEL)
+    ap.add_argument("--model", default=None, help="model (default: the default model)")
     g = ap.add_mutually_exclusive_group()
-    g.add_argument("--scheme", default="kivi-2", help="map to benchmark: scheme or preset (default kivi-2)")
+    g.add_argument("--scheme", default="kivi-2", help="packed map: scheme or preset (default kivi-2)")
     g.add_argument("--map", help="precision map JSON (e.g. from kvcompile plan)")
-    ap.add_argument("--contexts", default="512,2048")
-    ap.add_argument("--steps", type=int, default=16, help="timed decode steps per context")
-    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--contexts", default="512,2048,8192")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--steps", type=int, default=6, help="timed decode steps per point (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "onnx_runtime.json"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     setup(args.threads)
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return 0
+
+    from kvcompile.export import export_onnx
+    from kvcompile.models import DEFAULT_MODEL, load_model
+    from kvcompile.plan.presets import resolve_map
+
+    model = args.model or DEFAULT_MODEL
     contexts = [int(c) for c in args.contexts.split(",")]
-
-    lm = load_model(args.model)
+    batches = [int(b) for b in args.batches.split(",")]
+    variants = [v for v in args.variants.split(",") if v]
+    lm = load_model(model)
     label = Path(args.map).name if args.map else args.scheme
-    maps = {"fp16 KV (baseline)": resolve_map("fp16", lm.geometry, model=args.model),
-            label: resolve_map(args.map or args.scheme, lm.geometry, model=args.model)}
-    ids = lm.tokenizer(load_text(DEFAULT_EVAL_TEXT), return_tensors="np").input_ids[0].astype(np.int64)
-
+    packed = resolve_map(args.map or args.scheme, lm.geometry, model=model)
+    maps = {"fp16 KV": resolve_map("fp16", lm.geometry, model=model), "packed": packed}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        exports = {}
         for name, pmap in maps.items():
-            t0 = time.perf_counter()
-            ex = export_onnx(lm, pmap, Path(tmp) / f"export{len(rows)}", max_context=max(contexts))
-            export_s = time.perf_counter() - t0
-            decoder = open_decoder(ex, "ort", threads=args.threads)
-            for context in contexts:
-                m = measure(decoder, ids[: context - args.steps], args.steps, args.repeats)
-                rows.append({"map": name, "context": context, "export_s": export_s,
-                             "providers": decoder.providers, "tokens_per_s": 1 / m["decode_s_per_token"],
-                             "kv_bytes": m["kv_bytes"], "map_bits_per_element": pmap.bits_per_element(context)})
-                print(f"  {name} @ {context}: {rows[-1]['tokens_per_s']:.1f} tokens/s, {m['kv_bytes']} KV bytes", flush=True)
-            del decoder
-
-    base = {r["context"]: r for r in rows if r["map"].startswith("fp16")}
+            exports[name] = str(export_onnx(lm, pmap, Path(tmp) / name.replace(" ", "_"), max_context=max(contexts)).path)
+        del lm
+        for context in contexts:
+            for batch in batches:
+                for variant in variants:
+                    job = {"export": exports["fp16 KV" if variant == "fp16 KV" else "packed"], "context": context,
+                           "batch": batch, "steps": args.steps, "threads": args.threads,
+                           "native": variant == "packed, native"}
+                    proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker",
+                                           json.dumps(job)], capture_output=True, text=True)
+                    if proc.returncode:
+                        raise SystemExit(f"{variant} @ {context} x {batch} failed: {proc.stderr.strip().splitlines()[-1]}")
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                    rows.append({"variant": variant, "map": "fp16" if variant == "fp16 KV" else label, "context": context,
+                                 "batch": batch, **r})
+                    print(f"  {variant} @ {context} x {batch}: {r['tokens_per_s']:.1f} tokens/s, "
+                          f"{r['kv_bytes'] / 2**20:.1f} MiB KV, {r['peak_rss_bytes'] / 2**20:.0f} MiB peak RSS", flush=True)
+    base = {(r["context"], r["batch"]): r for r in rows if r["variant"] == "fp16 KV"}
     for r in rows:
-        r["speed_ratio"] = r["tokens_per_s"] / base[r["context"]]["tokens_per_s"]
-        r["kv_bytes_ratio"] = r["kv_bytes"] / base[r["context"]]["kv_bytes"]
-    print(f"\n{'map':<22} {'context':>7} {'tokens/s':>9} {'x fp16':>7} {'KV MiB':>8} {'x fp16':>7} {'bits/elt':>8}")
+        b = base.get((r["context"], r["batch"]))
+        r["speed_vs_fp16"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
+        r["kv_bytes_vs_fp16"] = r["kv_bytes"] / b["kv_bytes"] if b else None
+        r["peak_rss_vs_fp16"] = r["peak_rss_bytes"] / b["peak_rss_bytes"] if b else None
+    peer = gqa_peer(args.threads)
+    print(f"\n{'variant':<26} {'context':>7} {'batch':>5} {'tokens/s':>9} {'x fp16':>7} {'KV MiB':>8} {'x fp16':>7} "
+          f"{'peak MiB':>9} {'x fp16':>7}")
     for r in rows:
-        print(f"{r['map']:<22} {r['context']:>7} {r['tokens_per_s']:>9.1f} {r['speed_ratio']:>7.2f} "
-              f"{r['kv_bytes'] / 2**20:>8.2f} {r['kv_bytes_ratio']:>7.3f} {r['map_bits_per_element']:>8.2f}")
-    write_json(args.output, {"benchmark": "onnx_runtime", "model": args.model, "steps": args.steps,
-                             "environment": environment(args.threads), "results": rows})
+        ratio = (lambda x: f"{x:>7.2f}" if x is not None else f"{'-':>7}")
+        print(f"{r['variant']:<26} {r['context']:>7} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {ratio(r['speed_vs_fp16'])} "
+              f"{r['kv_bytes'] / 2**20:>8.1f} {ratio(r['kv_bytes_vs_fp16'])} {r['peak_rss_bytes'] / 2**20:>9.0f} "
+              f"{ratio(r['peak_rss_vs_fp16'])}")
+    print(f"ORT GroupQueryAttention with an int8 cache on the CPU: "
+          + ("runs" if peer["runs_on_cpu"] else f"not runnable ({peer['reason']})"))
+    write_json(args.output, {"benchmark": "onnx_runtime", "model": model, "packed_map": label, "steps": args.steps,
+                             "past": "Gaussian keys/values, C - steps - 1 positions, stored by the map's rule",
+                             "environment": environment(args.threads), "results": rows, "ort_gqa_int8_peer": peer})
     return 0
 
 

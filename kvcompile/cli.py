@@ -32,6 +32,12 @@ def _int_in(lo: int, hi: int = MAX_TOKENS):
     return parse
 
 
+def _native_flag(p) -> None:
+    p.add_argument("--native", action=argparse.BooleanOptionalAction, default=None,
+                   help="ort backend: run KVAttention with kvcompile's native library (default: when it is built; "
+                        "--no-native runs the ONNX function bodies, as stock ONNX Runtime does)")
+
+
 def _float_in(lo: float, hi: float, *, lo_open: bool = False):
     import math
 
@@ -267,7 +273,7 @@ def cmd_run(args) -> int:
         raise KvcompileError(f"--prefix-cache-mb runs with --backend torch; the {args.backend} graph takes its packed "
                              "cache as I/O and has no prefix reuse yet")
     ex = ExportedModel.load(args.directory)
-    options = {"threads": args.threads} if args.backend == "ort" else {}
+    options = {"threads": args.threads, "native": args.native} if args.backend == "ort" else {}
     decoder = open_decoder(ex, args.backend, **options)
     tokenizer = _tokenizer_for(ex, getattr(decoder, "lm", None))
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -337,7 +343,8 @@ def cmd_validate(args) -> int:
     result = validate_export(ex, backend=args.backend, lm=lm, text=args.text, window=args.window, prefill=args.prefill,
                              max_windows=args.max_windows, atol=args.atol, rtol=args.rtol, min_cosine=args.min_cosine,
                              min_top1=args.min_top1, min_pass_rate=args.min_pass_rate, max_kl=args.max_kl,
-                             max_cache_differing=args.max_cache_differing, progress=not args.quiet, threads=args.threads)
+                             max_cache_differing=args.max_cache_differing, progress=not args.quiet, threads=args.threads,
+                             native=args.native)
     print(result.summary())
     if result.polygraphy_commands:
         print("equivalent polygraphy check of the prefill (reference outputs from torch):")
@@ -477,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prompt text; repeat for several requests (@FILE: one prompt per line of FILE)")
     p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     p.add_argument("--backend", default="ort", help="ort (ONNX Runtime, default) or torch (reference)")
+    _native_flag(p)
     p.add_argument("--prefix-cache-mb", type=_float_in(0, 2**20, lo_open=True), default=None,
                    help="reuse the compressed KV cache of shared prompt prefixes across the prompts, up to this many MiB "
                         "(torch backend)")
@@ -491,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", help="export directory")
     p.add_argument("--against", help="model to compare with (default: the exported model's source)")
     p.add_argument("--backend", default="ort")
+    _native_flag(p)
     p.add_argument("--text", default=DEFAULT_EVAL_TEXT, help=f"held-out text (default {DEFAULT_EVAL_TEXT})")
     p.add_argument("--window", type=_int_in(2), default=160, help="tokens per window (default 160)")
     p.add_argument("--prefill", type=POSITIVE, default=32, help="tokens prefilled before decoding each window (default 32)")

@@ -9,6 +9,7 @@ instead of letting those tests skip silently.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 
 #: (what it is for, importable module names: any one of them satisfies the promise)
@@ -30,7 +31,16 @@ PROMISED: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+#: (what it is for, file inside the kvcompile package): built by install.sh, not by pip
+PROMISED_FILES: tuple[tuple[str, str], ...] = (
+    ("the native ONNX Runtime kernels, kvcompile/_native/libkvcompile_ort.so (built by install.sh with CMake)",
+     "_native/libkvcompile_ort.so"),
+)
+
+
 def missing_dependencies() -> list[str]:
-    """Descriptions of the promised packages that cannot be found (found without importing them:
-    importing TensorRT-RTX can abort a process whose library path is not set up)."""
-    return [what for what, modules in PROMISED if not any(importlib.util.find_spec(m) for m in modules)]
+    """Descriptions of the promised packages and built files that cannot be found (found without
+    importing them: importing TensorRT-RTX can abort a process whose library path is not set up)."""
+    missing = [what for what, modules in PROMISED if not any(importlib.util.find_spec(m) for m in modules)]
+    package = Path(__file__).resolve().parent
+    return missing + [what for what, file in PROMISED_FILES if not (package / file).is_file()]

@@ -73,13 +73,14 @@ class ValidationResult:
     tolerances: dict = field(default_factory=dict)
     backend: str = "ort"
     polygraphy_commands: list[str] = field(default_factory=list)
+    runner: str = ""  # what ran the export: "onnxruntime+native" (kvcompile's kernels), "onnxruntime", ...
 
     def to_json(self) -> dict:
         return asdict(self)
 
     def summary(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
-        return (f"{verdict}: export vs torch reference (same map): max |err| {self.max_abs_error:.3g}, "
+        return (f"{verdict}: export ({self.runner or self.backend}) vs torch reference (same map): max |err| {self.max_abs_error:.3g}, "
                 f"median |err| {self.median_abs_error:.3g}, min cosine {self.min_cosine:.6f}, "
                 f"greedy agreement {self.top1_vs_reference:.4f}, KL {self.kl_vs_reference:.2e}, polygraphy steps within tolerance "
                 f"{100 * self.polygraphy_pass_rate:.1f} %"
@@ -302,7 +303,7 @@ def validate_export(export, *, backend: str = "ort", lm=None, text: str = DEFAUL
                     min_cosine: float | None = None, min_top1: float | None = None, min_pass_rate: float | None = None,
                     max_kl: float | None = None, max_cache_differing: float | None = None, progress: bool = True,
                     write_polygraphy: bool = True,
-                    threads: int | None = None) -> ValidationResult:
+                    threads: int | None = None, native: bool | None = None) -> ValidationResult:
     import torch
 
     from kvcompile.data import load_text
@@ -315,7 +316,7 @@ def validate_export(export, *, backend: str = "ort", lm=None, text: str = DEFAUL
     if window > export.max_context:
         raise KvcompileError(f"window of {window} tokens exceeds the export's max_context {export.max_context}")
     lm = lm if lm is not None else load_model(export.model)
-    options = {"threads": threads} if backend == "ort" else {}
+    options = {"threads": threads, "native": native} if backend == "ort" else {}
     exported = open_decoder(export, backend, **options)
     reference = open_decoder(export, "torch", lm=lm)
     windows = token_windows(lm.tokenizer, load_text(text), window, max_windows).numpy()
@@ -369,7 +370,7 @@ def validate_export(export, *, backend: str = "ort", lm=None, text: str = DEFAUL
         tokens_scored=int(len(targets)), windows=len(windows),
         tolerances={"atol": atol, "rtol": rtol, "error_stat": "median", **limits,
                     "mode": "lockstep" if checked_cache else "free-running"},
-        backend=backend, polygraphy_commands=commands)
+        backend=backend, polygraphy_commands=commands, runner=exported.name)
 
 
 def save_result(result: ValidationResult, path) -> None:

@@ -7,7 +7,9 @@ exporter bug would:
 * ``dropped_sink``: the graph keeps one sink position fewer than the map;
 * ``swapped_head_groups``: the graph stores kv heads 0 and 1 with each other's schemes;
 * ``wrong_scale``: the graph's integer de-quantizer reads every scale 5 % too large (a wrong
-  constant or dtype in the scale path).
+  constant or dtype in the scale path).  It lives in the ONNX lowering, so it shows when the
+  function bodies run (``native=False``); the native library's formats are checked bit for bit
+  by ``tests/unit/test_native.py``.
 
 The first three keep the faithful graph of a map A and claim another map F that differs from A
 as described (:func:`claimed_map`): validating compares the graph (A) with the torch reference of

@@ -1,0 +1,241 @@
+// The ONNX Runtime custom-op library: registers kvcompile::KVAttention for the CPU execution
+// provider, written against the ONNX Runtime C API only (headers: ../shared/third_party/onnxruntime-*).
+//
+// When a model also defines KVAttention as a model-local function, ONNX Runtime runs this kernel
+// if the library is registered and the function body if not, so one model.onnx serves both.
+// Inputs: query, key, value, then the past parts (variadic, heterogeneous: int8 / float16 /
+// float32); outputs: the attention output, then the present parts (variadic, heterogeneous).
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kv_attention.h"
+#include "onnxruntime_c_api.h"
+
+namespace {
+
+const OrtApi* g_api = nullptr;
+
+struct Kernel {
+  kvc::AttentionSpec spec;
+};
+
+OrtStatus* status(const std::string& message) { return g_api->CreateStatus(ORT_FAIL, message.c_str()); }
+
+#define KVC_RETURN_IF(expr)          \
+  do {                               \
+    if (OrtStatus* _s = (expr)) return _s; \
+  } while (0)
+
+OrtStatus* read_string(const OrtKernelInfo* info, const char* name, std::string* out) {
+  size_t size = 0;
+  if (OrtStatus* s = g_api->KernelInfoGetAttribute_string(info, name, nullptr, &size)) return s;
+  std::vector<char> buf(size);
+  KVC_RETURN_IF(g_api->KernelInfoGetAttribute_string(info, name, buf.data(), &size));
+  out->assign(buf.data(), size ? size - 1 : 0);
+  return nullptr;
+}
+
+int element_bytes(ONNXTensorElementDataType t) {
+  switch (t) {
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8: return 1;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16: return 2;
+    case ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT: return 4;
+    default: return 0;
+  }
+}
+
+OrtStatus* view_of(const OrtValue* value, kvc::View* out) {
+  OrtTensorTypeAndShapeInfo* info = nullptr;
+  KVC_RETURN_IF(g_api->GetTensorTypeAndShape(value, &info));
+  size_t rank = 0;
+  ONNXTensorElementDataType type;
+  OrtStatus* s = g_api->GetDimensionsCount(info, &rank);
+  if (!s) {
+    out->dims.resize(rank);
+    s = g_api->GetDimensions(info, out->dims.data(), rank);
+  }
+  if (!s) s = g_api->GetTensorElementType(info, &type);
+  g_api->ReleaseTensorTypeAndShapeInfo(info);
+  if (s) return s;
+  out->bytes = element_bytes(type);
+  void* data = nullptr;
+  KVC_RETURN_IF(g_api->GetTensorMutableData(const_cast<OrtValue*>(value), &data));
+  out->data = static_cast<const uint8_t*>(data);
+  return nullptr;
+}
+
+struct ParallelJob {
+  const std::function<void(size_t)>* fn;
+};
+
+void run_job(void* data, size_t i) { (*static_cast<ParallelJob*>(data)->fn)(i); }
+
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  kvc::Attributes attrs;
+  for (const char* stream : {"key", "value"})
+    for (const char* name : {"sink_scheme", "recent_scheme", "bulk_scheme", "age_tiers"}) {
+      std::string full = std::string(stream) + "_" + name, value;
+      KVC_RETURN_IF(read_string(info, full.c_str(), &value));
+      attrs.strings[full] = value;
+    }
+  for (const char* name : {"sink_tokens", "recent_window", "head_dim", "q_per_kv"}) {
+    int64_t v = 0;
+    KVC_RETURN_IF(g_api->KernelInfoGetAttribute_int64(info, name, &v));
+    attrs.ints[name] = v;
+  }
+  float scale = 0.0f;
+  KVC_RETURN_IF(g_api->KernelInfoGetAttribute_float(info, "scale", &scale));
+  attrs.floats["scale"] = scale;
+  auto* k = new Kernel;
+  std::string error;
+  if (!kvc::parse_attention(attrs, &k->spec, &error)) {
+    delete k;
+    return status(error);
+  }
+  *kernel = k;
+  return nullptr;
+}
+
+OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {
+  const kvc::AttentionSpec& spec = static_cast<Kernel*>(kernel)->spec;
+  size_t n_inputs = 0;
+  KVC_RETURN_IF(g_api->KernelContext_GetInputCount(context, &n_inputs));
+  if (n_inputs < 3) return status("KVAttention: expected query, key, value and the past segments");
+  std::vector<kvc::View> views(n_inputs);
+  for (size_t i = 0; i < n_inputs; ++i) {
+    const OrtValue* v = nullptr;
+    KVC_RETURN_IF(g_api->KernelContext_GetInput(context, i, &v));
+    KVC_RETURN_IF(view_of(v, &views[i]));
+  }
+  for (int i = 0; i < 3; ++i)
+    if (views[i].bytes != 4) return status("KVAttention: query, key and value must be float32");
+  std::vector<kvc::View> past(views.begin() + 3, views.end());
+  OrtStatus* failure = nullptr;
+  // output element types follow the parts' formats: 0 = float32 output, then part by part
+  std::vector<int> out_bytes{4};
+  for (const kvc::StreamSpec* s : {&spec.key, &spec.value})
+    for (int seg : s->segments)
+      for (const auto& ps : s->format(seg).parts) out_bytes.push_back(ps.bytes);
+  kvc::Allocate allocate = [&](size_t index, const std::vector<int64_t>& dims) -> uint8_t* {
+    OrtValue* out = nullptr;
+    if (OrtStatus* s = g_api->KernelContext_GetOutput(context, index, dims.data(), dims.size(), &out)) {
+      if (!failure) failure = s;
+      else g_api->ReleaseStatus(s);
+      return nullptr;
+    }
+    void* data = nullptr;
+    if (OrtStatus* s = g_api->GetTensorMutableData(out, &data)) {
+      if (!failure) failure = s;
+      else g_api->ReleaseStatus(s);
+    }
+    return static_cast<uint8_t*>(data);
+  };
+  kvc::ParallelFor parallel_for = [&](size_t n, const std::function<void(size_t)>& fn) {
+    if (n == 0) return;
+    ParallelJob job{&fn};
+    if (OrtStatus* s = g_api->KernelContext_ParallelFor(context, run_job, n, 0, &job)) {
+      g_api->ReleaseStatus(s);  // no thread pool: run here
+      for (size_t i = 0; i < n; ++i) fn(i);
+    }
+  };
+  std::string error;
+  bool ok = kvc::run_attention(spec, views[0], views[1], views[2], past, allocate, parallel_for, &error);
+  if (failure) return failure;
+  if (!ok) return status(error);
+  return nullptr;
+}
+
+void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
+
+const char* ORT_API_CALL op_name(const OrtCustomOp*) { return "KVAttention"; }
+const char* ORT_API_CALL provider(const OrtCustomOp*) { return nullptr; }  // CPU
+size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 4; }
+size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 2; }
+ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) {
+  return i < 3 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t i) {
+  return i < 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+}
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_characteristic(const OrtCustomOp*, size_t i) {
+  return i < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_VARIADIC;
+}
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_characteristic(const OrtCustomOp*, size_t i) {
+  return i < 1 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_VARIADIC;
+}
+OrtMemType ORT_API_CALL input_memory(const OrtCustomOp*, size_t) { return OrtMemTypeDefault; }
+int ORT_API_CALL min_arity(const OrtCustomOp*) { return 2; }
+int ORT_API_CALL heterogeneous(const OrtCustomOp*) { return 0; }
+int ORT_API_CALL start_version(const OrtCustomOp*) { return 1; }
+int ORT_API_CALL end_version(const OrtCustomOp*) { return 1 << 30; }
+
+OrtCustomOp make_op() {
+  OrtCustomOp op;
+  std::memset(&op, 0, sizeof(op));
+  op.version = ORT_API_VERSION;
+  op.GetName = op_name;
+  op.GetExecutionProviderType = provider;
+  op.GetInputType = input_type;
+  op.GetInputTypeCount = input_count;
+  op.GetOutputType = output_type;
+  op.GetOutputTypeCount = output_count;
+  op.KernelDestroy = destroy_kernel;
+  op.GetInputCharacteristic = input_characteristic;
+  op.GetOutputCharacteristic = output_characteristic;
+  op.GetInputMemoryType = input_memory;
+  op.GetVariadicInputMinArity = min_arity;
+  op.GetVariadicInputHomogeneity = heterogeneous;
+  op.GetVariadicOutputMinArity = min_arity;
+  op.GetVariadicOutputHomogeneity = heterogeneous;
+  op.CreateKernelV2 = create_kernel;
+  op.KernelComputeV2 = compute;
+  op.GetStartVersion = start_version;
+  op.GetEndVersion = end_version;
+  return op;
+}
+
+OrtCustomOp g_attention_op = make_op();
+
+}  // namespace
+
+extern "C" {
+
+// Called by SessionOptions.register_custom_ops_library.
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                               const OrtApiBase* api_base) {
+  g_api = api_base->GetApi(ORT_API_VERSION);
+  if (!g_api) return nullptr;  // an older runtime: cannot report through it
+  OrtCustomOpDomain* domain = nullptr;
+  KVC_RETURN_IF(g_api->CreateCustomOpDomain("kvcompile", &domain));
+  KVC_RETURN_IF(g_api->CustomOpDomain_Add(domain, &g_attention_op));
+  return g_api->AddCustomOpDomain(options, domain);
+}
+
+// What the library reads a scheme name as, for tests (kvcompile.kernels.native.describe_scheme):
+// fields[8] = kind, bits, group, channel, symmetric, scale_bytes, rotate, double_quant; parts[4][4] =
+// (bytes, width, rows_per, 0) per part.  Returns the number of parts, or -1 with `error` filled.
+__attribute__((visibility("default"))) int kvc_describe_scheme(const char* name, int64_t head_dim, int64_t* fields,
+                                                              int64_t* parts, char* error, int64_t error_size) {
+  kvc::Format f;
+  std::string why;
+  if (!kvc::parse_format(name, head_dim, &f, &why)) {
+    std::snprintf(error, size_t(error_size), "%s", why.c_str());
+    return -1;
+  }
+  int64_t v[8] = {f.kind, f.bits, f.group, f.channel, f.symmetric, f.scale_bytes, f.rotate, f.double_quant};
+  std::memcpy(fields, v, sizeof(v));
+  for (size_t i = 0; i < f.parts.size() && i < 4; ++i) {
+    parts[4 * i] = f.parts[i].bytes;
+    parts[4 * i + 1] = f.parts[i].width;
+    parts[4 * i + 2] = f.parts[i].rows_per;
+    parts[4 * i + 3] = 0;
+  }
+  return int(f.parts.size());
+}
+
+__attribute__((visibility("default"))) void kvc_nf4_codebook(float* out) {
+  std::memcpy(out, kvc::kNf4Codebook, sizeof(kvc::kNf4Codebook));
+}
+
+}  // extern "C"
