@@ -40,7 +40,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, setup, write_json  # noqa: E402
 
-VARIANTS = ("fp16 KV", "packed, function bodies", "packed, native")
+#: variant key -> label
+VARIANTS = {"fp16": "fp16 KV", "body": "packed, function bodies", "native": "packed, native"}
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not carry over an exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def synthetic_past(export, batch: int, positions: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -97,47 +106,83 @@ def worker(job: dict) -> dict:
         token = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
     step_s = statistics.median(times)
     return {"tokens_per_s": batch / step_s, "step_s": step_s, "kv_bytes": decoder.cache_bytes(state),
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "runner": decoder.name}
+            "peak_rss_bytes": peak_rss_bytes(), "runner": decoder.name}
 
 
-def gqa_peer(threads: int) -> dict:
-    """Whether this ONNX Runtime runs com.microsoft.GroupQueryAttention with an int8 cache on the CPU."""
-    import onnxruntime as ort
+def gqa_node(hq: int, hkv: int, d: int):
+    """One com.microsoft.GroupQueryAttention node with an int8 cache and per-tensor scales."""
     from onnx import TensorProto, helper
 
-    hq, hkv, d = 9, 3, 64
     node = helper.make_node("GroupQueryAttention", ["query", "key", "value", "past_key", "past_value", "seqlens_k",
-                                                    "total_sequence_length", "", "", "", "", "k_scale", "v_scale"],
+                                                    "total_sequence_length", "", "", "", "", "", "k_scale", "v_scale"],
                             ["output", "present_key", "present_value"], domain="com.microsoft", num_heads=hq,
                             kv_num_heads=hkv, k_quant_type="PER_TENSOR", v_quant_type="PER_TENSOR",
                             kv_cache_bit_width=8)
     f = TensorProto.FLOAT
     graph = helper.make_graph([node], "gqa", [
-        helper.make_tensor_value_info("query", f, [1, 1, hq * d]), helper.make_tensor_value_info("key", f, [1, 1, hkv * d]),
-        helper.make_tensor_value_info("value", f, [1, 1, hkv * d]),
-        helper.make_tensor_value_info("past_key", TensorProto.INT8, [1, hkv, "P", d]),
-        helper.make_tensor_value_info("past_value", TensorProto.INT8, [1, hkv, "P", d]),
-        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("query", f, ["B", "S", hq * d]),
+        helper.make_tensor_value_info("key", f, ["B", "S", hkv * d]),
+        helper.make_tensor_value_info("value", f, ["B", "S", hkv * d]),
+        helper.make_tensor_value_info("past_key", TensorProto.INT8, ["B", hkv, "P", d]),
+        helper.make_tensor_value_info("past_value", TensorProto.INT8, ["B", hkv, "P", d]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["B"]),
         helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, []),
         helper.make_tensor_value_info("k_scale", f, [1]), helper.make_tensor_value_info("v_scale", f, [1])],
-        [helper.make_tensor_value_info("output", f, None), helper.make_tensor_value_info("present_key", TensorProto.INT8, None),
+        [helper.make_tensor_value_info("output", f, None),
+         helper.make_tensor_value_info("present_key", TensorProto.INT8, None),
          helper.make_tensor_value_info("present_value", TensorProto.INT8, None)])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
-                              ir_version=10)
-    try:
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        p = 16
-        sess.run(None, {"query": np.zeros((1, 1, hq * d), np.float32), "key": np.zeros((1, 1, hkv * d), np.float32),
-                        "value": np.zeros((1, 1, hkv * d), np.float32),
-                        "past_key": np.zeros((1, hkv, p, d), np.int8), "past_value": np.zeros((1, hkv, p, d), np.int8),
-                        "seqlens_k": np.array([p], np.int32), "total_sequence_length": np.array(p + 1, np.int32),
-                        "k_scale": np.ones(1, np.float32), "v_scale": np.ones(1, np.float32)})
-        return {"runs_on_cpu": True, "onnxruntime": ort.__version__}
-    except Exception as e:  # the reason, on one line
-        return {"runs_on_cpu": False, "onnxruntime": ort.__version__,
-                "reason": str(e).split("Status Message: ")[-1].strip().splitlines()[0][:300]}
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)],
+                             ir_version=10)
+
+
+def time_session(sess, feed: dict, repeats: int) -> float:
+    sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def attention_peers(export_dir: str, context: int, batch: int, threads: int, repeats: int) -> dict:
+    """One layer's decode attention at (context, batch): KVAttention with the native library vs
+    ONNX Runtime's GroupQueryAttention with an int8 cache (per-tensor scales), same shapes."""
+    import onnxruntime as ort
+
+    from kvcompile.export import ExportedModel
+    from kvcompile.kernels import native
+    from kvcompile.ops import KV_ATTENTION
+    from kvcompile.ops.attention import attention_attrs
+
+    ex = ExportedModel.load(export_dir)
+    key_group, value_group = ex.groups[0], ex.groups[len(ex.groups) // (2 * ex.geometry["num_layers"])]
+    hkv, hq, d = len(key_group.heads), ex.geometry["num_q_heads"], ex.pmap.head_dim
+    past = synthetic_past(ex, batch, context - 1)
+    attrs = attention_attrs(key_group.op_attrs(ex.pmap), value_group.op_attrs(ex.pmap), hq // hkv, d ** -0.5)
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.standard_normal((batch, h, 1, d)).astype(np.float32) for h in (hq, hkv, hkv))
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    native.register(options)
+    ours = ort.InferenceSession(KV_ATTENTION.single_node_model(attrs).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+    ports = KV_ATTENTION.inputs(attrs)[3:]
+    names = [p.past for p in key_group.ports] + [p.past for p in value_group.ports]
+    feed = {"query": q, "key": k, "value": v, **{p.name: past[n] for p, n in zip(ports, names)}}
+    native_s = time_session(ours, feed, repeats)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    peer = ort.InferenceSession(gqa_node(hq, hkv, d).SerializeToString(), options, providers=["CPUExecutionProvider"])
+    cache = rng.integers(-127, 128, (batch, hkv, context - 1, d), dtype=np.int8)
+    peer_feed = {"query": q.transpose(0, 2, 1, 3).reshape(batch, 1, hq * d),
+                 "key": k.transpose(0, 2, 1, 3).reshape(batch, 1, hkv * d),
+                 "value": v.transpose(0, 2, 1, 3).reshape(batch, 1, hkv * d), "past_key": cache, "past_value": cache.copy(),
+                 "seqlens_k": np.full(batch, context - 1, np.int32), "total_sequence_length": np.array(context, np.int32),
+                 "k_scale": np.full(1, 0.05, np.float32), "v_scale": np.full(1, 0.05, np.float32)}
+    gqa_s = time_session(peer, peer_feed, repeats)
+    return {"context": context, "batch": batch, "native_ms": 1e3 * native_s, "gqa_int8_ms": 1e3 * gqa_s,
+            "native_speedup_vs_gqa_int8": gqa_s / native_s, "onnxruntime": ort.__version__}
 
 
 def main() -> int:
@@ -150,13 +195,20 @@ def main() -> int:
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=6, help="timed decode steps per point (after one warm-up)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated subset of {', '.join(VARIANTS)} (default: all)")
+    ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                    help="also time one layer's attention: KVAttention native vs ORT GroupQueryAttention (int8 cache)")
+    ap.add_argument("--peer-repeats", type=int, default=30)
     ap.add_argument("--output", default=str(Path(__file__).parent / "results" / "onnx_runtime.json"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     setup(args.threads)
     if args.worker:
-        print(json.dumps(worker(json.loads(args.worker))))
+        job = json.loads(args.worker)
+        result = attention_peers(job["peers"], job["context"], job["batch"], job["threads"], job["repeats"]) \
+            if "peers" in job else worker(job)
+        print(json.dumps(result))
         return 0
 
     from kvcompile.export import export_onnx
@@ -167,6 +219,8 @@ def main() -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",")]
     variants = [v for v in args.variants.split(",") if v]
+    if not variants or set(variants) - set(VARIANTS):
+        raise SystemExit(f"--variants: expected a comma-separated subset of {', '.join(VARIANTS)}, got {args.variants!r}")
     lm = load_model(model)
     label = Path(args.map).name if args.map else args.scheme
     packed = resolve_map(args.map or args.scheme, lm.geometry, model=model)
@@ -180,25 +234,36 @@ def main() -> int:
         for context in contexts:
             for batch in batches:
                 for variant in variants:
-                    job = {"export": exports["fp16 KV" if variant == "fp16 KV" else "packed"], "context": context,
-                           "batch": batch, "steps": args.steps, "threads": args.threads,
-                           "native": variant == "packed, native"}
+                    job = {"export": exports["fp16 KV" if variant == "fp16" else "packed"], "context": context,
+                           "batch": batch, "steps": args.steps, "threads": args.threads, "native": variant == "native"}
                     proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker",
                                            json.dumps(job)], capture_output=True, text=True)
                     if proc.returncode:
                         raise SystemExit(f"{variant} @ {context} x {batch} failed: {proc.stderr.strip().splitlines()[-1]}")
                     r = json.loads(proc.stdout.strip().splitlines()[-1])
-                    rows.append({"variant": variant, "map": "fp16" if variant == "fp16 KV" else label, "context": context,
-                                 "batch": batch, **r})
-                    print(f"  {variant} @ {context} x {batch}: {r['tokens_per_s']:.1f} tokens/s, "
+                    rows.append({"variant": VARIANTS[variant], "map": "fp16" if variant == "fp16" else label,
+                                 "context": context, "batch": batch, **r})
+                    print(f"  {VARIANTS[variant]} @ {context} x {batch}: {r['tokens_per_s']:.1f} tokens/s, "
                           f"{r['kv_bytes'] / 2**20:.1f} MiB KV, {r['peak_rss_bytes'] / 2**20:.0f} MiB peak RSS", flush=True)
+        peers = []
+        for context in contexts if args.peers else []:
+            for batch in batches:
+                job = {"peers": exports["packed"], "context": context, "batch": batch, "threads": args.threads,
+                       "repeats": args.peer_repeats}
+                proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker",
+                                       json.dumps(job)], capture_output=True, text=True)
+                if proc.returncode:
+                    raise SystemExit(f"attention peers @ {context} x {batch} failed: "
+                                     f"{proc.stderr.strip().splitlines()[-1]}")
+                peers.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                print(f"  attention @ {context} x {batch}: KVAttention native {peers[-1]['native_ms']:.2f} ms, "
+                      f"GroupQueryAttention int8 {peers[-1]['gqa_int8_ms']:.2f} ms", flush=True)
     base = {(r["context"], r["batch"]): r for r in rows if r["variant"] == "fp16 KV"}
     for r in rows:
         b = base.get((r["context"], r["batch"]))
         r["speed_vs_fp16"] = r["tokens_per_s"] / b["tokens_per_s"] if b else None
         r["kv_bytes_vs_fp16"] = r["kv_bytes"] / b["kv_bytes"] if b else None
         r["peak_rss_vs_fp16"] = r["peak_rss_bytes"] / b["peak_rss_bytes"] if b else None
-    peer = gqa_peer(args.threads)
     print(f"\n{'variant':<26} {'context':>7} {'batch':>5} {'tokens/s':>9} {'x fp16':>7} {'KV MiB':>8} {'x fp16':>7} "
           f"{'peak MiB':>9} {'x fp16':>7}")
     for r in rows:
@@ -206,11 +271,15 @@ def main() -> int:
         print(f"{r['variant']:<26} {r['context']:>7} {r['batch']:>5} {r['tokens_per_s']:>9.1f} {ratio(r['speed_vs_fp16'])} "
               f"{r['kv_bytes'] / 2**20:>8.1f} {ratio(r['kv_bytes_vs_fp16'])} {r['peak_rss_bytes'] / 2**20:>9.0f} "
               f"{ratio(r['peak_rss_vs_fp16'])}")
-    print(f"ORT GroupQueryAttention with an int8 cache on the CPU: "
-          + ("runs" if peer["runs_on_cpu"] else f"not runnable ({peer['reason']})"))
+    if peers:
+        print(f"\none layer's decode attention (median of {args.peer_repeats} runs of one node):")
+        print(f"{'context':>7} {'batch':>5} {'KVAttention native ms':>21} {'GQA int8 ms':>11} {'native speedup':>14}")
+        for p in peers:
+            print(f"{p['context']:>7} {p['batch']:>5} {p['native_ms']:>21.3f} {p['gqa_int8_ms']:>11.3f} "
+                  f"{p['native_speedup_vs_gqa_int8']:>14.2f}")
     write_json(args.output, {"benchmark": "onnx_runtime", "model": model, "packed_map": label, "steps": args.steps,
                              "past": "Gaussian keys/values, C - steps - 1 positions, stored by the map's rule",
-                             "environment": environment(args.threads), "results": rows, "ort_gqa_int8_peer": peer})
+                             "environment": environment(args.threads), "results": rows, "attention_peers": peers})
     return 0
 
 

@@ -91,15 +91,15 @@ void unpack_row(const uint8_t* packed, int64_t n, int bits, uint8_t* codes) {
     std::memcpy(codes, packed, n);
     return;
   }
-  if (bits == 4) {
-    for (int64_t i = 0; i < n; i += 2) {
-      codes[i] = packed[i / 2] & 0xF;
-      if (i + 1 < n) codes[i + 1] = packed[i / 2] >> 4;
-    }
+  if (bits == 4 && n % 2 == 0) {
+    for (int64_t i = 0; i < n / 2; ++i) codes[2 * i] = packed[i] & 0xF, codes[2 * i + 1] = packed[i] >> 4;
     return;
   }
-  if (bits == 2) {
-    for (int64_t i = 0; i < n; ++i) codes[i] = (packed[i / 4] >> (2 * (i % 4))) & 3;
+  if (bits == 2 && n % 4 == 0) {
+    for (int64_t i = 0; i < n / 4; ++i) {
+      const uint8_t b = packed[i];
+      codes[4 * i] = b & 3, codes[4 * i + 1] = (b >> 2) & 3, codes[4 * i + 2] = (b >> 4) & 3, codes[4 * i + 3] = b >> 6;
+    }
     return;
   }
   int block_bits = std::lcm(bits, 8), per = block_bits / bits, nbytes = block_bits / 8;
@@ -109,6 +109,34 @@ void unpack_row(const uint8_t* packed, int64_t n, int bits, uint8_t* codes) {
     for (int k = 0; k < nbytes; ++k) acc |= uint64_t(packed[o + k]) << (8 * k);
     for (int i = 0; i < per && start + i < n; ++i) codes[start + i] = uint8_t((acc >> (i * bits)) & mask);
   }
+}
+
+// Codes of each byte as floats: 4 two-bit codes or 2 four-bit codes, first code in the low bits.
+struct CodeTables {
+  float two[256][4];
+  float four[256][2];
+  CodeTables() {
+    for (int b = 0; b < 256; ++b) {
+      for (int i = 0; i < 4; ++i) two[b][i] = float((b >> (2 * i)) & 3);
+      for (int i = 0; i < 2; ++i) four[b][i] = float((b >> (4 * i)) & 15);
+    }
+  }
+};
+const CodeTables kCodeTables;
+
+// The codes of one packed row as floats (exact: codes are small integers).
+void unpack_row_float(const uint8_t* packed, int64_t n, int bits, float* out) {
+  if (bits == 2 && n % 4 == 0) {
+    for (int64_t i = 0; i < n / 4; ++i) std::memcpy(out + 4 * i, kCodeTables.two[packed[i]], 16);
+    return;
+  }
+  if (bits == 4 && n % 2 == 0) {
+    for (int64_t i = 0; i < n / 2; ++i) std::memcpy(out + 2 * i, kCodeTables.four[packed[i]], 8);
+    return;
+  }
+  uint8_t codes[4096];
+  unpack_row(packed, n, bits, codes);
+  for (int64_t i = 0; i < n; ++i) out[i] = float(codes[i]);
 }
 
 bool parse_int(const std::string& s, int64_t* out) {
@@ -373,50 +401,84 @@ bool quantize_rows(const Format& f, const float* x_in, int64_t n, const PartPtrs
   return true;
 }
 
+void unpack_codes(const Format& f, const ConstPartPtrs& parts, int64_t row0, int64_t n, float* out) {
+  const int64_t d = f.head_dim, code_bytes = f.parts[0].width;
+  for (int64_t t = 0; t < n; ++t) unpack_row_float(parts[0] + (row0 + t) * code_bytes, d, f.bits, out + t * d);
+}
+
+void load_params(const Format& f, const ConstPartPtrs& parts, int64_t prow, float* scale, float* offset) {
+  const int64_t width = f.channel ? f.head_dim : f.head_dim / f.group;
+  const int sb = f.scale_bytes;
+  for (int64_t g = 0; g < width; ++g) {
+    scale[g] = load_param(parts[1] + (prow * width + g) * sb, sb);
+    offset[g] = f.symmetric ? -float(f.levels) * scale[g] : load_param(parts[2] + (prow * width + g) * sb, sb);
+  }
+}
+
 void dequantize_rows(const Format& f, const ConstPartPtrs& parts, int64_t row0, int64_t n, float* out, bool rotated) {
+  // Parameters are converted to float once per row (per-token groups) or once per block of
+  // positions (per-channel groups) into per-channel arrays, so that the inner loops are plain
+  // elementwise float32 arithmetic (vectorized, and the same operations as the reference).
   const int64_t d = f.head_dim;
   if (f.kind == kFp16) {
-    const uint8_t* src = parts[0] + row0 * d * 2;
-    for (int64_t i = 0; i < n * d; ++i) {
-      uint16_t b;
-      std::memcpy(&b, src + 2 * i, 2);
-      out[i] = half_value(b);
-    }
+    const _Float16* src = reinterpret_cast<const _Float16*>(parts[0]) + row0 * d;
+    for (int64_t i = 0; i < n * d; ++i) out[i] = static_cast<float>(src[i]);
     return;
   }
   uint8_t codes[4096];
+  float scale[4096], zero[4096], code[4096];
   const int64_t code_bytes = f.parts[0].width;
   if (f.kind == kNf4) {
     const int64_t groups = d / f.group;
-    float scales[4096];
     for (int64_t t = 0; t < n; ++t) {
       const int64_t r = row0 + t;
       if (f.double_quant) {
-        float super = load_param(parts[2] + r * 2, 2);
-        for (int64_t g = 0; g < groups; ++g) scales[g] = super * float(parts[1][r * groups + g]) / 255.0f;
+        const float super = load_param(parts[2] + r * 2, 2);
+        for (int64_t g = 0; g < groups; ++g) {
+          const float s = super * float(parts[1][r * groups + g]) / 255.0f;
+          for (int64_t c = 0; c < f.group; ++c) scale[g * f.group + c] = s;
+        }
       } else {
-        for (int64_t g = 0; g < groups; ++g) scales[g] = load_param(parts[1] + (r * groups + g) * 2, 2);
+        for (int64_t g = 0; g < groups; ++g) {
+          const float s = load_param(parts[1] + (r * groups + g) * 2, 2);
+          for (int64_t c = 0; c < f.group; ++c) scale[g * f.group + c] = s;
+        }
       }
       unpack_row(parts[0] + r * code_bytes, d, 4, codes);
-      for (int64_t c = 0; c < d; ++c) out[t * d + c] = kNf4Codebook[codes[c]] * scales[c / f.group];
+      float* o = out + t * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = kNf4Codebook[codes[c]] * scale[c];
+      (void)code;
     }
     return;
   }
   const int sb = f.scale_bytes;
   const float levels = float(f.levels);
-  const int64_t groups = f.channel ? d : d / f.group;
+  int64_t loaded = -1;  // the parameter row now in scale / zero
   for (int64_t t = 0; t < n; ++t) {
     const int64_t r = row0 + t;
     const int64_t prow = f.channel ? r / f.group : r;
-    const uint8_t* scale_row = parts[1] + prow * groups * sb;
-    const uint8_t* zero_row = f.symmetric ? nullptr : parts[2] + prow * groups * sb;
-    unpack_row(parts[0] + r * code_bytes, d, f.bits, codes);
+    if (prow != loaded) {
+      const int64_t width = f.channel ? d : d / f.group;
+      const uint8_t* scale_row = parts[1] + prow * width * sb;
+      const uint8_t* zero_row = f.symmetric ? nullptr : parts[2] + prow * width * sb;
+      if (f.channel) {
+        for (int64_t c = 0; c < d; ++c) scale[c] = load_param(scale_row + c * sb, sb);
+        if (zero_row)
+          for (int64_t c = 0; c < d; ++c) zero[c] = load_param(zero_row + c * sb, sb);
+      } else {
+        for (int64_t g = 0; g < width; ++g) {
+          const float s = load_param(scale_row + g * sb, sb), z = zero_row ? load_param(zero_row + g * sb, sb) : 0.0f;
+          for (int64_t c = 0; c < f.group; ++c) scale[g * f.group + c] = s, zero[g * f.group + c] = z;
+        }
+      }
+      loaded = prow;
+    }
+    unpack_row_float(parts[0] + r * code_bytes, d, f.bits, code);
     float* o = out + t * d;
-    for (int64_t c = 0; c < d; ++c) {
-      const int64_t g = f.channel ? c : c / f.group;
-      const float scale = load_param(scale_row + g * sb, sb);
-      const float code = float(codes[c]);
-      o[c] = f.symmetric ? (code - levels) * scale : load_param(zero_row + g * sb, sb) + code * scale;
+    if (f.symmetric) {
+      for (int64_t c = 0; c < d; ++c) o[c] = (code[c] - levels) * scale[c];
+    } else {
+      for (int64_t c = 0; c < d; ++c) o[c] = zero[c] + code[c] * scale[c];
     }
     if (f.rotate && !rotated) rotate_row(o, d);
   }

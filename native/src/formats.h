@@ -52,6 +52,14 @@ bool quantize_rows(const Format& f, const float* x, int64_t n, const PartPtrs& p
 void dequantize_rows(const Format& f, const ConstPartPtrs& parts, int64_t row0, int64_t n, float* out,
                      bool rotated = false);
 
+// For attention over integer formats without materializing floats (attend in the code domain):
+// the codes of positions [row0, row0 + n) as floats, out [n][D] (exact: small integers) ...
+void unpack_codes(const Format& f, const ConstPartPtrs& parts, int64_t row0, int64_t n, float* out);
+// ... and the parameters of parameter row `prow` (a position for per-token groups, a block of
+// positions for per-channel ones) as floats: scale[w], offset[w] with w = D / G or D, such that
+// x = offset + code * scale (offset = zero point, or -levels * scale for symmetric formats).
+void load_params(const Format& f, const ConstPartPtrs& parts, int64_t prow, float* scale, float* offset);
+
 // The orthonormal Hadamard rotation of one row of D (a power of two) floats, in place: the
 // butterflies of kvcompile.quant.hadamard.rotate, then the float32 factor 1/sqrt(D).
 void rotate_row(float* x, int64_t d);

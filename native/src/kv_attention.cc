@@ -28,6 +28,26 @@ namespace {
 
 constexpr int64_t kTile = 32;
 
+// e^x for x <= 0, vectorizable: x = n ln2 + r with |r| <= ln2 / 2, e^r by the degree-7 polynomial of
+// Cephes' expf (S. L. Moshier, public domain), 2^n built in the exponent bits.  Relative error
+// ~1e-7; below -87 it returns 0 (the softmax weight of a score 87 nats under the maximum).
+inline float exp_nonpositive(float x) {
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return x < -87.0f ? 0.0f : y * scale;
+}
+
 bool fail(std::string* error, const std::string& why) {
   if (error) *error = why;
   return false;
@@ -225,6 +245,39 @@ bool append_slice(const StreamBuffers& sb, int64_t bh, const float* x, int64_t p
   return true;
 }
 
+// Whether attention reads a format in the code domain (integer codes, parameters applied to the
+// query or the weights): no rotation, and for values per-token groups of a multiple of 16 channels
+// (the accumulator is blocked by 16 lanes) of at most 256 groups.
+bool code_domain(const Format& f, bool values) {
+  if (f.kind != kInteger || f.rotate || f.head_dim % 16) return false;
+  if (values) return !f.channel && f.group % 16 == 0 && f.head_dim / f.group <= 256;
+  return f.channel || f.head_dim / f.group <= 4096;
+}
+
+// out[0..16) += sum_t w[t * w_stride] * rows[t * row_stride + 0..16), for t < n: four sets of 16
+// lanes (positions t mod 4) so that the multiply-adds form four independent chains.
+inline void accumulate16(float* out, const float* rows, int64_t row_stride, const float* w, int64_t w_stride,
+                         int64_t n) {
+  float lanes[4][16] = {};
+  int64_t t = 0;
+  for (; t + 3 < n; t += 4) {
+    for (int u = 0; u < 4; ++u) {
+      const float wu = w[(t + u) * w_stride];
+      const float* row = rows + (t + u) * row_stride;
+#pragma omp simd
+      for (int j = 0; j < 16; ++j) lanes[u][j] += wu * row[j];
+    }
+  }
+  for (; t < n; ++t) {
+    const float wt = w[t * w_stride];
+    const float* row = rows + t * row_stride;
+#pragma omp simd
+    for (int j = 0; j < 16; ++j) lanes[0][j] += wt * row[j];
+  }
+#pragma omp simd
+  for (int j = 0; j < 16; ++j) out[j] += (lanes[0][j] + lanes[1][j]) + (lanes[2][j] + lanes[3][j]);
+}
+
 struct Query {  // the r * qb query rows of one work item
   std::vector<float> plain, rotated;  // [rows][D], scaled by the softmax scale
 };
@@ -252,6 +305,13 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
     kp = kbuf.data(), vp = vbuf.data();
   }
   float scores[kTile];
+  float kscale[4096], koffset[4096];
+  std::vector<float> tile_params(5 * kTile * d);  // per-row parameters of one tile (at most D per row)
+  float* kt_t = tile_params.data() + 4 * kTile * d;
+  float* ktile_scale = tile_params.data();
+  float* ktile_offset = ktile_scale + kTile * d;
+  float* vtile_scale = ktile_offset + kTile * d;
+  float* vtile_offset = vtile_scale + kTile * d;
   size_t ks = 0, vs = 0;
   for (size_t c = 0; c + 1 < cuts.size(); ++c) {
     const int64_t a = std::max(cuts[c], c0), b = std::min(cuts[c + 1], c1);
@@ -261,22 +321,88 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
     const Segment& kseg = keys[ks];
     const Segment& vseg = values[vs];
     const bool krot = kseg.format->rotate, vrot = vseg.format->rotate;
-    for (int64_t t0 = a; t0 < b; t0 += kTile) {
-      const int64_t n = std::min(kTile, b - t0);
-      dequantize_rows(*kseg.format, kseg.parts, t0 - kseg.start, n, kp, true);
-      dequantize_rows(*vseg.format, vseg.parts, t0 - vseg.start, n, vp, true);
+    // integer formats are read in the code domain (see code_domain_keys / _values)
+    const bool kcodes = code_domain(*kseg.format, false), vcodes = code_domain(*vseg.format, true);
+    for (int64_t t0 = a; t0 < b;) {
+      int64_t n = std::min(kTile, b - t0);
+      const Format& kf = *kseg.format;
+      if (kcodes && kf.channel) n = std::min(n, kf.group - (t0 - kseg.start) % kf.group);  // one block per tile
+      if (kcodes) {
+        unpack_codes(kf, kseg.parts, t0 - kseg.start, n, kp);
+        load_params(kf, kseg.parts, kf.channel ? (t0 - kseg.start) / kf.group : 0, kscale, koffset);
+        if (kf.channel) {  // kt_t [D][kTile]: the tile's codes transposed (rows past n are zero)
+          for (int64_t t = 0; t < kTile; ++t)
+            for (int64_t e = 0; e < d; ++e) kt_t[e * kTile + t] = t < n ? kp[t * d + e] : 0.0f;
+        }
+      } else {
+        dequantize_rows(kf, kseg.parts, t0 - kseg.start, n, kp, true);
+      }
+      if (vcodes) {
+        unpack_codes(*vseg.format, vseg.parts, t0 - vseg.start, n, vp);
+        const int64_t groups = d / vseg.format->group;
+        for (int64_t t = 0; t < n; ++t)
+          load_params(*vseg.format, vseg.parts, t0 - vseg.start + t, vtile_scale + t * groups, vtile_offset + t * groups);
+      } else {
+        dequantize_rows(*vseg.format, vseg.parts, t0 - vseg.start, n, vp, true);
+      }
+      if (kcodes && !kf.channel) {
+        const int64_t groups = d / kf.group;
+        for (int64_t t = 0; t < n; ++t)
+          load_params(kf, kseg.parts, t0 - kseg.start + t, ktile_scale + t * groups, ktile_offset + t * groups);
+      }
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t s = s0 + i / r;
         const int64_t visible = std::min(n, past + s + 1 - t0);
         if (visible <= 0) continue;
         const float* qv = (krot ? q.rotated.data() : q.plain.data()) + i * d;
         float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < visible; ++t) {
-          const float* kr = kp + t * d;
-          float dot = 0.0f;
-          for (int64_t e = 0; e < d; ++e) dot += qv[e] * kr[e];
-          scores[t] = dot;
-          top = std::max(top, dot);
+        if (kcodes && kf.channel) {  // q.k = sum_d q_d z_d + sum_d (q_d s_d) c_d: one scale row per tile
+          float qs[4096];
+          float bias = 0.0f;
+          for (int64_t e = 0; e < d; ++e) qs[e] = qv[e] * kscale[e], bias += qv[e] * koffset[e];
+          // over the transposed tile, so that positions are the vector lanes (no horizontal sums)
+          // four partial sums over channels e mod 4: independent chains of fused multiply-adds
+          float part[4][kTile] = {};
+          for (int64_t e = 0; e + 3 < d; e += 4) {
+            for (int u = 0; u < 4; ++u) {
+              const float qe = qs[e + u];
+              const float* column = kt_t + (e + u) * kTile;
+#pragma omp simd
+              for (int64_t t = 0; t < kTile; ++t) part[u][t] += qe * column[t];
+            }
+          }
+#pragma omp simd
+          for (int64_t t = 0; t < kTile; ++t) scores[t] = bias + ((part[0][t] + part[1][t]) + (part[2][t] + part[3][t]));
+          for (int64_t t = 0; t < visible; ++t) top = std::max(top, scores[t]);
+        } else if (kcodes) {  // per-token groups: parameters per row
+          const int64_t groups = d / kf.group;
+          float q_sums[4096];
+          for (int64_t g = 0; g < groups; ++g) {
+            float q_sum = 0.0f;
+            for (int64_t e = g * kf.group; e < (g + 1) * kf.group; ++e) q_sum += qv[e];
+            q_sums[g] = q_sum;
+          }
+          for (int64_t t = 0; t < visible; ++t) {
+            const float* kr = kp + t * d;
+            float dot = 0.0f;
+            for (int64_t g = 0; g < groups; ++g) {
+              float codes_dot = 0.0f;
+#pragma omp simd reduction(+ : codes_dot)
+              for (int64_t e = g * kf.group; e < (g + 1) * kf.group; ++e) codes_dot += qv[e] * kr[e];
+              dot += ktile_scale[t * groups + g] * codes_dot + ktile_offset[t * groups + g] * q_sums[g];
+            }
+            scores[t] = dot;
+            top = std::max(top, dot);
+          }
+        } else {
+          for (int64_t t = 0; t < visible; ++t) {
+            const float* kr = kp + t * d;
+            float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+            for (int64_t e = 0; e < d; ++e) dot += qv[e] * kr[e];
+            scores[t] = dot;
+            top = std::max(top, dot);
+          }
         }
         float* p = partial + i * stride;
         const float m_new = std::max(p[0], top);
@@ -288,17 +414,42 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
           if (rot_values)
             for (int64_t e = 0; e < d; ++e) acc_rot[e] *= alpha;
         }
+        float weights[kTile];
+#pragma omp simd
+        for (int64_t t = 0; t < visible; ++t) weights[t] = exp_nonpositive(scores[t] - m_new);
         float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < visible; ++t) sum += weights[t];
         float* target = vrot ? acc_rot : acc;
-        for (int64_t t = 0; t < visible; ++t) {
-          const float w = std::exp(scores[t] - m_new);
-          sum += w;
-          const float* vr = vp + t * d;
-          for (int64_t e = 0; e < d; ++e) target[e] += w * vr[e];
+        if (vcodes) {  // v = offset_g + scale_g c: sum_t w_t v_t = sum_t (w_t scale_tg) c_t + sum_t w_t offset_tg
+          const Format& vf = *vseg.format;
+          const int64_t groups = d / vf.group;
+          float coef[kTile * 256], offsets[256] = {0.0f};
+          for (int64_t t = 0; t < visible; ++t) {
+            for (int64_t g = 0; g < groups; ++g) {
+              coef[t * groups + g] = weights[t] * vtile_scale[t * groups + g];
+              offsets[g] += weights[t] * vtile_offset[t * groups + g];
+            }
+          }
+          for (int64_t e0 = 0; e0 < d; e0 += 16) {
+            const int64_t g = e0 / vf.group;
+            accumulate16(target + e0, vp + e0, d, coef + g, groups, visible);
+#pragma omp simd
+            for (int j = 0; j < 16; ++j) target[e0 + j] += offsets[g];
+          }
+        } else if (d % 16 == 0) {  // 16 accumulator lanes stay in a register across the tile's rows
+          for (int64_t e0 = 0; e0 < d; e0 += 16) accumulate16(target + e0, vp + e0, d, weights, 1, visible);
+        } else {
+          for (int64_t t = 0; t < visible; ++t) {
+            const float w = weights[t];
+            const float* vr = vp + t * d;
+            for (int64_t e = 0; e < d; ++e) target[e] += w * vr[e];
+          }
         }
         p[1] = p[1] * alpha + sum;
         p[0] = m_new;
       }
+      t0 += n;
     }
   }
 }
