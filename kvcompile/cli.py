@@ -219,10 +219,11 @@ def cmd_export(args) -> int:
     options = {"max_batch": args.max_batch, "tensorrt": args.tensorrt} if args.target == "trt" else {}
     result = export(args.target, lm, pmap, args.output, max_context=args.max_context, **options)
     size = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
-    ops = sum(not g.plain for g in result.groups)
+    packed = sum(not g.plain for g in result.groups)
+    fused = result.targets["onnx"].get("attention") == "fused"
+    nodes = f"{packed // 2} KVAttention nodes" if fused else f"{packed} KVCacheUpdate nodes"
     print(f"exported {args.model} with map {label} ({pmap.summary()}) to {result.path} [{args.target}]: "
-          f"{ops} KVCacheUpdate nodes, {len(result.groups)} head groups, max context {result.max_context}, "
-          f"{size / 2**20:.1f} MiB")
+          f"{nodes}, {len(result.groups)} head groups, max context {result.max_context}, {size / 2**20:.1f} MiB")
     trt = getattr(result, "trt", None)
     if trt:
         print(f"  TensorRT engine {result.path / trt['engine']} ({trt['tensorrt']} {trt['tensorrt_version']}): "
@@ -269,9 +270,8 @@ def cmd_run(args) -> int:
             raise KvcompileError("--prompt is empty; expected text to continue (or @FILE)")
         else:
             prompts.append(p)
-    if args.prefix_cache_mb is not None and args.backend != "torch":
-        raise KvcompileError(f"--prefix-cache-mb runs with --backend torch; the {args.backend} graph takes its packed "
-                             "cache as I/O and has no prefix reuse yet")
+    if args.prefix_cache_mb is not None and args.backend not in ("torch", "ort"):
+        raise KvcompileError(f"--prefix-cache-mb runs with --backend torch or ort, not {args.backend}")
     ex = ExportedModel.load(args.directory)
     options = {"threads": args.threads, "native": args.native} if args.backend == "ort" else {}
     decoder = open_decoder(ex, args.backend, **options)
@@ -305,16 +305,20 @@ def cmd_run(args) -> int:
 def _run_with_prefix_cache(args, ex, decoder, tokenizer, prompts: list[str], eos) -> int:
     from kvcompile.cache import PrefixCache
     from kvcompile.cache.prefix import generate as generate_with_prefix
+    from kvcompile.cache.prefix import generate_with_decoder
 
     prefix = PrefixCache(ex.pmap, block_size=args.prefix_block, capacity_bytes=int(args.prefix_cache_mb * 2**20),
                          ttl_seconds=args.prefix_ttl)
     def serve(text: str) -> str:
         ids = tokenizer(text).input_ids
         ids = ids[0] if isinstance(ids[0], list) else ids
-        g = generate_with_prefix(decoder.lm.model, ids, prefix, args.max_new_tokens, max_context=ex.max_context,
-                                 eos_token_id=eos)
+        if args.backend == "torch":
+            g = generate_with_prefix(decoder.lm.model, ids, prefix, args.max_new_tokens, max_context=ex.max_context,
+                                     eos_token_id=eos)
+        else:  # the graph's packed past tensors are the prefix state
+            g = generate_with_decoder(decoder, ids, prefix, args.max_new_tokens, eos_token_id=eos)
         return (text + tokenizer.decode(g.tokens, skip_special_tokens=True) + "\n"
-                f"[torch + prefix cache] prompt {len(ids)} tokens: {g.reused_tokens} restored, {g.computed_tokens} "
+                f"[{decoder.name} + prefix cache] prompt {len(ids)} tokens: {g.reused_tokens} restored, {g.computed_tokens} "
                 f"computed; prefill {1000 * g.prefill_seconds:.0f} ms\n")
 
     # Requests share one prefix cache; with --concurrency N they are served by N threads at once
@@ -487,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     _native_flag(p)
     p.add_argument("--prefix-cache-mb", type=_float_in(0, 2**20, lo_open=True), default=None,
                    help="reuse the compressed KV cache of shared prompt prefixes across the prompts, up to this many MiB "
-                        "(torch backend)")
+                        "(torch and ort backends)")
     p.add_argument("--prefix-block", type=POSITIVE, default=64, help="prefix cache granularity in tokens (default 64)")
     p.add_argument("--prefix-ttl", type=_float_in(0, 1e9, lo_open=True), default=600.0, help="seconds an unused prefix stays cached (default 600)")
     p.add_argument("--concurrency", type=_int_in(1, 256), default=1,

@@ -37,6 +37,7 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from kvcompile.cache.mixed import MixedPrecisionCache
@@ -72,9 +73,10 @@ class PrefixCacheStats:
 @dataclass
 class _Entry:
     length: int
-    state: list[dict]
+    state: object  # a MixedPrecisionCache snapshot (list[dict]) or a graph decoder's past tensors (dict)
     nbytes: int
     last_used: float
+    kind: str = "torch"  # "torch" (MixedPrecisionCache) or "graph" (past inputs of an exported graph)
 
 
 class PrefixCache:
@@ -145,20 +147,27 @@ class PrefixCache:
 
     def lookup(self, ids: Sequence[int], max_context: int = 8192, kernels: bool = False) -> tuple[MixedPrecisionCache, int]:
         """A new cache holding the longest cached block-aligned prefix of ``ids``, and its length (0 on a miss)."""
-        keys = self._block_keys(ids)
         cache = MixedPrecisionCache(self.pmap, max_context=max_context, kernels=kernels)
+        state, length = self.lookup_state(ids, "torch")
+        return (cache.restore(state), length) if state is not None else (cache, 0)
+
+    def lookup_state(self, ids: Sequence[int], kind: str) -> tuple[object | None, int]:
+        """The stored state (of ``kind``, see :class:`_Entry`) of the longest cached block-aligned
+        prefix of ``ids`` and its length, or ``(None, 0)``.  States are never written after insertion."""
+        keys = self._block_keys(ids)
         with self._lock:
             self._expire()
             if not keys:  # shorter than one block: nothing could be cached, not counted as a lookup
-                return cache, 0
+                return None, 0
             self._stats.lookups += 1
             self._stats.lookup_tokens += len(keys) * self.block_size
-            entry = next((self._touch(k) for k in reversed(keys) if k in self._entries), None)
+            entry = next((self._touch(k) for k in reversed(keys) if k in self._entries and self._entries[k].kind == kind),
+                         None)
             if entry is None:
-                return cache, 0
+                return None, 0
             self._stats.hits += 1
             self._stats.hit_tokens += entry.length
-        return cache.restore(entry.state), entry.length
+        return entry.state, entry.length
 
     def insert(self, ids: Sequence[int], cache: MixedPrecisionCache) -> bool:
         """Store ``cache``'s state as the prefix ``ids`` (its whole content; a multiple of ``block_size`` tokens).
@@ -172,8 +181,15 @@ class PrefixCache:
                              f"non-zero multiple of block_size {self.block_size}; it holds {length}")
         if getattr(cache.layers[0], "batch_size", 1) != 1:
             raise CacheError(f"PrefixCache stores one sequence per entry; the cache has batch {cache.layers[0].batch_size}")
+        return self.insert_state(ids, "torch", cache.nbytes(), cache.snapshot)
+
+    def insert_state(self, ids: Sequence[int], kind: str, size: int, snapshot: Callable[[], object]) -> bool:
+        """Store the state ``snapshot()`` (a copy, taken outside the lock) of ``size`` bytes as the
+        prefix ``ids`` (a non-zero multiple of ``block_size`` tokens); see :meth:`insert`."""
+        if len(ids) % self.block_size or not ids:
+            raise CacheError(f"PrefixCache.insert: expected a non-zero multiple of block_size {self.block_size} "
+                             f"tokens, got {len(ids)}")
         key = self._block_keys(ids)[-1]
-        size = cache.nbytes()  # counts the elements held, i.e. the size of the compacted snapshot
         with self._lock:
             self._expire()
             if key in self._entries:
@@ -182,7 +198,7 @@ class PrefixCache:
             if size > self.capacity_bytes:
                 self._stats.rejected += 1
                 return False
-        state = cache.snapshot()  # the copy, outside the lock
+        state = snapshot()  # the copy, outside the lock
         with self._lock:
             if key in self._entries:  # another thread inserted the same prefix meanwhile
                 self._touch(key)
@@ -190,7 +206,7 @@ class PrefixCache:
             while self._entries and self._stats.bytes + size > self.capacity_bytes:
                 self._drop(next(iter(self._entries)))
                 self._stats.evicted_lru += 1
-            self._entries[key] = _Entry(length, state, size, self.clock())
+            self._entries[key] = _Entry(len(ids), state, size, self.clock(), kind)
             self._stats.inserted += 1
             self._stats.entries += 1
             self._stats.bytes += size
@@ -208,7 +224,7 @@ class PrefixGeneration:
     reused_tokens: int  # prompt tokens restored from the prefix cache
     computed_tokens: int  # prompt tokens run through the model
     prefill_seconds: float  # until the first generated token's logits
-    cache: MixedPrecisionCache
+    cache: object  # the final MixedPrecisionCache (torch) or graph decoder state
 
 
 @torch.no_grad()
@@ -243,3 +259,41 @@ def generate(model, prompt_ids: Sequence[int], prefix_cache: PrefixCache, max_ne
             break
         logits = model(torch.tensor([[token]]), cache=cache, use_cache=True).logits
     return PrefixGeneration(out, reused, computed, prefill, cache)
+
+
+def generate_with_decoder(decoder, prompt_ids: Sequence[int], prefix_cache: PrefixCache, max_new_tokens: int = 32,
+                          eos_token_id: int | None = None) -> PrefixGeneration:
+    """:func:`generate` for a decoder over an exported graph (the ONNX Runtime backend, any
+    :class:`~kvcompile.runtime.base.GraphDecoder`): the prefix state is the graph's packed past
+    tensors after the prefix, restored into the session's inputs on a hit.
+
+    The same cut as :func:`generate` (the last block boundary before the prompt's end), so a
+    request whose aligned prefix is cached generates what it generated cold.  ``cache`` of the
+    result is the decoder's final state."""
+    ids = [int(t) for t in prompt_ids]
+    if not ids:
+        raise CacheError("generate: the prompt is empty; expected at least one token")
+    if decoder.export.pmap.content_hash() != prefix_cache.pmap.content_hash():
+        raise CacheError("generate: the export was built with another precision map than the prefix cache's")
+    t0 = time.perf_counter()
+    aligned = (len(ids) - 1) // prefix_cache.block_size * prefix_cache.block_size
+    stored, reused = prefix_cache.lookup_state(ids[:aligned], "graph")
+    state = {"past": stored, "length": reused} if stored is not None else decoder.start(1)
+    computed = 0
+    if reused < aligned:
+        _, state = decoder.step(np.asarray([ids[reused:aligned]], dtype=np.int64), state)
+        computed += aligned - reused
+        past = state["past"]
+        prefix_cache.insert_state(ids[:aligned], "graph", int(sum(a.nbytes for a in past.values())),
+                                  lambda: {name: a.copy() for name, a in past.items()})
+    logits, state = decoder.step(np.asarray([ids[aligned:]], dtype=np.int64), state)
+    computed += len(ids) - aligned
+    prefill = time.perf_counter() - t0
+    out = []
+    for _ in range(max_new_tokens):
+        token = int(logits[0, -1].argmax())
+        out.append(token)
+        if token == eos_token_id or len(out) == max_new_tokens:
+            break
+        logits, state = decoder.step(np.asarray([[token]], dtype=np.int64), state)
+    return PrefixGeneration(out, reused, computed, prefill, state)
