@@ -118,11 +118,11 @@ def _attention(b: Builder, q: str, k_all: str, v_all: str, heads: int, r: int, d
     return b.op("MatMul", b.op("Softmax", b.op("Add", scores, mask), axis=-1), v_all)
 
 
-def attention_op(group: HeadGroup, pmap: PrecisionMap):
-    """The op a fused group emits: ``KVAttention``, or ``KVAttentionPortable`` (its function body
-    always runs) when a format of the group has no native kernel (:func:`native_readable`)."""
-    schemes = [group.sink_scheme, group.recent_scheme, group.bulk_scheme,
-               *(name for name, _ in parse_age_tiers(group.age_tiers))]
+def attention_op(key_group: HeadGroup, value_group: HeadGroup):
+    """The op a fused head group emits: ``KVAttention``, or ``KVAttentionPortable`` (its function
+    body always runs) when a format of its keys or values has no native kernel (:func:`native_readable`)."""
+    schemes = [name for g in (key_group, value_group)
+               for name in (g.sink_scheme, g.recent_scheme, g.bulk_scheme, *(n for n, _ in parse_age_tiers(g.age_tiers)))]
     return KV_ATTENTION if all(native_readable(get_scheme(s)) for s in schemes) else KV_ATTENTION_PORTABLE
 
 
@@ -150,7 +150,7 @@ def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup],
             attrs = attention_attrs(kg.op_attrs(pmap), vg.op_attrs(pmap), r, scale)
             names = [b.fresh("attention")] + [p.present for p in kg.ports] + [p.present for p in vg.ports]
             inputs = [q_g, k_g, v_g] + [p.past for p in kg.ports] + [p.past for p in vg.ports]
-            out = attention_op(kg, pmap).emit(b, attrs, inputs, names)[0]
+            out = attention_op(kg, vg).emit(b, attrs, inputs, names)[0]
         else:
             states = []
             for g, x in ((kg, k_g), (vg, v_g)):

@@ -272,15 +272,21 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: 
 
 def _notice_portable(calls) -> None:
     """One notice line if some head groups run KVAttention's function body (no native kernel)."""
+    from kvcompile.quant import get_scheme
+    from kvcompile.quant.base import native_readable
+
     portable = [attrs for spec, attrs in calls if spec.name == "KVAttentionPortable"]
     if portable:
         import logging
 
-        names = sorted({attrs[f"{s}_{c}_scheme"] for attrs in portable for s in ("key", "value")
-                        for c in ("sink", "recent", "bulk")})
+        from kvcompile.ops.cache_update import parse_age_tiers
+
+        names = {attrs[f"{s}_{c}_scheme"] for attrs in portable for s in ("key", "value") for c in ("sink", "recent", "bulk")}
+        names |= {n for attrs in portable for s in ("key", "value") for n, _ in parse_age_tiers(attrs[f"{s}_age_tiers"])}
+        lacking = sorted(n for n in names if not native_readable(get_scheme(n)))
         logging.getLogger("kvcompile").warning(
-            f"notice: {len(portable)} head group(s) use formats the native library cannot read "
-            f"({', '.join(names)}); they run KVAttention's ONNX function body")
+            f"kvcompile: notice: {len(portable)} head group(s) use formats the native library cannot read "
+            f"({', '.join(lacking)}); they run KVAttention's ONNX function body")
 
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8"}

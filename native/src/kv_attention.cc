@@ -21,6 +21,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 
 namespace kvc {
 
@@ -306,9 +307,11 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
   }
   float scores[kTile];
   float kscale[4096], koffset[4096];
-  std::vector<float> tile_params(5 * kTile * d);  // per-row parameters of one tile (at most D per row)
-  float* kt_t = tile_params.data() + 4 * kTile * d;
-  float* ktile_scale = tile_params.data();
+  // per-row parameters of one tile (at most D per row) and the transposed key codes; every element
+  // is written before it is read, so the buffer is not cleared
+  std::unique_ptr<float[]> tile_params(new float[5 * kTile * d]);
+  float* kt_t = tile_params.get() + 4 * kTile * d;
+  float* ktile_scale = tile_params.get();
   float* ktile_offset = ktile_scale + kTile * d;
   float* vtile_scale = ktile_offset + kTile * d;
   float* vtile_offset = vtile_scale + kTile * d;

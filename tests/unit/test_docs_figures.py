@@ -150,15 +150,53 @@ def test_bound_validation_table_matches_the_json():
                                                  f"{s['c_for_90pct']:.2f}", f"{s['median_ratio']:.2f}"), label
 
 
-def test_onnx_runtime_table_matches_the_json():
-    rows = table_rows("docs/export.md", "| map | context | decode tokens/s |")
-    results = result("onnx_runtime")["results"]
-    assert len(rows) == len(results)
-    for (label, context, tps, speed, mib, mem, bits), r in zip(rows, results):
-        assert (label.lower(), int(context)) == (r["map"].lower(), r["context"])
-        assert (tps, speed, mib, mem, bits) == (f"{r['tokens_per_s']:.1f}", f"{r['speed_ratio']:.2f}",
-                                                f"{r['kv_bytes'] / 2**20:.2f}", f"{r['kv_bytes_ratio']:.3f}",
-                                                f"{r['map_bits_per_element']:.2f}"), label
+def test_onnx_runtime_tables_match_the_json():
+    doc = result("onnx_runtime")
+    rows = table_rows("docs/export.md", "| variant | context | batch | decode tokens/s |")
+    assert len(rows) == len(doc["results"]) == 18
+    for cells, r in zip(rows, doc["results"]):
+        assert cells == [r["variant"], str(r["context"]), str(r["batch"]), f"{r['tokens_per_s']:.1f}",
+                         f"{r['speed_vs_fp16']:.2f}", f"{r['kv_bytes'] / 2**20:.1f}", f"{r['kv_bytes_vs_fp16']:.3f}",
+                         f"{r['peak_rss_bytes'] / 2**20:.0f}", f"{r['peak_rss_vs_fp16']:.2f}"], cells
+    peers = table_rows("docs/export.md", "| context | batch | KVAttention, native (ms) |")
+    assert len(peers) == len(doc["attention_peers"]) == 6
+    for cells, p in zip(peers, doc["attention_peers"]):
+        assert cells == [str(p["context"]), str(p["batch"]), f"{p['native_ms']:.3f}", f"{p['gqa_int8_ms']:.3f}",
+                         f"{p['native_speedup_vs_gqa_int8']:.2f}"], cells
+
+
+def _ort(variant: str, key: str, pick=None):
+    rows = [r for r in result("onnx_runtime")["results"] if r["variant"] == variant]
+    values = [r[key] for r in rows] if pick is None else [r[key] for r in rows if pick(r)]
+    return values
+
+
+def _ort_range(variant: str, key: str) -> str:
+    values = _ort(variant, key)
+    return f"{min(values):.2f}–{max(values):.2f}"
+
+
+def test_onnx_runtime_prose_matches_the_json():
+    export_md, readme = text("docs/export.md"), text("README.md")
+    assert f"de-quantizes the whole cache ({_ort_range('packed, function bodies', 'speed_vs_fp16')}x the fp16" in export_md
+    assert f"reads {_ort_range('packed, native', 'kv_bytes_vs_fp16')}x the bytes" in export_md
+    native_speed = _ort("packed, native", "speed_vs_fp16")
+    assert min(native_speed) >= 1.0  # "faster than the fp16 export at every point"
+    largest = _ort("packed, native", "peak_rss_vs_fp16", lambda r: (r["context"], r["batch"]) == (8192, 8))[0]
+    assert f"peak memory falls to {largest:.2f}x at 8192\npositions × 8 sequences" in export_md
+    peers = result("onnx_runtime")["attention_peers"]
+    behind = [p["native_speedup_vs_gqa_int8"] for p in peers if p["native_speedup_vs_gqa_int8"] < 1]
+    ahead = ", ".join(f"{c} x {b}" for b, c in sorted((p["batch"], p["context"]) for p in peers
+                                                       if p["native_speedup_vs_gqa_int8"] >= 1))
+    assert f"at {ahead} (positions x batch) and behind elsewhere ({min(behind):.2f}–{max(behind):.2f}x)" in \
+        export_md.replace("\n", " ")
+    assert f"int8 cache: ahead at {ahead} (positions x batch), behind at the other points" in readme.replace("\n", " ")
+    top = _ort("packed, native", "speed_vs_fp16", lambda r: (r["context"], r["batch"]) == (8192, 8))[0]
+    assert f"{top:.2f}x the fp16-KV export's decode speed at 8192 positions × 8 sequences" in readme.replace("\n", " ")
+    assert f"at least {min(native_speed):.2f}x" in readme.replace("\n", " ")
+    assert f"holding {_ort_range('packed, native', 'kv_bytes_vs_fp16')}x the cache bytes" in readme.replace("\n", " ")
+    assert f"(function bodies) runs at {_ort_range('packed, function bodies', 'speed_vs_fp16')}x" in \
+        readme.replace("\n", " ")
 
 
 def test_simulate_vs_decode_table_matches_the_json():

@@ -362,3 +362,31 @@ def test_validate_fails_each_injected_fault_on_the_test_model(exports, maps, tin
         assert bad.cache_differing_fraction > 100 * max(good.cache_differing_fraction, 1e-4)
     else:
         assert bad.cache_mismatched_tensors > 0
+
+
+def test_a_format_the_native_library_lacks_falls_back_to_the_function_body(tiny_lm, tiny_geometry, tmp_path, caplog):
+    """A head group whose format has no native descriptor is emitted as KVAttentionPortable (one
+    notice line at export); the library runs the other groups, the body runs that one."""
+    from kvcompile.quant.base import family_traits, update_traits
+    from kvcompile.quant.nf4 import NF4Scheme
+
+    base = resolve_map("int4", tiny_geometry)
+    schemes = {s: dict(v) for s, v in base.schemes.items()}
+    schemes["value"]["bulk"] = (("nf4", "int4"), ("int4", "int4"))  # layer 0, kv head 0: NF4 values
+    pmap = replace(base, schemes=schemes, _resolved={})
+    saved = family_traits(NF4Scheme).native
+    update_traits(NF4Scheme, native=None)  # as if the library could not read NF4
+    try:
+        with caplog.at_level("WARNING", logger="kvcompile"):
+            ex = export_onnx(tiny_lm, pmap, tmp_path / "e", max_context=64)
+    finally:
+        update_traits(NF4Scheme, native=saved)
+    notices = [r.getMessage() for r in caplog.records if "native library cannot read" in r.getMessage()]
+    assert len(notices) == 1 and "nf4" in notices[0] and "\n" not in notices[0]
+    model = onnx.load(str(ex.onnx_path), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node if n.domain == "kvcompile"]
+    assert ops.count("KVAttentionPortable") == 1 and ops.count("KVAttention") == 2
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(6)).numpy()
+    ours, _ = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=8)
+    ref, _ = teacher_forced(open_decoder(ex, "torch", lm=tiny_lm), ids, prefill=8)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)
