@@ -17,7 +17,9 @@ Each point (variant, context C, batch B) runs in its own process, so that its pe
 memory (``ru_maxrss``) is its own.  The cache holds C - steps positions before timing starts:
 Gaussian keys and values (unit variance) stored through the map's own segment rule
 (:func:`kvcompile.ops.cache_update.run_cache_update`; decode speed does not depend on the
-values), then ``steps`` decode steps of B sequences are timed after one warm-up step.  Reported:
+values), then ``steps`` decode steps of B sequences are timed after one warm-up step (median);
+each point runs ``--rounds`` times, the variants in alternating order, and keeps its fastest run
+(a 2-core machine's background noise only slows runs down).  Reported:
 decode tokens/s (B tokens per step), the ratio to the fp16-KV export at the same (C, B), the bytes
 of the cache the runtime holds, and peak RSS.  Prints a table and writes
 bench/results/onnx_runtime.json.
@@ -170,7 +172,6 @@ def attention_peers(export_dir: str, context: int, batch: int, threads: int, rep
     ports = KV_ATTENTION.inputs(attrs)[3:]
     names = [p.past for p in key_group.ports] + [p.past for p in value_group.ports]
     feed = {"query": q, "key": k, "value": v, **{p.name: past[n] for p, n in zip(ports, names)}}
-    native_s = time_session(ours, feed, repeats)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     peer = ort.InferenceSession(gqa_node(hq, hkv, d).SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -180,7 +181,10 @@ def attention_peers(export_dir: str, context: int, batch: int, threads: int, rep
                  "value": v.transpose(0, 2, 1, 3).reshape(batch, 1, hkv * d), "past_key": cache, "past_value": cache.copy(),
                  "seqlens_k": np.full(batch, context - 1, np.int32), "total_sequence_length": np.array(context, np.int32),
                  "k_scale": np.full(1, 0.05, np.float32), "v_scale": np.full(1, 0.05, np.float32)}
-    gqa_s = time_session(peer, peer_feed, repeats)
+    native_s, gqa_s = float("inf"), float("inf")
+    for _ in range(3):  # interleaved, fastest median of each kept
+        native_s = min(native_s, time_session(ours, feed, repeats))
+        gqa_s = min(gqa_s, time_session(peer, peer_feed, repeats))
     return {"context": context, "batch": batch, "native_ms": 1e3 * native_s, "gqa_int8_ms": 1e3 * gqa_s,
             "native_speedup_vs_gqa_int8": gqa_s / native_s, "onnxruntime": ort.__version__}
 
@@ -193,7 +197,9 @@ def main() -> int:
     g.add_argument("--map", help="precision map JSON (e.g. from kvcompile plan)")
     ap.add_argument("--contexts", default="512,2048,8192")
     ap.add_argument("--batches", default="1,8")
-    ap.add_argument("--steps", type=int, default=6, help="timed decode steps per point (after one warm-up)")
+    ap.add_argument("--steps", type=int, default=8, help="timed decode steps per point (after one warm-up)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="runs per point, in alternating variant order; the fastest is kept (all are in the JSON)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=",".join(VARIANTS),
                     help=f"comma-separated subset of {', '.join(VARIANTS)} (default: all)")
@@ -231,20 +237,30 @@ def main() -> int:
         for name, pmap in maps.items():
             exports[name] = str(export_onnx(lm, pmap, Path(tmp) / name.replace(" ", "_"), max_context=max(contexts)).path)
         del lm
-        for context in contexts:
-            for batch in batches:
-                for variant in variants:
-                    job = {"export": exports["fp16 KV" if variant == "fp16" else "packed"], "context": context,
-                           "batch": batch, "steps": args.steps, "threads": args.threads, "native": variant == "native"}
-                    proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker",
-                                           json.dumps(job)], capture_output=True, text=True)
-                    if proc.returncode:
-                        raise SystemExit(f"{variant} @ {context} x {batch} failed: {proc.stderr.strip().splitlines()[-1]}")
-                    r = json.loads(proc.stdout.strip().splitlines()[-1])
-                    rows.append({"variant": VARIANTS[variant], "map": "fp16" if variant == "fp16" else label,
-                                 "context": context, "batch": batch, **r})
-                    print(f"  {VARIANTS[variant]} @ {context} x {batch}: {r['tokens_per_s']:.1f} tokens/s, "
-                          f"{r['kv_bytes'] / 2**20:.1f} MiB KV, {r['peak_rss_bytes'] / 2**20:.0f} MiB peak RSS", flush=True)
+        best: dict[tuple, dict] = {}
+        for round_ in range(args.rounds):  # rounds interleave the variants; each point keeps its fastest run
+            for context in contexts:
+                for batch in batches:
+                    for variant in variants if round_ % 2 == 0 else variants[::-1]:
+                        job = {"export": exports["fp16 KV" if variant == "fp16" else "packed"], "context": context,
+                               "batch": batch, "steps": args.steps, "threads": args.threads,
+                               "native": variant == "native"}
+                        proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker",
+                                               json.dumps(job)], capture_output=True, text=True)
+                        if proc.returncode:
+                            raise SystemExit(f"{variant} @ {context} x {batch} failed: "
+                                             f"{proc.stderr.strip().splitlines()[-1]}")
+                        r = json.loads(proc.stdout.strip().splitlines()[-1])
+                        key = (context, batch, variant)
+                        runs = best.get(key, {}).get("tokens_per_s_runs", []) + [r["tokens_per_s"]]
+                        if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+                            best[key] = {"variant": VARIANTS[variant], "map": "fp16" if variant == "fp16" else label,
+                                         "context": context, "batch": batch, **r}
+                        best[key]["tokens_per_s_runs"] = runs
+                        print(f"  round {round_ + 1}: {VARIANTS[variant]} @ {context} x {batch}: "
+                              f"{r['tokens_per_s']:.1f} tokens/s, {r['kv_bytes'] / 2**20:.1f} MiB KV, "
+                              f"{r['peak_rss_bytes'] / 2**20:.0f} MiB peak RSS", flush=True)
+        rows = [best[(c, b, v)] for c in contexts for b in batches for v in variants]
         peers = []
         for context in contexts if args.peers else []:
             for batch in batches:
@@ -272,12 +288,13 @@ def main() -> int:
               f"{r['kv_bytes'] / 2**20:>8.1f} {ratio(r['kv_bytes_vs_fp16'])} {r['peak_rss_bytes'] / 2**20:>9.0f} "
               f"{ratio(r['peak_rss_vs_fp16'])}")
     if peers:
-        print(f"\none layer's decode attention (median of {args.peer_repeats} runs of one node):")
+        print(f"\none layer's decode attention (fastest of 3 interleaved medians of {args.peer_repeats} runs of one node):")
         print(f"{'context':>7} {'batch':>5} {'KVAttention native ms':>21} {'GQA int8 ms':>11} {'native speedup':>14}")
         for p in peers:
             print(f"{p['context']:>7} {p['batch']:>5} {p['native_ms']:>21.3f} {p['gqa_int8_ms']:>11.3f} "
                   f"{p['native_speedup_vs_gqa_int8']:>14.2f}")
     write_json(args.output, {"benchmark": "onnx_runtime", "model": model, "packed_map": label, "steps": args.steps,
+                             "rounds": args.rounds,
                              "past": "Gaussian keys/values, C - steps - 1 positions, stored by the map's rule",
                              "environment": environment(args.threads), "results": rows, "attention_peers": peers})
     return 0

@@ -9,9 +9,10 @@
 // what this step adds); the bulk's past rows are copied straight into the present output.
 //
 // Attention (per batch row, kv head, block of queries, chunk of positions; flash-style):
-// positions are read in tiles of kTile rows de-quantized into a small float buffer, scored
-// against the block's r * queries, and folded into an online softmax (running max m, sum l,
-// accumulator a).  Chunks of one query row are merged with the log-sum-exp rule
+// positions are read in tiles of kTile rows, scored against the block's r * queries, and folded
+// into an online softmax (running max m, sum l, accumulator a).  Integer formats are read in the
+// code domain (the tile's codes as floats; scales and zero points folded into the query or the
+// weights, see attend_chunk); other formats are de-quantized tile by tile.  Chunks of one query row are merged with the log-sum-exp rule
 //   M = max_c m_c,  o = sum_c e^{m_c - M} a_c / sum_c e^{m_c - M} l_c.
 // -rot formats are read in the rotated domain: q.k = (qH).(kH) and sum p v = (sum p vH) H, so the
 // query is rotated once and a second accumulator is rotated once at the end.
@@ -297,7 +298,7 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
   }
   const int64_t last_query = s0 + rows / r - 1;
   c1 = std::min(c1, past + last_query + 1);  // causal: nothing beyond the last query's position
-  float kt[kTile * 4096 / 64], vt[kTile * 4096 / 64];  // kTile rows of up to D = 64 * (4096 / 64 / kTile) floats
+  float kt[kTile * 64], vt[kTile * 64];  // one tile of keys / values for D <= 64; a heap buffer beyond
   std::vector<float> kbuf, vbuf;
   float* kp = kt;
   float* vp = vt;
@@ -559,11 +560,20 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
   float* output = reinterpret_cast<float*>(allocate(0, {B, H * r, S, d}));
   if (B == 0 || H == 0 || S == 0) return true;
 
-  // 1. append, per (stream, b, h)
+  // Small jobs run on this thread: a dispatch to the pool costs more than they do.
+  auto run = [&](size_t n, int64_t work, const std::function<void(size_t)>& fn) {
+    if (work < (int64_t(1) << 16)) {
+      for (size_t i = 0; i < n; ++i) fn(i);
+    } else {
+      parallel_for(n, fn);
+    }
+  };
+
+  // 1. append, per (stream, b, h); work ~ positions copied or quantized
   const float* kx = reinterpret_cast<const float*>(key.data);
   const float* vx = reinterpret_cast<const float*>(value.data);
   std::vector<std::string> errors(2 * B * H);
-  parallel_for(2 * B * H, [&](size_t i) {
+  run(2 * B * H, 2 * B * H * (P / 16 + S * d), [&](size_t i) {
     const int st = int(i / (B * H));
     const int64_t bh = int64_t(i % (B * H));
     append_slice(streams[st], bh, (st == 0 ? kx : vx) + bh * S * d, P, S, &errors[i]);
@@ -612,7 +622,7 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
                  rot_values, partial.data() + item * rows * stride);
   });
   // 3. merge the chunks of each query row (log-sum-exp), undo the value rotation, write out
-  parallel_for(B * H * S, [&](size_t i) {
+  run(B * H * S, B * H * S * r * nc * d, [&](size_t i) {
     const int64_t bh = int64_t(i / S), s = int64_t(i % S);
     const int64_t qi = s / qb, row0 = (s % qb) * r;
     const int64_t b = bh / H, h = bh % H;

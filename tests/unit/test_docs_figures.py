@@ -180,8 +180,13 @@ def test_onnx_runtime_prose_matches_the_json():
     export_md, readme = text("docs/export.md"), text("README.md")
     assert f"de-quantizes the whole cache ({_ort_range('packed, function bodies', 'speed_vs_fp16')}x the fp16" in export_md
     assert f"reads {_ort_range('packed, native', 'kv_bytes_vs_fp16')}x the bytes" in export_md
-    native_speed = _ort("packed, native", "speed_vs_fp16")
-    assert min(native_speed) >= 1.0  # "faster than the fp16 export at every point"
+    native = [r for r in result("onnx_runtime")["results"] if r["variant"] == "packed, native"]
+    native_speed = [r["speed_vs_fp16"] for r in native]
+    low, high = min(native, key=lambda r: r["speed_vs_fp16"]), max(native, key=lambda r: r["speed_vs_fp16"])
+    rest = min(r["speed_vs_fp16"] for r in native if r is not low)
+    assert (f"runs at {low['speed_vs_fp16']:.2f}x at {low['context']} x {low['batch']} (positions x batch) and from "
+            f"{rest:.2f}x elsewhere, up to {high['speed_vs_fp16']:.2f}x at {high['context']} x {high['batch']}") in \
+        export_md.replace("\n", " ")
     largest = _ort("packed, native", "peak_rss_vs_fp16", lambda r: (r["context"], r["batch"]) == (8192, 8))[0]
     assert f"peak memory falls to {largest:.2f}x at 8192\npositions × 8 sequences" in export_md
     peers = result("onnx_runtime")["attention_peers"]

@@ -79,11 +79,11 @@ def test_the_nf4_codebook_is_the_reference_one_bit_for_bit():
                           nf4_codebook().numpy().view(np.int32))
 
 
-def attention_case(key, value, sink_tokens=2, recent_window=8, q_per_kv=3, key_ages="", value_ages=""):
+def attention_case(key, value, sink_tokens=2, recent_window=8, q_per_kv=3, key_ages="", value_ages="", head_dim=64):
     return {"key_sink_scheme": key[0], "key_recent_scheme": key[1], "key_bulk_scheme": key[2], "key_age_tiers": key_ages,
             "value_sink_scheme": value[0], "value_recent_scheme": value[1], "value_bulk_scheme": value[2],
-            "value_age_tiers": value_ages, "sink_tokens": sink_tokens, "recent_window": recent_window, "head_dim": 64,
-            "q_per_kv": q_per_kv, "scale": 0.125}
+            "value_age_tiers": value_ages, "sink_tokens": sink_tokens, "recent_window": recent_window,
+            "head_dim": head_dim, "q_per_kv": q_per_kv, "scale": head_dim ** -0.5}
 
 
 def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True):
@@ -91,13 +91,13 @@ def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True):
     sess = session(attrs, use_native)
     ports = KV_ATTENTION.inputs(attrs)
     past = [np.zeros((batch, kv_heads, 0, int(p.shape[-1])), NP[p.dtype]) for p in ports[3:]]
-    r = attrs["q_per_kv"]
+    r, d = attrs["q_per_kv"], attrs["head_dim"]
     done = 0
     for step, n in enumerate(steps):
-        q = adversarial(n, seed=seed + 3 * step)[:batch, :1].repeat(1, kv_heads * r, 1, 1) * 0.1 \
-            + torch.randn(batch, kv_heads * r, n, 64, generator=torch.Generator().manual_seed(step))
-        k = adversarial(n, seed=seed + 3 * step + 1)[:batch, :kv_heads]
-        v = adversarial(n, seed=seed + 3 * step + 2)[:batch, :kv_heads]
+        q = adversarial(n, d, seed=seed + 3 * step)[:batch, :1].repeat(1, kv_heads * r, 1, 1) * 0.1 \
+            + torch.randn(batch, kv_heads * r, n, d, generator=torch.Generator().manual_seed(step))
+        k = adversarial(n, d, seed=seed + 3 * step + 1)[:batch, :kv_heads]
+        v = adversarial(n, d, seed=seed + 3 * step + 2)[:batch, :kv_heads]
         want = KV_ATTENTION.reference(attrs, q, k, v, *[torch.from_numpy(p) for p in past])
         got = sess.run(None, {"query": q.numpy(), "key": k.numpy(), "value": v.numpy(),
                               **{p.name: a for p, a in zip(ports[3:], past)}})
@@ -112,7 +112,7 @@ def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True):
         v_max = stored_values.abs().amax(dim=(2, 3)).repeat_interleave(r, dim=1)
         k_norm = stored_keys.norm(dim=-1).amax(dim=2).repeat_interleave(r, dim=1)
         q_norm = q.norm(dim=-1).amax(dim=2)
-        score_error = 64 * 2.0**-24 * attrs["scale"] * q_norm * k_norm
+        score_error = d * 2.0**-24 * attrs["scale"] * q_norm * k_norm
         bound = (v_max * (4e-5 + 4 * score_error))[..., None, None].numpy()
         error = np.abs(got[0] - want[0].numpy())
         assert (error <= bound + 1e-30).all(), f"step {step}: attention error {float((error / bound).max()):.3g} x bound"
@@ -153,6 +153,14 @@ def test_every_menu_format_is_stored_bit_exact_and_read_natively(bulk):
     key = ("fp16", "fp16", bulk)
     value = ("fp16", "fp16", bulk if scheme.token_group == 1 else "int4")
     run_steps(attention_case(key, value, sink_tokens=1, recent_window=4), [scheme.token_group + 9, 1, 1, 70, 1])
+
+
+@pytest.mark.parametrize("head_dim", [32, 128, 256])
+def test_other_head_dims(head_dim):
+    """The tiny test model's 32, and 128 / 256 (Gemma 3): tiles beyond the stack buffer, wider groups."""
+    attrs = attention_case(("fp16", "int8", "int2-ch"), ("fp16", "int4-g64" if head_dim >= 64 else "int4",
+                                                            "int2-rot" if head_dim != 32 else "int2"), head_dim=head_dim)
+    run_steps(attrs, [9, 1, 40, 1, 300, 1], batch=1)
 
 
 def test_the_function_body_and_the_library_agree_on_one_model():
