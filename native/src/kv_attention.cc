@@ -312,6 +312,7 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
   // is written before it is read, so the buffer is not cleared
   std::unique_ptr<float[]> tile_params(new float[5 * kTile * d]);
   float* kt_t = tile_params.get() + 4 * kTile * d;
+  std::unique_ptr<uint8_t[]> bytes_t(new uint8_t[kTile * d]);  // a tile's packed key bytes, transposed
   float* ktile_scale = tile_params.get();
   float* ktile_offset = ktile_scale + kTile * d;
   float* vtile_scale = ktile_offset + kTile * d;
@@ -332,11 +333,30 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
       const Format& kf = *kseg.format;
       if (kcodes && kf.channel) n = std::min(n, kf.group - (t0 - kseg.start) % kf.group);  // one block per tile
       if (kcodes) {
-        unpack_codes(kf, kseg.parts, t0 - kseg.start, n, kp);
         load_params(kf, kseg.parts, kf.channel ? (t0 - kseg.start) / kf.group : 0, kscale, koffset);
-        if (kf.channel) {  // kt_t [D][kTile]: the tile's codes transposed (rows past n are zero)
+        const int64_t code_bytes = kf.parts[0].width;
+        if (kf.channel && 8 % kf.bits == 0) {
+          // kt_t [D][kTile]: the tile's codes transposed (rows past n are zero), unpacked from the
+          // transposed bytes so that positions are the vector lanes
+          const uint8_t* rows = kseg.parts[0] + (t0 - kseg.start) * code_bytes;
           for (int64_t t = 0; t < kTile; ++t)
-            for (int64_t e = 0; e < d; ++e) kt_t[e * kTile + t] = t < n ? kp[t * d + e] : 0.0f;
+            for (int64_t i = 0; i < code_bytes; ++i) bytes_t[i * kTile + t] = t < n ? rows[t * code_bytes + i] : 0;
+          const int per = 8 / kf.bits, mask = (1 << kf.bits) - 1;
+          for (int64_t i = 0; i < code_bytes; ++i) {
+            const uint8_t* src = bytes_t.get() + i * kTile;
+            for (int k = 0; k < per; ++k) {
+              float* dst = kt_t + (i * per + k) * kTile;
+              const int shift = k * kf.bits;
+#pragma omp simd
+              for (int64_t t = 0; t < kTile; ++t) dst[t] = float((src[t] >> shift) & mask);
+            }
+          }
+        } else {
+          unpack_codes(kf, kseg.parts, t0 - kseg.start, n, kp);
+          if (kf.channel) {  // kt_t [D][kTile]: the tile's codes transposed (rows past n are zero)
+            for (int64_t t = 0; t < kTile; ++t)
+              for (int64_t e = 0; e < d; ++e) kt_t[e * kTile + t] = t < n ? kp[t * d + e] : 0.0f;
+          }
         }
       } else {
         dequantize_rows(kf, kseg.parts, t0 - kseg.start, n, kp, true);
@@ -591,7 +611,8 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
   bool rot_values = false, rot_keys = false;
   for (int seg : spec.value.segments) rot_values |= bool(spec.value.format(seg).rotate);
   for (int seg : spec.key.segments) rot_keys |= bool(spec.key.format(seg).rotate);
-  std::vector<float> partial(size_t(B * H * nq * nc * rows * stride));
+  // every work item initializes its own rows of the partial results, so they are not cleared here
+  std::unique_ptr<float[]> partial(new float[size_t(B * H * nq * nc * rows * stride)]);
   const float* qx = reinterpret_cast<const float*>(query.data);
   parallel_for(B * H * nq * nc, [&](size_t item) {
     const int64_t c = int64_t(item % nc), qi = int64_t(item / nc % nq), bh = int64_t(item / (nc * nq));
@@ -619,7 +640,7 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
       for (int64_t i = 0; i < n_s * r; ++i) rotate_row(q.rotated.data() + i * d, d);
     }
     attend_chunk(ks_nonempty, vs_nonempty, cuts, q, n_s * r, r, s0, P, c * chunk, std::min(L, (c + 1) * chunk), d,
-                 rot_values, partial.data() + item * rows * stride);
+                 rot_values, partial.get() + item * rows * stride);
   });
   // 3. merge the chunks of each query row (log-sum-exp), undo the value rotation, write out
   run(B * H * S, B * H * S * r * nc * d, [&](size_t i) {
@@ -635,7 +656,7 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
       std::fill(acc.begin(), acc.end(), 0.0f);
       std::fill(acc_rot.begin(), acc_rot.end(), 0.0f);
       for (int64_t c = 0; c < nc; ++c) {
-        const float* p = partial.data() + (((bh * nq + qi) * nc + c) * rows + row0 + j) * stride;
+        const float* p = partial.get() + (((bh * nq + qi) * nc + c) * rows + row0 + j) * stride;
         if (p[1] == 0.0f) continue;
         const float w = std::exp(p[0] - top);
         total += w * p[1];

@@ -374,7 +374,8 @@ def test_a_format_the_native_library_lacks_falls_back_to_the_function_body(tiny_
     schemes = {s: dict(v) for s, v in base.schemes.items()}
     schemes["value"]["bulk"] = (("nf4", "int4"), ("int4", "int4"))  # layer 0, kv head 0: NF4 values
     pmap = replace(base, schemes=schemes, _resolved={})
-    saved = family_traits(NF4Scheme).native
+    saved = family_traits(NF4Scheme()).native
+    assert saved is not None
     update_traits(NF4Scheme, native=None)  # as if the library could not read NF4
     try:
         with caplog.at_level("WARNING", logger="kvcompile"):
