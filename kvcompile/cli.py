@@ -296,7 +296,7 @@ def cmd_run(args) -> int:
         print(text, end="", flush=True)
         result = generate(decoder, prompt, args.max_new_tokens, eos_token_id=eos, on_token=stream)
         providers = ",".join(getattr(decoder, "providers", [])) or "torch"
-        print(f"\n\n[{args.backend} ({providers})] prompt {result.prompt_tokens} tokens, prefill "
+        print(f"\n\n[{decoder.name} ({providers})] prompt {result.prompt_tokens} tokens, prefill "
               f"{1000 * result.prefill_seconds:.0f} ms; {len(result.tokens)} new tokens, decode "
               f"{result.decode_tokens_per_second:.1f} tokens/s; KV cache {result.cache_bytes / 1024:.1f} KiB")
     return 0

@@ -22,6 +22,7 @@ def test_export_run_validate_default_model(smollm, tmp_path, capsys):
                  "--threads", "2"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("The capital of France is") and "tokens/s" in text
+    assert "[onnxruntime+native (CPUExecutionProvider)]" in text  # the native library, by default
     # the same graph on stock ONNX Runtime (function bodies) continues the prompt the same way
     assert main(["run", str(out), "--prompt", "The capital of France is", "--max-new-tokens", "8",
                  "--threads", "2", "--no-native"]) == 0
