@@ -251,14 +251,21 @@ def generate(model, prompt_ids: Sequence[int], prefix_cache: PrefixCache, max_ne
     logits = model(torch.tensor([ids[aligned:]]), cache=cache, use_cache=True).logits
     computed += len(ids) - aligned
     prefill = time.perf_counter() - t0
-    out = []
+    out = _greedy(logits, lambda token: model(torch.tensor([[token]]), cache=cache, use_cache=True).logits,
+                  max_new_tokens, eos_token_id)
+    return PrefixGeneration(out, reused, computed, prefill, cache)
+
+
+def _greedy(logits, step: Callable[[int], object], max_new_tokens: int, eos_token_id: int | None) -> list[int]:
+    """Greedy tokens from the prompt's ``logits`` [1, S, V] on, ``step(token)`` giving the next logits."""
+    out: list[int] = []
     for _ in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
         out.append(token)
         if token == eos_token_id or len(out) == max_new_tokens:
             break
-        logits = model(torch.tensor([[token]]), cache=cache, use_cache=True).logits
-    return PrefixGeneration(out, reused, computed, prefill, cache)
+        logits = step(token)
+    return out
 
 
 def generate_with_decoder(decoder, prompt_ids: Sequence[int], prefix_cache: PrefixCache, max_new_tokens: int = 32,
@@ -289,11 +296,11 @@ def generate_with_decoder(decoder, prompt_ids: Sequence[int], prefix_cache: Pref
     logits, state = decoder.step(np.asarray([ids[aligned:]], dtype=np.int64), state)
     computed += len(ids) - aligned
     prefill = time.perf_counter() - t0
-    out = []
-    for _ in range(max_new_tokens):
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if token == eos_token_id or len(out) == max_new_tokens:
-            break
-        logits, state = decoder.step(np.asarray([[token]], dtype=np.int64), state)
-    return PrefixGeneration(out, reused, computed, prefill, state)
+    final = {"state": state}
+
+    def step(token: int):
+        logits, final["state"] = decoder.step(np.asarray([[token]], dtype=np.int64), final["state"])
+        return logits
+
+    out = _greedy(logits, step, max_new_tokens, eos_token_id)
+    return PrefixGeneration(out, reused, computed, prefill, final["state"])
