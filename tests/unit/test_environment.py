@@ -17,6 +17,8 @@ def test_every_promised_dependency_is_installed():
 def test_a_missing_dependency_is_named(monkeypatch):
     monkeypatch.setattr(environment, "PROMISED", (("numpy", ("numpy",)), ("a TensorRT", ("no_such_trt", "no_trt_2"))))
     assert environment.missing_dependencies() == ["a TensorRT"]
+    monkeypatch.setattr(environment, "PROMISED_FILES", (("the native library", "_native/no_such_library.so"),))
+    assert environment.missing_dependencies() == ["a TensorRT", "the native library"]
 
 
 def _fake_environment(root, version: str):
