@@ -573,12 +573,16 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
     for (size_t i = 0; i < s.segments.size(); ++i) {
       const Format& f = s.format(s.segments[i]);
       std::vector<uint8_t*> ptrs;
-      for (const PartSpec& ps : f.parts) ptrs.push_back(allocate(out_index++, {B, H, sb.lengths[i] / ps.rows_per, ps.width}));
+      for (const PartSpec& ps : f.parts) {
+        ptrs.push_back(allocate(out_index++, {B, H, sb.lengths[i] / ps.rows_per, ps.width}));
+        if (!ptrs.back() && B * H * sb.lengths[i] > 0) return fail(error, "KVAttention: could not allocate an output");
+      }
       sb.parts.push_back(ptrs);
     }
   }
   float* output = reinterpret_cast<float*>(allocate(0, {B, H * r, S, d}));
   if (B == 0 || H == 0 || S == 0) return true;
+  if (!output) return fail(error, "KVAttention: could not allocate the attention output");
 
   // Small jobs run on this thread: a dispatch to the pool costs more than they do.
   auto run = [&](size_t n, int64_t work, const std::function<void(size_t)>& fn) {
