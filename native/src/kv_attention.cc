@@ -126,6 +126,16 @@ bool parse_stream(const Attributes& a, const std::string& stream, int64_t sink_t
   return true;
 }
 
+// The part pointers of one (batch row, kv head) slice of a segment of `length` positions, given
+// the part tensors' base pointers ([B*H, rows, width] each).
+template <typename T>
+std::vector<T*> slice_parts(const Format& f, const std::vector<T*>& bases, int64_t length, int64_t bh) {
+  std::vector<T*> out;
+  for (size_t p = 0; p < f.parts.size(); ++p)
+    out.push_back(bases[p] + bh * (length / f.parts[p].rows_per) * f.parts[p].row_bytes());
+  return out;
+}
+
 struct Segment {  // one segment of one stream, for one (batch row, kv head)
   const Format* format;
   ConstPartPtrs parts;
@@ -145,10 +155,8 @@ struct StreamBuffers {
     int64_t start = 0;
     for (size_t s = 0; s < lengths.size(); ++s) {
       const Format& f = spec->format(spec->segments[s]);
-      ConstPartPtrs ptrs;
-      for (size_t p = 0; p < f.parts.size(); ++p)
-        ptrs.push_back(parts[s][p] + bh * (lengths[s] / f.parts[p].rows_per) * f.parts[p].row_bytes());
-      out.push_back({&f, ptrs, start, lengths[s]});
+      const PartPtrs ptrs = slice_parts(f, parts[s], lengths[s], bh);
+      out.push_back({&f, ConstPartPtrs(ptrs.begin(), ptrs.end()), start, lengths[s]});
       start += lengths[s];
     }
     return out;
@@ -201,19 +209,9 @@ bool append_slice(const StreamBuffers& sb, int64_t bh, const float* x, int64_t p
   const int tiers = int(spec.tiers.size());
   auto seg_index = [&](int cls) { return int(std::find(spec.segments.begin(), spec.segments.end(), cls) - spec.segments.begin()); };
   auto past_ptrs = [&](int s) {
-    const Format& f = spec.format(spec.segments[s]);
-    ConstPartPtrs out;
-    for (size_t p = 0; p < f.parts.size(); ++p)
-      out.push_back(sb.past_parts[s][p] + bh * (sb.past_lengths[s] / f.parts[p].rows_per) * f.parts[p].row_bytes());
-    return out;
+    return slice_parts(spec.format(spec.segments[s]), sb.past_parts[s], sb.past_lengths[s], bh);
   };
-  auto present_ptrs = [&](int s) {
-    const Format& f = spec.format(spec.segments[s]);
-    PartPtrs out;
-    for (size_t p = 0; p < f.parts.size(); ++p)
-      out.push_back(sb.parts[s][p] + bh * (sb.lengths[s] / f.parts[p].rows_per) * f.parts[p].row_bytes());
-    return out;
-  };
+  auto present_ptrs = [&](int s) { return slice_parts(spec.format(spec.segments[s]), sb.parts[s], sb.lengths[s], bh); };
   const int64_t k = spec.rule.new_sinks(past, added);
   if (spec.rule.sink_tokens > 0) {
     int s = seg_index(-1);
