@@ -5,8 +5,9 @@
 //   k        = clamp(n - P, 0, S) new positions are sinks
 //   tier 0   = past recent ++ Q_recent(x[k:])
 //   tier i+1 = past tier ++ Q_{i+1}(D_i(first m_{i+1} positions of tier i)), tier i loses them
-// Each tier but the bulk is assembled in a small scratch buffer (it is at most its window plus
-// what this step adds); the bulk's past rows are copied straight into the present output.
+// When the positions leaving a tier are all past rows (decode), the tier is written straight into
+// its present output; otherwise (a prefill moving new positions on) it is assembled in a small
+// scratch buffer first.  The bulk's past rows are always copied straight into the present output.
 //
 // Attention (per batch row, kv head, block of queries, chunk of positions; flash-style):
 // positions are read in tiles of kTile rows, scored against the block's r * queries, and folded
@@ -231,12 +232,22 @@ bool append_slice(const StreamBuffers& sb, int64_t bh, const float* x, int64_t p
       if (n_in && !quantize_rows(f, incoming.data(), n_in, present_ptrs(s), past_rows, error)) return false;
       break;
     }
+    const int64_t leaving = moves[t];
+    if (past_rows + n_in - leaving != sb.lengths[s]) return fail(error, "KVAttention: internal segment count mismatch");
+    if (leaving <= past_rows) {  // decode: the positions that leave are all past rows; no scratch copy
+      const ConstPartPtrs past_parts = past_ptrs(s);
+      std::vector<float> leaving_states(leaving * d);
+      if (leaving) dequantize_rows(f, past_parts, 0, leaving, leaving_states.data());
+      copy_rows(f, past_parts, leaving, present_ptrs(s), 0, past_rows - leaving);
+      if (n_in && !quantize_rows(f, incoming.data(), n_in, present_ptrs(s), past_rows - leaving, error)) return false;
+      incoming.swap(leaving_states);
+      n_in = leaving;
+      continue;
+    }
     Packed tier(&f, past_rows + n_in);
     tier.append_rows(past_ptrs(s), 0, past_rows);
     if (n_in && !quantize_rows(f, incoming.data(), n_in, tier.ptrs(), past_rows, error)) return false;
     tier.rows = past_rows + n_in;
-    const int64_t leaving = moves[t];
-    if (tier.rows - leaving != sb.lengths[s]) return fail(error, "KVAttention: internal segment count mismatch");
     incoming.assign(leaving * d, 0.0f);
     if (leaving) dequantize_rows(f, tier.cptrs(), 0, leaving, incoming.data());
     n_in = leaving;
@@ -584,18 +595,18 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
 
   // Small jobs run on this thread: a dispatch to the pool costs more than they do.
   auto run = [&](size_t n, int64_t work, const std::function<void(size_t)>& fn) {
-    if (work < (int64_t(1) << 16)) {
+    if (n < 2 || work < (int64_t(1) << 13)) {
       for (size_t i = 0; i < n; ++i) fn(i);
     } else {
       parallel_for(n, fn);
     }
   };
 
-  // 1. append, per (stream, b, h); work ~ positions copied or quantized
+  // 1. append, per (stream, b, h); work ~ positions copied plus elements quantized
   const float* kx = reinterpret_cast<const float*>(key.data);
   const float* vx = reinterpret_cast<const float*>(value.data);
   std::vector<std::string> errors(2 * B * H);
-  run(2 * B * H, 2 * B * H * (P / 16 + S * d), [&](size_t i) {
+  run(2 * B * H, 2 * B * H * (P + S * d), [&](size_t i) {
     const int st = int(i / (B * H));
     const int64_t bh = int64_t(i % (B * H));
     append_slice(streams[st], bh, (st == 0 ? kx : vx) + bh * S * d, P, S, &errors[i]);
