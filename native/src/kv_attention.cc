@@ -184,14 +184,6 @@ struct Packed {
     for (auto& b : bytes) out.push_back(b.data());
     return out;
   }
-  void append_rows(const ConstPartPtrs& src, int64_t row0, int64_t n) {  // packed rows [row0, row0 + n) of src
-    for (size_t p = 0; p < bytes.size(); ++p) {
-      const PartSpec& ps = format->parts[p];
-      std::memcpy(bytes[p].data() + rows / ps.rows_per * ps.row_bytes(), src[p] + row0 / ps.rows_per * ps.row_bytes(),
-                  n / ps.rows_per * ps.row_bytes());
-    }
-    rows += n;
-  }
 };
 
 void copy_rows(const Format& f, const ConstPartPtrs& src, int64_t src_row, const PartPtrs& dst, int64_t dst_row,
@@ -245,7 +237,7 @@ bool append_slice(const StreamBuffers& sb, int64_t bh, const float* x, int64_t p
       continue;
     }
     Packed tier(&f, past_rows + n_in);
-    tier.append_rows(past_ptrs(s), 0, past_rows);
+    copy_rows(f, past_ptrs(s), 0, tier.ptrs(), 0, past_rows);
     if (n_in && !quantize_rows(f, incoming.data(), n_in, tier.ptrs(), past_rows, error)) return false;
     tier.rows = past_rows + n_in;
     incoming.assign(leaving * d, 0.0f);
