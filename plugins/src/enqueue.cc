@@ -1,0 +1,218 @@
+// Host logic of the KVAttention plugin: see enqueue.h.
+#include "enqueue.h"
+
+#include <cstring>
+#include <sstream>
+
+namespace kvc_trt {
+
+namespace {
+
+bool fail(std::string* error, const std::string& why) {
+  if (error) *error = why;
+  return false;
+}
+
+kvc_dev::Fmt to_fmt(const kvc::Format& f) {
+  kvc_dev::Fmt out{};
+  out.kind = f.kind, out.bits = f.bits, out.group = f.group, out.channel = f.channel, out.symmetric = f.symmetric;
+  out.scale_bytes = f.scale_bytes, out.rotate = f.rotate, out.double_quant = f.double_quant, out.levels = f.levels;
+  out.nparts = int32_t(f.parts.size());
+  out.d = f.head_dim, out.token_group = f.token_group;
+  for (size_t p = 0; p < f.parts.size(); ++p) {
+    out.part_bytes[p] = f.parts[p].bytes;
+    out.part_width[p] = f.parts[p].width;
+    out.rows_per[p] = f.parts[p].rows_per;
+  }
+  return out;
+}
+
+size_t num_parts(const StreamSpec& s) {
+  size_t n = 0;
+  for (int seg : s.segments) n += s.format(seg).parts.size();
+  return n;
+}
+
+constexpr size_t kAlign = 256;
+size_t aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// Byte offsets of the workspace's regions and its size.
+struct WorkspaceLayout {
+  size_t status = 0, partial = 0, work = 0, scratch = 0, size = 0;
+  int64_t work_rows = 0, scratch_bytes = 0, chunks = 0;
+};
+
+WorkspaceLayout workspace_layout(const AttentionSpec& spec, int64_t B, int64_t H, int64_t S, int64_t total) {
+  WorkspaceLayout w;
+  const int64_t D = spec.head_dim, rows = B * H * spec.q_per_kv * S;
+  w.chunks = (total + kvc_dev::kChunk - 1) / kvc_dev::kChunk;
+  w.work_rows = std::max<int64_t>(total, 1);
+  for (const StreamSpec* s : {&spec.key, &spec.value})
+    for (const auto& f : s->tiers) {
+      int64_t bytes = 0;
+      for (const auto& p : f.parts) bytes += (total / p.rows_per + 1) * p.row_bytes();
+      w.scratch_bytes = std::max(w.scratch_bytes, int64_t(aligned(size_t(bytes))));
+    }
+  w.status = 0;
+  w.partial = kAlign;
+  w.work = w.partial + aligned(size_t(rows * w.chunks * (2 + 2 * D)) * 4);
+  w.scratch = w.work + aligned(size_t(2 * B * H * 3 * w.work_rows * D) * 4);
+  w.size = w.scratch + size_t(2 * B * H * w.scratch_bytes);
+  return w;
+}
+
+void fill_stream(const StreamSpec& spec, int64_t past, int64_t added, const std::vector<int64_t>& past_lengths,
+                 const void* const* inputs, void* const* outputs, const float* x, kvc_dev::Stream* out) {
+  IntOps ops;
+  const std::vector<int64_t> lengths = segment_lengths(spec, ops, past + added);
+  *out = kvc_dev::Stream{};
+  out->nseg = int32_t(spec.segments.size());
+  out->ntiers = int32_t(spec.tiers.size());
+  out->sink_seg = -1;
+  out->new_sinks = spec.rule.new_sinks(past, added);
+  const std::vector<int64_t> moves = spec.rule.moves(past, added);
+  for (size_t i = 0; i < moves.size(); ++i) out->moves[i] = moves[i];
+  out->x = x;
+  int64_t start = 0;
+  size_t part = 0;
+  for (size_t k = 0; k < spec.segments.size(); ++k) {
+    const int cls = spec.segments[k];
+    if (cls < 0) out->sink_seg = int32_t(k);
+    else out->tier_seg[cls] = int32_t(k);
+    kvc_dev::Segment& g = out->seg[k];
+    g.f = to_fmt(spec.format(cls));
+    g.past_len = past_lengths[k];
+    g.len = lengths[k];
+    g.start = start;
+    start += lengths[k];
+    for (int p = 0; p < g.f.nparts; ++p, ++part) {
+      g.past[p] = static_cast<const uint8_t*>(inputs[part]);
+      g.present[p] = static_cast<uint8_t*>(outputs[part]);
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<int> input_bytes(const AttentionSpec& spec) {
+  std::vector<int> out{4, 4, 4};
+  for (const StreamSpec* s : {&spec.key, &spec.value})
+    for (int seg : s->segments)
+      for (const auto& p : s->format(seg).parts) out.push_back(p.bytes);
+  return out;
+}
+
+std::vector<int> output_bytes(const AttentionSpec& spec) {
+  std::vector<int> in = input_bytes(spec);
+  std::vector<int> out{4};
+  out.insert(out.end(), in.begin() + 3, in.end());
+  return out;
+}
+
+size_t workspace_size(const AttentionSpec& spec, int64_t max_batch, int64_t heads, int64_t max_new, int64_t max_total) {
+  return workspace_layout(spec, max_batch, heads, max_new, max_total).size;
+}
+
+bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_t>>& in, const void* const* inputs,
+                 void* const* outputs, void* workspace, size_t workspace_bytes, kvc_dev::Params* params,
+                 std::string* error) {
+  const size_t nk = num_parts(spec.key), nv = num_parts(spec.value);
+  if (in.size() != 3 + nk + nv)
+    return fail(error, "KVAttention: expected " + std::to_string(3 + nk + nv) + " inputs, got " + std::to_string(in.size()));
+  for (const auto& d : in)
+    if (d.size() != 4) return fail(error, "KVAttention: expected 4-d inputs");
+  const int64_t B = in[1][0], H = in[1][1], S = in[1][2], D = spec.head_dim, r = spec.q_per_kv;
+  if (in[1][3] != D || in[2] != in[1])
+    return fail(error, "KVAttention: expected key and value [B, H, S, " + std::to_string(D) + "] of the same shape");
+  if (in[0] != std::vector<int64_t>{B, H * r, S, D})
+    return fail(error, "KVAttention: expected query [B, H*r, S, D] = [" + std::to_string(B) + ", " + std::to_string(H * r) +
+                           ", " + std::to_string(S) + ", " + std::to_string(D) + "]");
+  if (int64_t(H) * D * std::max<int64_t>(S, 1) <= 0 && S != 0) return fail(error, "KVAttention: empty heads");
+  int64_t pasts[2];
+  std::vector<int64_t> past_lengths[2];
+  size_t index = 3;
+  for (int st = 0; st < 2; ++st) {
+    const StreamSpec& s = st == 0 ? spec.key : spec.value;
+    int64_t past = 0;
+    for (int seg : s.segments) {
+      const kvc::Format& f = s.format(seg);
+      const int64_t len = in[index][2];
+      for (size_t p = 0; p < f.parts.size(); ++p) {
+        const auto& d = in[index + p];
+        if (d[0] != B || d[1] != H || d[3] != f.parts[p].width || d[2] != len / f.parts[p].rows_per)
+          return fail(error, "KVAttention: a past part of scheme " + f.name + " does not have the expected shape");
+      }
+      past_lengths[st].push_back(len);
+      past += len;
+      index += f.parts.size();
+    }
+    IntOps ops;
+    if (segment_lengths(s, ops, past) != past_lengths[st])
+      return fail(error, "KVAttention: the past segments' lengths do not follow the segment rule for " +
+                             std::to_string(past) + " positions");
+    pasts[st] = past;
+  }
+  if (pasts[0] != pasts[1])
+    return fail(error, "KVAttention: keys hold " + std::to_string(pasts[0]) + " past positions, values " +
+                           std::to_string(pasts[1]));
+  const int64_t past = pasts[0], total = past + S;
+  const WorkspaceLayout w = workspace_layout(spec, B, H, S, total);
+  if (workspace_bytes < w.size)
+    return fail(error, "KVAttention: workspace of " + std::to_string(workspace_bytes) + " bytes, expected " +
+                           std::to_string(w.size) + " (a call beyond the engine's profile?)");
+  kvc_dev::Params& P = *params;
+  P = kvc_dev::Params{};
+  fill_stream(spec.key, past, S, past_lengths[0], inputs + 3, outputs + 1, static_cast<const float*>(inputs[1]),
+              &P.stream[0]);
+  fill_stream(spec.value, past, S, past_lengths[1], inputs + 3 + nk, outputs + 1 + nk,
+              static_cast<const float*>(inputs[2]), &P.stream[1]);
+  P.query = static_cast<const float*>(inputs[0]);
+  P.output = static_cast<float*>(outputs[0]);
+  P.batch = B, P.heads = H, P.q_per_kv = r, P.S = S, P.D = D, P.past = past, P.total = total, P.chunks = w.chunks;
+  P.scale = spec.scale;
+  for (int st = 0; st < 2; ++st)
+    for (int k = 0; k < P.stream[st].nseg; ++k)
+      if (P.stream[st].seg[k].f.rotate) (st ? P.rotated_values : P.rotated_keys) = 1;
+  uint8_t* base = static_cast<uint8_t*>(workspace);
+  P.status = reinterpret_cast<int32_t*>(base + w.status);
+  P.partial = reinterpret_cast<float*>(base + w.partial);
+  P.work = reinterpret_cast<float*>(base + w.work);
+  P.work_rows = w.work_rows;
+  P.scratch = base + w.scratch;
+  P.scratch_bytes = w.scratch_bytes;
+  return true;
+}
+
+Grids grids(const kvc_dev::Params& P) {
+  const int64_t rows = P.batch * P.heads * P.q_per_kv * P.S;
+  return {2 * P.batch * P.heads, rows * P.chunks, rows};
+}
+
+void run_on_host(const kvc_dev::Params& P) {
+  const Grids g = grids(P);
+  const kvc_dev::Block one{0, 1};
+  *P.status = 0;
+  std::vector<float> smem(size_t(std::max(kvc_dev::attend_smem_floats(P.D), kvc_dev::merge_smem_floats(P.D))));
+  for (int64_t i = 0; i < g.append; ++i) kvc_dev::append_program(P, i, one);
+  for (int64_t i = 0; i < g.attend; ++i) kvc_dev::attend_program(P, i, one, smem.data());
+  for (int64_t i = 0; i < g.merge; ++i) kvc_dev::merge_program(P, i, one, smem.data());
+}
+
+bool parse_attribute_text(const std::string& text, kvc::Attributes* out, std::string* error) {
+  std::istringstream lines(text);
+  std::string line;
+  while (std::getline(lines, line)) {
+    if (line.empty()) continue;
+    const size_t eq = line.find('=');
+    if (eq == std::string::npos) return fail(error, "KVAttention: expected name=value, got '" + line + "'");
+    const std::string name = line.substr(0, eq), value = line.substr(eq + 1);
+    const bool is_string = name.size() > 7 && (name.compare(name.size() - 7, 7, "_scheme") == 0 ||
+                                                name.compare(name.size() - 6, 6, "_tiers") == 0);
+    if (is_string) out->strings[name] = value;
+    else if (name == "scale") out->floats[name] = std::stof(value);
+    else out->ints[name] = std::stoll(value);
+  }
+  return true;
+}
+
+}  // namespace kvc_trt

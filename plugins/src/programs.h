@@ -1,0 +1,343 @@
+// The KVAttention kernels as block programs: one source for the GPU (kernels.cu launches them, one
+// CUDA block per work item) and for the CPU (emulate.cc runs each work item with a single thread;
+// the tests compare that with the torch reference).
+//
+// A block program is written in phases separated by block_sync().  Inside a phase, KVC_FOR splits
+// a range over the block's threads, and a thread only writes elements of its own iterations, so
+// that one thread running every iteration in order (the CPU) computes what the block computes.
+// State that outlives a phase lives in shared memory (`smem`), never in a thread's registers.
+//
+// Three kernels, launched in this order on one stream:
+//   kvc_append  block per (stream, batch row, kv head): SegmentStore.append into the present
+//               outputs (kvcompile/kv/store.py; native/src/kv_attention.cc append_slice)
+//   kvc_attend  block per (query row, chunk of kChunk positions): online softmax over the chunk's
+//               positions as stored, tiles of kTile positions; writes (m, l, acc, acc_rot)
+//   kvc_merge   block per query row: o = sum_c e^{m_c - M} acc_c / sum_c e^{m_c - M} l_c
+//               (split-K merge on the device); acc_rot, the part accumulated from -rot values in
+//               the rotated domain, is rotated back once here.
+#pragma once
+
+#include "device_formats.h"
+
+namespace kvc_dev {
+
+constexpr int kMaxSegments = 9;  // a sink + recent + up to 6 age tiers + bulk
+constexpr int kMaxTiers = 8;
+constexpr int kTile = 16;        // positions scored together
+constexpr int kChunk = 256;      // positions per attend block (split-K)
+constexpr int kThreads = 128;    // threads per block on the GPU
+
+struct Block {
+  int64_t thread, threads;  // GPU: threadIdx.x, blockDim.x; CPU: 0, 1
+};
+
+#define KVC_FOR(i, n, blk) for (int64_t i = (blk).thread; i < (n); i += (blk).threads)
+
+KVC_HD void block_sync() {
+#ifdef __CUDA_ARCH__
+  __syncthreads();
+#endif
+}
+
+struct Segment {
+  Fmt f;
+  int64_t past_len, len, start;     // positions per (batch row, head); start: first position (present)
+  const uint8_t* past[kMaxParts];   // [B*H, past_len / rows_per, width] each
+  uint8_t* present[kMaxParts];      // [B*H, len / rows_per, width] each
+};
+
+struct Stream {
+  int32_t nseg, ntiers, sink_seg;   // sink_seg: segment of the sinks, -1 without
+  int32_t tier_seg[kMaxTiers];      // segment of tier i: 0 = recent, 1..K = age tiers, ntiers-1 = bulk
+  int64_t new_sinks, moves[kMaxTiers];
+  const float* x;                   // this step's states [B, H, S, D]
+  Segment seg[kMaxSegments];        // storage order: sinks, bulk, oldest age tier, ..., recent
+};
+
+// Everything the three kernels read: passed by value (a kernel parameter, < 4 KiB).
+struct Params {
+  Stream stream[2];                 // keys, values
+  const float* query;               // [B, H*r, S, D]
+  float* output;                    // [B, H*r, S, D]
+  int64_t batch, heads, q_per_kv, S, D, past, total, chunks;
+  float scale;
+  int32_t rotated_keys, rotated_values;  // some segment of the stream is -rot
+  float* partial;                   // [B*H*r*S, chunks, 2 + 2D]
+  float* work;                      // append float buffers [2][B*H][3][work_rows * D]
+  int64_t work_rows;
+  uint8_t* scratch;                 // append scratch tier [2][B*H][scratch_bytes]
+  int64_t scratch_bytes;
+  int32_t* status;                  // set to 1 when a state cannot be stored (NaN, inf, out of range)
+};
+
+// Part pointers of the (b, h) slice `bh` of a segment holding `len` positions per slice.
+template <typename P>
+KVC_HD Parts slice(const Fmt& f, P const* bases, int64_t len, int64_t bh) {
+  Parts out{};
+  for (int p = 0; p < f.nparts; ++p)
+    out.p[p] = const_cast<uint8_t*>(bases[p]) + bh * (len / f.rows_per[p]) * f.row_bytes(p);
+  return out;
+}
+
+KVC_HD void copy_rows(const Fmt& f, const Parts& src, int64_t src_row, const Parts& dst, int64_t dst_row, int64_t n,
+                      Block blk) {
+  for (int p = 0; p < f.nparts; ++p) {
+    const int64_t rb = f.row_bytes(p), bytes = n / f.rows_per[p] * rb;
+    const uint8_t* s = src.p[p] + src_row / f.rows_per[p] * rb;
+    uint8_t* d = dst.p[p] + dst_row / f.rows_per[p] * rb;
+    KVC_FOR(i, bytes, blk) d[i] = s[i];
+  }
+  block_sync();
+}
+
+// Rotate rows [0, n) of x [n][d] in place, a row per thread.
+KVC_HD void rotate_rows(float* x, int64_t n, int64_t d, Block blk) {
+  KVC_FOR(t, n, blk) rotate_serial(x + t * d, d);
+  block_sync();
+}
+
+// Quantize x [n][d] into rows [row0, row0 + n) (per-channel formats: whole blocks); tmp: n * d floats.
+KVC_HD void quantize_rows(const Fmt& f, const float* x, int64_t n, const Parts& parts, int64_t row0, float* tmp,
+                          int32_t* status, Block blk) {
+  if (n <= 0) return;
+  const int64_t d = f.d;
+  if (f.rotate) {
+    KVC_FOR(i, n * d, blk) tmp[i] = x[i];
+    block_sync();
+    rotate_rows(tmp, n, d, blk);
+    x = tmp;
+  }
+  KVC_FOR(t, n, blk) {
+    if (!storable(f, x + t * d)) *status = 1;
+  }
+  if (f.token_group == 1) {
+    KVC_FOR(t, n, blk) quantize_token(f, x + t * d, parts, row0 + t);
+  } else {
+    const int64_t G = f.token_group;
+    KVC_FOR(i, n / G * d, blk) quantize_channel_params(f, x + (i / d) * G * d, parts, row0 + (i / d) * G, i % d);
+    block_sync();
+    KVC_FOR(t, n, blk) pack_codes(f, x + t * d, parts, row0 + t);
+  }
+  block_sync();
+}
+
+// De-quantize rows [row0, row0 + n) into out [n][d] (rotated back for -rot formats).
+KVC_HD void dequantize_rows(const Fmt& f, const Parts& parts, int64_t row0, int64_t n, float* out, Block blk) {
+  KVC_FOR(i, n * f.d, blk) out[i] = element(f, parts, row0 + i / f.d, i % f.d);
+  block_sync();
+  if (f.rotate) rotate_rows(out, n, f.d, blk);
+}
+
+// SegmentStore.append for one stream and one (b, h): native/src/kv_attention.cc's append_slice.
+KVC_HD void append_program(const Params& P, int64_t block, Block blk) {
+  const int64_t bh_count = P.batch * P.heads;
+  const int st = int(block / bh_count);
+  const int64_t bh = block % bh_count, S = P.S, D = P.D, cap = P.work_rows * D;
+  const Stream& s = P.stream[st];
+  float* buffers = P.work + (st * bh_count + bh) * 3 * cap;
+  float* const A = buffers;
+  float* const B = buffers + cap;
+  float* const tmp = buffers + 2 * cap;
+  uint8_t* scratch = P.scratch + (st * bh_count + bh) * P.scratch_bytes;
+  const float* x = s.x + bh * S * D;
+  const int64_t k = s.new_sinks;
+  if (s.sink_seg >= 0) {
+    const Segment& g = s.seg[s.sink_seg];
+    const Parts past = slice(g.f, g.past, g.past_len, bh), present = slice(g.f, g.present, g.len, bh);
+    copy_rows(g.f, past, 0, present, 0, g.past_len, blk);
+    quantize_rows(g.f, x, k, present, g.past_len, tmp, P.status, blk);
+  }
+  const float* incoming = x + k * D;
+  int64_t n_in = S - k;
+  for (int t = 0; t < s.ntiers; ++t) {
+    const Segment& g = s.seg[s.tier_seg[t]];
+    const Fmt& f = g.f;
+    const Parts past = slice(f, g.past, g.past_len, bh), present = slice(f, g.present, g.len, bh);
+    if (t == s.ntiers - 1) {  // the bulk: past rows, then what arrives
+      copy_rows(f, past, 0, present, 0, g.past_len, blk);
+      quantize_rows(f, incoming, n_in, present, g.past_len, tmp, P.status, blk);
+      break;
+    }
+    const int64_t leaving = s.moves[t];
+    float* out = incoming == A ? B : A;
+    if (leaving <= g.past_len) {  // decode: the positions that leave are past rows
+      dequantize_rows(f, past, 0, leaving, out, blk);
+      copy_rows(f, past, leaving, present, 0, g.past_len - leaving, blk);
+      quantize_rows(f, incoming, n_in, present, g.past_len - leaving, tmp, P.status, blk);
+    } else {  // new positions move on: assemble the tier in the scratch area first
+      Parts tier{};
+      int64_t offset = 0;
+      for (int p = 0; p < f.nparts; ++p) {
+        tier.p[p] = scratch + offset;
+        offset += ((g.past_len + n_in) / f.rows_per[p] + 1) * f.row_bytes(p);
+      }
+      copy_rows(f, past, 0, tier, 0, g.past_len, blk);
+      quantize_rows(f, incoming, n_in, tier, g.past_len, tmp, P.status, blk);
+      dequantize_rows(f, tier, 0, leaving, out, blk);
+      copy_rows(f, tier, leaving, present, 0, g.past_len + n_in - leaving, blk);
+    }
+    incoming = out;
+    n_in = leaving;
+  }
+}
+
+// e^x for x <= 0 (native/src/kv_attention.cc's exp_nonpositive: Cephes' expf polynomial).
+KVC_HD float exp_nonpositive(float x) {
+  if (!(x >= -87.0f)) return 0.0f;
+  const float n = rintf(x * 1.44269504088896341f);
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  return y * bits_float(uint32_t((int32_t(n) + 127) << 23));
+}
+
+// Rotate x[0..d) in place with the block: one butterfly stage per phase.
+KVC_HD void rotate_block(float* x, int64_t d, Block blk) {
+  for (int64_t h = 1; h < d; h *= 2) {
+    KVC_FOR(i, d / 2, blk) {
+      const int64_t j = (i / h) * 2 * h + i % h;
+      const float a = x[j], b = x[j + h];
+      x[j] = a + b;
+      x[j + h] = a - b;
+    }
+    block_sync();
+  }
+  const float scale = float(1.0 / sqrt(double(d)));
+  KVC_FOR(i, d, blk) x[i] = x[i] * scale;
+  block_sync();
+}
+
+KVC_HD int find_segment(const Stream& s, int64_t position) {
+  int i = 0;
+  while (i + 1 < s.nseg && !(s.seg[i].len > 0 && position < s.seg[i].start + s.seg[i].len)) ++i;
+  return i;
+}
+
+// shared floats the attend program needs
+KVC_HD int64_t attend_smem_floats(int64_t d) { return 4 * d + kTile * d + kTile + 4; }
+
+// Query row `row` = (b, query head, s) over positions [chunk * kChunk, ...) up to its own.
+KVC_HD void attend_program(const Params& P, int64_t block, Block blk, float* smem) {
+  const int64_t D = P.D, row = block / P.chunks, chunk = block % P.chunks;
+  const int64_t s = row % P.S, hq = (row / P.S) % (P.heads * P.q_per_kv), b = row / (P.S * P.heads * P.q_per_kv);
+  const int64_t bh = b * P.heads + hq / P.q_per_kv;
+  float* q = smem;
+  float* qr = q + D;
+  float* acc = qr + D;
+  float* accr = acc + D;
+  float* tile = accr + D;
+  float* p = tile + kTile * D;
+  float* stat = p + kTile;  // m, l, correction
+  const int64_t c0 = chunk * kChunk;
+  int64_t c1 = c0 + kChunk;
+  if (c1 > P.total) c1 = P.total;
+  if (c1 > P.past + s + 1) c1 = P.past + s + 1;  // causal
+  const float* query = P.query + row * D;
+  KVC_FOR(e, D, blk) {
+    q[e] = query[e] * P.scale;
+    qr[e] = q[e];
+    acc[e] = 0.0f;
+    accr[e] = 0.0f;
+  }
+  KVC_FOR(z, 1, blk) {
+    stat[0] = -INFINITY;
+    stat[1] = 0.0f;
+  }
+  block_sync();
+  if (P.rotated_keys && c0 < c1) rotate_block(qr, D, blk);
+  const Stream& ks = P.stream[0];
+  const Stream& vs = P.stream[1];
+  for (int64_t t0 = c0; t0 < c1;) {
+    const Segment& kg = ks.seg[find_segment(ks, t0)];
+    const Segment& vg = vs.seg[find_segment(vs, t0)];
+    int64_t n = c1 - t0;
+    if (n > kTile) n = kTile;
+    if (n > kg.start + kg.len - t0) n = kg.start + kg.len - t0;
+    if (n > vg.start + vg.len - t0) n = vg.start + vg.len - t0;
+    const Parts kp = slice(kg.f, kg.present, kg.len, bh), vp = slice(vg.f, vg.present, vg.len, bh);
+    KVC_FOR(i, n * D, blk) tile[i] = element(kg.f, kp, t0 - kg.start + i / D, i % D);
+    block_sync();
+    const float* qk = kg.f.rotate ? qr : q;
+    KVC_FOR(t, n, blk) {
+      float dot = 0.0f;
+      for (int64_t e = 0; e < D; ++e) dot += qk[e] * tile[t * D + e];
+      p[t] = dot;
+    }
+    block_sync();
+    KVC_FOR(z, 1, blk) {
+      float top = stat[0];
+      for (int64_t t = 0; t < n; ++t) top = fmax_(top, p[t]);
+      const float correction = exp_nonpositive(stat[0] - top);
+      float sum = 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        p[t] = exp_nonpositive(p[t] - top);
+        sum += p[t];
+      }
+      stat[0] = top;
+      stat[1] = stat[1] * correction + sum;
+      stat[2] = correction;
+    }
+    block_sync();
+    float* target = vg.f.rotate ? accr : acc;
+    KVC_FOR(e, D, blk) {
+      float a = target[e] * stat[2];
+      for (int64_t t = 0; t < n; ++t) a += p[t] * element(vg.f, vp, t0 - vg.start + t, e);
+      target[e] = a;
+      float* other = vg.f.rotate ? acc : accr;
+      other[e] = other[e] * stat[2];
+    }
+    block_sync();
+    t0 += n;
+  }
+  float* out = P.partial + block * (2 + 2 * D);
+  KVC_FOR(z, 1, blk) {
+    out[0] = stat[0];
+    out[1] = stat[1];
+  }
+  KVC_FOR(e, D, blk) {
+    out[2 + e] = acc[e];
+    out[2 + D + e] = accr[e];
+  }
+}
+
+KVC_HD int64_t merge_smem_floats(int64_t d) { return 2 * d + 4; }
+
+KVC_HD void merge_program(const Params& P, int64_t row, Block blk, float* smem) {
+  const int64_t D = P.D, chunks = P.chunks;
+  const float* partial = P.partial + row * chunks * (2 + 2 * D);
+  float* a = smem;
+  float* ar = a + D;
+  float* stat = ar + D;
+  KVC_FOR(z, 1, blk) {
+    float top = -INFINITY;
+    for (int64_t c = 0; c < chunks; ++c) top = fmax_(top, partial[c * (2 + 2 * D)]);
+    float l = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) l += exp_nonpositive(partial[c * (2 + 2 * D)] - top) * partial[c * (2 + 2 * D) + 1];
+    stat[0] = top;
+    stat[1] = l;
+  }
+  block_sync();
+  KVC_FOR(e, D, blk) {
+    float x = 0.0f, xr = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* pc = partial + c * (2 + 2 * D);
+      const float w = exp_nonpositive(pc[0] - stat[0]);
+      x += w * pc[2 + e];
+      xr += w * pc[2 + D + e];
+    }
+    a[e] = x;
+    ar[e] = xr;
+  }
+  block_sync();
+  if (P.rotated_values) rotate_block(ar, D, blk);
+  const bool failed = *P.status != 0;
+  KVC_FOR(e, D, blk) P.output[row * D + e] = failed ? NAN : (a[e] + ar[e]) / stat[1];
+}
+
+}  // namespace kvc_dev
