@@ -27,6 +27,13 @@ cmake -S native -B build/native -DCMAKE_BUILD_TYPE=Release \
   ${KVCOMPILE_NATIVE_ARCH:+-DKVCOMPILE_NATIVE_ARCH="$KVCOMPILE_NATIVE_ARCH"} >/dev/null
 cmake --build build/native -j "$(nproc)" >/dev/null
 cmake --install build/native >/dev/null
+# The TensorRT plugin library (C++ IPluginV3 + CUDA kernels compiled by nvcc for SM 80/86/89/90/120
+# and PTX; the TensorRT 10 headers come from KVCOMPILE_TRT_INCLUDE or shared/third_party/tensorrt-*/include):
+# kvcompile/_native/libkvcompile_trt.so.  Needs nvcc (CUDA toolkit), not a GPU.
+cmake -S plugins -B build/plugins -DCMAKE_BUILD_TYPE=Release \
+  ${KVCOMPILE_TRT_INCLUDE:+-DKVCOMPILE_TRT_INCLUDE="$KVCOMPILE_TRT_INCLUDE"} >/dev/null
+cmake --build build/plugins -j "$(nproc)" >/dev/null
+cmake --install build/plugins >/dev/null
 "$PY" - <<'PY'
 # Fail here, not later in a skipped test, if a package the install promises is missing.
 import sys

@@ -216,7 +216,10 @@ def cmd_export(args) -> int:
     _set_threads(args.threads)
     lm = load_model(args.model)
     (label, pmap), = _resolve_maps(args, lm.geometry, args.model).items()
-    options = {"max_batch": args.max_batch, "tensorrt": args.tensorrt} if args.target == "trt" else {}
+    options = {}
+    if args.target == "trt":
+        options = {"max_batch": args.max_batch, "tensorrt": args.tensorrt, "plugins": args.trt_plugins,
+                   "compute_capabilities": tuple(args.compute_capability) if args.compute_capability else None}
     result = export(args.target, lm, pmap, args.output, max_context=args.max_context, **options)
     size = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
     packed = sum(not g.plain for g in result.groups)
@@ -226,8 +229,14 @@ def cmd_export(args) -> int:
           f"{nodes}, {len(result.groups)} head groups, max context {result.max_context}, {size / 2**20:.1f} MiB")
     trt = getattr(result, "trt", None)
     if trt:
-        print(f"  TensorRT engine {result.path / trt['engine']} ({trt['tensorrt']} {trt['tensorrt_version']}): "
-              f"{trt['plugin_layers']} kvcompile plugin layers; report in engine_report.json, log in build.log")
+        where = f" for SM {', '.join(map(str, trt['compute_capabilities']))}" if trt.get("compute_capabilities") else ""
+        print(f"  TensorRT engine {result.path / trt['engine']} ({trt['tensorrt']} {trt['tensorrt_version']}{where}): "
+              f"{trt['plugin_layers']} kvcompile plugin layers ({trt.get('plugins', 'python')} plugins); report in "
+              "engine_report.json, log in build.log")
+        if trt.get("trtexec"):
+            print(f"  runs in trtexec ({result.path / trt['trtexec']}) and Triton Inference Server "
+                  f"({result.path / trt['triton_repository']}, with --backend-config=tensorrt,plugins="
+                  f"{result.path / trt['plugin_library']}); see docs/deploy.md")
     for context in sorted({512, result.max_context}):
         if context <= result.max_context:
             print(f"  KV cache at {context} positions: {pmap.bits_per_element(context):.2f} bits/element, "
@@ -478,6 +487,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensorrt", choices=("tensorrt", "tensorrt_rtx"), default=None,
                    help="trt: which TensorRT builds the engine (default: full TensorRT where installed, else TensorRT-RTX; "
                         "env KVCOMPILE_TENSORRT)")
+    p.add_argument("--trt-plugins", choices=("compiled", "python"), default="compiled",
+                   help="trt: the compiled plugin library (default: the engine loads in trtexec, Triton and C++) or the "
+                        "Python plugins (a fallback: the engine runs only in a Python process)")
+    p.add_argument("--compute-capability", type=int, action="append", choices=(80, 86, 89, 120, 121), default=None,
+                   metavar="SM", help="trt with TensorRT-RTX: a GPU architecture to build for, repeatable (default 80, "
+                                      "86, 89, 120); full TensorRT builds for the GPU it runs on")
     p.add_argument("-o", "--output", required=True, help="export directory (replaced if it is an older export)")
     p.add_argument("--threads", type=THREADS, default=None)
     p.set_defaults(func=cmd_export)

@@ -35,6 +35,8 @@ PROMISED: tuple[tuple[str, tuple[str, ...]], ...] = (
 PROMISED_FILES: tuple[tuple[str, str], ...] = (
     ("the native ONNX Runtime kernels, kvcompile/_native/libkvcompile_ort.so (built by install.sh with CMake)",
      "_native/libkvcompile_ort.so"),
+    ("the TensorRT plugin library, kvcompile/_native/libkvcompile_trt.so (built by install.sh with CMake and nvcc)",
+     "_native/libkvcompile_trt.so"),
 )
 
 

@@ -136,8 +136,8 @@ class ExportedModel:
 
 
 def _check_targets(path: Path, targets, manifest: Path) -> dict:
-    """Each target section is a JSON object whose ``files`` (name -> bytes) lie beside the manifest
-    at those sizes; what else a section holds is its target's business."""
+    """Each target section is a JSON object whose ``files`` (relative path -> bytes) lie in the
+    export directory at those sizes; what else a section holds is its target's business."""
     if not isinstance(targets, dict) or "onnx" not in targets:
         raise ArtifactError(f"{manifest}: 'targets' must be an object with at least the 'onnx' section; "
                             "re-run `kvcompile export`")
@@ -146,9 +146,10 @@ def _check_targets(path: Path, targets, manifest: Path) -> dict:
         if not isinstance(files, dict):
             raise ArtifactError(f"{manifest}: targets.{name} must be an object with a 'files' object (name -> bytes)")
         for file, size in files.items():
-            if not isinstance(file, str) or not file or "/" in file or file.startswith(".") or type(size) is not int:
-                raise ArtifactError(f"{manifest}: targets.{name}.files must map plain file names to byte counts, got "
-                                    f"{str(file)[:40]!r}")
+            if not isinstance(file, str) or not file or type(size) is not int \
+                    or any(not part or part.startswith(".") or "\\" in part for part in file.split("/")):
+                raise ArtifactError(f"{manifest}: targets.{name}.files must map relative file paths inside the export "
+                                    f"to byte counts, got {str(file)[:40]!r}")
             if not (path / file).is_file():
                 raise ArtifactError(f"{manifest}: {file} of target {name!r} is missing; re-run `kvcompile export "
                                     f"--target {name}`")
@@ -292,8 +293,17 @@ def _notice_portable(calls) -> None:
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int8": "TYPE_INT8"}
 
 
-def triton_config(model: str, groups: list[HeadGroup], vocab_size: int) -> str:
-    """``config.pbtxt`` for Triton Inference Server's ONNX Runtime backend serving ``model.onnx``.
+def triton_model_name(model: str) -> str:
+    """A model name as Triton wants it (letters, digits, ``-`` and ``_``)."""
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in model.split("/")[-1]) or "kvcompile"
+
+
+TRITON_PLATFORMS = {"onnxruntime_onnx": "model.onnx and model.onnx.data", "tensorrt_plan": "model.plan (model.engine)"}
+
+
+def triton_config(model: str, groups: list[HeadGroup], vocab_size: int, platform: str = "onnxruntime_onnx") -> str:
+    """``config.pbtxt`` for Triton Inference Server serving the export: its ONNX Runtime backend
+    (``model.onnx``) or its TensorRT backend (``platform="tensorrt_plan"``: ``model.engine``).
 
     The cache travels with each request (past inputs -> present outputs), as in ONNX Runtime GenAI;
     dims are ``[batch, heads, positions, width]`` with -1 for the variable ones.
@@ -307,9 +317,9 @@ def triton_config(model: str, groups: list[HeadGroup], vocab_size: int) -> str:
         for p in g.ports:
             inputs.append(tensor(p.past, TRITON_DTYPES[p.dtype], [-1, len(g.heads), -1, p.width]))
             outputs.append(tensor(p.present, TRITON_DTYPES[p.dtype], [-1, len(g.heads), -1, p.width]))
-    name = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in model.split("/")[-1]) or "kvcompile"
-    return (f'# written by kvcompile {__version__}: put model.onnx and model.onnx.data in <repository>/{name}/1/\n'
-            f'name: "{name}"\nplatform: "onnxruntime_onnx"\nmax_batch_size: 0\n'
+    name = triton_model_name(model)
+    return (f'# written by kvcompile {__version__}: put {TRITON_PLATFORMS[platform]} in <repository>/{name}/1/\n'
+            f'name: "{name}"\nplatform: "{platform}"\nmax_batch_size: 0\n'
             "input [\n" + ",\n".join(inputs) + "\n]\noutput [\n" + ",\n".join(outputs) + "\n]\n")
 
 

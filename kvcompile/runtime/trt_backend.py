@@ -1,10 +1,12 @@
 """TensorRT backend: runs ``model.engine`` of a ``--target trt`` export through polygraphy's TrtRunner.
 
-Needs an NVIDIA GPU that the installed TensorRT can run on (TensorRT-RTX: RTX-class GPUs only),
-the kvcompile plugins registered in this process, and ``libtensorrt_rtx.so`` resolvable at
-process start (see :mod:`kvcompile.targets.trt.build`).  Where any of that is missing,
-opening the backend fails with one line saying which.  Not run in this project's CI or on its
-lent GPU (an H100: not RTX-class; full TensorRT is not installable here): see docs/deploy.md.
+Needs an NVIDIA GPU that the installed TensorRT can run on (TensorRT-RTX: RTX-class GPUs only;
+full TensorRT for SM90), the plugins — the export's ``libkvcompile_trt.so`` loaded into the
+registry for engines built with the compiled library (the default), the Python plugins registered
+for ``plugins="python"`` engines — and, for TensorRT-RTX, ``libtensorrt_rtx.so`` resolvable at
+process start (see :mod:`kvcompile.targets.trt.build`).  Where any of that is missing, opening the
+backend fails with one line saying which.  Not run in this project's CI (no GPU): see
+docs/deploy.md and bench/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ def why_not_runnable(export) -> str | None:
             or section.get("tensorrt") not in (None, "tensorrt", "tensorrt_rtx"):
         return (f"{export.path}: the manifest's trt section must name its engine among its files, a max_batch >= 1 "
                 "and the TensorRT flavour; re-run `kvcompile export --target trt`")
+    if section.get("plugins", "python") == "compiled" and (
+            not isinstance(section.get("plugin_library"), str) or section["plugin_library"] not in section["files"]):
+        return (f"{export.path}: the manifest's trt section must name its plugin library among its files; re-run "
+                "`kvcompile export --target trt`")
     flavour = find_tensorrt(export.trt.get("tensorrt"))
     if flavour is None:
         return "TensorRT is not installed (pip install tensorrt-rtx, or tensorrt)"
@@ -59,7 +65,13 @@ class TrtDecoder(GraphDecoder):
         from kvcompile.targets.trt.loader import import_tensorrt
         from kvcompile.targets.trt.plugin import register_plugins
 
-        register_plugins(import_tensorrt(self.export.trt.get("tensorrt")))
+        trt = import_tensorrt(self.export.trt.get("tensorrt"))
+        if self.export.trt.get("plugins", "python") == "compiled":
+            library = self.export.path / self.export.trt["plugin_library"]
+            if trt.get_plugin_registry().load_library(str(library)) is None:
+                raise RuntimeBackendError(f"the trt backend cannot run here: TensorRT could not load {library}")
+        else:
+            register_plugins(trt)
         self.runner = TrtRunner(EngineFromBytes((self.export.path / self.export.trt["engine"]).read_bytes()))
         self.runner.activate()
         return super().activate()

@@ -455,3 +455,23 @@ KVC_API int kvc_trt_emulate(const char* attrs_text, int n_in, const int64_t* in_
 KVC_API const unsigned char* kvc_trt_fatbin(size_t* size) { return kvc_trt::fatbin_data(size); }
 
 KVC_API size_t kvc_trt_params_size() { return sizeof(kvc_dev::Params); }
+
+// The plugin's enqueue without TensorRT: inputs, outputs and workspace are device pointers, `stream`
+// a CUstream (0: the default stream).  For bench/plugin_speed.py on a GPU.
+KVC_API int kvc_trt_enqueue(const char* attrs_text, int n_in, const int64_t* in_dims, const void* const* inputs,
+                            void* const* outputs, void* workspace, size_t workspace_bytes, void* stream, char* error,
+                            int error_len) {
+  try {
+    kvc::Attributes attrs;
+    kvc_trt::AttentionSpec spec;
+    std::string why;
+    if (!spec_of(attrs_text, &attrs, &spec, &why)) return report(why, error, error_len);
+    kvc_dev::Params params;
+    if (!kvc_trt::make_params(spec, dims_of(n_in, in_dims), inputs, outputs, workspace, workspace_bytes, &params, &why) ||
+        !kvc_trt::launch_on_gpu(params, stream, &why))
+      return report(why, error, error_len);
+    return 0;
+  } catch (const std::exception& e) {
+    return report(std::string("KVAttention: ") + e.what(), error, error_len);
+  }
+}

@@ -72,12 +72,16 @@ def test_export_trt_builds_an_engine_of_the_default_model(smollm, tmp_path, caps
         pytest.skip("TensorRT (tensorrt-rtx) is not installed; install.sh installs it")
     out = tmp_path / "trt"
     assert main(["export", "--scheme", "kivi-2", "--target", "trt", "--max-context", "256", "-o", str(out),
-                 "--threads", "2"]) == 0
-    assert "60 kvcompile plugin layers" in capsys.readouterr().out
+                 "--threads", "2", "--compute-capability", "89", "--compute-capability", "120"]) == 0
+    text = capsys.readouterr().out
+    assert "for SM 89, 120): 30 kvcompile plugin layers (compiled plugins)" in text
+    assert f"runs in trtexec ({out / 'trtexec.sh'})" in text
     report = json.loads((out / "engine_report.json").read_text())
-    assert len(report["plugin_layers"]) == 60 and report["engine_contains_plugin_fields"]
-    fields = {(p["fields"]["bulk_scheme"], p["fields"]["recent_window"]) for p in report["plugin_layers"]}
-    assert fields == {("int2-ch", 32), ("int2", 32)}  # KIVI-2: K per channel, V per token, window 32
+    assert len(report["plugin_layers"]) == 30 and report["engine_contains_plugin_fields"]
+    assert report["engine_contains_plugin_library"] and report["creators"] == ["KVAttention:CPP"]
+    fields = {(p["fields"]["key_bulk_scheme"], p["fields"]["value_bulk_scheme"], p["fields"]["recent_window"],
+               p["fields"]["q_per_kv"]) for p in report["plugin_layers"]}
+    assert fields == {("int2-ch", "int2", 32, 3)}  # KIVI-2: K per channel, V per token, window 32; 9 q / 3 kv heads
     assert (out / "model.engine").stat().st_size == report["engine_bytes"]
     import torch
 

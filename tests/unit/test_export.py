@@ -297,7 +297,7 @@ def _copy_export(ex, tmp_path):
     (lambda d: d["targets"]["onnx"]["files"].update({"config.pbtxt": 3}), "config.pbtxt has .* bytes, the onnx target "
                                                                           "recorded 3"),
     (lambda d: d["targets"].update(trt={"files": {"model.engine": 10}}), "model.engine of target 'trt' is missing"),
-    (lambda d: d["targets"].update(trt={"files": {"../model.onnx": 10}}), "must map plain file names"),
+    (lambda d: d["targets"].update(trt={"files": {"../model.onnx": 10}}), "must map relative file paths"),
 ])
 def test_a_manifest_inconsistent_with_its_map_layout_or_files_is_refused(exports, tmp_path, mutate, message):
     path = _copy_export(exports["mixed"], tmp_path)

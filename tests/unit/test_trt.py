@@ -14,6 +14,7 @@ from kvcompile.export import export_onnx  # noqa: E402
 from kvcompile.ops import KV_CACHE_UPDATE  # noqa: E402
 from kvcompile.plan.presets import resolve_map  # noqa: E402
 from kvcompile.targets.trt.build import build_engine, export_trt, tensorrt_flavour  # noqa: E402
+from kvcompile.targets.trt.library import require_library  # noqa: E402
 from kvcompile.targets.trt.plugin import output_shape_exprs, run_op  # noqa: E402
 
 from .test_export import mixed_map  # noqa: E402
@@ -30,51 +31,110 @@ def engine_export(tiny_lm, tiny_geometry, tmp_path_factory):
 
 
 @needs_trt
-def test_engine_is_built_with_one_plugin_layer_per_packed_group_carrying_the_map(engine_export):
+def test_engine_is_built_with_the_compiled_library_one_layer_per_joint_group(engine_export):
+    """The default build: KVAttention layers from libkvcompile_trt.so (no Python plugin in the
+    build process), for the GPUs the library has cubins for, with the library inside the plan."""
     import json
+
+    from kvcompile.kv.grouping import joint_groups
+    from kvcompile.ops.attention import attention_attrs
 
     ex = engine_export
     report = json.loads((ex.path / "engine_report.json").read_text())
+    assert report["plugins"] == "compiled" and report["creators"] == ["KVAttention:CPP"]
+    assert report["compute_capabilities"] == [80, 86, 89, 120]
+    assert report["engine_contains_plugin_library"] and report["engine_contains_plugin_fields"]
+    library = (ex.path / "libkvcompile_trt.so").read_bytes()
+    assert library == require_library().read_bytes() and library in (ex.path / "model.engine").read_bytes()
+    joint = [heads for layer in range(ex.pmap.num_layers) for heads in joint_groups(ex.pmap, layer)]
+    assert len(report["plugin_layers"]) == len(joint) == 4  # 2 layers x 2 joint head groups
+    by_output = {p["outputs"][1]: p for p in report["plugin_layers"]}
+    for key in (g for g in ex.groups if g.stream == "key"):
+        layer = by_output[key.ports[0].present]
+        value = next(g for g in ex.groups if g.stream == "value" and (g.layer, g.heads) == (key.layer, key.heads))
+        assert (layer["plugin"], layer["namespace"], layer["version"]) == ("KVAttention", "kvcompile", "1")
+        want = attention_attrs(key.op_attrs(ex.pmap), value.op_attrs(ex.pmap), layer["fields"]["q_per_kv"],
+                               layer["fields"]["scale"])
+        assert layer["fields"] == want
+    graph = onnx.load(str(ex.onnx_path), load_external_data=False).graph
+    io = {t["name"]: t["io"] for t in report["io"]}
+    assert io == {**{i.name: "input" for i in graph.input}, **{o.name: "output" for o in graph.output}}
+    assert (ex.path / "model.engine").stat().st_size == report["engine_bytes"] > 0
+    assert ex.trt["plugin_layers"] == 4 and ex.trt["plugins"] == "compiled"
+
+
+@needs_trt
+def test_the_export_writes_a_triton_repository_and_a_trtexec_command(engine_export):
+    ex = engine_export
+    repo = ex.path / ex.trt["triton_repository"] / "tiny-llama"
+    plan = repo / "1" / "model.plan"
+    assert plan.samefile(ex.path / "model.engine")  # a hard link, not a copy
+    config = (repo / "config.pbtxt").read_text()
+    assert 'platform: "tensorrt_plan"' in config
+    graph = onnx.load(str(ex.onnx_path), load_external_data=False).graph
+    for tensor in [*graph.input, *graph.output]:
+        assert f'name: "{tensor.name}"' in config
+    script = (ex.path / ex.trt["trtexec"]).read_text()
+    assert "--loadEngine=model.engine --dynamicPlugins=./libkvcompile_trt.so" in script
+    shapes = dict(item.split(":") for item in script.split("--shapes=")[1].split()[0].split(","))
+    assert set(shapes) == {i.name for i in graph.input} and shapes["input_ids"] == "1x128"
+    assert (ex.path / "trtexec_input_ids.bin").stat().st_size == 128 * 8
+    for name in ["libkvcompile_trt.so", "trtexec.sh", "triton/tiny-llama/1/model.plan"]:
+        assert ex.trt["files"][name] == (ex.path / name).stat().st_size
+
+
+@needs_trt
+def test_the_python_plugins_remain_a_fallback_for_the_unfused_graph(tiny_lm, tiny_geometry, tmp_path):
+    import json
+
+    ex = export_trt(tiny_lm, mixed_map(tiny_geometry), tmp_path / "py", max_context=64, plugins="python")
+    report = json.loads((ex.path / "engine_report.json").read_text())
     packed = [g for g in ex.groups if not g.plain]
+    assert report["plugins"] == "python" and not report["engine_contains_plugin_library"]
+    assert "KVCacheUpdate:PYTHON" in report["creators"] and all(c.endswith(":PYTHON") for c in report["creators"])
     assert len(report["plugin_layers"]) == len(packed) == 8  # 2 layers x 2 streams x 2 head groups
     by_output = {p["outputs"][0]: p for p in report["plugin_layers"]}
     for g in packed:
         layer = by_output[g.ports[0].present]
         assert (layer["plugin"], layer["namespace"], layer["version"]) == ("KVCacheUpdate", "kvcompile", "1")
         assert layer["fields"] == g.op_attrs(ex.pmap)
-    graph = onnx.load(str(ex.onnx_path), load_external_data=False).graph
-    io = {t["name"]: t["io"] for t in report["io"]}
-    assert io == {**{i.name: "input" for i in graph.input}, **{o.name: "output" for o in graph.output}}
-    assert report["engine_contains_plugin_fields"] and report["engine_bytes"] > 0
-    assert (ex.path / "model.engine").stat().st_size == report["engine_bytes"]
-    assert (ex.path / "timing.cache").is_file() and (ex.path / "build.log").is_file()
-    assert ex.trt["plugin_layers"] == 8 and ex.trt["engine"] == "model.engine"
-    # the trt target's section records its files beside the onnx target's
-    assert set(ex.targets) == {"onnx", "trt"}
-    assert ex.trt["files"]["model.engine"] == (ex.path / "model.engine").stat().st_size > 0
-    assert (ex.path / "config.pbtxt").read_text().count("past_key_values.") == sum(len(g.ports) for g in ex.groups)
+    assert "triton_repository" not in ex.trt and not (ex.path / "libkvcompile_trt.so").exists()
 
 
 @needs_trt
-def test_a_fused_graph_is_refused_by_the_engine_build(tiny_lm, tiny_geometry, tmp_path):
-    ex = export_onnx(tiny_lm, resolve_map("int4", tiny_geometry), tmp_path / "e", max_context=64)
-    with pytest.raises(ExportError, match="KVAttention.*--target trt"):
-        build_engine(ex.path)
-    assert not (ex.path / "model.engine").exists()
+def test_each_plugin_kind_refuses_the_graph_it_cannot_build(tiny_lm, tiny_geometry, tmp_path):
+    fused = export_onnx(tiny_lm, resolve_map("int4", tiny_geometry), tmp_path / "f", max_context=64)
+    with pytest.raises(ExportError, match="KVAttention nodes, which the Python plugins do not implement"):
+        build_engine(fused.path, plugins="python")
+    with pytest.raises(ExportError, match="unknown plugin kind 'nonsense'"):
+        build_engine(fused.path, plugins="nonsense")
+    unfused = export_onnx(tiny_lm, resolve_map("int4", tiny_geometry), tmp_path / "u", max_context=64,
+                          fused_attention=False)
+    with pytest.raises(ExportError, match="KVCacheUpdate nodes, which the compiled plugin library does not"):
+        build_engine(unfused.path)
+    assert not (fused.path / "model.engine").exists() and not (unfused.path / "model.engine").exists()
 
 
 @needs_trt
 def test_a_mismatched_plugin_is_a_clear_error(tiny_lm, tiny_geometry, tmp_path):
-    ex = export_onnx(tiny_lm, resolve_map("int4", tiny_geometry), tmp_path / "e", max_context=64, fused_attention=False)
+    ex = export_onnx(tiny_lm, resolve_map("int4", tiny_geometry), tmp_path / "e", max_context=64)
     model = onnx.load(str(ex.onnx_path), load_external_data=False)
     node = next(n for n in model.graph.node if n.domain == "kvcompile")
     for a in node.attribute:
         if a.name == "plugin_version":
             a.s = b"9"
     onnx.save(model, str(ex.onnx_path))  # external data stays where it is
-    with pytest.raises(ExportError, match="mapped 3 of the graph's 4 kvcompile nodes"):
+    with pytest.raises(ExportError, match="mapped 1 of the graph's 2 kvcompile nodes"):
         build_engine(ex.path)
     assert not (ex.path / "model.engine").exists()
+
+
+@needs_trt
+def test_a_missing_plugin_library_is_one_line_and_writes_nothing(tiny_lm, tiny_geometry, tmp_path, monkeypatch):
+    monkeypatch.setenv("KVCOMPILE_TRT_PLUGIN_LIBRARY", str(tmp_path / "gone.so"))
+    with pytest.raises(ExportError, match="gone.so .*does not exist"):
+        export_trt(tiny_lm, resolve_map("int4", tiny_geometry), tmp_path / "x", max_context=64)
+    assert not (tmp_path / "x").exists()
 
 
 @needs_trt
@@ -200,7 +260,8 @@ def test_an_engine_with_recency_tiers_builds_with_their_segments(tiny_lm, tiny_g
                                 ages=((6, "int8"), (8, "int4-ch-g8")))
     ex = export_trt(tiny_lm, pmap, tmp_path / "tiers", max_context=64)
     report = json.loads((ex.path / "engine_report.json").read_text())
-    assert len(report["plugin_layers"]) == 2 * g.num_layers
-    assert {layer["fields"]["age_tiers"] for layer in report["plugin_layers"]} == {"int8:6,int4-ch-g8:8"}
+    assert len(report["plugin_layers"]) == g.num_layers  # one KVAttention layer per layer (one joint group)
+    for stream in ("key", "value"):
+        assert {layer["fields"][f"{stream}_age_tiers"] for layer in report["plugin_layers"]} == {"int8:6,int4-ch-g8:8"}
     io = {t["name"] for t in report["io"]}
     assert any(".age2." in name for name in io) and any(".age1." in name for name in io)

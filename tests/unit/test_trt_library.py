@@ -207,3 +207,45 @@ def test_the_library_exports_only_the_tensorrt_entry_points_and_its_c_api():
                             check=True).stdout
     assert not [line for line in needed.splitlines() if "NEEDED" in line and ("nvinfer" in line or "cuda" in line
                                                                            or "tensorrt" in line)]
+
+
+def test_without_a_gpu_driver_the_enqueue_is_one_line_naming_it(api):
+    """The launch path up to the GPU boundary: parameters are built, then the driver is missing."""
+    import ctypes.util
+
+    if ctypes.util.find_library("cuda"):
+        pytest.skip("a CUDA driver library is installed here")
+    attrs = CASES["kivi-style"]
+    q, k = torch.randn(1, 6, 1, 64), torch.randn(1, 2, 1, 64)
+    empty = [torch.zeros(1, 2, 0, int(p.shape[-1]), dtype=getattr(torch, p.dtype))
+             for p in KV_ATTENTION.inputs(attrs)[3:]]
+    dims = api.output_dims(attrs, [tuple(t.shape) for t in (q, k, k, *empty)])
+    outputs = [torch.zeros(d, dtype=torch.uint8) for d in dims]
+    workspace = torch.zeros(api.workspace_size(attrs, 1, 2, 1, 1), dtype=torch.uint8)
+    with pytest.raises(ValueError, match=r"^KVAttention: the CUDA driver library libcuda.so.1 could not be opened"):
+        api.enqueue_on_gpu(attrs, [q, k, k, *empty], outputs, workspace)
+
+
+def test_the_gpu_check_script_and_its_benchmark_run_up_to_the_gpu_boundary():
+    """bench/gpu_check.sh is valid shell naming files that exist; bench/plugin_speed.py runs its
+    exactness check and timing loop on the CPU runner (--device cpu) and says so without a GPU."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    script = root / "bench" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    for name in ("bench/plugin_speed.py", "bench/kernel_speed.py"):
+        assert name in text and (root / name).is_file()
+    assert "kvcompile validate" in text and "--backend trt" in text and "trtexec.sh" in text
+    smoke = subprocess.run([sys.executable, str(root / "bench" / "plugin_speed.py"), "--device", "cpu"],
+                           capture_output=True, text=True, timeout=600)
+    assert smoke.returncode == 0, smoke.stderr[-2000:]
+    assert "exactness: GPU == CPU runner over 15 steps" in smoke.stdout
+    assert "kivi-2" in smoke.stdout.split("scheme")[-1]
+    if not torch.cuda.is_available():
+        gpu = subprocess.run([sys.executable, str(root / "bench" / "plugin_speed.py")], capture_output=True, text=True,
+                             timeout=600)
+        assert gpu.returncode == 0 and "no CUDA GPU is visible; nothing measured" in gpu.stdout

@@ -81,6 +81,9 @@ class HostApi:
                                                 ctypes.c_int]
         lib.kvc_trt_emulate.argtypes = [ctypes.c_char_p, ctypes.c_int, i64p, ctypes.POINTER(ctypes.c_void_p),
                                         ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p, ctypes.c_int]
+        lib.kvc_trt_enqueue.argtypes = [ctypes.c_char_p, ctypes.c_int, i64p, ctypes.POINTER(ctypes.c_void_p),
+                                        ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p, ctypes.c_size_t,
+                                        ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int]
         lib.kvc_trt_fatbin.argtypes = [ctypes.POINTER(ctypes.c_size_t)]
         lib.kvc_trt_fatbin.restype = ctypes.c_void_p
         lib.kvc_trt_params_size.restype = ctypes.c_size_t
@@ -128,6 +131,17 @@ class HostApi:
         self._check(self.lib.kvc_trt_emulate(attribute_text(attrs), len(inputs), flat, in_ptrs, out_ptrs, error, 512),
                     error)
         return outputs
+
+    def enqueue_on_gpu(self, attrs: dict, inputs: list, outputs: list, workspace, stream: int = 0) -> None:
+        """The plugin's enqueue on CUDA torch tensors (outputs allocated by the caller, shaped by
+        :meth:`output_dims`; ``workspace`` a uint8 tensor of :meth:`workspace_size` bytes), without
+        TensorRT: the kernels the engine runs, launched through the CUDA driver API."""
+        flat = (ctypes.c_int64 * (4 * len(inputs)))(*[int(v) for a in inputs for v in a.shape])
+        in_ptrs = (ctypes.c_void_p * len(inputs))(*[a.data_ptr() for a in inputs])
+        out_ptrs = (ctypes.c_void_p * len(outputs))(*[a.data_ptr() for a in outputs])
+        error = ctypes.create_string_buffer(512)
+        self._check(self.lib.kvc_trt_enqueue(attribute_text(attrs), len(inputs), flat, in_ptrs, out_ptrs,
+                                             workspace.data_ptr(), workspace.numel(), stream, error, 512), error)
 
     def fatbin(self) -> bytes:
         """The embedded fat binary (the kernels' cubins and PTX)."""

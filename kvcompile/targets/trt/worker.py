@@ -5,10 +5,13 @@ resolves (TensorRT-RTX's plugin machinery dlopens that name and aborts the whole
 cannot), so an abort here is reported as an error instead of killing the caller.
 
 The job builds an engine from an export directory's ``model.onnx``: registers the kvcompile
-plugins, parses with ``ENABLE_PLUGIN_OVERRIDE`` (the ``kvcompile`` nodes become plugin layers
-rather than their function bodies), adds one optimization profile over batch and context,
-reuses / saves a timing cache, and writes the engine, a build log and ``engine_report.json``
-(the network's plugin layers with their fields, the I/O tensors, sizes, timings).
+plugins — the compiled library (``job["plugins"] == "compiled"``: loaded into the registry and
+embedded in the engine with ``plugins_to_serialize``; no Python plugin in this process) or the
+Python ones — parses with ``ENABLE_PLUGIN_OVERRIDE`` (the ``kvcompile`` nodes become plugin layers
+rather than their function bodies), adds one optimization profile over batch and context, targets
+the job's compute capabilities (TensorRT-RTX), reuses / saves a timing cache, and writes the
+engine, a build log and ``engine_report.json`` (the network's plugin layers with their fields, the
+I/O tensors, sizes, timings, whether the engine holds the library).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ def build(job: dict) -> dict:
     from kvcompile.targets.trt.loader import import_tensorrt
     from kvcompile.targets.trt.plugin import NAMESPACE, attrs_from_fields, register_plugins
 
+    compiled = job.get("plugins", "python") == "compiled"
+
     trt = import_tensorrt(job.get("tensorrt"))
     out = Path(job["output"])
     log_lines: list[str] = []
@@ -36,7 +41,12 @@ def build(job: dict) -> dict:
             log_lines.append(f"[{str(severity).split('.')[-1]}] {msg}")
 
     logger = Logger()
-    register_plugins(trt)
+    if compiled:
+        library = job["library"]
+        if trt.get_plugin_registry().load_library(library) is None:
+            raise RuntimeError(f"TensorRT could not load the plugin library {library}")
+    else:
+        register_plugins(trt)
     builder = trt.Builder(logger)
     flags = 0
     if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):
@@ -50,6 +60,16 @@ def build(job: dict) -> dict:
         raise RuntimeError("TensorRT's ONNX parser rejected the graph: " + "; ".join(errors[:3]))
     parse_s = time.perf_counter() - t0
 
+    node_attributes = {}
+    if compiled:
+        import onnx
+
+        for node in onnx.load(job["onnx"], load_external_data=False).graph.node:
+            if node.domain == "kvcompile":
+                attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+                spec = get_op(node.op_type)
+                node_attributes[node.output[0]] = spec.check_attrs(
+                    {a.name: attrs[a.name].decode() if a.kind == "string" else attrs[a.name] for a in spec.attributes})
     plugins = []
     for i in range(network.num_layers):
         layer = network.get_layer(i)
@@ -57,10 +77,18 @@ def build(job: dict) -> dict:
             continue
         layer.__class__ = trt.IPluginV3Layer  # the Python bindings' way to down-cast a layer
         plugin = layer.plugin
-        spec = get_op(plugin.plugin_name)
-        fields = attrs_from_fields(spec, plugin.get_fields_to_serialize())
-        plugins.append({"layer": layer.name, "plugin": plugin.plugin_name, "namespace": plugin.plugin_namespace,
-                        "version": plugin.plugin_version, "fields": fields,
+        if compiled:
+            # a C++ plugin: its name through its core capability; its fields are not readable through
+            # the Python bindings, so the report gives the attributes of the node it replaced (the
+            # library's own field round trip is tested through its C API)
+            core = plugin.get_capability_interface(trt.PluginCapabilityType.CORE)
+            plugin_name, namespace, version = core.plugin_name, core.plugin_namespace, core.plugin_version
+            fields = node_attributes[layer.get_output(0).name]
+        else:
+            plugin_name, namespace, version = plugin.plugin_name, plugin.plugin_namespace, plugin.plugin_version
+            fields = attrs_from_fields(get_op(plugin_name), plugin.get_fields_to_serialize())
+        plugins.append({"layer": layer.name, "plugin": plugin_name, "namespace": namespace, "version": version,
+                        "fields": fields,
                         "outputs": [layer.get_output(k).name for k in range(layer.num_outputs)]})
 
     expected = job["kvcompile_nodes"]
@@ -69,6 +97,16 @@ def build(job: dict) -> dict:
                            f"expected every node to find its creator (namespace {NAMESPACE!r}, version 1) — "
                            "a missing or mismatched plugin")
     config = builder.create_builder_config()
+    if compiled:
+        config.plugins_to_serialize = [job["library"]]
+    capabilities = job.get("compute_capabilities") or []
+    if capabilities:
+        if not hasattr(config, "num_compute_capabilities"):
+            raise RuntimeError(f"{trt.__name__} builds for the GPU it runs on; compute capabilities "
+                               f"{capabilities} can only be chosen with TensorRT-RTX")
+        config.num_compute_capabilities = len(capabilities)
+        for i, sm in enumerate(capabilities):
+            config.set_compute_capability(getattr(trt.ComputeCapability, f"SM{sm}"), i)
     profile = builder.create_optimization_profile()
     batch, context, opt = job["max_batch"], job["max_context"], job["opt_context"]
     tensors = []
@@ -100,7 +138,16 @@ def build(job: dict) -> dict:
     engine = bytes(memoryview(serialized))
     (out / job["engine"]).write_bytes(engine)
     (out / "timing.cache").write_bytes(bytes(memoryview(config.get_timing_cache().serialize())))
+    library_bytes = Path(job["library"]).read_bytes() if compiled else b""
     report = {"tensorrt": trt.__name__, "tensorrt_version": trt.__version__, "plugin_namespace": NAMESPACE,
+              "plugins": "compiled" if compiled else "python", "compute_capabilities": capabilities,
+              # the creators this process had for the kvcompile namespace, with their language
+              "creators": sorted(f"{c.name}:{str(c.api_language).split('.')[-1]}"
+                                 for c in trt.get_plugin_registry().all_creators
+                                 if c.plugin_namespace == NAMESPACE),
+              "plugin_library": Path(job["library"]).name if compiled else None,
+              # the library embedded whole: its bytes appear in the plan
+              "engine_contains_plugin_library": bool(library_bytes) and library_bytes in engine,
               "engine_bytes": len(engine), "parse_seconds": parse_s, "build_seconds": build_s,
               "layers": network.num_layers, "plugin_layers": plugins, "io": tensors,
               "profile": {"max_batch": batch, "max_context": context, "opt_context": opt},
