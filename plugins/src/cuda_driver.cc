@@ -69,7 +69,7 @@ const Driver& driver() {
 }
 
 struct Kernels {
-  CUfunction append = nullptr, attend = nullptr, merge = nullptr;
+  CUfunction copy = nullptr, append = nullptr, attend = nullptr, merge = nullptr;
 };
 
 std::string describe(const Driver& d, CUresult r, const char* what) {
@@ -109,13 +109,13 @@ bool launch_on_gpu(const kvc_dev::Params& params, void* stream, std::string* err
         *error = describe(d, r, "loading the kernels (no cubin or PTX for this GPU?)");
         return false;
       }
-      if ((r = d.cuModuleGetFunction(&k.append, module, "kvc_append")) != 0 ||
+      if ((r = d.cuModuleGetFunction(&k.copy, module, "kvc_copy")) != 0 ||
+          (r = d.cuModuleGetFunction(&k.append, module, "kvc_append")) != 0 ||
           (r = d.cuModuleGetFunction(&k.attend, module, "kvc_attend")) != 0 ||
           (r = d.cuModuleGetFunction(&k.merge, module, "kvc_merge")) != 0) {
         *error = describe(d, r, "finding the kernels");
         return false;
       }
-      d.cuFuncSetAttribute(k.attend, kFuncAttrMaxDynamicSharedBytes, 96 * 1024);
       it = loaded.emplace(context, k).first;
     }
     k = it->second;
@@ -130,19 +130,25 @@ bool launch_on_gpu(const kvc_dev::Params& params, void* stream, std::string* err
   const unsigned threads = kvc_dev::kThreads;
   struct Launch {
     CUfunction f;
-    int64_t blocks;
+    int64_t blocks, blocks_y;
     int64_t smem_floats;
     const char* name;
-  } launches[] = {{k.append, g.append, 0, "launching kvc_append"},
-                  {k.attend, g.attend, kvc_dev::attend_smem_floats(params.D), "launching kvc_attend"},
-                  {k.merge, g.merge, kvc_dev::merge_smem_floats(params.D), "launching kvc_merge"}};
+  } launches[] = {{k.copy, g.copy_x, g.copy_y, 0, "launching kvc_copy"},
+                  {k.append, g.append, 1, 0, "launching kvc_append"},
+                  {k.attend, g.attend, 1, kvc_dev::attend_smem_floats(params.D, params.heads_per_block), "launching kvc_attend"},
+                  {k.merge, g.merge, 1, kvc_dev::merge_smem_floats(params.D), "launching kvc_merge"}};
   for (const Launch& l : launches) {
     if (l.blocks == 0) continue;
     if (l.blocks > 0x7fffffff) {
       *error = std::string("KVAttention: ") + l.name + ": grid of " + std::to_string(l.blocks) + " blocks is too large";
       return false;
     }
-    r = d.cuLaunchKernel(l.f, unsigned(l.blocks), 1, 1, threads, 1, 1, unsigned(l.smem_floats * 4), stream, args,
+    const int64_t smem = l.smem_floats * 4;
+    if (smem > 48 * 1024 && (r = d.cuFuncSetAttribute(l.f, kFuncAttrMaxDynamicSharedBytes, int(smem))) != 0) {
+      *error = describe(d, r, "raising the shared memory limit");
+      return false;
+    }
+    r = d.cuLaunchKernel(l.f, unsigned(l.blocks), unsigned(l.blocks_y), 1, threads, 1, 1, unsigned(smem), stream, args,
                          nullptr);
     if (r != 0) {
       *error = describe(d, r, l.name);

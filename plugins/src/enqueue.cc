@@ -34,6 +34,8 @@ size_t num_parts(const StreamSpec& s) {
 }
 
 constexpr size_t kAlign = 256;
+constexpr int64_t kSharedBytes = 48 * 1024;     // what a block may use without opting in
+constexpr int64_t kMaxSharedBytes = 96 * 1024;  // with the opt-in (every SM 8.0+ GPU allows it)
 size_t aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 // Byte offsets of the workspace's regions and its size.
@@ -170,6 +172,27 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
   P.output = static_cast<float*>(outputs[0]);
   P.batch = B, P.heads = H, P.q_per_kv = r, P.S = S, P.D = D, P.past = past, P.total = total, P.chunks = w.chunks;
   P.scale = spec.scale;
+  // query heads per attend block: the largest divisor of r whose shared memory fits 48 KiB (no
+  // opt-in needed on any GPU), at least one
+  P.heads_per_block = 1;
+  for (int64_t R = r; R >= 1; --R)
+    if (r % R == 0 && kvc_dev::attend_smem_floats(D, R) * 4 <= kSharedBytes) {
+      P.heads_per_block = R;
+      break;
+    }
+  if (kvc_dev::attend_smem_floats(D, P.heads_per_block) * 4 > kMaxSharedBytes)
+    return fail(error, "KVAttention: head_dim " + std::to_string(D) + " needs more shared memory than the kernels may use");
+  int64_t copy_bytes = 0;  // the largest kept-row slice of any (stream, segment, part)
+  for (int st = 0; st < 2; ++st) {
+    const kvc_dev::Stream& s = P.stream[st];
+    for (int k = 0; k < s.nseg; ++k) {
+      int64_t src, dst;
+      const int64_t rows = kvc_dev::kept_rows(s, k, &src, &dst);
+      for (int p = 0; p < s.seg[k].f.nparts; ++p)
+        copy_bytes = std::max(copy_bytes, rows / s.seg[k].f.rows_per[p] * s.seg[k].f.row_bytes(p));
+    }
+  }
+  P.copy_blocks = B * H * ((copy_bytes + kvc_dev::kCopyChunk - 1) / kvc_dev::kCopyChunk);
   for (int st = 0; st < 2; ++st)
     for (int k = 0; k < P.stream[st].nseg; ++k)
       if (P.stream[st].seg[k].f.rotate) (st ? P.rotated_values : P.rotated_keys) = 1;
@@ -185,14 +208,18 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
 
 Grids grids(const kvc_dev::Params& P) {
   const int64_t rows = P.batch * P.heads * P.q_per_kv * P.S;
-  return {2 * P.batch * P.heads, rows * P.chunks, rows};
+  return {P.copy_blocks, int64_t(2) * kvc_dev::kMaxSegments * kvc_dev::kMaxParts, 2 * P.batch * P.heads,
+          P.batch * P.heads * P.S * (P.q_per_kv / P.heads_per_block) * P.chunks, rows};
 }
 
 void run_on_host(const kvc_dev::Params& P) {
   const Grids g = grids(P);
   const kvc_dev::Block one{0, 1};
   *P.status = 0;
-  std::vector<float> smem(size_t(std::max(kvc_dev::attend_smem_floats(P.D), kvc_dev::merge_smem_floats(P.D))));
+  std::vector<float> smem(
+      size_t(std::max(kvc_dev::attend_smem_floats(P.D, P.heads_per_block), kvc_dev::merge_smem_floats(P.D))));
+  for (int64_t y = 0; y < g.copy_y; ++y)
+    for (int64_t x = 0; x < g.copy_x; ++x) kvc_dev::copy_program(P, x, y, one);
   for (int64_t i = 0; i < g.append; ++i) kvc_dev::append_program(P, i, one);
   for (int64_t i = 0; i < g.attend; ++i) kvc_dev::attend_program(P, i, one, smem.data());
   for (int64_t i = 0; i < g.merge; ++i) kvc_dev::merge_program(P, i, one, smem.data());

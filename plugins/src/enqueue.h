@@ -96,7 +96,7 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
 
 // Grid sizes of the three kernels for `params`.
 struct Grids {
-  int64_t append, attend, merge;
+  int64_t copy_x, copy_y, append, attend, merge;
 };
 Grids grids(const kvc_dev::Params& params);
 

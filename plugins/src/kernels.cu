@@ -7,6 +7,10 @@
 using kvc_dev::Block;
 using kvc_dev::Params;
 
+extern "C" __global__ void __launch_bounds__(kvc_dev::kThreads) kvc_copy(const Params p) {
+  kvc_dev::copy_program(p, blockIdx.x, blockIdx.y, Block{threadIdx.x, blockDim.x});
+}
+
 extern "C" __global__ void __launch_bounds__(kvc_dev::kThreads) kvc_append(const Params p) {
   kvc_dev::append_program(p, blockIdx.x, Block{threadIdx.x, blockDim.x});
 }

@@ -7,11 +7,16 @@
 // that one thread running every iteration in order (the CPU) computes what the block computes.
 // State that outlives a phase lives in shared memory (`smem`), never in a thread's registers.
 //
-// Three kernels, launched in this order on one stream:
-//   kvc_append  block per (stream, batch row, kv head): SegmentStore.append into the present
-//               outputs (kvcompile/kv/store.py; native/src/kv_attention.cc append_slice)
-//   kvc_attend  block per (query row, chunk of kChunk positions): online softmax over the chunk's
-//               positions as stored, tiles of kTile positions; writes (m, l, acc, acc_rot)
+// Four kernels, launched in this order on one stream:
+//   kvc_copy    2-d grid: x = (batch row, kv head, chunk of kCopyChunk bytes), y = (stream, segment,
+//               part): the past rows that keep their bytes (sinks, the bulk, and each tier's rows
+//               that stay in it when only past rows leave) copied into the present outputs
+//   kvc_append  block per (stream, batch row, kv head): the rest of SegmentStore.append — positions
+//               that move to another tier are re-quantized, new positions quantized
+//               (kvcompile/kv/store.py; native/src/kv_attention.cc append_slice)
+//   kvc_attend  block per (batch row, kv head, query position, group of query heads, chunk of
+//               kChunk positions): online softmax over the chunk's positions as stored, tiles of
+//               kTile positions de-quantized once for the group's query heads; writes (m, l, acc, acc_rot)
 //   kvc_merge   block per query row: o = sum_c e^{m_c - M} acc_c / sum_c e^{m_c - M} l_c
 //               (split-K merge on the device); acc_rot, the part accumulated from -rot values in
 //               the rotated domain, is rotated back once here.
@@ -26,6 +31,7 @@ constexpr int kMaxTiers = 8;
 constexpr int kTile = 16;        // positions scored together
 constexpr int kChunk = 256;      // positions per attend block (split-K)
 constexpr int kThreads = 128;    // threads per block on the GPU
+constexpr int64_t kCopyChunk = 16384;  // bytes per kvc_copy block
 
 struct Block {
   int64_t thread, threads;  // GPU: threadIdx.x, blockDim.x; CPU: 0, 1
@@ -60,6 +66,8 @@ struct Params {
   const float* query;               // [B, H*r, S, D]
   float* output;                    // [B, H*r, S, D]
   int64_t batch, heads, q_per_kv, S, D, past, total, chunks;
+  int64_t heads_per_block;          // query heads of one kv head that one attend block serves (divides q_per_kv)
+  int64_t copy_blocks;              // x extent of kvc_copy's grid
   float scale;
   int32_t rotated_keys, rotated_values;  // some segment of the stream is -rot
   float* partial;                   // [B*H*r*S, chunks, 2 + 2D]
@@ -128,6 +136,51 @@ KVC_HD void dequantize_rows(const Fmt& f, const Parts& parts, int64_t row0, int6
   if (f.rotate) rotate_rows(out, n, f.d, blk);
 }
 
+// The past rows of segment `seg` that keep their bytes: rows [*src, *src + n) of the past go to
+// rows [*dst, *dst + n) of the present; n = 0 when none (a tier assembled in scratch by kvc_append).
+KVC_HD int64_t kept_rows(const Stream& s, int seg, int64_t* src, int64_t* dst) {
+  const Segment& g = s.seg[seg];
+  *src = 0, *dst = 0;
+  if (seg == s.sink_seg || seg == s.tier_seg[s.ntiers - 1]) return g.past_len;
+  int t = 0;
+  while (s.tier_seg[t] != seg) ++t;
+  if (s.moves[t] > g.past_len) return 0;
+  *src = s.moves[t];
+  return g.past_len - s.moves[t];
+}
+
+template <typename W>
+KVC_HD void copy_words(uint8_t* dst, const uint8_t* src, int64_t bytes, Block blk) {
+  W* d = reinterpret_cast<W*>(dst);
+  const W* s = reinterpret_cast<const W*>(src);
+  KVC_FOR(i, bytes / int64_t(sizeof(W)), blk) d[i] = s[i];
+}
+
+struct Words16 {
+  uint32_t w[4];
+};
+
+// One chunk of one (stream, segment, part, batch row, kv head) copy; block_y = (stream, segment, part).
+KVC_HD void copy_program(const Params& P, int64_t block_x, int64_t block_y, Block blk) {
+  const int st = int(block_y / (kMaxSegments * kMaxParts));
+  const int seg = int(block_y / kMaxParts % kMaxSegments), part = int(block_y % kMaxParts);
+  const Stream& s = P.stream[st];
+  if (seg >= s.nseg || part >= s.seg[seg].f.nparts) return;
+  int64_t src_row, dst_row;
+  const int64_t rows = kept_rows(s, seg, &src_row, &dst_row);
+  const Segment& g = s.seg[seg];
+  const int64_t rp = g.f.rows_per[part], rb = g.f.row_bytes(part), bh_count = P.batch * P.heads;
+  const int64_t bh = block_x % bh_count, start = block_x / bh_count * kCopyChunk, bytes = rows / rp * rb;
+  if (start >= bytes) return;
+  const int64_t n = bytes - start < kCopyChunk ? bytes - start : kCopyChunk;
+  const uint8_t* src = g.past[part] + bh * (g.past_len / rp) * rb + src_row / rp * rb + start;
+  uint8_t* dst = g.present[part] + bh * (g.len / rp) * rb + dst_row / rp * rb + start;
+  const uint64_t align = uint64_t(reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) | uint64_t(n));
+  if (align % 16 == 0) copy_words<Words16>(dst, src, n, blk);
+  else if (align % 4 == 0) copy_words<uint32_t>(dst, src, n, blk);
+  else copy_words<uint8_t>(dst, src, n, blk);
+}
+
 // SegmentStore.append for one stream and one (b, h): native/src/kv_attention.cc's append_slice.
 KVC_HD void append_program(const Params& P, int64_t block, Block blk) {
   const int64_t bh_count = P.batch * P.heads;
@@ -141,11 +194,9 @@ KVC_HD void append_program(const Params& P, int64_t block, Block blk) {
   uint8_t* scratch = P.scratch + (st * bh_count + bh) * P.scratch_bytes;
   const float* x = s.x + bh * S * D;
   const int64_t k = s.new_sinks;
-  if (s.sink_seg >= 0) {
+  if (s.sink_seg >= 0) {  // past sinks: kvc_copy
     const Segment& g = s.seg[s.sink_seg];
-    const Parts past = slice(g.f, g.past, g.past_len, bh), present = slice(g.f, g.present, g.len, bh);
-    copy_rows(g.f, past, 0, present, 0, g.past_len, blk);
-    quantize_rows(g.f, x, k, present, g.past_len, tmp, P.status, blk);
+    quantize_rows(g.f, x, k, slice(g.f, g.present, g.len, bh), g.past_len, tmp, P.status, blk);
   }
   const float* incoming = x + k * D;
   int64_t n_in = S - k;
@@ -153,16 +204,14 @@ KVC_HD void append_program(const Params& P, int64_t block, Block blk) {
     const Segment& g = s.seg[s.tier_seg[t]];
     const Fmt& f = g.f;
     const Parts past = slice(f, g.past, g.past_len, bh), present = slice(f, g.present, g.len, bh);
-    if (t == s.ntiers - 1) {  // the bulk: past rows, then what arrives
-      copy_rows(f, past, 0, present, 0, g.past_len, blk);
+    if (t == s.ntiers - 1) {  // the bulk: past rows (kvc_copy), then what arrives
       quantize_rows(f, incoming, n_in, present, g.past_len, tmp, P.status, blk);
       break;
     }
     const int64_t leaving = s.moves[t];
     float* out = incoming == A ? B : A;
-    if (leaving <= g.past_len) {  // decode: the positions that leave are past rows
+    if (leaving <= g.past_len) {  // decode: the positions that leave are past rows; those that stay: kvc_copy
       dequantize_rows(f, past, 0, leaving, out, blk);
-      copy_rows(f, past, leaving, present, 0, g.past_len - leaving, blk);
       quantize_rows(f, incoming, n_in, present, g.past_len - leaving, tmp, P.status, blk);
     } else {  // new positions move on: assemble the tier in the scratch area first
       Parts tier{};
@@ -219,38 +268,44 @@ KVC_HD int find_segment(const Stream& s, int64_t position) {
   return i;
 }
 
-// shared floats the attend program needs
-KVC_HD int64_t attend_smem_floats(int64_t d) { return 4 * d + kTile * d + kTile + 4; }
+// shared floats the attend program needs for `rows` query heads
+KVC_HD int64_t attend_smem_floats(int64_t d, int64_t rows) { return 4 * rows * d + 2 * kTile * d + rows * (kTile + 4); }
 
-// Query row `row` = (b, query head, s) over positions [chunk * kChunk, ...) up to its own.
+// Query heads [j0, j0 + heads_per_block) of kv head h at query position s, over positions
+// [chunk * kChunk, ...) up to s's own: the tile of keys and values is de-quantized once for them.
 KVC_HD void attend_program(const Params& P, int64_t block, Block blk, float* smem) {
-  const int64_t D = P.D, row = block / P.chunks, chunk = block % P.chunks;
-  const int64_t s = row % P.S, hq = (row / P.S) % (P.heads * P.q_per_kv), b = row / (P.S * P.heads * P.q_per_kv);
-  const int64_t bh = b * P.heads + hq / P.q_per_kv;
-  float* q = smem;
-  float* qr = q + D;
-  float* acc = qr + D;
-  float* accr = acc + D;
-  float* tile = accr + D;
-  float* p = tile + kTile * D;
-  float* stat = p + kTile;  // m, l, correction
+  const int64_t D = P.D, R = P.heads_per_block, groups = P.q_per_kv / R;
+  const int64_t chunk = block % P.chunks, item = block / P.chunks;
+  const int64_t group = item % groups, s = item / groups % P.S, bh = item / (groups * P.S);
+  const int64_t b = bh / P.heads, h = bh % P.heads, hq0 = h * P.q_per_kv + group * R;
+  float* q = smem;              // [R][D], scaled
+  float* qr = q + R * D;        // [R][D], rotated
+  float* acc = qr + R * D;      // [R][D]
+  float* accr = acc + R * D;    // [R][D]
+  float* ktile = accr + R * D;  // [kTile][D]
+  float* vtile = ktile + kTile * D;
+  float* p = vtile + kTile * D;  // [R][kTile]
+  float* stat = p + R * kTile;   // [R][4]: m, l, correction
   const int64_t c0 = chunk * kChunk;
   int64_t c1 = c0 + kChunk;
   if (c1 > P.total) c1 = P.total;
   if (c1 > P.past + s + 1) c1 = P.past + s + 1;  // causal
-  const float* query = P.query + row * D;
-  KVC_FOR(e, D, blk) {
-    q[e] = query[e] * P.scale;
-    qr[e] = q[e];
-    acc[e] = 0.0f;
-    accr[e] = 0.0f;
+  // query row of head hq0 + j: ((b * Hq + hq0 + j) * S + s)
+  const int64_t hq_count = P.heads * P.q_per_kv;
+  KVC_FOR(i, R * D, blk) {
+    const int64_t j = i / D, e = i % D;
+    q[i] = P.query[((b * hq_count + hq0 + j) * P.S + s) * D + e] * P.scale;
+    qr[i] = q[i];
+    acc[i] = 0.0f;
+    accr[i] = 0.0f;
   }
-  KVC_FOR(z, 1, blk) {
-    stat[0] = -INFINITY;
-    stat[1] = 0.0f;
+  KVC_FOR(j, R, blk) {
+    stat[4 * j] = -INFINITY;
+    stat[4 * j + 1] = 0.0f;
   }
   block_sync();
-  if (P.rotated_keys && c0 < c1) rotate_block(qr, D, blk);
+  if (P.rotated_keys && c0 < c1)
+    for (int64_t j = 0; j < R; ++j) rotate_block(qr + j * D, D, blk);
   const Stream& ks = P.stream[0];
   const Stream& vs = P.stream[1];
   for (int64_t t0 = c0; t0 < c1;) {
@@ -261,48 +316,58 @@ KVC_HD void attend_program(const Params& P, int64_t block, Block blk, float* sme
     if (n > kg.start + kg.len - t0) n = kg.start + kg.len - t0;
     if (n > vg.start + vg.len - t0) n = vg.start + vg.len - t0;
     const Parts kp = slice(kg.f, kg.present, kg.len, bh), vp = slice(vg.f, vg.present, vg.len, bh);
-    KVC_FOR(i, n * D, blk) tile[i] = element(kg.f, kp, t0 - kg.start + i / D, i % D);
-    block_sync();
-    const float* qk = kg.f.rotate ? qr : q;
-    KVC_FOR(t, n, blk) {
-      float dot = 0.0f;
-      for (int64_t e = 0; e < D; ++e) dot += qk[e] * tile[t * D + e];
-      p[t] = dot;
+    KVC_FOR(i, n * D, blk) {
+      ktile[i] = element(kg.f, kp, t0 - kg.start + i / D, i % D);
+      vtile[i] = element(vg.f, vp, t0 - vg.start + i / D, i % D);
     }
     block_sync();
-    KVC_FOR(z, 1, blk) {
-      float top = stat[0];
-      for (int64_t t = 0; t < n; ++t) top = fmax_(top, p[t]);
-      const float correction = exp_nonpositive(stat[0] - top);
+    const float* qk = kg.f.rotate ? qr : q;
+    KVC_FOR(i, R * n, blk) {
+      const int64_t j = i / n, t = i % n;
+      float dot = 0.0f;
+      for (int64_t e = 0; e < D; ++e) dot += qk[j * D + e] * ktile[t * D + e];
+      p[j * kTile + t] = dot;
+    }
+    block_sync();
+    KVC_FOR(j, R, blk) {
+      float* pj = p + j * kTile;
+      float* sj = stat + 4 * j;
+      float top = sj[0];
+      for (int64_t t = 0; t < n; ++t) top = fmax_(top, pj[t]);
+      const float correction = exp_nonpositive(sj[0] - top);
       float sum = 0.0f;
       for (int64_t t = 0; t < n; ++t) {
-        p[t] = exp_nonpositive(p[t] - top);
-        sum += p[t];
+        pj[t] = exp_nonpositive(pj[t] - top);
+        sum += pj[t];
       }
-      stat[0] = top;
-      stat[1] = stat[1] * correction + sum;
-      stat[2] = correction;
+      sj[0] = top;
+      sj[1] = sj[1] * correction + sum;
+      sj[2] = correction;
     }
     block_sync();
     float* target = vg.f.rotate ? accr : acc;
-    KVC_FOR(e, D, blk) {
-      float a = target[e] * stat[2];
-      for (int64_t t = 0; t < n; ++t) a += p[t] * element(vg.f, vp, t0 - vg.start + t, e);
-      target[e] = a;
-      float* other = vg.f.rotate ? acc : accr;
-      other[e] = other[e] * stat[2];
+    float* other = vg.f.rotate ? acc : accr;
+    KVC_FOR(i, R * D, blk) {
+      const int64_t j = i / D, e = i % D;
+      const float correction = stat[4 * j + 2];
+      float a = target[i] * correction;
+      for (int64_t t = 0; t < n; ++t) a += p[j * kTile + t] * vtile[t * D + e];
+      target[i] = a;
+      other[i] = other[i] * correction;
     }
     block_sync();
     t0 += n;
   }
-  float* out = P.partial + block * (2 + 2 * D);
-  KVC_FOR(z, 1, blk) {
-    out[0] = stat[0];
-    out[1] = stat[1];
-  }
-  KVC_FOR(e, D, blk) {
-    out[2 + e] = acc[e];
-    out[2 + D + e] = accr[e];
+  for (int64_t j = 0; j < R; ++j) {
+    float* out = P.partial + (((b * hq_count + hq0 + j) * P.S + s) * P.chunks + chunk) * (2 + 2 * D);
+    KVC_FOR(z, 1, blk) {
+      out[0] = stat[4 * j];
+      out[1] = stat[4 * j + 1];
+    }
+    KVC_FOR(e, D, blk) {
+      out[2 + e] = acc[j * D + e];
+      out[2 + D + e] = accr[j * D + e];
+    }
   }
 }
 

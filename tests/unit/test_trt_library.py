@@ -22,7 +22,7 @@ from kvcompile.targets.trt.library import PLUGIN_NAME, HostApi, library_path, re
 from .test_native import CASES, STEPS, attention_case, run_steps
 
 BYTES = {"float32": 4, "float16": 2, "int8": 1}
-KERNELS = ("kvc_append", "kvc_attend", "kvc_merge")
+KERNELS = ("kvc_copy", "kvc_append", "kvc_attend", "kvc_merge")
 CUBIN_ARCHS = {80, 86, 89, 90, 120}
 
 
@@ -46,6 +46,9 @@ def test_the_gpu_kernels_source_handles_mqa_multi_head_attention_and_long_caches
     run_steps(attrs, [5, 1, 30, 1], batch=1, kv_heads=1, run=emulate(api))
     attrs = attention_case(("fp16", "fp16", "int2"), ("fp16", "fp16", "int2"), q_per_kv=1)
     run_steps(attrs, [9, 1, 1], batch=2, kv_heads=3, run=emulate(api))
+    # Gemma-3-like MQA at head dim 256: the 4 query heads need two attend blocks (shared memory)
+    attrs = attention_case(("fp16", "fp16", "int4-ch"), ("fp16", "int8", "nf4"), q_per_kv=4, head_dim=256)
+    run_steps(attrs, [6, 1, 20, 1], batch=1, kv_heads=1, run=emulate(api))
     # more than one chunk of 256 positions: the split-K merge
     attrs = attention_case(("fp16", "int8", "int2-ch"), ("fp16", "int8", "int4"), q_per_kv=2)
     run_steps(attrs, [520, 1, 1], batch=1, kv_heads=1, run=emulate(api))
