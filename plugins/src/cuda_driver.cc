@@ -69,7 +69,7 @@ const Driver& driver() {
 }
 
 struct Kernels {
-  CUfunction copy = nullptr, append = nullptr, attend = nullptr, merge = nullptr;
+  CUfunction update = nullptr, attend = nullptr;
 };
 
 std::string describe(const Driver& d, CUresult r, const char* what) {
@@ -109,10 +109,8 @@ bool launch_on_gpu(const kvc_dev::Params& params, void* stream, std::string* err
         *error = describe(d, r, "loading the kernels (no cubin or PTX for this GPU?)");
         return false;
       }
-      if ((r = d.cuModuleGetFunction(&k.copy, module, "kvc_copy")) != 0 ||
-          (r = d.cuModuleGetFunction(&k.append, module, "kvc_append")) != 0 ||
-          (r = d.cuModuleGetFunction(&k.attend, module, "kvc_attend")) != 0 ||
-          (r = d.cuModuleGetFunction(&k.merge, module, "kvc_merge")) != 0) {
+      if ((r = d.cuModuleGetFunction(&k.update, module, "kvc_update")) != 0 ||
+          (r = d.cuModuleGetFunction(&k.attend, module, "kvc_attend")) != 0) {
         *error = describe(d, r, "finding the kernels");
         return false;
       }
@@ -121,8 +119,9 @@ bool launch_on_gpu(const kvc_dev::Params& params, void* stream, std::string* err
     k = it->second;
   }
   const Grids g = grids(params);
-  if ((r = d.cuMemsetD32Async(reinterpret_cast<unsigned long long>(params.status), 0, 1, stream)) != 0) {
-    *error = describe(d, r, "clearing the status word");
+  if ((r = d.cuMemsetD32Async(reinterpret_cast<unsigned long long>(params.status), 0, size_t(params.status_words),
+                               stream)) != 0) {
+    *error = describe(d, r, "clearing the status word and chunk counters");
     return false;
   }
   kvc_dev::Params copy = params;
@@ -133,10 +132,8 @@ bool launch_on_gpu(const kvc_dev::Params& params, void* stream, std::string* err
     int64_t blocks, blocks_y;
     int64_t smem_floats;
     const char* name;
-  } launches[] = {{k.copy, g.copy_x, g.copy_y, 0, "launching kvc_copy"},
-                  {k.append, g.append, 1, 0, "launching kvc_append"},
-                  {k.attend, g.attend, 1, kvc_dev::attend_smem_floats(params.D, params.heads_per_block), "launching kvc_attend"},
-                  {k.merge, g.merge, 1, kvc_dev::merge_smem_floats(params.D), "launching kvc_merge"}};
+  } launches[] = {{k.update, g.update, 1, 0, "launching kvc_update"},
+                  {k.attend, g.attend, 1, kvc_dev::attend_smem_floats(params.D, params.heads_per_block), "launching kvc_attend"}};
   for (const Launch& l : launches) {
     if (l.blocks == 0) continue;
     if (l.blocks > 0x7fffffff) {

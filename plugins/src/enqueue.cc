@@ -38,16 +38,25 @@ constexpr int64_t kSharedBytes = 48 * 1024;     // what a block may use without 
 constexpr int64_t kMaxSharedBytes = 96 * 1024;  // with the opt-in (every SM 8.0+ GPU allows it)
 size_t aligned(size_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
+// Query heads per attend block: the largest divisor of r whose shared memory fits 48 KiB (no opt-in
+// needed on any GPU), at least one.
+int64_t heads_per_block(int64_t d, int64_t r) {
+  for (int64_t R = r; R > 1; --R)
+    if (r % R == 0 && kvc_dev::attend_smem_floats(d, R) * 4 <= kSharedBytes) return R;
+  return 1;
+}
+
 // Byte offsets of the workspace's regions and its size.
 struct WorkspaceLayout {
-  size_t status = 0, partial = 0, work = 0, scratch = 0, size = 0;
-  int64_t work_rows = 0, scratch_bytes = 0, chunks = 0;
+  size_t status = 0, done = 0, partial = 0, work = 0, scratch = 0, size = 0;
+  int64_t work_rows = 0, scratch_bytes = 0, chunks = 0, items = 0;
 };
 
 WorkspaceLayout workspace_layout(const AttentionSpec& spec, int64_t B, int64_t H, int64_t S, int64_t total) {
   WorkspaceLayout w;
   const int64_t D = spec.head_dim, rows = B * H * spec.q_per_kv * S;
   w.chunks = (total + kvc_dev::kChunk - 1) / kvc_dev::kChunk;
+  w.items = B * H * S * (spec.q_per_kv / heads_per_block(D, spec.q_per_kv));
   w.work_rows = std::max<int64_t>(total, 1);
   for (const StreamSpec* s : {&spec.key, &spec.value})
     for (const auto& f : s->tiers) {
@@ -56,7 +65,8 @@ WorkspaceLayout workspace_layout(const AttentionSpec& spec, int64_t B, int64_t H
       w.scratch_bytes = std::max(w.scratch_bytes, int64_t(aligned(size_t(bytes))));
     }
   w.status = 0;
-  w.partial = kAlign;
+  w.done = 4;  // right after the status word: one memset clears both
+  w.partial = aligned(size_t(4 + 4 * w.items));
   w.work = w.partial + aligned(size_t(rows * w.chunks * (2 + 2 * D)) * 4);
   w.scratch = w.work + aligned(size_t(2 * B * H * 3 * w.work_rows * D) * 4);
   w.size = w.scratch + size_t(2 * B * H * w.scratch_bytes);
@@ -172,14 +182,7 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
   P.output = static_cast<float*>(outputs[0]);
   P.batch = B, P.heads = H, P.q_per_kv = r, P.S = S, P.D = D, P.past = past, P.total = total, P.chunks = w.chunks;
   P.scale = spec.scale;
-  // query heads per attend block: the largest divisor of r whose shared memory fits 48 KiB (no
-  // opt-in needed on any GPU), at least one
-  P.heads_per_block = 1;
-  for (int64_t R = r; R >= 1; --R)
-    if (r % R == 0 && kvc_dev::attend_smem_floats(D, R) * 4 <= kSharedBytes) {
-      P.heads_per_block = R;
-      break;
-    }
+  P.heads_per_block = heads_per_block(D, r);
   if (kvc_dev::attend_smem_floats(D, P.heads_per_block) * 4 > kMaxSharedBytes)
     return fail(error, "KVAttention: head_dim " + std::to_string(D) + " needs more shared memory than the kernels may use");
   int64_t copy_bytes = 0;  // the largest kept-row slice of any (stream, segment, part)
@@ -193,11 +196,15 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
     }
   }
   P.copy_blocks = B * H * ((copy_bytes + kvc_dev::kCopyChunk - 1) / kvc_dev::kCopyChunk);
+  P.copy_rows_y = P.copy_blocks ? int64_t(2) * kvc_dev::kMaxSegments * kvc_dev::kMaxParts : 0;
+  P.append_blocks = 2 * B * H;
   for (int st = 0; st < 2; ++st)
     for (int k = 0; k < P.stream[st].nseg; ++k)
       if (P.stream[st].seg[k].f.rotate) (st ? P.rotated_values : P.rotated_keys) = 1;
   uint8_t* base = static_cast<uint8_t*>(workspace);
   P.status = reinterpret_cast<int32_t*>(base + w.status);
+  P.done = reinterpret_cast<uint32_t*>(base + w.done);
+  P.status_words = 1 + w.items;
   P.partial = reinterpret_cast<float*>(base + w.partial);
   P.work = reinterpret_cast<float*>(base + w.work);
   P.work_rows = w.work_rows;
@@ -207,22 +214,17 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
 }
 
 Grids grids(const kvc_dev::Params& P) {
-  const int64_t rows = P.batch * P.heads * P.q_per_kv * P.S;
-  return {P.copy_blocks, int64_t(2) * kvc_dev::kMaxSegments * kvc_dev::kMaxParts, 2 * P.batch * P.heads,
-          P.batch * P.heads * P.S * (P.q_per_kv / P.heads_per_block) * P.chunks, rows};
+  return {P.append_blocks + P.copy_blocks * P.copy_rows_y,
+          P.batch * P.heads * P.S * (P.q_per_kv / P.heads_per_block) * P.chunks};
 }
 
 void run_on_host(const kvc_dev::Params& P) {
   const Grids g = grids(P);
   const kvc_dev::Block one{0, 1};
-  *P.status = 0;
-  std::vector<float> smem(
-      size_t(std::max(kvc_dev::attend_smem_floats(P.D, P.heads_per_block), kvc_dev::merge_smem_floats(P.D))));
-  for (int64_t y = 0; y < g.copy_y; ++y)
-    for (int64_t x = 0; x < g.copy_x; ++x) kvc_dev::copy_program(P, x, y, one);
-  for (int64_t i = 0; i < g.append; ++i) kvc_dev::append_program(P, i, one);
+  std::fill(P.status, P.status + P.status_words, 0);  // the status word and the chunk counters
+  std::vector<float> smem(size_t(kvc_dev::attend_smem_floats(P.D, P.heads_per_block)));
+  for (int64_t i = 0; i < g.update; ++i) kvc_dev::update_program(P, i, one);
   for (int64_t i = 0; i < g.attend; ++i) kvc_dev::attend_program(P, i, one, smem.data());
-  for (int64_t i = 0; i < g.merge; ++i) kvc_dev::merge_program(P, i, one, smem.data());
 }
 
 bool parse_attribute_text(const std::string& text, kvc::Attributes* out, std::string* error) {

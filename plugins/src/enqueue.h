@@ -94,13 +94,13 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
                  const void* const* inputs, void* const* outputs, void* workspace, size_t workspace_bytes,
                  kvc_dev::Params* params, std::string* error);
 
-// Grid sizes of the three kernels for `params`.
+// Grid sizes of the two kernels for `params`.
 struct Grids {
-  int64_t copy_x, copy_y, append, attend, merge;
+  int64_t update, attend;
 };
 Grids grids(const kvc_dev::Params& params);
 
-// Run the three block programs on the CPU, one work item after another (the GPU path's arithmetic).
+// Run the kernels' block programs on the CPU, one work item after another (the GPU path's arithmetic).
 void run_on_host(const kvc_dev::Params& params);
 
 // Attributes from "name=value" lines (strings for *_scheme / *_tiers, a float for scale, ints else).

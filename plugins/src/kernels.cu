@@ -7,20 +7,11 @@
 using kvc_dev::Block;
 using kvc_dev::Params;
 
-extern "C" __global__ void __launch_bounds__(kvc_dev::kThreads) kvc_copy(const Params p) {
-  kvc_dev::copy_program(p, blockIdx.x, blockIdx.y, Block{threadIdx.x, blockDim.x});
-}
-
-extern "C" __global__ void __launch_bounds__(kvc_dev::kThreads) kvc_append(const Params p) {
-  kvc_dev::append_program(p, blockIdx.x, Block{threadIdx.x, blockDim.x});
+extern "C" __global__ void __launch_bounds__(kvc_dev::kThreads) kvc_update(const Params p) {
+  kvc_dev::update_program(p, blockIdx.x, Block{threadIdx.x, blockDim.x});
 }
 
 extern "C" __global__ void __launch_bounds__(kvc_dev::kThreads) kvc_attend(const Params p) {
   extern __shared__ float smem[];
   kvc_dev::attend_program(p, blockIdx.x, Block{threadIdx.x, blockDim.x}, smem);
-}
-
-extern "C" __global__ void __launch_bounds__(kvc_dev::kThreads) kvc_merge(const Params p) {
-  extern __shared__ float smem[];
-  kvc_dev::merge_program(p, blockIdx.x, Block{threadIdx.x, blockDim.x}, smem);
 }

@@ -1,5 +1,5 @@
 // The KVAttention kernels as block programs: one source for the GPU (kernels.cu launches them, one
-// CUDA block per work item) and for the CPU (emulate.cc runs each work item with a single thread;
+// CUDA block per work item) and for the CPU (enqueue.cc's run_on_host runs each work item with one thread;
 // the tests compare that with the torch reference).
 //
 // A block program is written in phases separated by block_sync().  Inside a phase, KVC_FOR splits
@@ -7,19 +7,21 @@
 // that one thread running every iteration in order (the CPU) computes what the block computes.
 // State that outlives a phase lives in shared memory (`smem`), never in a thread's registers.
 //
-// Four kernels, launched in this order on one stream:
-//   kvc_copy    2-d grid: x = (batch row, kv head, chunk of kCopyChunk bytes), y = (stream, segment,
-//               part): the past rows that keep their bytes (sinks, the bulk, and each tier's rows
-//               that stay in it when only past rows leave) copied into the present outputs
-//   kvc_append  block per (stream, batch row, kv head): the rest of SegmentStore.append — positions
-//               that move to another tier are re-quantized, new positions quantized
-//               (kvcompile/kv/store.py; native/src/kv_attention.cc append_slice)
+// Two kernels per call, launched in this order on one stream (the second reads what the first wrote):
+//   kvc_update  the append (kvcompile/kv/store.py SegmentStore.append), two kinds of blocks:
+//               append blocks, one per (stream, batch row, kv head): positions that move to another
+//               tier are re-quantized, new positions quantized (native/src/kv_attention.cc
+//               append_slice); copy blocks, a grid of x = (batch row, kv head, chunk of kCopyChunk
+//               bytes) by y = (stream, segment, part): the past rows that keep their bytes (sinks,
+//               the bulk, each tier's rows that stay in it when only past rows leave) copied into
+//               the present outputs.  The two kinds write disjoint rows and read only inputs.
 //   kvc_attend  block per (batch row, kv head, query position, group of query heads, chunk of
 //               kChunk positions): online softmax over the chunk's positions as stored, tiles of
-//               kTile positions de-quantized once for the group's query heads; writes (m, l, acc, acc_rot)
-//   kvc_merge   block per query row: o = sum_c e^{m_c - M} acc_c / sum_c e^{m_c - M} l_c
-//               (split-K merge on the device); acc_rot, the part accumulated from -rot values in
-//               the rotated domain, is rotated back once here.
+//               kTile positions de-quantized once for the group's query heads; writes (m, l, acc,
+//               acc_rot) per query row.  The chunk's block that finishes last (a counter per work
+//               item) merges them: o = sum_c e^{m_c - M} acc_c / sum_c e^{m_c - M} l_c (split-K
+//               merge on the device); acc_rot, the part accumulated from -rot values in the rotated
+//               domain, is rotated back once there.
 #pragma once
 
 #include "device_formats.h"
@@ -31,7 +33,7 @@ constexpr int kMaxTiers = 8;
 constexpr int kTile = 16;        // positions scored together
 constexpr int kChunk = 256;      // positions per attend block (split-K)
 constexpr int kThreads = 128;    // threads per block on the GPU
-constexpr int64_t kCopyChunk = 16384;  // bytes per kvc_copy block
+constexpr int64_t kCopyChunk = 16384;  // bytes per copy block of kvc_update
 
 struct Block {
   int64_t thread, threads;  // GPU: threadIdx.x, blockDim.x; CPU: 0, 1
@@ -67,7 +69,7 @@ struct Params {
   float* output;                    // [B, H*r, S, D]
   int64_t batch, heads, q_per_kv, S, D, past, total, chunks;
   int64_t heads_per_block;          // query heads of one kv head that one attend block serves (divides q_per_kv)
-  int64_t copy_blocks;              // x extent of kvc_copy's grid
+  int64_t copy_blocks;              // x extent of the copy blocks' grid
   float scale;
   int32_t rotated_keys, rotated_values;  // some segment of the stream is -rot
   float* partial;                   // [B*H*r*S, chunks, 2 + 2D]
@@ -76,7 +78,25 @@ struct Params {
   uint8_t* scratch;                 // append scratch tier [2][B*H][scratch_bytes]
   int64_t scratch_bytes;
   int32_t* status;                  // set to 1 when a state cannot be stored (NaN, inf, out of range)
+  uint32_t* done;                   // per attend work item: chunks finished; follows `status`
+  int64_t status_words;             // the status word and the counters: zeroed before each call
+  int64_t append_blocks, copy_rows_y;  // kvc_update: append blocks, then copy_blocks x copy_rows_y copy blocks
 };
+
+KVC_HD uint32_t fetch_add(uint32_t* counter) {
+#ifdef __CUDA_ARCH__
+  return atomicAdd(counter, 1u);
+#else
+  return (*counter)++;
+#endif
+}
+
+// Makes this thread's global writes visible to the other blocks before it signals them.
+KVC_HD void global_fence() {
+#ifdef __CUDA_ARCH__
+  __threadfence();
+#endif
+}
 
 // Part pointers of the (b, h) slice `bh` of a segment holding `len` positions per slice.
 template <typename P>
@@ -137,7 +157,7 @@ KVC_HD void dequantize_rows(const Fmt& f, const Parts& parts, int64_t row0, int6
 }
 
 // The past rows of segment `seg` that keep their bytes: rows [*src, *src + n) of the past go to
-// rows [*dst, *dst + n) of the present; n = 0 when none (a tier assembled in scratch by kvc_append).
+// rows [*dst, *dst + n) of the present; n = 0 when none (a tier assembled in scratch by its append block).
 KVC_HD int64_t kept_rows(const Stream& s, int seg, int64_t* src, int64_t* dst) {
   const Segment& g = s.seg[seg];
   *src = 0, *dst = 0;
@@ -194,7 +214,7 @@ KVC_HD void append_program(const Params& P, int64_t block, Block blk) {
   uint8_t* scratch = P.scratch + (st * bh_count + bh) * P.scratch_bytes;
   const float* x = s.x + bh * S * D;
   const int64_t k = s.new_sinks;
-  if (s.sink_seg >= 0) {  // past sinks: kvc_copy
+  if (s.sink_seg >= 0) {  // past sinks: the copy blocks
     const Segment& g = s.seg[s.sink_seg];
     quantize_rows(g.f, x, k, slice(g.f, g.present, g.len, bh), g.past_len, tmp, P.status, blk);
   }
@@ -204,13 +224,13 @@ KVC_HD void append_program(const Params& P, int64_t block, Block blk) {
     const Segment& g = s.seg[s.tier_seg[t]];
     const Fmt& f = g.f;
     const Parts past = slice(f, g.past, g.past_len, bh), present = slice(f, g.present, g.len, bh);
-    if (t == s.ntiers - 1) {  // the bulk: past rows (kvc_copy), then what arrives
+    if (t == s.ntiers - 1) {  // the bulk: past rows (copy blocks), then what arrives
       quantize_rows(f, incoming, n_in, present, g.past_len, tmp, P.status, blk);
       break;
     }
     const int64_t leaving = s.moves[t];
     float* out = incoming == A ? B : A;
-    if (leaving <= g.past_len) {  // decode: the positions that leave are past rows; those that stay: kvc_copy
+    if (leaving <= g.past_len) {  // decode: the positions that leave are past rows; those that stay: copy blocks
       dequantize_rows(f, past, 0, leaving, out, blk);
       quantize_rows(f, incoming, n_in, present, g.past_len - leaving, tmp, P.status, blk);
     } else {  // new positions move on: assemble the tier in the scratch area first
@@ -228,6 +248,16 @@ KVC_HD void append_program(const Params& P, int64_t block, Block blk) {
     incoming = out;
     n_in = leaving;
   }
+}
+
+// kvc_update's block `block`: an append block, or a copy block.
+KVC_HD void update_program(const Params& P, int64_t block, Block blk) {
+  if (block < P.append_blocks) {
+    append_program(P, block, blk);
+    return;
+  }
+  const int64_t copy = block - P.append_blocks;
+  copy_program(P, copy % P.copy_blocks, copy / P.copy_blocks, blk);
 }
 
 // e^x for x <= 0 (native/src/kv_attention.cc's exp_nonpositive: Cephes' expf polynomial).
@@ -266,6 +296,40 @@ KVC_HD int find_segment(const Stream& s, int64_t position) {
   int i = 0;
   while (i + 1 < s.nseg && !(s.seg[i].len > 0 && position < s.seg[i].start + s.seg[i].len)) ++i;
   return i;
+}
+
+KVC_HD int64_t merge_smem_floats(int64_t d) { return 2 * d + 4; }
+
+KVC_HD void merge_program(const Params& P, int64_t row, Block blk, float* smem) {
+  const int64_t D = P.D, chunks = P.chunks;
+  const float* partial = P.partial + row * chunks * (2 + 2 * D);
+  float* a = smem;
+  float* ar = a + D;
+  float* stat = ar + D;
+  KVC_FOR(z, 1, blk) {
+    float top = -INFINITY;
+    for (int64_t c = 0; c < chunks; ++c) top = fmax_(top, partial[c * (2 + 2 * D)]);
+    float l = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) l += exp_nonpositive(partial[c * (2 + 2 * D)] - top) * partial[c * (2 + 2 * D) + 1];
+    stat[0] = top;
+    stat[1] = l;
+  }
+  block_sync();
+  KVC_FOR(e, D, blk) {
+    float x = 0.0f, xr = 0.0f;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* pc = partial + c * (2 + 2 * D);
+      const float w = exp_nonpositive(pc[0] - stat[0]);
+      x += w * pc[2 + e];
+      xr += w * pc[2 + D + e];
+    }
+    a[e] = x;
+    ar[e] = xr;
+  }
+  block_sync();
+  if (P.rotated_values) rotate_block(ar, D, blk);
+  const bool failed = *P.status != 0;
+  KVC_FOR(e, D, blk) P.output[row * D + e] = failed ? NAN : (a[e] + ar[e]) / stat[1];
 }
 
 // shared floats the attend program needs for `rows` query heads
@@ -369,40 +433,16 @@ KVC_HD void attend_program(const Params& P, int64_t block, Block blk, float* sme
       out[2 + D + e] = accr[j * D + e];
     }
   }
-}
-
-KVC_HD int64_t merge_smem_floats(int64_t d) { return 2 * d + 4; }
-
-KVC_HD void merge_program(const Params& P, int64_t row, Block blk, float* smem) {
-  const int64_t D = P.D, chunks = P.chunks;
-  const float* partial = P.partial + row * chunks * (2 + 2 * D);
-  float* a = smem;
-  float* ar = a + D;
-  float* stat = ar + D;
-  KVC_FOR(z, 1, blk) {
-    float top = -INFINITY;
-    for (int64_t c = 0; c < chunks; ++c) top = fmax_(top, partial[c * (2 + 2 * D)]);
-    float l = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) l += exp_nonpositive(partial[c * (2 + 2 * D)] - top) * partial[c * (2 + 2 * D) + 1];
-    stat[0] = top;
-    stat[1] = l;
-  }
+  // the work item's last chunk to finish merges its rows
+  global_fence();
   block_sync();
-  KVC_FOR(e, D, blk) {
-    float x = 0.0f, xr = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) {
-      const float* pc = partial + c * (2 + 2 * D);
-      const float w = exp_nonpositive(pc[0] - stat[0]);
-      x += w * pc[2 + e];
-      xr += w * pc[2 + D + e];
-    }
-    a[e] = x;
-    ar[e] = xr;
-  }
+  KVC_FOR(z, 1, blk) stat[3] = fetch_add(P.done + item) == uint32_t(P.chunks - 1) ? 1.0f : 0.0f;
   block_sync();
-  if (P.rotated_values) rotate_block(ar, D, blk);
-  const bool failed = *P.status != 0;
-  KVC_FOR(e, D, blk) P.output[row * D + e] = failed ? NAN : (a[e] + ar[e]) / stat[1];
+  const bool last = stat[3] != 0.0f;
+  block_sync();
+  if (!last) return;
+  global_fence();
+  for (int64_t j = 0; j < R; ++j) merge_program(P, (b * hq_count + hq0 + j) * P.S + s, blk, smem);
 }
 
 }  // namespace kvc_dev

@@ -22,7 +22,7 @@ from kvcompile.targets.trt.library import PLUGIN_NAME, HostApi, library_path, re
 from .test_native import CASES, STEPS, attention_case, run_steps
 
 BYTES = {"float32": 4, "float16": 2, "int8": 1}
-KERNELS = ("kvc_copy", "kvc_append", "kvc_attend", "kvc_merge")
+KERNELS = ("kvc_update", "kvc_attend")
 CUBIN_ARCHS = {80, 86, 89, 90, 120}
 
 
