@@ -3,6 +3,7 @@
 
 #include <cstring>
 #include <sstream>
+#include <tuple>
 
 namespace kvc_trt {
 
@@ -46,28 +47,52 @@ int64_t heads_per_block(int64_t d, int64_t r) {
   return 1;
 }
 
-// Byte offsets of the workspace's regions and its size.
+// Positions per attend block: split the positions into chunks (of at least kChunk) only until about
+// kTargetBlocks blocks run; returns {chunks, chunk_len}.
+std::pair<int64_t, int64_t> split_positions(int64_t items, int64_t total) {
+  const int64_t wanted = std::max<int64_t>(1, kvc_dev::kTargetBlocks / std::max<int64_t>(items, 1));
+  const int64_t chunks = std::max<int64_t>(1, std::min((total + kvc_dev::kChunk - 1) / kvc_dev::kChunk, wanted));
+  int64_t len = (total + chunks - 1) / chunks;
+  len = std::max<int64_t>(kvc_dev::kTile, (len + kvc_dev::kTile - 1) / kvc_dev::kTile * kvc_dev::kTile);
+  return {std::max<int64_t>(1, (total + len - 1) / len), len};
+}
+
+// Rows an append float buffer may hold for one stream: what enters a tier is at most the new
+// positions plus every newer tier's rows, and a tier (not the bulk) holds at most its window plus
+// a block of its group; the bulk never hands rows on.  Independent of the context length.
+int64_t buffer_rows(const StreamSpec& s, int64_t added) {
+  int64_t rows = added;
+  for (const auto& [window, group] : s.rule.boundaries()) rows += window + group;
+  return std::max<int64_t>(rows, 1);
+}
+
+// Byte offsets of the workspace's regions and its size.  `bound`: an upper bound over every call
+// with at most these dimensions (getWorkspaceSize), else the size of this call.
 struct WorkspaceLayout {
   size_t status = 0, done = 0, partial = 0, work = 0, scratch = 0, size = 0;
-  int64_t work_rows = 0, scratch_bytes = 0, chunks = 0, items = 0;
+  int64_t work_rows = 0, scratch_bytes = 0, chunks = 0, chunk_len = 0, items = 0;
 };
 
-WorkspaceLayout workspace_layout(const AttentionSpec& spec, int64_t B, int64_t H, int64_t S, int64_t total) {
+WorkspaceLayout workspace_layout(const AttentionSpec& spec, int64_t B, int64_t H, int64_t S, int64_t total,
+                                 bool bound = false) {
   WorkspaceLayout w;
-  const int64_t D = spec.head_dim, rows = B * H * spec.q_per_kv * S;
-  w.chunks = (total + kvc_dev::kChunk - 1) / kvc_dev::kChunk;
-  w.items = B * H * S * (spec.q_per_kv / heads_per_block(D, spec.q_per_kv));
-  w.work_rows = std::max<int64_t>(total, 1);
+  const int64_t D = spec.head_dim, R = heads_per_block(D, spec.q_per_kv);
+  w.items = B * H * S * (spec.q_per_kv / R);
+  std::tie(w.chunks, w.chunk_len) = split_positions(w.items, total);
+  // split-K partials, only when the positions are split: items * chunks < kTargetBlocks + items
+  // <= 2 kTargetBlocks, whatever the dimensions
+  const int64_t partial_rows = bound ? 2 * kvc_dev::kTargetBlocks * R : (w.chunks > 1 ? w.items * R * w.chunks : 0);
+  w.work_rows = std::max(buffer_rows(spec.key, S), buffer_rows(spec.value, S));
   for (const StreamSpec* s : {&spec.key, &spec.value})
-    for (const auto& f : s->tiers) {
+    for (size_t t = 0; t + 1 < s->tiers.size(); ++t) {  // the bulk is written in place
       int64_t bytes = 0;
-      for (const auto& p : f.parts) bytes += (total / p.rows_per + 1) * p.row_bytes();
+      for (const auto& p : s->tiers[t].parts) bytes += (w.work_rows / p.rows_per + 1) * p.row_bytes();
       w.scratch_bytes = std::max(w.scratch_bytes, int64_t(aligned(size_t(bytes))));
     }
   w.status = 0;
   w.done = 4;  // right after the status word: one memset clears both
   w.partial = aligned(size_t(4 + 4 * w.items));
-  w.work = w.partial + aligned(size_t(rows * w.chunks * (2 + 2 * D)) * 4);
+  w.work = w.partial + aligned(size_t(partial_rows * (2 + 2 * D)) * 4);
   w.scratch = w.work + aligned(size_t(2 * B * H * 3 * w.work_rows * D) * 4);
   w.size = w.scratch + size_t(2 * B * H * w.scratch_bytes);
   return w;
@@ -122,7 +147,11 @@ std::vector<int> output_bytes(const AttentionSpec& spec) {
 }
 
 size_t workspace_size(const AttentionSpec& spec, int64_t max_batch, int64_t heads, int64_t max_new, int64_t max_total) {
-  return workspace_layout(spec, max_batch, heads, max_new, max_total).size;
+  return workspace_layout(spec, max_batch, heads, max_new, max_total, true).size;
+}
+
+size_t workspace_used(const AttentionSpec& spec, int64_t batch, int64_t heads, int64_t added, int64_t total) {
+  return workspace_layout(spec, batch, heads, added, total).size;
 }
 
 bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_t>>& in, const void* const* inputs,
@@ -139,7 +168,6 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
   if (in[0] != std::vector<int64_t>{B, H * r, S, D})
     return fail(error, "KVAttention: expected query [B, H*r, S, D] = [" + std::to_string(B) + ", " + std::to_string(H * r) +
                            ", " + std::to_string(S) + ", " + std::to_string(D) + "]");
-  if (int64_t(H) * D * std::max<int64_t>(S, 1) <= 0 && S != 0) return fail(error, "KVAttention: empty heads");
   int64_t pasts[2];
   std::vector<int64_t> past_lengths[2];
   size_t index = 3;
@@ -180,7 +208,8 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
               static_cast<const float*>(inputs[2]), &P.stream[1]);
   P.query = static_cast<const float*>(inputs[0]);
   P.output = static_cast<float*>(outputs[0]);
-  P.batch = B, P.heads = H, P.q_per_kv = r, P.S = S, P.D = D, P.past = past, P.total = total, P.chunks = w.chunks;
+  P.batch = B, P.heads = H, P.q_per_kv = r, P.S = S, P.D = D, P.past = past, P.total = total;
+  P.chunks = w.chunks, P.chunk_len = w.chunk_len;
   P.scale = spec.scale;
   P.heads_per_block = heads_per_block(D, r);
   if (kvc_dev::attend_smem_floats(D, P.heads_per_block) * 4 > kMaxSharedBytes)

@@ -86,8 +86,11 @@ std::vector<std::vector<typename Ops::T>> output_dims(const AttentionSpec& spec,
 std::vector<int> input_bytes(const AttentionSpec& spec);
 std::vector<int> output_bytes(const AttentionSpec& spec);
 
-// Workspace bytes for batch <= max_batch, kv heads `heads`, S <= max_new and total positions <= max_total.
+// Workspace bytes for every call with batch <= max_batch, kv heads `heads`, S <= max_new and
+// total positions <= max_total (getWorkspaceSize) ...
 size_t workspace_size(const AttentionSpec& spec, int64_t max_batch, int64_t heads, int64_t max_new, int64_t max_total);
+// ... and what one call with exactly these dimensions uses (at most the bound above).
+size_t workspace_used(const AttentionSpec& spec, int64_t batch, int64_t heads, int64_t added, int64_t total);
 
 // Fill the kernels' parameters for one call; false (with a reason) when the dims do not fit the spec.
 bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_t>>& in_dims,

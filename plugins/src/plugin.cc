@@ -348,12 +348,15 @@ KVC_API int kvc_trt_output_dims(const char* attrs_text, int n_in, const int64_t*
   return 0;
 }
 
-KVC_API int64_t kvc_trt_workspace_size(const char* attrs_text, int64_t batch, int64_t heads, int64_t added, int64_t total) {
+// exact == 0: the bound getWorkspaceSize gives for these maxima; else what one such call uses.
+KVC_API int64_t kvc_trt_workspace_size(const char* attrs_text, int64_t batch, int64_t heads, int64_t added, int64_t total,
+                                       int exact) {
   kvc::Attributes attrs;
   kvc_trt::AttentionSpec spec;
   std::string why;
   if (!spec_of(attrs_text, &attrs, &spec, &why)) return -1;
-  return int64_t(kvc_trt::workspace_size(spec, batch, heads, added, total));
+  return int64_t(exact ? kvc_trt::workspace_used(spec, batch, heads, added, total)
+                       : kvc_trt::workspace_size(spec, batch, heads, added, total));
 }
 
 // The plugin's build-time answer for input/output `pos` given its element bytes (and LINEAR format

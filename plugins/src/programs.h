@@ -16,12 +16,13 @@
 //               the bulk, each tier's rows that stay in it when only past rows leave) copied into
 //               the present outputs.  The two kinds write disjoint rows and read only inputs.
 //   kvc_attend  block per (batch row, kv head, query position, group of query heads, chunk of
-//               kChunk positions): online softmax over the chunk's positions as stored, tiles of
+//               chunk_len positions): online softmax over the chunk's positions as stored, tiles of
 //               kTile positions de-quantized once for the group's query heads; writes (m, l, acc,
 //               acc_rot) per query row.  The chunk's block that finishes last (a counter per work
 //               item) merges them: o = sum_c e^{m_c - M} acc_c / sum_c e^{m_c - M} l_c (split-K
 //               merge on the device); acc_rot, the part accumulated from -rot values in the rotated
-//               domain, is rotated back once there.
+//               domain, is rotated back once there.  With one chunk (prefill, where the query
+//               positions give parallelism enough) the block writes its rows' output directly.
 #pragma once
 
 #include "device_formats.h"
@@ -31,7 +32,8 @@ namespace kvc_dev {
 constexpr int kMaxSegments = 9;  // a sink + recent + up to 6 age tiers + bulk
 constexpr int kMaxTiers = 8;
 constexpr int kTile = 16;        // positions scored together
-constexpr int kChunk = 256;      // positions per attend block (split-K)
+constexpr int kChunk = 256;      // fewest positions per attend block when the positions are split
+constexpr int64_t kTargetBlocks = 2048;  // split the positions until about this many attend blocks
 constexpr int kThreads = 128;    // threads per block on the GPU
 constexpr int64_t kCopyChunk = 16384;  // bytes per copy block of kvc_update
 
@@ -67,7 +69,8 @@ struct Params {
   Stream stream[2];                 // keys, values
   const float* query;               // [B, H*r, S, D]
   float* output;                    // [B, H*r, S, D]
-  int64_t batch, heads, q_per_kv, S, D, past, total, chunks;
+  int64_t batch, heads, q_per_kv, S, D, past, total;
+  int64_t chunks, chunk_len;        // positions split into `chunks` of chunk_len (a multiple of kTile)
   int64_t heads_per_block;          // query heads of one kv head that one attend block serves (divides q_per_kv)
   int64_t copy_blocks;              // x extent of the copy blocks' grid
   float scale;
@@ -336,7 +339,7 @@ KVC_HD void merge_program(const Params& P, int64_t row, Block blk, float* smem) 
 KVC_HD int64_t attend_smem_floats(int64_t d, int64_t rows) { return 4 * rows * d + 2 * kTile * d + rows * (kTile + 4); }
 
 // Query heads [j0, j0 + heads_per_block) of kv head h at query position s, over positions
-// [chunk * kChunk, ...) up to s's own: the tile of keys and values is de-quantized once for them.
+// [chunk * chunk_len, ...) up to s's own: the tile of keys and values is de-quantized once for them.
 KVC_HD void attend_program(const Params& P, int64_t block, Block blk, float* smem) {
   const int64_t D = P.D, R = P.heads_per_block, groups = P.q_per_kv / R;
   const int64_t chunk = block % P.chunks, item = block / P.chunks;
@@ -350,8 +353,8 @@ KVC_HD void attend_program(const Params& P, int64_t block, Block blk, float* sme
   float* vtile = ktile + kTile * D;
   float* p = vtile + kTile * D;  // [R][kTile]
   float* stat = p + R * kTile;   // [R][4]: m, l, correction
-  const int64_t c0 = chunk * kChunk;
-  int64_t c1 = c0 + kChunk;
+  const int64_t c0 = chunk * P.chunk_len;
+  int64_t c1 = c0 + P.chunk_len;
   if (c1 > P.total) c1 = P.total;
   if (c1 > P.past + s + 1) c1 = P.past + s + 1;  // causal
   // query row of head hq0 + j: ((b * Hq + hq0 + j) * S + s)
@@ -421,6 +424,15 @@ KVC_HD void attend_program(const Params& P, int64_t block, Block blk, float* sme
     }
     block_sync();
     t0 += n;
+  }
+  if (P.chunks == 1) {  // the only chunk: o = (acc + acc_rot H) / l, as the merge would compute it
+    const bool failed = *P.status != 0;
+    for (int64_t j = 0; j < R; ++j) {
+      if (P.rotated_values) rotate_block(accr + j * D, D, blk);
+      float* out = P.output + ((b * hq_count + hq0 + j) * P.S + s) * D;
+      KVC_FOR(e, D, blk) out[e] = failed ? NAN : (acc[j * D + e] + accr[j * D + e]) / stat[4 * j + 1];
+    }
+    return;
   }
   for (int64_t j = 0; j < R; ++j) {
     float* out = P.partial + (((b * hq_count + hq0 + j) * P.S + s) * P.chunks + chunk) * (2 + 2 * D);

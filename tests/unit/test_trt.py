@@ -247,6 +247,21 @@ def test_a_malformed_trt_section_is_one_line_before_any_engine_is_read(tmp_path,
     assert "trt section" not in (why_not_runnable(SimpleNamespace(path=tmp_path, trt=section)) or "")
 
 
+def test_a_compiled_engine_section_must_name_its_plugin_library(tmp_path):
+    from types import SimpleNamespace
+
+    from kvcompile.runtime.trt_backend import why_not_runnable
+
+    section = {"engine": "model.engine", "files": {"model.engine": 10, "libkvcompile_trt.so": 5}, "max_batch": 1,
+               "tensorrt": "tensorrt_rtx", "plugins": "compiled"}
+    for broken in ({}, {"plugin_library": "other.so"}, {"plugin_library": 3}):
+        reason = why_not_runnable(SimpleNamespace(path=tmp_path, trt={**section, **broken}))
+        assert reason.endswith("the manifest's trt section must name its plugin library among its files; re-run "
+                               "`kvcompile export --target trt`")
+    fine = why_not_runnable(SimpleNamespace(path=tmp_path, trt={**section, "plugin_library": "libkvcompile_trt.so"}))
+    assert "plugin library" not in (fine or "")
+
+
 @needs_trt
 def test_an_engine_with_recency_tiers_builds_with_their_segments(tiny_lm, tiny_geometry, tmp_path):
     """The plugin's fields carry the age tiers and its output shapes (the same SegmentRule on

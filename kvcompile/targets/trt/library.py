@@ -74,7 +74,7 @@ class HostApi:
                                    ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int), ctypes.c_int,
                                    ctypes.c_char_p, ctypes.c_int]
         lib.kvc_trt_output_dims.argtypes = [ctypes.c_char_p, ctypes.c_int, i64p, i64p, ctypes.c_char_p, ctypes.c_int]
-        lib.kvc_trt_workspace_size.argtypes = [ctypes.c_char_p] + [ctypes.c_int64] * 4
+        lib.kvc_trt_workspace_size.argtypes = [ctypes.c_char_p] + [ctypes.c_int64] * 4 + [ctypes.c_int]
         lib.kvc_trt_workspace_size.restype = ctypes.c_int64
         lib.kvc_trt_supports.argtypes = [ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         lib.kvc_trt_field_roundtrip.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
@@ -107,8 +107,10 @@ class HostApi:
         self._check(self.lib.kvc_trt_output_dims(attribute_text(attrs), len(in_dims), flat, out, error, 512), error)
         return [tuple(out[4 * i:4 * i + 4]) for i in range(n_out)]
 
-    def workspace_size(self, attrs: dict, batch: int, heads: int, added: int, total: int) -> int:
-        return int(self.lib.kvc_trt_workspace_size(attribute_text(attrs), batch, heads, added, total))
+    def workspace_size(self, attrs: dict, batch: int, heads: int, added: int, total: int, exact: bool = False) -> int:
+        """The plugin's workspace for calls up to these dimensions (getWorkspaceSize), or with
+        ``exact`` what one call of exactly these dimensions uses."""
+        return int(self.lib.kvc_trt_workspace_size(attribute_text(attrs), batch, heads, added, total, int(exact)))
 
     def supports(self, attrs: dict, pos: int, element_bytes: int, linear: bool = True) -> bool:
         return bool(self.lib.kvc_trt_supports(attribute_text(attrs), pos, element_bytes, int(linear)))
