@@ -11,7 +11,7 @@ onnx = pytest.importorskip("onnx", reason="the export path needs onnx (installed
 
 from kvcompile.errors import ExportError, RuntimeBackendError  # noqa: E402
 from kvcompile.export import export_onnx  # noqa: E402
-from kvcompile.ops import KV_CACHE_UPDATE  # noqa: E402
+from kvcompile.ops import KV_ATTENTION, KV_CACHE_UPDATE  # noqa: E402
 from kvcompile.plan.presets import resolve_map  # noqa: E402
 from kvcompile.targets.trt.build import build_engine, export_trt, tensorrt_flavour  # noqa: E402
 from kvcompile.targets.trt.library import require_library  # noqa: E402
@@ -52,7 +52,8 @@ def test_engine_is_built_with_the_compiled_library_one_layer_per_joint_group(eng
     for key in (g for g in ex.groups if g.stream == "key"):
         layer = by_output[key.ports[0].present]
         value = next(g for g in ex.groups if g.stream == "value" and (g.layer, g.heads) == (key.layer, key.heads))
-        assert (layer["plugin"], layer["namespace"], layer["version"]) == ("KVAttention", "kvcompile", "1")
+        assert (layer["plugin"], layer["namespace"], layer["version"]) == ("KVAttention", "kvcompile",
+                                                                           str(KV_ATTENTION.version))
         want = attention_attrs(key.op_attrs(ex.pmap), value.op_attrs(ex.pmap), layer["fields"]["q_per_kv"],
                                layer["fields"]["scale"])
         assert layer["fields"] == want
