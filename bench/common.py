@@ -15,6 +15,28 @@ from kvcompile.artifacts import atomic_write_bytes
 from kvcompile.version import __version__
 
 
+def timed(fn, repeats: int, device: str = "cpu") -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after 3 warm-up runs (CUDA events on "cuda")."""
+    import statistics
+
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def setup(threads: int) -> None:
     torch.set_num_threads(threads)
 

@@ -17,15 +17,13 @@ code on tiny shapes as a smoke test of the benchmark itself; its timings mean no
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, timed, write_json  # noqa: E402
 
 from kvcompile.kernels import available  # noqa: E402
 
@@ -36,26 +34,6 @@ SCHEMES = {  # name: (bulk K scheme, bulk V scheme)
     "int4": ("int4", "int4"),
     "kivi-2": ("int2-ch", "int2"),
 }
-
-
-def timed(fn, repeats: int, device: str) -> float:
-    """Median seconds of ``fn()``."""
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def copy_bandwidth(device: str) -> float:

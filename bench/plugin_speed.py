@@ -24,16 +24,14 @@ project's CI (no GPU): bench/gpu_check.sh runs it.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, write_json  # noqa: E402
+from common import environment, timed, write_json  # noqa: E402
 
 from kvcompile.ops import KV_ATTENTION  # noqa: E402
 from kvcompile.ops.attention import stream_attrs  # noqa: E402
@@ -57,25 +55,6 @@ def attrs_of(name: str, head_dim: int, q_per_kv: int, sinks: int = 4) -> dict:
     attrs.update(key_age_tiers="", value_age_tiers="", sink_tokens=sinks if name != "fp16" else 0,
                  recent_window=window, head_dim=head_dim, q_per_kv=q_per_kv, scale=head_dim ** -0.5)
     return attrs
-
-
-def timed(fn, repeats: int, device: str) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 class Runner:

@@ -19,6 +19,8 @@
 // query is rotated once and a second accumulator is rotated once at the end.
 #include "kv_attention.h"
 
+#include "exp_nonpositive.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -30,26 +32,6 @@ namespace kvc {
 namespace {
 
 constexpr int64_t kTile = 32;
-
-// e^x for x <= 0, vectorizable: x = n ln2 + r with |r| <= ln2 / 2, e^r by the degree-7 polynomial of
-// Cephes' expf (S. L. Moshier, public domain), 2^n built in the exponent bits.  Relative error
-// ~1e-7; below -87 it returns 0 (the softmax weight of a score 87 nats under the maximum).
-inline float exp_nonpositive(float x) {
-  const float n = std::nearbyint(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, 4);
-  return x < -87.0f ? 0.0f : y * scale;
-}
 
 bool fail(std::string* error, const std::string& why) {
   if (error) *error = why;

@@ -26,6 +26,7 @@
 #pragma once
 
 #include "device_formats.h"
+#include "exp_nonpositive.h"  // native/src
 
 namespace kvc_dev {
 
@@ -263,22 +264,6 @@ KVC_HD void update_program(const Params& P, int64_t block, Block blk) {
   copy_program(P, copy % P.copy_blocks, copy / P.copy_blocks, blk);
 }
 
-// e^x for x <= 0 (native/src/kv_attention.cc's exp_nonpositive: Cephes' expf polynomial).
-KVC_HD float exp_nonpositive(float x) {
-  if (!(x >= -87.0f)) return 0.0f;
-  const float n = rintf(x * 1.44269504088896341f);
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  return y * bits_float(uint32_t((int32_t(n) + 127) << 23));
-}
-
 // Rotate x[0..d) in place with the block: one butterfly stage per phase.
 KVC_HD void rotate_block(float* x, int64_t d, Block blk) {
   for (int64_t h = 1; h < d; h *= 2) {
@@ -313,7 +298,7 @@ KVC_HD void merge_program(const Params& P, int64_t row, Block blk, float* smem) 
     float top = -INFINITY;
     for (int64_t c = 0; c < chunks; ++c) top = fmax_(top, partial[c * (2 + 2 * D)]);
     float l = 0.0f;
-    for (int64_t c = 0; c < chunks; ++c) l += exp_nonpositive(partial[c * (2 + 2 * D)] - top) * partial[c * (2 + 2 * D) + 1];
+    for (int64_t c = 0; c < chunks; ++c) l += kvc::exp_nonpositive(partial[c * (2 + 2 * D)] - top) * partial[c * (2 + 2 * D) + 1];
     stat[0] = top;
     stat[1] = l;
   }
@@ -322,7 +307,7 @@ KVC_HD void merge_program(const Params& P, int64_t row, Block blk, float* smem) 
     float x = 0.0f, xr = 0.0f;
     for (int64_t c = 0; c < chunks; ++c) {
       const float* pc = partial + c * (2 + 2 * D);
-      const float w = exp_nonpositive(pc[0] - stat[0]);
+      const float w = kvc::exp_nonpositive(pc[0] - stat[0]);
       x += w * pc[2 + e];
       xr += w * pc[2 + D + e];
     }
@@ -401,10 +386,10 @@ KVC_HD void attend_program(const Params& P, int64_t block, Block blk, float* sme
       float* sj = stat + 4 * j;
       float top = sj[0];
       for (int64_t t = 0; t < n; ++t) top = fmax_(top, pj[t]);
-      const float correction = exp_nonpositive(sj[0] - top);
+      const float correction = kvc::exp_nonpositive(sj[0] - top);
       float sum = 0.0f;
       for (int64_t t = 0; t < n; ++t) {
-        pj[t] = exp_nonpositive(pj[t] - top);
+        pj[t] = kvc::exp_nonpositive(pj[t] - top);
         sum += pj[t];
       }
       sj[0] = top;
