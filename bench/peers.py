@@ -103,13 +103,19 @@ def main() -> int:
     with torch.no_grad():
         references = [lm.model(ids[None], use_cache=False).logits[0] for ids in windows]
     smoke_peers = [p for p in PEERS if p[1] == 4 and p[2] == 0 and p[3] == 128]  # one per backend
+    refused = []  # settings a backend rejects for this model's shapes
     for backend, nbits, axis, residual in smoke_peers if args.smoke else PEERS:
-        scores, bits, t0 = _Scores(), [], time.perf_counter()
-        for ids, ref in zip(windows, references):
-            logits, b = peer_logits(lm.model, ids, backend, nbits, axis, residual)
-            scores.add(logits[:-1], ref[:-1], ids[1:])
-            bits.append(b)
         name = f"{backend} int{nbits} axis {axis} r{residual}"
+        scores, bits, t0 = _Scores(), [], time.perf_counter()
+        try:
+            for ids, ref in zip(windows, references):
+                logits, b = peer_logits(lm.model, ids, backend, nbits, axis, residual)
+                scores.add(logits[:-1], ref[:-1], ids[1:])
+                bits.append(b)
+        except ValueError as e:
+            refused.append({"name": name, "error": str(e).splitlines()[0]})
+            print(f"{name}: refused by {backend}: {refused[-1]['error']}", flush=True)
+            continue
         rows.append(QualityResult(
             name=name, description=f"transformers QuantizedCache backend={backend} nbits={nbits} axis_key={axis} "
                                    f"axis_value={axis} q_group_size={GROUP} residual_length={residual}",
@@ -157,7 +163,8 @@ def main() -> int:
     write_json(args.out,
                {"benchmark": "peers", "model": args.model, "text": args.text, "window": args.window,
                 "windows": len(windows), "peer_settings": {"q_group_size": GROUP},
-                "environment": environment(args.threads), "results": [r.to_json() for r in results], "goals": goals})
+                "environment": environment(args.threads), "results": [r.to_json() for r in results], "goals": goals,
+                "refused": refused})
     return 0
 
 

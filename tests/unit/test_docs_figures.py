@@ -298,3 +298,17 @@ def test_tiers_prose_quotes_the_json():
     assert f"gain at 2,048 tokens ({-r['tiers_minus_three_class']['difference_pct']:.2f} points)" in text("README.md")
     r = _tier_row(4096, 3.0)
     assert f"(KL {r['tiers']['kl']:.3f} with tiers against {r['three_class']['kl']:.3f} without)" in text("README.md")
+
+
+def test_readme_peers_table_and_goals_are_the_bench_output():
+    from kvcompile.measure.quality import QualityResult, format_table
+
+    doc = result("peers")
+    lines = text("README.md").splitlines()
+    for line in format_table([QualityResult.from_json(r) for r in doc["results"]]).splitlines():
+        assert line in lines, f"README.md lacks the bench/peers.py line {line!r}"
+    for g in doc["goals"]:
+        line = (f"- {g['map']}: ΔPPL {g['delta_ppl_pct']:+.2f} % against {g['best_peer']} at "
+                f"{g['best_peer_delta_ppl_pct']:+.2f} % (the best peer with at least as many bits): goal "
+                f"{'met' if g['met'] else 'missed'}")
+        assert line in lines, f"README.md lacks the goal line {line!r}"
