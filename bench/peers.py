@@ -1,6 +1,6 @@
 """Outside peers beside kvcompile's maps: transformers' QuantizedCache (optimum-quanto, HQQ), same windows.
 
-    python bench/peers.py [--windows 4] [--window 512] [--calibration DIR] [--out bench/results/peers.json]
+    python bench/peers.py [--windows 2] [--window 512] [--calibration DIR] [--out bench/results/peers.json]
     python bench/peers.py --smoke        (1 window of 48 tokens, one peer per backend, no planned maps: a test)
 
 Needs the optional peers (``pip install "kvcompile[peers]"``: optimum-quanto, hqq; install.sh installs them).
@@ -78,7 +78,7 @@ def main() -> int:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--text", default="wikipedia-heldout")
     ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--windows", type=int, default=4)
+    ap.add_argument("--windows", type=int, default=2, help="windows (default 2: each peer decodes token by token, ~1 min per window here)")
     ap.add_argument("--calibration", help="a calibration directory for the planned maps (default: calibrate now)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true",
@@ -103,7 +103,7 @@ def main() -> int:
     with torch.no_grad():
         references = [lm.model(ids[None], use_cache=False).logits[0] for ids in windows]
     smoke_peers = [p for p in PEERS if p[1] == 4 and p[2] == 0 and p[3] == 128]  # one per backend
-    refused = []  # settings a backend rejects for this model's shapes
+    refused = []  # settings a backend rejects, or fails on, for this model's shapes
     for backend, nbits, axis, residual in smoke_peers if args.smoke else PEERS:
         name = f"{backend} int{nbits} axis {axis} r{residual}"
         scores, bits, t0 = _Scores(), [], time.perf_counter()
@@ -112,8 +112,8 @@ def main() -> int:
                 logits, b = peer_logits(lm.model, ids, backend, nbits, axis, residual)
                 scores.add(logits[:-1], ref[:-1], ids[1:])
                 bits.append(b)
-        except ValueError as e:
-            refused.append({"name": name, "error": str(e).splitlines()[0]})
+        except (ValueError, RuntimeError) as e:  # a setting the backend cannot apply to these shapes
+            refused.append({"name": name, "error": f"{type(e).__name__}: {str(e).splitlines()[0]}"})
             print(f"{name}: refused by {backend}: {refused[-1]['error']}", flush=True)
             continue
         rows.append(QualityResult(
