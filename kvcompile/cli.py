@@ -112,6 +112,8 @@ def cmd_eval(args) -> int:
     _quiet_loading(args.quiet)
     lm = load_model(args.model)
     maps = _resolve_maps(args, lm.geometry, args.model)
+    if args.task == "retrieval":
+        return _eval_retrieval(args, lm, maps)
     results = evaluate(lm, maps, text=args.text, window=args.window, max_windows=args.max_windows,
                        mode=args.mode, prefill_length=args.prefill, progress=not args.quiet)
     print(f"model {args.model}, text {args.text}")
@@ -121,6 +123,29 @@ def cmd_eval(args) -> int:
                "results": [r.to_json() for r in results]}
         if len(results) == 1:
             doc.update(results[0].to_json())
+        atomic_write_bytes(args.json, (json.dumps(doc, indent=1) + "\n").encode())
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _eval_retrieval(args, lm, maps) -> int:
+    from kvcompile.artifacts import atomic_write_bytes
+    from kvcompile.measure.retrieval import DEFAULT_DEPTHS, format_retrieval_table, retrieval
+
+    if args.mode != "simulate" or args.prefill != 1:
+        raise KvcompileError("--task retrieval scores by the exact simulation with the prompt as prefill; "
+                             "drop --mode and --prefill")
+    try:
+        depths = [float(d) for d in args.depths.split(",")] if args.depths else list(DEFAULT_DEPTHS)
+    except ValueError:
+        raise KvcompileError(f"--depths: expected comma-separated fractions such as 0.1,0.5,0.9, got {args.depths!r}") from None
+    results = retrieval(lm, maps, context=args.window, depths=depths, trials=args.trials, text=args.text,
+                        progress=not args.quiet)
+    print(f"model {args.model}, text {args.text}")
+    print(format_retrieval_table(results))
+    if args.json:
+        doc = {"model": args.model, "text": args.text, "task": "retrieval", "kvcompile_version": __version__,
+               "results": [r.to_json() for r in results]}
         atomic_write_bytes(args.json, (json.dumps(doc, indent=1) + "\n").encode())
         print(f"wrote {args.json}")
     return 0
@@ -162,7 +187,8 @@ def cmd_plan(args) -> int:
     calib = Calibration.load(args.calibration)
     options = dict(context=args.context, schemes=args.schemes.split(",") if args.schemes else None,
                    sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
-                   corrected=not args.raw, memory=args.memory, age_tiers=args.age_tiers)
+                   corrected=not args.raw, memory=args.memory, age_tiers=args.age_tiers,
+                   sink_schemes=args.sink_schemes.split(",") if args.sink_schemes else None)
     if args.refine and args.age_tiers:
         raise KvcompileError("--refine does not search recency tiers yet; plan with --age-tiers without --refine")
     if args.refine:
@@ -410,8 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"built-in name, .gguf file or HF directory (default {DEFAULT_MODEL})")
     _add_map_args(p)
     p.add_argument("--text", default=DEFAULT_EVAL_TEXT, help=f"shipped text name or a file (default {DEFAULT_EVAL_TEXT})")
-    p.add_argument("--window", type=_int_in(2), default=512, help="tokens per scored window (default 512)")
+    p.add_argument("--window", type=_int_in(2), default=512,
+                   help="tokens per scored window, or per retrieval case with --task retrieval (default 512)")
     p.add_argument("--max-windows", type=POSITIVE, default=8, help="windows to score (default 8)")
+    p.add_argument("--task", choices=("ppl", "retrieval"), default="ppl",
+                   help="ppl: perplexity, KL and top-1 on text windows (default); retrieval: a pass key at several "
+                        "depths of a --window-token context, accuracy against the full-precision cache")
+    p.add_argument("--depths", default=None, help="retrieval: comma-separated needle depths in [0, 1] "
+                                                  "(default 0.1,0.3,0.5,0.7,0.9)")
+    p.add_argument("--trials", type=POSITIVE, default=2, help="retrieval: cases per depth (default 2)")
     p.add_argument("--mode", choices=("simulate", "decode"), default="simulate",
                    help="exact parallel simulation (default) or real token-by-token decoding through the cache")
     p.add_argument("--prefill", type=POSITIVE, default=1, help="positions prefilled at once before decoding (default 1)")
@@ -457,7 +490,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true", help="plan on the raw Fisher predictions, without the data-calibrated correction")
     p.add_argument("--age-tiers", type=_int_in(0, 3), default=0,
                    help="also consider up to this many recency tiers between the fp16 window and the bulk, their "
-                        "boundaries from the calibrated windows (default 0: sinks, window, bulk)")
+                        "boundaries from the calibrated windows, and quantized sinks (default 0: fp16 sinks, fp16 "
+                        "window, bulk); a tier from distance 0 is a quantized recent window")
+    p.add_argument("--sink-schemes", help="comma-separated sink formats to choose from per site (default: fp16 only; "
+                                          "fp16,int8,int4 with --age-tiers)")
     p.add_argument("--refine", action="store_true",
                    help="measure candidate maps' KL on the calibration text: with --budget-bits, choose sinks and window by it; "
                         "with --target-kl, re-plan until the map meets the target")

@@ -64,7 +64,7 @@ class CharTokenizer:
     def __init__(self, vocab: int = 97):
         self.vocab = vocab
 
-    def __call__(self, text, return_tensors=None):
+    def __call__(self, text, return_tensors=None, **kwargs):
         ids = torch.tensor([[b % self.vocab for b in text.encode()]])
 
         class _Out:

@@ -122,17 +122,19 @@ def _request(calib: Calibration, budget_bits, target_kl, memory: str, context, s
 def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float | None = None, context: int | None = None,
          schemes: list[str] | None = None, sink_options: list[int] | None = None,
          window_options: list[int] | None = None, corrected: bool = True, memory: str = "final",
-         age_tiers: int = 0) -> PlanResult:
+         age_tiers: int = 0, sink_schemes: list[str] | None = None) -> PlanResult:
     """Optimal precision map under a memory budget (``budget_bits``) or a quality target (``target_kl``).
 
     ``memory``: how bits are counted at the context, ``final`` (the cache holding ``context``
     positions, default) or ``allocated`` (buffers for any length up to it; see
     :data:`~kvcompile.kv.precision_map.MEMORY_ACCOUNTING`).  ``age_tiers`` > 0: also consider up to
-    that many recency tiers (:func:`plan_tiers`)."""
-    if age_tiers:
+    that many recency tiers, a quantized recent window among them (an age tier starting at distance 0),
+    and quantized sinks (:func:`plan_tiers`).  ``sink_schemes``: the sink formats to choose from per site
+    (default fp16 only without age tiers, :data:`SINK_SCHEMES` with them)."""
+    if age_tiers or (sink_schemes and set(sink_schemes) != {"fp16"}):
         return plan_tiers(calib, age_tiers, budget_bits=budget_bits, target_kl=target_kl, context=context,
                           schemes=schemes, sink_options=sink_options, window_options=window_options,
-                          corrected=corrected, memory=memory)
+                          corrected=corrected, memory=memory, sink_schemes=sink_schemes)
     context, schemes, sink_options, window_options = _request(calib, budget_bits, target_kl, memory, context, schemes,
                                                               sink_options, window_options)
     g = calib.geometry
@@ -217,11 +219,30 @@ def _pareto(costs: np.ndarray, bits: np.ndarray) -> np.ndarray:
     return np.array(keep)
 
 
+#: sink formats the tier planner may choose per site (those the calibration measured)
+SINK_SCHEMES = ("fp16", "int8", "int4")
+
+
+def sink_menu(calib: Calibration, sink_schemes: list[str] | None = None) -> list[str]:
+    """The sink formats a plan may choose: fp16 first, then the per-token ones the calibration holds;
+    quantized sinks need the calibration's sink option 0 (their cost is a difference against it)."""
+    wanted = list(sink_schemes) if sink_schemes is not None else list(SINK_SCHEMES)
+    bad = [s for s in wanted if s != "fp16" and (s not in calib.schemes or get_scheme(s).token_group != 1)]
+    if sink_schemes is not None and bad:
+        raise KvcompileError(f"sink schemes {bad} are not per-token schemes of the calibration; "
+                             f"calibrated: {', '.join(calib.schemes)}")
+    if 0 not in calib.sink_options:
+        return ["fp16"]
+    return ["fp16", *[s for s in wanted if s != "fp16" and s not in bad]]
+
+
 def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = None, target_kl: float | None = None,
                context: int | None = None, schemes: list[str] | None = None, sink_options: list[int] | None = None,
-               window_options: list[int] | None = None, corrected: bool = True, memory: str = "final") -> PlanResult:
-    """Optimal map with up to ``age_tiers`` recency tiers between the fp16 window and the bulk
-    (see the module docstring); the arguments are :func:`plan`'s."""
+               window_options: list[int] | None = None, corrected: bool = True, memory: str = "final",
+               sink_schemes: list[str] | None = None) -> PlanResult:
+    """Optimal map with up to ``age_tiers`` recency tiers between the fp16 window and the bulk, and a
+    sink format per site from ``sink_schemes`` (default :data:`SINK_SCHEMES`; see the module
+    docstring); the other arguments are :func:`plan`'s."""
     from itertools import product
 
     context, schemes, sink_options, window_options = _request(calib, budget_bits, target_kl, memory, context, schemes,
@@ -229,19 +250,25 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
     window_options = [w for w in window_options if w < context]
     g = calib.geometry
     ages_menu = ["fp16", *[s for s in schemes if s != "fp16" and get_scheme(s).token_group == 1]]
+    sinks_menu = sink_menu(calib, sink_schemes)
     cost_all = (calib.corrected_cost() if corrected else calib.cost).numpy()  # [L, H, 2, S, W, N]
     n_sites = g.num_layers * g.num_kv_heads * 2
     site_cost = cost_all.reshape(n_sites, *cost_all.shape[3:])  # sites in (layer, head, stream) order
-    per_bits = {s: get_scheme(s).bits_per_element(g.head_dim) for s in set(schemes) | set(ages_menu)}
+    per_bits = {s: get_scheme(s).bits_per_element(g.head_dim) for s in set(schemes) | set(ages_menu) | set(sinks_menu)}
+    w_first = calib.window_options.index(min(calib.window_options))
+    n_none = calib.sink_options.index(0) if 0 in calib.sink_options else None  # only read for quantized sinks
     candidates, best_pick = [], None
     for n, bounds in _tier_structures(sink_options, window_options, age_tiers):
         ni = calib.sink_options.index(n)
         wi = [calib.window_options.index(b) for b in bounds]
         k = len(bounds) - 1
-        combos = list(product(*([ages_menu] * k), schemes))
+        combos = list(product(sinks_menu if n else ["fp16"], *([ages_menu] * k), schemes))
         cost = np.zeros((n_sites, len(combos)))
         bits = np.zeros(len(combos))
-        for c, combo in enumerate(combos):
+        for c, (sink, *combo) in enumerate(combos):
+            if sink != "fp16":  # the sinks' share: the bulk cost without fp16 sinks minus with them, all distances
+                si = calib.schemes.index(sink)
+                cost[:, c] += np.maximum(site_cost[:, si, w_first, n_none] - site_cost[:, si, w_first, ni], 0.0)
             for t, name in enumerate(combo[:-1]):
                 if name != "fp16":
                     si = calib.schemes.index(name)
@@ -251,7 +278,7 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
             ages = tuple((b2 - b1, 1) for b1, b2 in zip(bounds[:-1], bounds[1:]))
             counts = SegmentRule(n, bounds[0], get_scheme(combo[-1]).token_group, ages).counted(context, memory)
             tiers = ("recent", *(f"age{i}" for i in range(1, k + 1)), "bulk")
-            names = {"sink": "fp16", **dict(zip(tiers, ("fp16", *combo)))}
+            names = {"sink": sink, **dict(zip(tiers, ("fp16", *combo)))}
             bits[c] = sum(counts[t] * (16.0 if names[t] == "fp16" else per_bits[names[t]]) for t in counts) / context
         # per site, the Pareto front of (bits, cost), padded with options that are never chosen
         fronts = [_pareto(cost[j], bits) for j in range(n_sites)]
@@ -290,7 +317,7 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
                              f"schemes and options at context {context} ({memory} memory)")
     _, n, bounds, chosen, total_cost, exact_bits = best_pick
     k = len(bounds) - 1
-    tiers = [f"age{i}" for i in range(1, k + 1)] + ["bulk"]
+    tiers = ["sink"] + [f"age{i}" for i in range(1, k + 1)] + ["bulk"]
     grids = {st: {t: [[None] * g.num_kv_heads for _ in range(g.num_layers)] for t in tiers} for st in STREAMS}
     sites = [(l, h, st) for l in range(g.num_layers) for h in range(g.num_kv_heads) for st in range(2)]
     for (l, h, st), combo in zip(sites, chosen):
@@ -314,6 +341,7 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
         provenance={"planner": "multiple-choice knapsack over tier combinations (Pareto-pruned), exact DP at 1/64 bit",
                     "mode": mode, "context": context, "memory": memory, "estimator": calib.estimator,
                     "cost_unit": calib.cost_unit, "predicted_cost": total_cost, "bits_per_element": exact_bits,
-                    "schemes": schemes, "age_tiers": age_tiers, "corrected": corrected, "target_kl": target_kl,
+                    "schemes": schemes, "sink_schemes": sinks_menu, "age_tiers": age_tiers, "corrected": corrected,
+                    "target_kl": target_kl,
                     "budget_bits": budget_bits, "candidates": candidates})
     return PlanResult(pmap, total_cost, exact_bits, n, bounds[0], candidates)

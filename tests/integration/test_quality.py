@@ -72,3 +72,15 @@ def test_real_model_generates_the_same_greedy_tokens_with_an_fp16_cache(smollm):
     cached = smollm.model.generate(ids, max_new_tokens=16, do_sample=False,
                                    cache=MixedPrecisionCache(resolve_map("fp16", smollm.geometry)))
     assert plain.tolist() == cached.tolist()
+
+
+def test_retrieval_probe_finds_the_pass_key_at_full_precision_and_loses_it_at_int2(smollm):
+    """The real model copies a 5-digit pass key from 300 tokens back; an fp16 cache keeps every answer,
+    a 2-bit per-token cache loses them (the probe separates caches that perplexity ranks close)."""
+    from kvcompile.measure.retrieval import retrieval
+
+    maps = {n: resolve_map(n, smollm.geometry) for n in ("fp16", "int2")}
+    res = {r.name: r for r in retrieval(smollm, maps, context=384, depths=(0.2, 0.6), trials=1, progress=False)}
+    assert res["fp16"].accuracy_reference >= 0.5
+    assert res["fp16"].agreement == 1.0 and res["fp16"].accuracy == res["fp16"].accuracy_reference
+    assert res["int2"].accuracy < res["int2"].accuracy_reference

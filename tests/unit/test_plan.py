@@ -189,9 +189,9 @@ def synthetic_tiers(seed=0) -> Calibration:
                        diameter=torch.ones(1, 1, 2))
 
 
-def brute_force_tiers(calib, context, budget, age_tiers):
-    """Every (sinks, boundaries with at most ``age_tiers`` age tiers) and every (age schemes, bulk
-    scheme) per site."""
+def brute_force_tiers(calib, context, budget, age_tiers, sink_schemes=("fp16",)):
+    """Every (sinks, boundaries with at most ``age_tiers`` age tiers) and every (sink scheme, age
+    schemes, bulk scheme) per site."""
     from kvcompile.kv.precision_map import PrecisionMap
 
     best = None
@@ -203,14 +203,18 @@ def brute_force_tiers(calib, context, budget, age_tiers):
             per_site = []
             for st in range(2):
                 opts = []
-                for combo in itertools.product(*([SCHEMES] * (len(bounds) - 1)), SCHEMES):
+                for sink, *combo in itertools.product(sink_schemes if n else ["fp16"],
+                                                      *([SCHEMES] * (len(bounds) - 1)), SCHEMES):
                     cost = sum(max(c[0, 0, st, SCHEMES.index(s), wi[t], ni].item()
                                    - c[0, 0, st, SCHEMES.index(s), wi[t + 1], ni].item(), 0.0)
                                for t, s in enumerate(combo[:-1]))
                     cost += c[0, 0, st, SCHEMES.index(combo[-1]), wi[-1], ni].item()
+                    if sink != "fp16":  # sink option 0 and window 0 are the first calibrated ones
+                        cost += max(c[0, 0, st, SCHEMES.index(sink), 0, 0].item()
+                                    - c[0, 0, st, SCHEMES.index(sink), 0, ni].item(), 0.0)
                     ages = tuple((b2 - b1, s) for (b1, b2), s in zip(zip(bounds[:-1], bounds[1:]), combo[:-1]))
                     bits = PrecisionMap.uniform(1, 1, 64, combo[-1], sink_tokens=n, recent_window=bounds[0],
-                                                ages=ages).bits_per_element(context)
+                                                sink=sink, ages=ages).bits_per_element(context)
                     opts.append((cost, bits))
                 per_site.append(opts)
             for a, b in itertools.product(*per_site):
@@ -228,11 +232,29 @@ def test_tier_planner_is_optimal_within_budget_and_counts_bits_as_the_map_does(b
     from kvcompile.plan.optimize import plan_tiers
 
     calib = synthetic_tiers(seed)
-    result = plan_tiers(calib, age_tiers, budget_bits=budget, context=512, corrected=False)
-    assert result.pmap.bits_per_element(512) == pytest.approx(result.bits_per_element, rel=1e-12)
-    assert result.bits_per_element <= budget + 1e-12
-    want = brute_force_tiers(calib, 512, budget, age_tiers)
-    assert result.predicted_cost == pytest.approx(want, rel=1e-12, abs=1e-15)
+    for sinks in (["fp16"], ["fp16", "int8", "int4"]):
+        result = plan_tiers(calib, age_tiers, budget_bits=budget, context=512, corrected=False, sink_schemes=sinks)
+        assert result.pmap.bits_per_element(512) == pytest.approx(result.bits_per_element, rel=1e-12)
+        assert result.bits_per_element <= budget + 1e-12
+        want = brute_force_tiers(calib, 512, budget, age_tiers, sinks)
+        assert result.predicted_cost == pytest.approx(want, rel=1e-12, abs=1e-15)
+
+
+def test_tier_planner_quantizes_sinks_where_their_share_is_cheap():
+    """Sinks that cost little when quantized go to int8 (sink option 4 is worth 0.8x sink option 0 in
+    the synthetic costs: the sinks carry a fifth of the cost).  At 5.05 bits, 4 fp16 sinks and an int4
+    bulk (5.09 bits) do not fit; 4 int8 sinks do (5.03 bits)."""
+    from kvcompile.plan.optimize import plan_tiers, sink_menu
+
+    calib = synthetic_tiers(0)
+    fp16_only = plan_tiers(calib, 1, budget_bits=5.05, context=512, corrected=False, sink_schemes=["fp16"])
+    menu = plan_tiers(calib, 1, budget_bits=5.05, context=512, corrected=False)
+    assert menu.predicted_cost < fp16_only.predicted_cost
+    sinks = {name for st in ("key", "value") for row in menu.pmap.schemes[st]["sink"] for name in row}
+    assert menu.pmap.sink_tokens == 4 and sinks == {"int8"} and menu.bits_per_element <= 5.05
+    assert sink_menu(calib) == ["fp16", "int8", "int4"]
+    with pytest.raises(KvcompileError, match="per-token schemes of the calibration"):
+        sink_menu(calib, ["fp16", "nf4"])
 
 
 def test_tiers_predict_no_worse_than_three_classes_and_use_a_tier_where_it_pays():
