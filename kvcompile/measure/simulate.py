@@ -38,6 +38,7 @@ from kvcompile.kv.segments import SegmentRule
 from kvcompile.models.attention_state import attention_state, state_of
 
 IMPLEMENTATION = "kvcompile_sim"
+QUERY_CHUNK = 512
 
 
 @dataclass
@@ -100,21 +101,63 @@ def _simulated_attention(module, query, key, value, attention_mask, scaling, dro
     k_forms, k_index = stored_forms(key, pmap, module.layer_idx, "key", p)
     v_forms, v_index = stored_forms(value, pmap, module.layer_idx, "value", p)
     # Compute in the model's dtype, as attention over the cache's (de-quantized) K/V would.
-    q, dt = query, query.dtype
+    dt = query.dtype
     k_index = k_index.repeat_interleave(groups, 0)
     v_index = v_index.repeat_interleave(groups, 0)
-    scores = q @ _repeat_heads(k_forms[0].to(dt), groups).transpose(-1, -2)
-    for tier, k in enumerate(k_forms[1:], 1):
-        scores = torch.where(k_index == tier, q @ _repeat_heads(k.to(dt), groups).transpose(-1, -2), scores)
-    scores = scores * scaling
-    if attention_mask is not None:
-        scores = scores + attention_mask[..., : key.shape[-2]].to(dt)
-    weights = torch.softmax(scores, dim=-1)
-    out = None
-    for tier in reversed(range(len(v_forms))):  # oldest form first: without age tiers, late + early as before
-        part = (weights * (v_index == tier).to(dt)) @ _repeat_heads(v_forms[tier].to(dt), groups)
-        out = part if out is None else out + part
+    k_forms = [_repeat_heads(k.to(dt), groups) for k in k_forms]
+    v_forms = [_repeat_heads(v.to(dt), groups) for v in v_forms]
+    t = key.shape[-2]
+    last = len(k_forms) - 1
+    outs = []
+    # Queries in chunks of QUERY_CHUNK rows (rows of a softmax are independent).  With the causal
+    # mask, rows [i0, i1) read keys [0, i1) only.  Within a chunk, the keys that every row reads in
+    # the oldest (bulk) form of both K and V form one run [lo, hi) after the sinks: that run takes
+    # one plain product with the bulk form; only the columns outside it (sinks, the recent window
+    # and the age tiers near the diagonal) need a product per form and a selection by index.
+    for i0 in range(0, t, QUERY_CHUNK):
+        i1 = min(i0 + QUERY_CHUNK, t)
+        keys = i1 if attention_mask is not None else t
+        q = query[:, :, i0:i1]
+        ki, vi = k_index[:, i0:i1, :keys], v_index[:, i0:i1, :keys]
+        lo, hi = _bulk_run((ki == last).all(0).all(0) & (vi == last).all(0).all(0))
+        spans = [(0, lo), (lo, hi), (hi, keys)]
+        scores = torch.cat([q @ k_forms[last][:, :, a:b].transpose(-1, -2) if (a, b) == (lo, hi)
+                            else _tiered_scores(q, k_forms, ki[:, :, a:b], a, b) for a, b in spans], dim=-1)
+        scores = scores * scaling
+        if attention_mask is not None:
+            scores = scores + attention_mask[..., i0:i1, :keys].to(dt)
+        weights = torch.softmax(scores, dim=-1)
+        out = weights[..., lo:hi] @ v_forms[last][:, :, lo:hi]
+        for a, b in ((0, lo), (hi, keys)):
+            if b > a:
+                for tier in reversed(range(len(v_forms))):
+                    where = vi[:, :, a:b] == tier
+                    if where.any():
+                        out = out + (weights[..., a:b] * where.to(dt)) @ v_forms[tier][:, :, a:b]
+        outs.append(out)
+    out = torch.cat(outs, dim=-2)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _bulk_run(uniform: torch.Tensor) -> tuple[int, int]:
+    """``(lo, hi)``: the longest run of True in ``uniform`` [keys] (empty: ``(0, 0)``)."""
+    if not uniform.any():
+        return 0, 0
+    x = torch.cat([torch.zeros(1, dtype=torch.int8), uniform.to(torch.int8), torch.zeros(1, dtype=torch.int8)])
+    edges = torch.nonzero(x.diff()).flatten()
+    starts, stops = edges[0::2], edges[1::2]
+    i = int((stops - starts).argmax())
+    return int(starts[i]), int(stops[i])
+
+
+def _tiered_scores(q, k_forms, index, a: int, b: int) -> torch.Tensor:
+    """``q @ k^T`` over key columns [a, b), each (row, column) from the form ``index`` names."""
+    scores = q @ k_forms[0][:, :, a:b].transpose(-1, -2)
+    for tier, k in enumerate(k_forms[1:], 1):
+        where = index == tier
+        if b > a and where.any():
+            scores = torch.where(where, q @ k[:, :, a:b].transpose(-1, -2), scores)
+    return scores
 
 
 ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, _simulated_attention)

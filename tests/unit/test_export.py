@@ -391,3 +391,21 @@ def test_a_format_the_native_library_lacks_falls_back_to_the_function_body(tiny_
     ours, _ = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=8)
     ref, _ = teacher_forced(open_decoder(ex, "torch", lm=tiny_lm), ids, prefill=8)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)
+
+
+def test_a_lloyd_max_map_exports_and_runs_through_the_function_body(tiny_lm, tiny_geometry, tmp_path):
+    """Lloyd-Max formats have an ONNX lowering but no native reader: their head groups are
+    KVAttentionPortable nodes, and ONNX Runtime's logits match the torch cache's."""
+    base = resolve_map("int4", tiny_geometry)
+    schemes = {s: dict(v) for s, v in base.schemes.items()}
+    schemes["key"]["bulk"] = (("lm3-rot", "int4"), ("lm4-rot", "lm4-rot"))
+    schemes["value"]["bulk"] = (("lm2", "int4"), ("lm2-rot", "lm2-rot"))
+    pmap = replace(base, schemes=schemes, _resolved={})
+    ex = export_onnx(tiny_lm, pmap, tmp_path / "e", max_context=64)
+    model = onnx.load(str(ex.onnx_path), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node if n.domain == "kvcompile"]
+    assert ops.count("KVAttentionPortable") == 2 and ops.count("KVAttention") == 1
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(6)).numpy()
+    ours, _ = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=8)
+    ref, _ = teacher_forced(open_decoder(ex, "torch", lm=tiny_lm), ids, prefill=8)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)

@@ -30,7 +30,7 @@ from kvcompile.ops import KV_ATTENTION  # noqa: E402
 from kvcompile.ops.attention import stream_attrs  # noqa: E402
 from kvcompile.ops.cache_update import run_cache_update, segment_ports  # noqa: E402
 from kvcompile.quant import get_scheme  # noqa: E402
-from kvcompile.quant.base import native_descriptor, part_layout  # noqa: E402
+from kvcompile.quant.base import native_descriptor, native_readable, part_layout  # noqa: E402
 from kvcompile.quant.nf4 import nf4_codebook  # noqa: E402
 from tests.conftest import adversarial  # noqa: E402
 
@@ -38,7 +38,7 @@ NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 BYTES = {torch.int8: 1, torch.float16: 2, torch.float32: 4}
 # everything in the planner's default menu that the library reads (fp8 has no ONNX lowering, Lloyd-Max
 # formats run the function body), plus variants
-SCHEMES = [s for s in DEFAULT_SCHEMES if s != "fp8" and not s.startswith("lm")] + ["int8-ch", "int4-sym", "int2-sym-ch-g16", "int3-s32",
+SCHEMES = [s for s in DEFAULT_SCHEMES if s != "fp8" and native_readable(get_scheme(s))] + ["int8-ch", "int4-sym", "int2-sym-ch-g16", "int3-s32",
                                                         "int8-ch-s32", "nf4-g32", "nf4-nodq", "int4-g16-rot"]
 
 

@@ -267,3 +267,19 @@ def test_lloyd_max_levels_are_pinned_and_beat_uniform_codes_at_fewer_bits():
     assert mse["lm2"] < 0.8 * mse["int2"] and mse["lm2"] < 0.6 * mse["int2-g64"]
     assert mse["lm3"] < 1.05 * mse["int3"]  # 3.5 bits against 4.0
     assert get_scheme("lm2").bits_per_element(D) == 2.5 and get_scheme("lm3-g64-rot").bits_per_element(D) == 3.25
+
+
+def test_dense_and_sparse_keeps_the_outliers_and_narrows_the_dense_range():
+    """One large value per position (a sparse outlier) stretches every group it falls in; stored apart
+    in fp16 it comes back to an fp16 step and the rest quantizes on its own range."""
+    x = torch.randn(1, 2, 64, D, generator=torch.Generator().manual_seed(3))
+    cols = torch.randint(0, D, (1, 2, 64, 1), generator=torch.Generator().manual_seed(4))
+    x = x.scatter(-1, cols, 30.0 * torch.sign(x.gather(-1, cols)))
+    for name in ("int2-ch", "int3", "lm2"):
+        dense, sparse = get_scheme(name), get_scheme(f"{name}-o1")
+        y = sparse.roundtrip(x)
+        assert torch.allclose(y.gather(-1, cols), x.gather(-1, cols), rtol=2 ** -10, atol=0)
+        assert (y - x).pow(2).mean() < 0.5 * (dense.roundtrip(x) - x).pow(2).mean()
+        assert sparse.bits_per_element(D) == dense.bits_per_element(D) + 24 / D
+    with pytest.raises(SchemeError, match="without -rot"):
+        get_scheme("int2-rot-o1")

@@ -51,9 +51,16 @@ def _tiered_map() -> PrecisionMap:
 
 
 @pytest.mark.parametrize("spec,sinks,window", [("int4", 0, 0), ("int2", 0, 0), ("kivi-2", 3, 5), ("int2-ch-g8", 2, 3),
-                                               ("int4-rot", 1, 2), ("mixed", None, None), ("tiers", None, None)])
+                                               ("int4-rot", 1, 2), ("lm2-rot", 1, 2), ("mixed", None, None),
+                                               ("tiers", None, None)])
 @pytest.mark.parametrize("prefill", [1, 9])
-def test_simulation_equals_token_by_token_decoding(model64, spec, sinks, window, prefill):
+@pytest.mark.parametrize("chunk", [512, 8])
+def test_simulation_equals_token_by_token_decoding(model64, spec, sinks, window, prefill, chunk, monkeypatch):
+    """``chunk``: queries per chunk of the simulated attention; 8 splits the 37 positions into chunks
+    whose keys include a bulk run computed on its own."""
+    from kvcompile.measure import simulate
+
+    monkeypatch.setattr(simulate, "QUERY_CHUNK", chunk)
     special = {"mixed": _mixed_map, "tiers": _tiered_map}
     pmap = special[spec]() if spec in special else resolve_map(spec, _geom(), sink_tokens=sinks, recent_window=window)
     ids = torch.randint(0, 97, (1, 37), generator=torch.Generator().manual_seed(7))

@@ -1,0 +1,260 @@
+"""Quality per bit with the full format menu: issue 16's goals at 512 and 4,096 tokens, retrieval, target KL.
+
+    python bench/quality_per_bit.py                        # every stage, ~1 h on 2 cores
+    python bench/quality_per_bit.py --stages retrieval     # one stage; the JSON keeps the others
+
+Stages (each writes its section of ``--out`` as soon as it ends, so a late failure loses nothing):
+
+* ``calibrate``: the default calibration (``kvcompile calibrate``: default menu, 4 x 512 tokens,
+  hybrid estimator), timed, saved to ``--calibration`` (skipped when that directory exists).
+* ``short``: 512-token windows.  At 3.0 and 2.5 bits/element: the plan restricted to the menu
+  before the Lloyd-Max formats (``previous menu``), the plan with the default menu (three classes:
+  fp16 sinks and window, bulk) and with one age tier and quantized sinks (``--age-tiers 1``: the
+  window, the tier and the sinks in 8/4-bit formats where it pays); KIVI-2 as a reference; the plain
+  and refined (``plan --refine``) maps for a KL target of 0.02.  All scored on the same 16 held-out
+  windows; the goals ≤ 1 % ΔPPL at ≤ 3.0 bits and ≤ 3 % at ≤ 2.5 bits are checked.
+* ``long``: the same at 4,096 tokens (bits counted at 4,096; 2 held-out windows); goal ≤ 1 % at ≤ 2.5 bits.
+* ``outliers``: whether dense-and-sparse formats earn a place in the default menu: one calibration
+  with the default menu plus ``OUTLIER_SCHEMES`` (timed), maps planned at 3.0 and 2.5 bits (one age
+  tier) with and without them, scored on the same 16 windows of 512.
+* ``retrieval``: ``kvcompile eval --task retrieval`` at 4,096 and 8,192 tokens (5 depths), KIVI-2
+  and the maps planned at that context; goal: accuracy equal to the full-precision cache at ≤ 3 bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, setup, write_json  # noqa: E402
+
+STAGES = ("calibrate", "short", "long", "retrieval", "outliers")
+OUTLIER_SCHEMES = ["int2-ch-o1", "int2-ch-g64-o1", "int3-ch-g64-o1", "lm2-o1", "lm2-g64-o1"]
+BUDGETS = (3.0, 2.5)
+TARGET_KL = 0.02
+GOALS = {"short": [(3.0, 1.0), (2.5, 3.0)], "long": [(2.5, 1.0)]}  # (bits at most, ΔPPL % at most)
+
+
+def previous_menu(schemes: list[str]) -> list[str]:
+    return [s for s in schemes if not s.startswith("lm")]
+
+
+def planned_maps(calib, context: int, with_previous: bool) -> dict:
+    from kvcompile.plan.optimize import plan
+
+    maps = {}
+    for b in BUDGETS:
+        if with_previous:
+            maps[f"plan {b:g}b previous menu"] = plan(calib, budget_bits=b, context=context,
+                                                      schemes=previous_menu(calib.schemes)).pmap
+        maps[f"plan {b:g}b"] = plan(calib, budget_bits=b, context=context).pmap
+        maps[f"plan {b:g}b tiers"] = plan(calib, budget_bits=b, context=context, age_tiers=1).pmap
+    return maps
+
+
+def goals(results: list[dict], stage: str) -> list[dict]:
+    out = []
+    for bits, dppl in GOALS[stage]:
+        fits = [r for r in results if r["bits_per_element"] <= bits + 1e-9 and r["name"].startswith("plan")]
+        best = min(fits, key=lambda r: r["delta_ppl_pct"])
+        met = best["delta_ppl_pct"] <= dppl
+        out.append({"bits_at_most": bits, "delta_ppl_pct_at_most": dppl, "best_map": best["name"],
+                    "bits_per_element": best["bits_per_element"], "delta_ppl_pct": best["delta_ppl_pct"], "met": met,
+                    "miss_factor": None if met else best["delta_ppl_pct"] / dppl})
+    return out
+
+
+def quality_stage(lm, calib, args, stage: str) -> dict:
+    from kvcompile.measure.quality import evaluate, format_table, kl_meter
+    from kvcompile.plan.presets import resolve_map
+    from kvcompile.plan.refine import refine_to_target
+
+    window, windows = (512, args.short_windows) if stage == "short" else (args.long_context, args.long_windows)
+    maps = {"kivi-2": resolve_map("kivi-2", lm.geometry), **planned_maps(calib, window, stage == "short")}
+    extra = {}
+    if stage == "short":
+        from kvcompile.plan.optimize import plan
+
+        maps[f"plan kl<={TARGET_KL}"] = plan(calib, target_kl=TARGET_KL, context=window).pmap
+        t0 = time.perf_counter()
+        refined = refine_to_target(calib, TARGET_KL, kl_meter(lm, calib.text, window, 2), context=window)
+        extra["refinement_seconds"] = time.perf_counter() - t0
+        maps[f"plan kl<={TARGET_KL} refined"] = refined.result.pmap
+    results = evaluate(lm, maps, text=args.text, window=window, max_windows=windows, progress=False)
+    print(f"\n{stage}: {window}-token windows")
+    print(format_table(results))
+    rows = [{"name": r.name, "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
+             "top1_agreement": r.top1_agreement, "ppl": r.ppl, "ppl_reference": r.ppl_reference,
+             "map": maps[r.name].summary(), "sink_tokens": maps[r.name].sink_tokens,
+             "recent_window": maps[r.name].recent_window, "age_windows": list(maps[r.name].age_windows),
+             "sink_schemes": sorted({s for st in ("key", "value") for row in maps[r.name].schemes[st]["sink"] for s in row}),
+             "lloyd_max_sites": sum(s.startswith("lm") for st in ("key", "value") for c in maps[r.name].schemes[st].values()
+                                    for row in c for s in row),
+             "seconds": r.seconds} for r in results]
+    doc = {"window": window, "windows": len(results[0].window_nll), "tokens_scored": results[0].tokens_scored,
+           "results": rows, "goals": goals(rows, stage), **extra}
+    if stage == "short":
+        by = {r["name"]: r for r in rows}
+        doc["target_kl"] = [{"map": n, "target": TARGET_KL, "held_out_kl": by[n]["kl"],
+                             "ratio": by[n]["kl"] / TARGET_KL} for n in (f"plan kl<={TARGET_KL}", f"plan kl<={TARGET_KL} refined")]
+    for g in doc["goals"]:
+        print(f"goal <= {g['bits_at_most']} bits at dPPL <= {g['delta_ppl_pct_at_most']} %: best {g['best_map']} "
+              f"{g['bits_per_element']:.3f} bits {g['delta_ppl_pct']:+.2f} % -> "
+              + ("met" if g["met"] else f"missed by {g['miss_factor']:.1f}x"))
+    for t in doc.get("target_kl", []):
+        print(f"target KL {t['target']}: {t['map']} measures {t['held_out_kl']:.4f} on held-out text ({t['ratio']:.2f}x)")
+    return doc
+
+
+def outliers_stage(lm, args) -> dict:
+    from kvcompile.calibrate import DEFAULT_SCHEMES, calibrate
+    from kvcompile.measure.quality import evaluate, format_table
+    from kvcompile.plan.optimize import plan
+
+    t0 = time.perf_counter()
+    calib = calibrate(lm, schemes=[*DEFAULT_SCHEMES, *OUTLIER_SCHEMES])
+    seconds = time.perf_counter() - t0
+    maps = {}
+    for b in BUDGETS:
+        maps[f"plan {b:g}b tiers"] = plan(calib, budget_bits=b, context=512, age_tiers=1,
+                                          schemes=list(DEFAULT_SCHEMES)).pmap
+        maps[f"plan {b:g}b tiers + outliers"] = plan(calib, budget_bits=b, context=512, age_tiers=1).pmap
+    results = evaluate(lm, maps, text=args.text, window=512, max_windows=args.short_windows, progress=False)
+    print("\noutlier formats in the menu (512-token windows)")
+    print(format_table(results))
+    rows = [{"name": r.name, "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
+             "outlier_sites": sum("-o" in s for st in ("key", "value") for c in maps[r.name].schemes[st].values()
+                                  for row in c for s in row)} for r in results]
+    return {"calibration_seconds": seconds, "schemes": calib.schemes, "results": rows}
+
+
+def retrieval_stage(lm, calib, args) -> dict:
+    from kvcompile.measure.retrieval import format_retrieval_table, retrieval
+    from kvcompile.plan.presets import resolve_map
+
+    out = {}
+    for context in args.retrieval_contexts:
+        maps = {"kivi-2": resolve_map("kivi-2", lm.geometry),
+                **{k: v for k, v in planned_maps(calib, context, False).items()}}
+        results = retrieval(lm, maps, context=context, trials=args.trials, text=args.text, progress=False)
+        print(f"\nretrieval at {context} tokens")
+        print(format_retrieval_table(results))
+        rows = [r.to_json() for r in results]
+        fits = [r for r in rows if r["bits_per_element"] <= 3.0 + 1e-9 and r["name"].startswith("plan")]
+        best = max(fits, key=lambda r: r["accuracy"])
+        out[str(context)] = {"results": rows, "goal": {
+            "bits_at_most": 3.0, "best_map": best["name"], "accuracy": best["accuracy"],
+            "accuracy_reference": best["accuracy_reference"], "met": best["accuracy"] >= best["accuracy_reference"]}}
+        write_partial(args, "retrieval", out)
+    return out
+
+
+def readme_lines(doc: dict) -> list[str]:
+    """The Markdown README.md quotes from the JSON (``tests/unit/test_docs_figures.py`` checks it is there)."""
+    out = []
+    for stage in ("short", "long"):
+        if "results" not in doc.get(stage, {}):
+            continue
+        sec = doc[stage]
+        out += [f"| {sec['window']} tokens | bits/elt | ΔPPL | KL | sinks | window + age tiers | Lloyd-Max sites |",
+                "|---|---|---|---|---|---|---|"]
+        for r in sec["results"]:
+            sinks = f"{r['sink_tokens']} ({'/'.join(r['sink_schemes'])})" if r["sink_tokens"] else "0"
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
+                       f"{sinks} | {r['recent_window']} + {r['age_windows']} | {r['lloyd_max_sites']} |")
+        for g in sec["goals"]:
+            verdict = "met" if g["met"] else f"missed by {g['miss_factor']:.1f}x"
+            out.append(f"- goal at {sec['window']} tokens, ≤ {g['bits_at_most']} bits at ΔPPL ≤ {g['delta_ppl_pct_at_most']} %: "
+                       f"best {g['best_map']}, {g['bits_per_element']:.3f} bits, {g['delta_ppl_pct']:+.2f} %: {verdict}")
+        for t in sec.get("target_kl", []):
+            out.append(f"- target KL {t['target']}: {t['map']} measures {t['held_out_kl']:.4f} on held-out text "
+                       f"({t['ratio']:.2f}x the target)")
+    if "results" in doc.get("outliers", {}):
+        out += ["| 512 tokens, menu with outlier formats | bits/elt | ΔPPL | KL | sites in an outlier format |",
+                "|---|---|---|---|---|"]
+        for r in doc["outliers"]["results"]:
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
+                       f"{r['outlier_sites']} |")
+    if doc.get("retrieval") and "error" not in doc["retrieval"]:
+        out += ["| context | map | bits/elt | accuracy | full precision | agreement |", "|---|---|---|---|---|---|"]
+        for context, sec in doc["retrieval"].items():
+            for r in sec["results"]:
+                out.append(f"| {context} | {r['name']} | {r['bits_per_element']:.3f} | {r['accuracy']:.2f} | "
+                           f"{r['accuracy_reference']:.2f} | {r['agreement']:.2f} |")
+        for context, sec in doc["retrieval"].items():
+            g = sec["goal"]
+            out.append(f"- retrieval goal at {context} tokens, ≤ 3 bits: best {g['best_map']}, accuracy {g['accuracy']:.2f} "
+                       f"against {g['accuracy_reference']:.2f} at full precision: {'met' if g['met'] else 'missed'}")
+    return out
+
+
+def write_partial(args, stage: str, section) -> None:
+    path = Path(args.out)
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc[stage] = section
+    doc["environment"] = environment(args.threads)
+    write_json(path, doc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--stages", default=",".join(STAGES))
+    ap.add_argument("--calibration", default="bench/results/quality-per-bit-calibration")
+    ap.add_argument("--text", default="wikipedia-heldout")
+    ap.add_argument("--short-windows", type=int, default=16)
+    ap.add_argument("--long-context", type=int, default=4096)
+    ap.add_argument("--long-windows", type=int, default=2)
+    ap.add_argument("--retrieval-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
+    ap.add_argument("--trials", type=int, default=1, help="retrieval cases per depth")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="bench/results/quality_per_bit.json")
+    args = ap.parse_args()
+    setup(args.threads)
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        ap.error(f"unknown stages {sorted(unknown)}; expected some of {', '.join(STAGES)}")
+
+    from kvcompile.calibrate import Calibration, calibrate
+    from kvcompile.models import load_model
+
+    lm = load_model(args.model)
+    if "calibrate" in stages or not Path(args.calibration).exists():
+        t0 = time.perf_counter()
+        calib = calibrate(lm)
+        seconds = time.perf_counter() - t0
+        calib.save(args.calibration)
+        print(f"calibration: {seconds:.1f} s for {len(calib.schemes)} schemes on {calib.windows} x {calib.window} tokens")
+        write_partial(args, "calibrate", {"seconds": seconds, "schemes": calib.schemes, "windows": calib.windows,
+                                          "window": calib.window, "estimator": calib.estimator,
+                                          "directory": args.calibration})
+    calib = Calibration.load(args.calibration)
+    failed = []
+    for stage in stages:
+        if stage == "calibrate":
+            continue
+        try:
+            if stage == "retrieval":
+                section = retrieval_stage(lm, calib, args)
+            elif stage == "outliers":
+                section = outliers_stage(lm, args)
+            else:
+                section = quality_stage(lm, calib, args, stage)
+            write_partial(args, stage, section)
+        except Exception:  # keep the other stages' results; the error goes into the JSON
+            traceback.print_exc()
+            failed.append(stage)
+            write_partial(args, stage, {"error": traceback.format_exc(limit=3)})
+    print("\n".join(readme_lines(json.loads(Path(args.out).read_text()))))
+    print(f"wrote {args.out}" + (f"; failed stages: {failed}" if failed else ""))
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
