@@ -28,7 +28,12 @@ This charges each tier's own rounding only; a position re-quantized along the ch
 (``Q_bulk(Q_age(x))``) carries both errors, which the difference ignores (small when the age tier is
 finer than the bulk).  Each site's options are its (age schemes, bulk scheme) combinations, cut to
 the Pareto front of (bits, cost) before the same exact knapsack; the outer choice over (n, W_1..)
-is exhaustive.
+is exhaustive.  ``W_1 = 0`` makes the first age tier a quantized recent window.
+
+Sink formats (``plan_tiers``; :data:`SINK_SCHEMES`): each site may also store its n sinks in a
+per-token format s instead of fp16, charged ``max(cost(s, 0, 0) - cost(s, 0, n), 0)``: the bulk
+cost of s over all query distances without protected sinks, minus with n of them, which is the
+sinks' own share of it.
 """
 
 from __future__ import annotations

@@ -18,6 +18,12 @@ def run_cli(*args):
     (["eval", "/nonexistent/model", "--scheme", "int4"], "model '/nonexistent/model' not found"),
     (["eval", "--map", "/nonexistent/map.json"], "precision_map file not found"),
     (["eval", "--scheme", "int4", "--text", "/nonexistent.txt"], "text '/nonexistent.txt' not found"),
+    (["eval", "--scheme", "int4", "--task", "retrieval", "--mode", "decode"], "--task retrieval scores by the exact"),
+    (["eval", "--scheme", "int4", "--task", "retrieval", "--depths", "0.5,x"], "--depths: expected comma-separated"),
+    (["eval", "--scheme", "int4", "--task", "retrieval", "--depths", "1.5"], "retrieval depths must be fractions"),
+    (["eval", "--scheme", "int4", "--task", "retrieval", "--window", "9000"], "exceeds the model's context of 8192"),
+    (["eval", "--scheme", "int2-rot-o1"], "the base of an outlier format must be an integer or Lloyd-Max format"),
+    (["eval", "--scheme", "lm5"], "lm: bits must be one of (2, 3, 4)"),
 ])
 def test_one_line_errors(args, message):
     proc = run_cli(*args)

@@ -312,3 +312,23 @@ def test_readme_peers_table_and_goals_are_the_bench_output():
                 f"{g['best_peer_delta_ppl_pct']:+.2f} % (the best peer with at least as many bits): goal "
                 f"{'met' if g['met'] else 'missed'}")
         assert line in lines, f"README.md lacks the goal line {line!r}"
+
+
+def test_readme_quality_per_bit_section_is_the_bench_output():
+    """bench/quality_per_bit.py's tables and goal lines (issue 16) appear in README.md as the JSON gives them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_per_bit", ROOT / "bench" / "quality_per_bit.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = result("quality_per_bit")
+    assert set(bench.STAGES) <= set(doc) and not any("error" in doc[s] for s in bench.STAGES)
+    lines = text("README.md").splitlines()
+    wanted = bench.readme_lines(doc)
+    assert len(wanted) > 30
+    for line in wanted:
+        assert line in lines, f"README.md lacks the bench/quality_per_bit.py line {line!r}"
+    seconds = f"calibration with the default menu of {len(doc['calibrate']['schemes'])} formats took " \
+              f"{doc['calibrate']['seconds']:.0f} s"
+    assert seconds in text("README.md")
+    assert f"takes {doc['outliers']['calibration_seconds']:.0f} s, over the 2-minute target" in text("README.md")
