@@ -412,7 +412,8 @@ def cmd_schemes(args) -> int:
             bits = f"{'cannot store':>18}"
         print(f"{name:<12} {bits}  {s.axis:<8} {s.token_group}")
     print("\npresets: " + ", ".join(PRESETS))
-    print("integer grammar: int<2|3|4|8>[-sym][-ch][-g<G>][-s32][-rot]; nf4[-g<G>][-nodq]; fp8; fp16")
+    print("grammar: int<2|3|4|8>[-sym][-ch][-g<G>][-s32][-rot]; lm<2|3|4>[-g<G>][-rot]; <int or lm base>-o<k>; "
+          "nf4[-g<G>][-nodq]; fp8; fp16")
     return 0
 
 
