@@ -185,7 +185,7 @@ def readme_lines(doc: dict) -> list[str]:
             out.append(f"- target KL {t['target']}: {t['map']} measures {t['held_out_kl']:.4f} on held-out text "
                        f"({t['ratio']:.2f}x the target)")
     if "results" in doc.get("outliers", {}):
-        out += ["| 512 tokens, menu with outlier formats | bits/elt | ΔPPL | KL | sites in an outlier format |",
+        out += ["| 512 tokens, menu with outlier formats | bits/elt | ΔPPL | KL | entries in an outlier format |",
                 "|---|---|---|---|---|"]
         for r in doc["outliers"]["results"]:
             out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
