@@ -181,6 +181,14 @@ def empty_quantized(scheme: "StorageScheme", shape: tuple[int, ...]) -> Quantize
     return QuantizedTensor(scheme.name, tuple(shape), parts)
 
 
+def channel_groups(scheme: "StorageScheme", x: torch.Tensor, group: int) -> torch.Tensor:
+    """``x`` [..., D] viewed as [..., D/group, group] (groups of consecutive channels of one position)."""
+    d = x.shape[-1]
+    if d % group:
+        raise SchemeError(f"{scheme.name}: head dim {d} is not a multiple of the group size {group}")
+    return x.reshape(*x.shape[:-1], d // group, group)
+
+
 def is_empty(x) -> bool:
     return math.prod(x.shape if torch.is_tensor(x) else x) == 0
 

@@ -37,8 +37,9 @@ import torch
 
 from kvcompile.errors import SchemeError
 from kvcompile.quant import onnx_ops as ox
-from kvcompile.quant.base import (FP16_MAX, FamilyTraits, QuantizedTensor, StorageScheme, check_input, check_range,
-                                  empty_quantized, is_empty, register_family, register_traits, round_to_dtype)
+from kvcompile.quant.base import (FP16_MAX, channel_groups, FamilyTraits, QuantizedTensor, StorageScheme, check_input,
+                                  check_range, empty_quantized, is_empty, register_family, register_traits,
+                                  round_to_dtype)
 from kvcompile.quant.hadamard import rotate
 from kvcompile.quant.packing import pack_bits, unpack_bits
 
@@ -94,10 +95,7 @@ class LloydMaxScheme(StorageScheme):
         return self.bits + 16 * (head_dim // self.group_size) / head_dim
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1]
-        if d % self.group_size:
-            raise SchemeError(f"{self.name}: head dim {d} is not a multiple of the group size {self.group_size}")
-        return x.reshape(*x.shape[:-1], d // self.group_size, self.group_size)
+        return channel_groups(self, x, self.group_size)
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         x = check_input(x, self, None if self.rotate else FP16_MAX)

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from kvcompile.errors import SchemeError
-from kvcompile.quant.base import (FP16_MAX, QuantizedTensor, StorageScheme, check_input, empty_quantized, is_empty,
-                                  register_family, round_to_dtype)
+from kvcompile.quant.base import (FP16_MAX, channel_groups, QuantizedTensor, StorageScheme, check_input,
+                                  empty_quantized, is_empty, register_family, round_to_dtype)
 from kvcompile.quant.packing import pack_bits, unpack_bits
 from kvcompile.quant import onnx_ops as ox
 from kvcompile.quant.base import NATIVE_NF4, FamilyTraits, register_traits
@@ -68,10 +68,7 @@ class NF4Scheme(StorageScheme):
         return 4 + scale_bits / head_dim
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1]
-        if d % self.group_size:
-            raise SchemeError(f"{self.name}: head dim {d} is not a multiple of the group size {self.group_size}")
-        return x.reshape(*x.shape[:-1], d // self.group_size, self.group_size)
+        return channel_groups(self, x, self.group_size)
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         x = check_input(x, self, FP16_MAX)
