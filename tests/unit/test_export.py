@@ -364,6 +364,18 @@ def test_validate_fails_each_injected_fault_on_the_test_model(exports, maps, tin
         assert bad.cache_mismatched_tensors > 0
 
 
+def _portable_groups_match_torch(ex, lm, portable: int, native: int) -> None:
+    """The export has ``portable`` KVAttentionPortable and ``native`` KVAttention nodes, and ONNX
+    Runtime's teacher-forced logits match the torch cache's."""
+    model = onnx.load(str(ex.onnx_path), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node if n.domain == "kvcompile"]
+    assert ops.count("KVAttentionPortable") == portable and ops.count("KVAttention") == native
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(6)).numpy()
+    ours, _ = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=8)
+    ref, _ = teacher_forced(open_decoder(ex, "torch", lm=lm), ids, prefill=8)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)
+
+
 def test_a_format_the_native_library_lacks_falls_back_to_the_function_body(tiny_lm, tiny_geometry, tmp_path, caplog):
     """A head group whose format has no native descriptor is emitted as KVAttentionPortable (one
     notice line at export); the library runs the other groups, the body runs that one."""
@@ -384,13 +396,7 @@ def test_a_format_the_native_library_lacks_falls_back_to_the_function_body(tiny_
         update_traits(NF4Scheme, native=saved)
     notices = [r.getMessage() for r in caplog.records if "native library cannot read" in r.getMessage()]
     assert len(notices) == 1 and "nf4" in notices[0] and "\n" not in notices[0]
-    model = onnx.load(str(ex.onnx_path), load_external_data=False)
-    ops = [n.op_type for n in model.graph.node if n.domain == "kvcompile"]
-    assert ops.count("KVAttentionPortable") == 1 and ops.count("KVAttention") == 2
-    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(6)).numpy()
-    ours, _ = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=8)
-    ref, _ = teacher_forced(open_decoder(ex, "torch", lm=tiny_lm), ids, prefill=8)
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)
+    _portable_groups_match_torch(ex, tiny_lm, portable=1, native=2)
 
 
 def test_a_lloyd_max_map_exports_and_runs_through_the_function_body(tiny_lm, tiny_geometry, tmp_path):
@@ -402,10 +408,4 @@ def test_a_lloyd_max_map_exports_and_runs_through_the_function_body(tiny_lm, tin
     schemes["value"]["bulk"] = (("lm2", "int4"), ("lm2-rot", "lm2-rot"))
     pmap = replace(base, schemes=schemes, _resolved={})
     ex = export_onnx(tiny_lm, pmap, tmp_path / "e", max_context=64)
-    model = onnx.load(str(ex.onnx_path), load_external_data=False)
-    ops = [n.op_type for n in model.graph.node if n.domain == "kvcompile"]
-    assert ops.count("KVAttentionPortable") == 2 and ops.count("KVAttention") == 1
-    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(6)).numpy()
-    ours, _ = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=8)
-    ref, _ = teacher_forced(open_decoder(ex, "torch", lm=tiny_lm), ids, prefill=8)
-    np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)
+    _portable_groups_match_torch(ex, tiny_lm, portable=2, native=1)
