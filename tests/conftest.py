@@ -26,6 +26,25 @@ def make_tiny_llama(dtype=torch.float32, seed: int = 0, layers: int = 2):
     return model
 
 
+def make_tiny_gemma3(dtype=torch.float32, seed: int = 0, window: int = 8):
+    """A random 3-layer Gemma 3 (sliding, full, sliding; window ``window``), 4 query heads, 2 kv
+    heads, head_dim 32, q/k norms and post norms: the second architecture, small enough to decode exactly."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(vocab_size=97, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=256,
+                              sliding_window=window, query_pre_attn_scalar=32,
+                              layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                              attn_implementation="sdpa")
+    model = Gemma3ForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # random norm weights (Gemma initializes them at 0, i.e. scale 1)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    return model
+
+
 def adversarial(t: int, d: int = 64, seed: int = 0) -> torch.Tensor:
     """[2, 3, t, d]: normal data, an outlier channel, a constant head, zeros, tiny and large values."""
     g = torch.Generator().manual_seed(seed)

@@ -21,6 +21,13 @@ the Triton append kernel (bit-identical to the reference) and a decode step does
 de-quantize at all: ``update`` returns :class:`PackedView` markers and the ``kvcompile_kernels``
 attention implementation (:func:`enable_kernel_attention`) runs the fused decode-attention
 kernel on the packed segments.  Prefill steps attend over de-quantized states as before.
+
+A sliding-window layer of the map (``pmap.window(layer) = W``) stores each group in a
+:class:`~kvcompile.kv.store.WindowStore` instead: one per-token scheme, the last ``W - 1``
+positions kept between updates, so the layer never holds more than its window (plus the
+positions of the update in progress).  ``update`` returns the stored and new positions, and
+:meth:`MixedPrecisionLayer.get_mask_sizes` tells ``transformers``' sliding-window mask where they
+start.  The kernel mode does not support window layers.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvcompile.errors import CacheError
 from kvcompile.kv.grouping import joint_groups, stream_groups
 from kvcompile.kv.precision_map import STREAMS, PrecisionMap
-from kvcompile.kv.store import SegmentStore, reference_quantize
+from kvcompile.kv.store import SegmentStore, WindowStore, reference_quantize
 from kvcompile.quant import QuantizedTensor
 
 
@@ -49,7 +56,9 @@ class MixedPrecisionLayer(CacheLayerMixin):
         self.max_context = max_context
         self.kernels = kernels
         self.length = 0
-        self.stores: dict[str, list[SegmentStore]] = {}
+        self.window = pmap.window(layer_idx)
+        self.is_sliding = bool(self.window)  # read by transformers' mask functions
+        self.stores: dict[str, list[SegmentStore | WindowStore]] = {}
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._setup(key_states.device, key_states.dtype, key_states.shape[0])
@@ -67,6 +76,7 @@ class MixedPrecisionLayer(CacheLayerMixin):
             quantize = reference_quantize
         for stream in STREAMS:
             self.stores[stream] = [
+                WindowStore(heads, schemes["bulk"], self.window, quantize) if self.window else
                 SegmentStore(heads, schemes, self.pmap.segment_rule(self.layer_idx, heads[0], stream), quantize)
                 for schemes, heads in stream_groups(self.pmap, self.layer_idx, stream)
             ]
@@ -102,15 +112,19 @@ class MixedPrecisionLayer(CacheLayerMixin):
             groups = self.stores[stream]
             for g in groups:
                 g.append(states[:, g.heads] if len(groups) > 1 else states, self.length)
-            if self.length + new == 0:  # an empty update of an empty cache: nothing stored, nothing to read
+            held = groups[0].length
+            if held == 0:  # an empty update of an empty cache: nothing stored, nothing to read
                 full = torch.empty(states.shape[0], states.shape[1], 0, states.shape[3])
             elif len(groups) == 1:
                 full = groups[0].read()
             else:
-                full = torch.empty(states.shape[0], states.shape[1], self.length + new, states.shape[3])
+                full = torch.empty(states.shape[0], states.shape[1], held, states.shape[3])
                 for g in groups:
                     full[:, g.heads] = g.read()
             out.append(full.to(device=self.device, dtype=self.dtype))
+            if self.window:
+                for g in groups:
+                    g.evict()
         self.length += new
         return out[0], out[1]
 
@@ -137,8 +151,16 @@ class MixedPrecisionLayer(CacheLayerMixin):
             out[:, q_heads] = decode_attention(query[:, q_heads, 0].float(), runs, scaling)
         return out[:, None].to(query.dtype)
 
+    def held(self) -> int:
+        """Positions stored now (all of them, or a window layer's last W - 1 at most)."""
+        if not self.window or not self.is_initialized:
+            return self.length
+        return self.stores["key"][0].length
+
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.length + query_length, 0
+        """(keys the next update returns, position of the first of them)."""
+        held = self.held()
+        return held + query_length, self.length - held
 
     def get_seq_length(self) -> int:
         return self.length
@@ -203,6 +225,9 @@ class MixedPrecisionCache(Cache):
     def __init__(self, pmap: PrecisionMap, max_context: int = 8192, kernels: bool = False):
         self.pmap = pmap
         self.max_context = max_context
+        if kernels and any(pmap.layer_windows):
+            raise CacheError("MixedPrecisionCache(kernels=True) does not support sliding-window layers yet; "
+                             "expected a map without layer_windows")
         if kernels:
             from kvcompile.kernels import unsupported_reason
 
@@ -229,9 +254,11 @@ class MixedPrecisionCache(Cache):
         return self
 
     def bits_per_element(self) -> float:
+        """Stored bits per element of the K/V the cache holds now (window layers: their window)."""
         length = self.get_seq_length()
         batch = self.batch_size if length else 0
-        elements = 2 * self.pmap.num_layers * self.pmap.num_kv_heads * self.pmap.head_dim * length * max(batch, 1)
+        held = sum(layer.held() for layer in self.layers)
+        elements = 2 * self.pmap.num_kv_heads * self.pmap.head_dim * held * max(batch, 1)
         return 8 * self.nbytes() / elements if length else 0.0
 
 

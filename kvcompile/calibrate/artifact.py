@@ -39,6 +39,14 @@ JSON_NAME = "calibration.json"
 TENSORS_NAME = "calibration.safetensors"
 
 
+def _geometry(doc: dict) -> KVGeometry:
+    """The geometry of a calibration file (``layer_windows`` as a tuple; absent in older files)."""
+    if not isinstance(doc, dict):
+        raise TypeError("geometry")
+    windows = doc.get("layer_windows", [])
+    return KVGeometry(**{**doc, "layer_windows": tuple(windows) if isinstance(windows, list) else windows})
+
+
 @dataclass
 class Calibration:
     model: str
@@ -75,6 +83,10 @@ class Calibration:
         for name, hi in (("num_layers", 4096), ("num_kv_heads", 1024), ("num_q_heads", 65536), ("head_dim", 4096),
                          ("max_positions", 1 << 24)):
             integer(f"geometry.{name}", getattr(g, name), 1, hi)
+        if not isinstance(g.layer_windows, tuple) or (g.layer_windows and len(g.layer_windows) != g.num_layers):
+            raise ArtifactError(f"calibration: geometry.layer_windows must be empty or list {g.num_layers} windows")
+        for w in g.layer_windows:
+            integer("geometry.layer_windows[]", w, 0, 1 << 20)
         integer("windows", self.windows, 1, 1 << 16)
         integer("window", self.window, 2, 1 << 20)
         for name in ("model", "text", "cost_unit"):
@@ -173,7 +185,7 @@ class Calibration:
             raise ArtifactError(f"{tensors_path}: not a readable safetensors file ({str(e)[:120]})") from None
         try:
             return cls(
-                model=doc["model"], geometry=KVGeometry(**doc["geometry"]), text=doc["text"], windows=doc["windows"],
+                model=doc["model"], geometry=_geometry(doc["geometry"]), text=doc["text"], windows=doc["windows"],
                 window=doc["window"], estimator=doc["estimator"], cost_unit=doc["cost_unit"], schemes=list(doc["schemes"]),
                 sink_options=list(doc["sink_options"]), window_options=list(doc["window_options"]),
                 cost=tensors["cost"], curvature=tensors["curvature"], diameter=tensors["diameter"],

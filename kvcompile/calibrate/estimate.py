@@ -86,6 +86,9 @@ def _calibration_attention(module, query, key, value, attention_mask, scaling, d
     groups = query.shape[1] // key.shape[1]
     t = key.shape[-2]
     buckets = distance_buckets(t, state.window_options).to(query.device)
+    if kwargs.get("sliding_window"):  # a sliding-window layer reads no key W or more positions back
+        near = (torch.arange(t)[:, None] - torch.arange(t)[None, :] < kwargs["sliding_window"]).to(query.device)
+        buckets = buckets & near
     causal = buckets.any(0)
     record = {"key": key.detach(), "value": value.detach()}
     if state.estimator in ("fisher", "hybrid"):

@@ -239,7 +239,7 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: 
     from kvcompile.ops.spec import DOMAIN, collect_functions
 
     g = lm.geometry
-    pmap.check_model(g.num_layers, g.num_kv_heads, g.head_dim)
+    pmap.check_model(g.num_layers, g.num_kv_heads, g.head_dim, g.layer_windows)
     _check_exportable(pmap, g.head_dim)
     build = _builder_for(lm.model.config.model_type)
     groups = cache_layout(pmap)

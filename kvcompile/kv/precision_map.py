@@ -18,12 +18,21 @@ Recency tiers: between ``recent`` and ``bulk`` a map may have age tiers ``age1 .
 ``age_windows[i]`` positions each; a position moves ``recent -> age1 -> ... -> bulk`` as it ages,
 re-quantized from tier to tier (:mod:`kvcompile.kv.segments` gives the positions per tier).
 
+Sliding-window layers (``layer_windows``, one entry per layer: the window W, or 0 for full
+attention): such a layer keeps only the positions a later query can read, the last W, so it has
+no sinks, window or bulk: every class of each (kv head, stream) holds the same per-token scheme,
+each position is quantized once and dropped when it leaves the window.  :meth:`PrecisionMap.windowed`
+turns any map into one for a model with such layers (each window layer takes its bulk scheme if
+that is per-token, else its recent scheme).  A window layer stores ``min(N, W)`` positions at a
+context of N, and bits per element count only the positions stored.
+
 File format (JSON, ``format_version`` 2; version 1 files, which have no ``age_windows``, load as
 maps without age tiers)::
 
     {"artifact": "precision_map", "format_version": 2, "kvcompile_version": "...",
      "model": "smollm2-135m", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
      "sink_tokens": 4, "recent_window": 32, "age_windows": [96, 384], "calibration_hash": null,
+     "layer_windows": [512, 512, 0, ...]   (only in maps of models with sliding-window layers)
      "description": "...",
      "schemes": {"key":   {"sink": [[...] * heads] * layers, "recent": ..., "age1": ..., "age2": ...,
                            "bulk": ...},
@@ -83,6 +92,8 @@ class PrecisionMap:
     provenance: dict = field(default_factory=dict)
     #: windows of the age tiers age1 .. ageK between recent and bulk (empty: sink / recent / bulk)
     age_windows: tuple[int, ...] = ()
+    #: per layer, the sliding window of a window layer or 0 (empty: no window layers)
+    layer_windows: tuple[int, ...] = ()
     _resolved: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -144,6 +155,11 @@ class PrecisionMap:
                 any(type(w) is not int or not 1 <= w <= 1 << 20 for w in windows):
             raise ArtifactError(f"precision map: age_windows must list at most {MAX_AGE_TIERS} integers from 1 to "
                                 f"{1 << 20}, got {_short(windows)}")
+        lw = self.layer_windows
+        if not isinstance(lw, (list, tuple)) or (lw and len(lw) != self.num_layers) or \
+                any(type(w) is not int or not 0 <= w <= 1 << 20 for w in lw):
+            raise ArtifactError(f"precision map: layer_windows must be empty or list {self.num_layers} integers from 0 "
+                                f"(full attention) to {1 << 20}, got {_short(lw)}")
         if not isinstance(self.provenance, dict):
             raise ArtifactError(f"precision map: provenance must be a JSON object, got {_short(self.provenance)}")
         if not isinstance(self.schemes, dict) or set(self.schemes) != set(STREAMS):
@@ -169,8 +185,50 @@ class PrecisionMap:
                         if cls_name in ("sink", "recent") and scheme.token_group != 1:
                             raise ArtifactError(f"precision map: {where}[{layer}][{head}] = {name!r} groups positions "
                                                 f"(-ch); the {cls_name} class needs a per-token scheme")
+        for layer in range(self.num_layers):
+            if not self.window(layer):
+                continue
+            for stream in STREAMS:
+                for head in range(self.num_kv_heads):
+                    names = {self.schemes[stream][c][layer][head] for c in self.classes}
+                    if len(names) != 1 or get_scheme(next(iter(names))).token_group != 1:
+                        raise ArtifactError(f"precision map: layer {layer} is a sliding-window layer; its {stream} head "
+                                            f"{head} needs one per-token scheme in every class, got {sorted(names)}")
+
+    def windowed(self, layer_windows) -> "PrecisionMap":
+        """This map for a model whose layers have sliding windows ``layer_windows`` (0: full
+        attention): each window layer's (head, stream) takes its bulk scheme in every class if that
+        scheme is per-token, else its recent scheme.  Empty or all-zero windows: the map unchanged."""
+        from dataclasses import replace
+
+        windows = tuple(layer_windows)
+        if not any(windows):
+            return self if not self.layer_windows else replace(self, layer_windows=(), _resolved={})
+        if len(windows) != self.num_layers:
+            raise ArtifactError(f"precision map: {len(windows)} layer windows for a map of {self.num_layers} layers")
+        schemes = {st: {c: [list(row) for row in grid] for c, grid in self.schemes[st].items()} for st in STREAMS}
+        for layer, w in enumerate(windows):
+            if not w:
+                continue
+            for st in STREAMS:
+                for head in range(self.num_kv_heads):
+                    bulk = schemes[st]["bulk"][layer][head]
+                    name = bulk if get_scheme(bulk).token_group == 1 else schemes[st]["recent"][layer][head]
+                    for c in self.classes:
+                        schemes[st][c][layer][head] = name
+        frozen = {st: {c: tuple(tuple(row) for row in grid) for c, grid in v.items()} for st, v in schemes.items()}
+        return replace(self, schemes=frozen, layer_windows=windows, _resolved={})
 
     # ---------------------------------------------------------------- queries
+    def window(self, layer: int) -> int:
+        """Layer ``layer``'s sliding window (0: full attention, the sink / recent / bulk model)."""
+        return self.layer_windows[layer] if self.layer_windows else 0
+
+    def stored_positions(self, layer: int, seq_len: int) -> int:
+        """Positions layer ``layer`` stores at a context of ``seq_len``: ``min(seq_len, W)`` for a window layer."""
+        w = self.window(layer)
+        return min(seq_len, w) if w else seq_len
+
     @property
     def classes(self) -> tuple[str, ...]:
         """Position classes: ``("sink", "recent", "age1", ..., "bulk")``."""
@@ -212,24 +270,37 @@ class PrecisionMap:
         ``memory="allocated"``: the bits of buffers that hold any length up to ``seq_len``."""
         total = 0.0
         for layer, head, stream in self.sites():
+            if self.window(layer):  # one per-token scheme over the positions in the window
+                total += self.stored_positions(layer, seq_len) * self.head_dim * \
+                    self.scheme(layer, head, stream, "bulk").bits_per_element(self.head_dim)
+                continue
             for cls_name, count in self.segment_lengths(layer, head, stream, seq_len, memory).items():
                 total += count * self.head_dim * self.scheme(layer, head, stream, cls_name).bits_per_element(self.head_dim)
         return total
 
+    def stored_elements(self, seq_len: int) -> int:
+        """K/V elements a full-precision cache with the same windows stores at ``seq_len`` positions."""
+        return 2 * self.num_kv_heads * self.head_dim * sum(self.stored_positions(l, seq_len) for l in range(self.num_layers))
+
     def bits_per_element(self, seq_len: int, memory: str = "final") -> float:
-        """Average stored bits per K/V element over a context of ``seq_len`` positions."""
-        return self.kv_bits(seq_len, memory) / (2 * self.num_layers * self.num_kv_heads * self.head_dim * seq_len)
+        """Average stored bits per stored K/V element over a context of ``seq_len`` positions
+        (window layers count the positions of their window only, so fp16 everywhere is 16)."""
+        return self.kv_bits(seq_len, memory) / self.stored_elements(seq_len)
 
     def kv_bytes(self, seq_len: int, batch: int = 1, memory: str = "final") -> float:
         return self.kv_bits(seq_len, memory) * batch / 8
 
-    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int) -> None:
+    def check_model(self, num_layers: int, num_kv_heads: int, head_dim: int, layer_windows=()) -> None:
         got = (self.num_layers, self.num_kv_heads, self.head_dim)
         if got != (num_layers, num_kv_heads, head_dim):
             raise ArtifactError(
                 f"precision map is for layers x kv heads x head dim = {got}, the model has "
                 f"{(num_layers, num_kv_heads, head_dim)}"
             )
+        if tuple(layer_windows or ()) != tuple(self.layer_windows):
+            raise ArtifactError(f"precision map has sliding windows {list(self.layer_windows) or 'none'}, the model "
+                                f"{list(layer_windows) or 'none'}; make the map for this model (kvcompile plan, or "
+                                "PrecisionMap.windowed)")
 
     def summary(self) -> str:
         """Short human description: distinct bulk schemes of K and V and the window sizes."""
@@ -237,11 +308,15 @@ class PrecisionMap:
             names = sorted({n for row in self.schemes[stream]["bulk"] for n in row})
             return "/".join(names) if len(names) <= 3 else f"{len(names)} schemes"
         ages = f", age tiers {list(self.age_windows)}" if self.age_windows else ""
-        return f"K {distinct('key')}, V {distinct('value')}, sinks {self.sink_tokens}, window {self.recent_window}{ages}"
+        slide = sum(1 for w in self.layer_windows if w)
+        slide = f", {slide} sliding-window layers" if slide else ""
+        return (f"K {distinct('key')}, V {distinct('value')}, sinks {self.sink_tokens}, window {self.recent_window}"
+                f"{ages}{slide}")
 
     # ---------------------------------------------------------------- I/O
     def to_json_body(self) -> dict[str, Any]:
-        return {
+        windows = {"layer_windows": list(self.layer_windows)} if self.layer_windows else {}  # old maps hash the same
+        return {**windows,
             "model": self.model,
             "description": self.description,
             "num_layers": self.num_layers,
@@ -284,6 +359,7 @@ class PrecisionMap:
                 model=doc.get("model", ""), calibration_hash=doc.get("calibration_hash"),
                 description=doc.get("description", ""), provenance=doc.get("provenance", {}),
                 age_windows=as_tuples(doc.get("age_windows", [])),
+                layer_windows=as_tuples(doc.get("layer_windows", [])),
             )
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{path}: precision map is missing or mistypes field {e}; expected format_version "

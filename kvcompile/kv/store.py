@@ -113,3 +113,44 @@ class SegmentStore:
 
     def nbytes(self) -> int:
         return sum(q.nbytes for q in self.segments.values() if q is not None)
+
+
+class WindowStore:
+    """The packed states of a sliding-window layer's kv heads ``heads``: one per-token ``scheme``,
+    each position quantized once and dropped when no later query can read it.
+
+    With window W, a query at position i reads keys ``i - W < j <= i``; once L positions have been
+    seen, later queries read only the last ``W - 1`` of them, so :meth:`evict` keeps those.
+    """
+
+    def __init__(self, heads: list[int], scheme: StorageScheme, window: int, quantize: Quantizer = reference_quantize):
+        if scheme.token_group != 1:
+            raise ValueError(f"WindowStore: {scheme.name} groups positions; a window layer needs a per-token scheme")
+        self.heads, self.scheme, self.window, self.quantize = heads, scheme, window, quantize
+        self.segments: dict[str, QuantizedTensor | None] = {"window": None}  # as SegmentStore, for snapshots
+
+    @property
+    def length(self) -> int:
+        """Positions stored (at most ``W - 1`` between updates)."""
+        return 0 if self.segments["window"] is None else self.segments["window"].num_tokens
+
+    def append(self, x: torch.Tensor, start: int) -> None:
+        """Store ``x`` [B, h, t, D], the states of positions ``start .. start+t-1``."""
+        self.segments["window"] = QuantizedTensor.cat_tokens([self.segments["window"], self.quantize(self.scheme, x)])
+
+    def evict(self) -> None:
+        """Drop the positions no later query reads: keep the last ``W - 1``."""
+        excess = self.length - (self.window - 1)
+        if excess > 0:
+            rest = self.length
+            kept = self.segments["window"].slice_tokens(excess, rest) if rest > excess else None
+            # a copy, so the dropped positions' storage is freed (a slice would keep it alive)
+            self.segments["window"] = None if kept is None else QuantizedTensor(
+                kept.scheme, kept.shape, {k: v.clone() for k, v in kept.parts.items()})
+
+    def read(self) -> torch.Tensor:
+        """De-quantized states of the stored positions, [B, h, stored, D] float32."""
+        return self.scheme.dequantize(self.segments["window"])
+
+    def nbytes(self) -> int:
+        return 0 if self.segments["window"] is None else self.segments["window"].nbytes

@@ -158,7 +158,8 @@ def evaluate(lm, maps: dict[str, PrecisionMap], text: str = DEFAULT_EVAL_TEXT, w
     if window > lm.geometry.max_positions:
         raise KvcompileError(f"--window {window} exceeds the model's context of {lm.geometry.max_positions} positions")
     for pmap in maps.values():
-        pmap.check_model(lm.geometry.num_layers, lm.geometry.num_kv_heads, lm.geometry.head_dim)
+        pmap.check_model(lm.geometry.num_layers, lm.geometry.num_kv_heads, lm.geometry.head_dim,
+                         lm.geometry.layer_windows)
     windows = token_windows(lm.tokenizer, load_text(text), window, max_windows)
     scores = {name: _Scores() for name in maps}
     seconds = {name: 0.0 for name in maps}

