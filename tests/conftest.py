@@ -100,6 +100,17 @@ def tiny_lm(tiny_llama, tiny_geometry):
     return LoadedModel(tiny_llama, CharTokenizer(), tiny_geometry, adapter_for(tiny_llama.config), "tiny-llama")
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma_lm():
+    """The random 3-layer Gemma 3 (window 8) as a LoadedModel."""
+    from kvcompile.models import LoadedModel
+    from kvcompile.models.adapters import adapter_for
+
+    model = make_tiny_gemma3(seed=1, window=8)
+    adapter = adapter_for(model.config)
+    return LoadedModel(model, CharTokenizer(), adapter.geometry(model.config), adapter, "tiny-gemma3")
+
+
 def pytest_sessionstart(session):
     """Under CI, a promised dependency that is missing fails the run instead of skipping its tests."""
     if os.environ.get("CI"):

@@ -13,6 +13,11 @@ group appears once per stream (key, value).  A group is either
   ``past_key_values.3.key.bulk.codes`` int8 ``[batch, heads, past_sequence, 16]``.  The ``.h0-2``
   head tag appears only when a layer's heads are split into several groups.
 
+A sliding-window layer's group (``window`` > 0) holds one per-token scheme and only the last
+``W - 1`` positions between steps: plain fp16 ``past_key_values.{l}.key`` as above, or the parts of
+its scheme, ``past_key_values.{l}.key.window.{part}`` (e.g. ``.window.codes``), appended with
+``KVQuantize`` and read with ``KVDequantize``; its row count is its own (``past_window_sequence``).
+
 The layout is a pure function of the map and the geometry, and is written into the export
 manifest, so runtimes need no other knowledge of the map to feed the graph.
 """
@@ -47,6 +52,7 @@ class HeadGroup:
     age_tiers: str  # the KVCacheUpdate attribute: "scheme:window,..." of the age tiers ("" = none)
     plain: bool
     ports: tuple[CachePort, ...]
+    window: int = 0  # a sliding-window layer's window W (its ports hold at most W - 1 positions)
 
     def op_attrs(self, pmap: PrecisionMap) -> dict:
         """Attributes of this group's KVCacheUpdate node."""
@@ -72,7 +78,13 @@ def cache_layout(pmap: PrecisionMap) -> list[HeadGroup]:
                 sink, recent, bulk = schemes["sink"], schemes["recent"], schemes["bulk"]
                 ages = format_age_tiers((schemes[f"age{i}"], w) for i, w in enumerate(pmap.age_windows, 1))
                 base = f"{layer}.{stream}" + (f".h{'-'.join(map(str, heads))}" if split else "")
-                if is_plain:
+                window = pmap.window(layer)
+                if window and not is_plain:
+                    from kvcompile.ops.quantize import part_ports
+
+                    ports = tuple(CachePort(f"past_key_values.{base}.window.{p.name}", f"present.{base}.window.{p.name}",
+                                            p.dtype, int(p.shape[-1]), 1) for p in part_ports(bulk, pmap.head_dim))
+                elif is_plain:
                     ports = (CachePort(f"past_key_values.{base}", f"present.{base}", "float16", pmap.head_dim, 1),)
                 else:
                     attrs = {"sink_scheme": sink, "recent_scheme": recent, "bulk_scheme": bulk,
@@ -83,9 +95,10 @@ def cache_layout(pmap: PrecisionMap) -> list[HeadGroup]:
                                   f"present.{base}.{p.name.removeprefix('past_')}", p.dtype, int(p.shape[-1]),
                                   1 if p.shape[2] == "T" else int(p.shape[2].split("/")[1]))
                         for p in KV_CACHE_UPDATE.inputs(attrs)[:-1])
-                groups.append(HeadGroup(layer, stream, tuple(heads), sink, recent, bulk, ages, is_plain, ports))
+                groups.append(HeadGroup(layer, stream, tuple(heads), sink, recent, bulk, ages, is_plain, ports, window))
     return groups
 
 
 def layout_to_json(groups: list[HeadGroup]) -> list[dict]:
-    return [asdict(g) for g in groups]
+    """The layout as JSON; ``window`` only on window-layer groups (older manifests have none)."""
+    return [{k: v for k, v in asdict(g).items() if k != "window" or v} for g in groups]

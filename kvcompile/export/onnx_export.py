@@ -4,7 +4,7 @@ Directory contents (written to a temporary sibling and renamed into place, so a 
 leaves nothing behind):
 
 * ``model.onnx`` + ``model.onnx.data`` (weights as external data): the decoder graph of
-  :mod:`kvcompile.export.llama`, opset 21 plus the ``kvcompile`` domain, whose ops are
+  :mod:`kvcompile.export.decoder`, opset 21 plus the ``kvcompile`` domain, whose ops are
   model-local functions (so a stock ONNX Runtime runs it) carrying the map's schemes as
   attributes; ``metadata_props`` hold the whole map, its hash, the calibration hash and the
   kvcompile version.  ``onnx.checker`` with ``full_check`` passes before anything is renamed.
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from kvcompile.artifacts import load_json_artifact, save_json_artifact, staged_directory
-from kvcompile.errors import ArtifactError, ExportError
+from kvcompile.errors import ArtifactError, ExportError, KvcompileError
 from kvcompile.export.layout import HeadGroup, cache_layout, layout_to_json
 from kvcompile.ops.builder import OPSET
 from kvcompile.kv.precision_map import PrecisionMap
@@ -48,20 +48,26 @@ _GRAPH_BUILDERS: dict[str, GraphBuilder] = {}
 
 
 def register_graph_builder(model_type: str, build: GraphBuilder) -> None:
-    """``build(model, pmap, groups, max_context, fused=True) -> (Builder, Weights, cache output names)``."""
+    """An architecture whose graph the generic decoder builder cannot describe:
+    ``build(model, pmap, groups, max_context, fused=True) -> (Builder, Weights, cache output names)``."""
     _GRAPH_BUILDERS[model_type] = build
 
 
-def _builder_for(model_type: str) -> GraphBuilder:
-    if not _GRAPH_BUILDERS:
-        from kvcompile.export.llama import build_llama_graph
+def _builder_for(config) -> GraphBuilder:
+    """The registered builder for the config's architecture, else the generic decoder graph with
+    the adapter's :class:`~kvcompile.models.adapters.DecoderTraits` (every adapter has them)."""
+    import functools
 
-        register_graph_builder("llama", build_llama_graph)
-        register_graph_builder("mistral", build_llama_graph)  # same graph; sliding windows are rejected earlier
-    if model_type not in _GRAPH_BUILDERS:
-        raise ExportError(f"the onnx target cannot export architecture {model_type!r}; expected one of "
-                          f"{', '.join(sorted(_GRAPH_BUILDERS))}")
-    return _GRAPH_BUILDERS[model_type]
+    from kvcompile.export.decoder import build_decoder_graph
+    from kvcompile.models.adapters import adapter_for
+
+    if config.model_type in _GRAPH_BUILDERS:
+        return _GRAPH_BUILDERS[config.model_type]
+    try:
+        adapter = adapter_for(config)
+    except KvcompileError as e:
+        raise ExportError(f"the onnx target cannot export: {e}") from None
+    return functools.partial(build_decoder_graph, traits=adapter.decoder_traits(config))
 
 
 @dataclass(frozen=True)
@@ -116,10 +122,14 @@ class ExportedModel:
                                 f"{doc['max_context']} and {doc['vocab_size']}")
         pmap = PrecisionMap.from_json_body(doc["precision_map"], str(manifest))
         geometry = doc["geometry"]
-        if set(geometry) != set(GEOMETRY_LIMITS) or not all(
+        if not isinstance(geometry, dict) or set(geometry) - {"layer_windows"} != set(GEOMETRY_LIMITS) or not all(
                 type(geometry[k]) is int and 1 <= geometry[k] <= hi for k, hi in GEOMETRY_LIMITS.items()):
-            raise ArtifactError(f"{manifest}: geometry must hold exactly {', '.join(GEOMETRY_LIMITS)} as positive integers")
-        pmap.check_model(geometry["num_layers"], geometry["num_kv_heads"], geometry["head_dim"])
+            raise ArtifactError(f"{manifest}: geometry must hold exactly {', '.join(GEOMETRY_LIMITS)} as positive integers "
+                                "(and layer_windows for a model with sliding windows)")
+        windows = geometry.get("layer_windows", [])
+        if not isinstance(windows, list) or any(type(x) is not int or x < 0 for x in windows):
+            raise ArtifactError(f"{manifest}: geometry.layer_windows must list a window (or 0) per layer")
+        pmap.check_model(geometry["num_layers"], geometry["num_kv_heads"], geometry["head_dim"], tuple(windows))
         if doc["max_context"] > geometry["max_positions"]:
             raise ArtifactError(f"{manifest}: max_context {doc['max_context']} exceeds the model's "
                                 f"{geometry['max_positions']} positions")
@@ -241,7 +251,7 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: 
     g = lm.geometry
     pmap.check_model(g.num_layers, g.num_kv_heads, g.head_dim, g.layer_windows)
     _check_exportable(pmap, g.head_dim)
-    build = _builder_for(lm.model.config.model_type)
+    build = _builder_for(lm.model.config)
     groups = cache_layout(pmap)
     b, weights, cache_outputs = build(lm.model, pmap, groups, max_context, fused=fused_attention)
     _notice_portable(b.calls)
@@ -379,7 +389,8 @@ def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: i
     save_json_artifact(tmp / MANIFEST, "onnx_export", FORMAT_VERSION, {
         "model": lm.name, "model_type": lm.model.config.model_type,
         "geometry": {"num_layers": g.num_layers, "num_kv_heads": g.num_kv_heads, "num_q_heads": g.num_q_heads,
-                     "head_dim": g.head_dim, "max_positions": g.max_positions},
+                     "head_dim": g.head_dim, "max_positions": g.max_positions,
+                     **({"layer_windows": list(g.layer_windows)} if g.layer_windows else {})},
         "vocab_size": lm.model.config.vocab_size, "max_context": max_context, "opset": OPSET,
         "precision_map": pmap.to_json_body(), "precision_map_hash": pmap.content_hash(),
         "cache_layout": layout_to_json(groups),

@@ -1,11 +1,22 @@
-"""ONNX graph of a Llama-style decoder whose KV cache goes through ``kvcompile`` ops.
+"""ONNX graph of a Llama-like decoder whose KV cache goes through ``kvcompile`` ops.
+
+One builder serves every registered architecture: what a family changes in the layer (norm
+placement and weight offset, q/k norms, activation, embedding scale) is its adapter's
+:class:`~kvcompile.models.adapters.DecoderTraits`, and per-layer RoPE tables come from the model's
+own rotary module (one per layer type, e.g. Gemma 3's local and global bases).
 
 One graph serves prefill and decode: ``input_ids`` ``[batch, sequence]`` (positions
-``P .. P+S-1``, P the number of cached positions read off the past inputs) and the past cache
-in; ``logits`` ``[batch, sequence, vocab]`` (float32) and the present cache out.  Per layer::
+``P .. P+S-1``, P the number of cached positions read off the past inputs of the first
+full-attention layer) and the past cache in; ``logits`` ``[batch, sequence, vocab]`` (float32) and
+the present cache out.  Per layer (Llama; see ``DecoderTraits`` for the others)::
 
     h = x + o_proj(attention(rope(q(rms(x))), rope(k(rms(x))), v(rms(x)), cache))
     x' = h + down(silu(gate(rms(h))) * up(rms(h)))
+
+A sliding-window layer (window W) attends over its stored positions ``P - R .. P - 1`` (R <= W - 1
+rows in its past inputs) and the new ones, masked to ``q - W < k <= q``, and returns the last
+``W - 1`` of them as its present cache: fp16 in standard ops, or a per-token scheme through
+``KVQuantize`` (append) and ``KVDequantize`` (read).
 
 where attention is causal softmax attention with GQA (each kv head serves ``q_heads / kv_heads``
 query heads) that appends the new keys and values to the cache and reads it.  Per joint head
@@ -27,9 +38,11 @@ import numpy as np
 
 from kvcompile.errors import ExportError
 from kvcompile.export.layout import HeadGroup
+from kvcompile.models.adapters import DecoderTraits
 from kvcompile.ops.builder import Builder
 from kvcompile.ops.attention import KV_ATTENTION, KV_ATTENTION_PORTABLE, attention_attrs
 from kvcompile.ops.cache_update import KV_CACHE_UPDATE, parse_age_tiers
+from kvcompile.ops.quantize import KV_DEQUANTIZE, KV_QUANTIZE
 from kvcompile.quant import get_scheme
 from kvcompile.quant.base import native_readable
 from kvcompile.kv.precision_map import PrecisionMap
@@ -53,10 +66,12 @@ def _linear(b: Builder, w: Weights, x: str, module, name: str) -> str:
     return y
 
 
-def _rms_norm(b: Builder, w: Weights, x: str, module, name: str, eps: float) -> str:
+def _rms_norm(b: Builder, w: Weights, x: str, module, name: str, eps: float, offset: float = 0.0) -> str:
+    """``x / sqrt(mean(x^2) + eps) * (offset + weight)`` over the last axis."""
     variance = b.op("ReduceMean", b.op("Mul", x, x), b.i64(-1), keepdims=1)
     inv = b.op("Reciprocal", b.op("Sqrt", b.op("Add", variance, b.const(eps))))
-    return b.op("Mul", w.add(f"{name}.weight", module.weight.detach().numpy()), b.op("Mul", x, inv))
+    weight = module.weight.detach().float().numpy() + np.float32(offset)
+    return b.op("Mul", w.add(f"{name}.weight", weight), b.op("Mul", x, inv))
 
 
 def _rope(b: Builder, x: str, cos: str, sin: str, head_dim: int) -> str:
@@ -80,8 +95,13 @@ def _select_heads(b: Builder, x: str, heads: tuple[int, ...], total: int) -> str
 
 
 def past_length(b: Builder, groups: list[HeadGroup]) -> str:
-    """P as a 1-D int64 tensor, from layer 0's first key group (every group holds P positions)."""
-    g = groups[0]
+    """P as a 1-D int64 tensor, from the first full-attention layer's first key group (every group
+    of such a layer holds P positions; a window layer holds at most W - 1)."""
+    full = [g for g in groups if not g.window]
+    if not full:
+        raise ExportError("every layer has a sliding window, so the cache does not tell the position; expected at "
+                          "least one full-attention layer")
+    g = full[0]
     if g.plain:
         return b.op("Shape", g.ports[0].past, start=2, end=3)
     firsts, seen = [], set()
@@ -118,6 +138,25 @@ def _attention(b: Builder, q: str, k_all: str, v_all: str, heads: int, r: int, d
     return b.op("MatMul", b.op("Softmax", b.op("Add", scores, mask), axis=-1), v_all)
 
 
+def _window_states(b: Builder, group: HeadGroup, states: str, head_dim: int) -> str:
+    """A window layer's group: ``all = past ++ new`` (fp16, or the parts of its per-token scheme),
+    the present cache = the last ``W - 1`` rows of it; returns ``all`` de-quantized, float32."""
+    keep, end, axis = b.i64(-(group.window - 1)), b.i64(np.iinfo(np.int64).max), b.i64(2)
+    if group.plain:
+        port = group.ports[0]
+        full = b.op("Concat", port.past, b.op("Cast", states, to=10), axis=2)
+        b.op("Slice", full, keep, end, axis, outputs=[port.present])
+        return b.op("Cast", full, to=1)
+    attrs = {"scheme": group.bulk_scheme, "head_dim": head_dim}
+    new = KV_QUANTIZE.emit(b, attrs, [states], [b.fresh("window_new") for _ in group.ports])
+    parts = []
+    for port, part in zip(group.ports, new):
+        full = b.op("Concat", port.past, part, axis=2)
+        b.op("Slice", full, keep, end, axis, outputs=[port.present])
+        parts.append(full)
+    return KV_DEQUANTIZE.emit(b, attrs, parts, [b.fresh("window_states")])[0]
+
+
 def attention_op(key_group: HeadGroup, value_group: HeadGroup):
     """The op a fused head group emits: ``KVAttention``, or ``KVAttentionPortable`` (its function
     body always runs) when a format of its keys or values has no native kernel (:func:`native_readable`)."""
@@ -128,6 +167,7 @@ def attention_op(key_group: HeadGroup, value_group: HeadGroup):
 
 def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup], value_groups: list[HeadGroup],
                     q: str, k: str, v: str, shape: tuple[int, int, int], scale: float, mask: str, fused: bool) -> str:
+    # ``mask``: [S, L] additive, L the keys this layer reads (a window layer: its stored rows + S)
     """One layer's attention over its head groups; returns the context [B, Hq, S, D].
 
     ``shape`` = (query heads, kv heads, head dim).  Each joint head group attends on its own
@@ -143,7 +183,10 @@ def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup],
         q_heads = tuple(h * r + j for h in kg.heads for j in range(r))
         q_g = _select_heads(b, q, q_heads, hq)
         k_g, v_g = _select_heads(b, k, kg.heads, hkv), _select_heads(b, v, kg.heads, hkv)
-        if kg.plain:
+        if kg.window:
+            out = _attention(b, q_g, _window_states(b, kg, k_g, d), _window_states(b, vg, v_g, d), len(kg.heads), r, d,
+                             scale, mask)
+        elif kg.plain:
             out = _attention(b, q_g, _plain_states(b, kg, k_g), _plain_states(b, vg, v_g), len(kg.heads), r, d, scale,
                              mask)
         elif fused:
@@ -165,60 +208,120 @@ def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup],
     return ctx
 
 
-def build_llama_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup], max_context: int, fused: bool = True):
-    """Returns ``(builder, weights, cache output names)`` for a ``LlamaForCausalLM``-like model
-    (``fused``: attention through ``KVAttention`` nodes; else ``KVCacheUpdate`` + standard ops)."""
+def _rope_tables(model, max_context: int) -> dict[str, tuple]:
+    """``{layer type: (cos, sin)}`` ``[max_context, D]`` float32 from the model's own rotary module
+    (so any RoPE scaling it implements is reproduced); one type ``""`` for single-table models."""
+    import inspect
+
     import torch
 
+    rotary = model.model.rotary_emb
+    positions = torch.arange(max_context)[None]
+    x = torch.zeros(1, dtype=torch.float32)
+    with torch.no_grad():
+        if "layer_type" in inspect.signature(rotary.forward).parameters:
+            types = sorted(set(model.config.layer_types))
+            return {t: tuple(a[0].float().numpy() for a in rotary(x, positions, t)) for t in types}
+        return {"": tuple(a[0].float().numpy() for a in rotary(x, positions))}
+
+
+def _mask(b: Builder, pos: str, first_key: str, total: str, window: int) -> str:
+    """[S, L] additive mask: query at ``pos`` reads key ``first_key + j`` iff it is not later and,
+    with a window W, fewer than W positions back."""
+    keys = b.op("Range", b.op("Squeeze", first_key), b.op("Squeeze", total), b.scalar_i64(1))  # [L]
+    k, q = b.op("Unsqueeze", keys, b.i64(0)), b.op("Unsqueeze", pos, b.i64(1))
+    allowed = b.op("LessOrEqual", k, q)
+    if window:
+        allowed = b.op("And", allowed, b.op("Less", b.op("Sub", q, k), b.i64(window)))
+    return b.op("Where", allowed, b.const(0.0), b.const(-np.inf))
+
+
+def _activation(b: Builder, x: str, kind: str) -> str:
+    if kind == "silu":
+        return b.op("Mul", x, b.op("Sigmoid", x))
+    if kind == "gelu_tanh":
+        return b.op("Gelu", x, approximate="tanh")
+    raise ExportError(f"activation {kind!r} is not supported; expected silu or gelu_tanh")
+
+
+def build_decoder_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup], max_context: int, fused: bool = True,
+                        traits: DecoderTraits = DecoderTraits()):
+    """Returns ``(builder, weights, cache output names)`` for a ``*ForCausalLM`` whose layers
+    follow ``traits`` (``fused``: attention through ``KVAttention`` nodes; else ``KVCacheUpdate`` +
+    standard ops)."""
     config = model.config
     inner = model.model
     hq, hkv = config.num_attention_heads, config.num_key_value_heads
     d = getattr(config, "head_dim", None) or config.hidden_size // hq
     eps = float(config.rms_norm_eps)
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ExportError(f"{config.model_type}: activation {config.hidden_act!r} is not supported; expected silu")
+    activation = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", None)
+    expected = {"silu": ("silu",), "gelu_tanh": ("gelu_pytorch_tanh", "gelu_tanh")}[traits.activation]
+    if activation not in expected:
+        raise ExportError(f"{config.model_type}: activation {activation!r} is not supported; expected "
+                          f"{' or '.join(expected)}")
     b, w = Builder("model"), Weights()
+    offset = traits.norm_weight_offset
 
-    with torch.no_grad():  # RoPE tables from the model's own rotary module
-        positions = torch.arange(max_context)[None]
-        cos, sin = inner.rotary_emb(torch.zeros(1, dtype=torch.float32), positions)
-    cos_table = w.add("rope.cos", cos[0].float().numpy())
-    sin_table = w.add("rope.sin", sin[0].float().numpy())
+    def norm(x: str, module, name: str) -> str:
+        return _rms_norm(b, w, x, module, name, eps, offset)
 
     embed = w.add("embed_tokens.weight", inner.embed_tokens.weight.detach().numpy())
     x = b.op("Gather", embed, "input_ids", axis=0)  # [B, S, hidden]
+    if traits.embedding_scale != 1.0:  # Gemma: the scale rounded to the weights' dtype, as the model does
+        x = b.op("Mul", x, b.const(float(np.float32(traits.embedding_scale))))
     p_len = past_length(b, groups)
     s_len = b.op("Shape", "input_ids", start=1, end=2)
     total = b.op("Add", p_len, s_len)
     pos = b.op("Range", b.op("Squeeze", p_len), b.op("Squeeze", total), b.scalar_i64(1))  # [S]
-    cos = b.op("Unsqueeze", b.op("Gather", cos_table, pos, axis=0), b.i64(0, 1))  # [1, 1, S, D]
-    sin = b.op("Unsqueeze", b.op("Gather", sin_table, pos, axis=0), b.i64(0, 1))
-    keys = b.op("Range", b.scalar_i64(0), b.op("Squeeze", total), b.scalar_i64(1))  # [L]
-    allowed = b.op("LessOrEqual", b.op("Unsqueeze", keys, b.i64(0)), b.op("Unsqueeze", pos, b.i64(1)))  # [S, L]
-    mask = b.op("Where", allowed, b.const(0.0), b.const(-np.inf))
+    tables = {}
+    for kind, (cos, sin) in _rope_tables(model, max_context).items():
+        suffix = f".{kind}" if kind else ""
+        gather = [b.op("Unsqueeze", b.op("Gather", w.add(f"rope{suffix}.{n}", t), pos, axis=0), b.i64(0, 1))
+                  for n, t in (("cos", cos), ("sin", sin))]  # [1, 1, S, D]
+        tables[kind] = tuple(gather)
+    layer_types = getattr(config, "layer_types", None)
 
     cache_outputs = [p.present for g in groups for p in g.ports]
     by_layer: dict[tuple[int, str], list[HeadGroup]] = {}
     for g in groups:
         by_layer.setdefault((g.layer, g.stream), []).append(g)
+    full_mask = _mask(b, pos, b.i64(0), total, 0)
+    names = traits.norm_names
 
     for i, layer in enumerate(inner.layers):
         attn, mlp = layer.self_attn, layer.mlp
         name = f"layers.{i}"
-        h = _rms_norm(b, w, x, layer.input_layernorm, f"{name}.input_layernorm", eps)
-        q = _rope(b, _heads(b, _linear(b, w, h, attn.q_proj, f"{name}.q_proj"), hq, d), cos, sin, d)
-        k = _rope(b, _heads(b, _linear(b, w, h, attn.k_proj, f"{name}.k_proj"), hkv, d), cos, sin, d)
+        cos, sin = tables[layer_types[i] if len(tables) > 1 else next(iter(tables))]
+        window = pmap.window(i)
+        if window:  # keys: the rows this layer's first group stores, then the new positions
+            port = by_layer[(i, "key")][0].ports[0]
+            first = b.op("Sub", p_len, b.op("Shape", port.past, start=2, end=3))
+            mask = _mask(b, pos, first, total, window)
+        else:
+            mask = full_mask
+        h = norm(x, getattr(layer, names[0]), f"{name}.{names[0]}")
+        q = _heads(b, _linear(b, w, h, attn.q_proj, f"{name}.q_proj"), hq, d)
+        k = _heads(b, _linear(b, w, h, attn.k_proj, f"{name}.k_proj"), hkv, d)
+        if traits.qk_norms:
+            q, k = norm(q, attn.q_norm, f"{name}.q_norm"), norm(k, attn.k_norm, f"{name}.k_norm")
+        q, k = _rope(b, q, cos, sin, d), _rope(b, k, cos, sin, d)
         v = _heads(b, _linear(b, w, h, attn.v_proj, f"{name}.v_proj"), hkv, d)
         ctx = layer_attention(b, pmap, by_layer[(i, "key")], by_layer[(i, "value")], q, k, v, (hq, hkv, d),
                               float(attn.scaling), mask, fused)
         ctx = b.op("Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]), b.i64(0, 0, hq * d))
-        x = b.op("Add", x, _linear(b, w, ctx, attn.o_proj, f"{name}.o_proj"))
-        h = _rms_norm(b, w, x, layer.post_attention_layernorm, f"{name}.post_attention_layernorm", eps)
+        out = _linear(b, w, ctx, attn.o_proj, f"{name}.o_proj")
+        if names[1]:
+            out = norm(out, getattr(layer, names[1]), f"{name}.{names[1]}")
+        x = b.op("Add", x, out)
+        h = norm(x, getattr(layer, names[2]), f"{name}.{names[2]}")
         gate = _linear(b, w, h, mlp.gate_proj, f"{name}.gate_proj")
-        act = b.op("Mul", b.op("Mul", gate, b.op("Sigmoid", gate)), _linear(b, w, h, mlp.up_proj, f"{name}.up_proj"))
-        x = b.op("Add", x, _linear(b, w, act, mlp.down_proj, f"{name}.down_proj"))
+        act = b.op("Mul", _activation(b, gate, traits.activation), _linear(b, w, h, mlp.up_proj, f"{name}.up_proj"))
+        out = _linear(b, w, act, mlp.down_proj, f"{name}.down_proj")
+        if names[3]:
+            out = norm(out, getattr(layer, names[3]), f"{name}.{names[3]}")
+        x = b.op("Add", x, out)
 
-    x = _rms_norm(b, w, x, inner.norm, "norm", eps)
+    x = norm(x, inner.norm, "norm")
     hidden = config.hidden_size
     flat = b.op("Reshape", x, b.i64(-1, hidden))
     head = model.lm_head.weight

@@ -1,0 +1,94 @@
+"""ONNX export of a second architecture (a tiny random Gemma 3): q/k norms, post norms, GELU-tanh,
+scaled embeddings, two RoPE tables, and sliding-window layers whose exported cache evicts."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+onnx = pytest.importorskip("onnx", reason="the ONNX path needs onnx (installed by install.sh)")
+pytest.importorskip("onnxruntime", reason="the ONNX path needs onnxruntime (installed by install.sh)")
+
+from kvcompile.errors import ArtifactError  # noqa: E402
+from kvcompile.export import ExportedModel, export_onnx  # noqa: E402
+from kvcompile.plan.presets import resolve_map  # noqa: E402
+from kvcompile.runtime import open_decoder  # noqa: E402
+
+from tests.unit.test_export import LOGIT_ATOL, teacher_forced  # noqa: E402
+
+
+def _maps(geometry):
+    """fp16 everywhere; int4 (window layers int4 throughout); KIVI-2 with sinks (window layers: fp16 keys, int2 values)."""
+    return {"fp16": resolve_map("fp16", geometry), "int4": resolve_map("int4", geometry),
+            "kivi-2": resolve_map("kivi-2", geometry, sink_tokens=2)}
+
+
+@pytest.fixture(scope="module")
+def gemma_exports(tiny_gemma_lm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("gemma_exports")
+    return {name: export_onnx(tiny_gemma_lm, pmap, root / name, max_context=64)
+            for name, pmap in _maps(tiny_gemma_lm.geometry).items()}
+
+
+@pytest.mark.parametrize("name", ["fp16", "int4", "kivi-2"])
+def test_gemma_export_matches_the_torch_cache_past_the_window(name, gemma_exports, tiny_gemma_lm):
+    """Prefill 11 then 19 decode steps: the window layers (W = 8) evict, and ORT agrees with the torch
+    cache on every logit; the exported window caches hold the last W - 1 positions."""
+    ex = gemma_exports[name]
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(4)).numpy()
+    ours, state = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=11)
+    ref, ref_state = teacher_forced(open_decoder(ex, "torch", lm=tiny_gemma_lm), ids, prefill=11)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)
+    for g in ex.groups:
+        rows = {state["past"][p.past].shape[2] for p in g.ports}
+        if g.window:
+            assert rows == {7}, (g.layer, rows)
+        elif g.plain:
+            assert rows == {30}, (g.layer, rows)
+    assert open_decoder(ex, "ort").cache_bytes(state) == ref_state["cache"].nbytes()
+
+
+def test_gemma_fp16_export_agrees_with_transformers(gemma_exports, tiny_gemma_lm):
+    """With an fp16 cache the graph is transformers' model: one prefill of 30 tokens (past the window)."""
+    ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = tiny_gemma_lm.model(ids, use_cache=False).logits.numpy()
+    ours, _ = teacher_forced(open_decoder(gemma_exports["fp16"], "ort", threads=1), ids.numpy(), prefill=30)
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-3)  # fp16 storage of K/V
+
+
+def test_gemma_window_layers_use_quantize_ops_and_their_own_ports(gemma_exports):
+    ex = gemma_exports["int4"]
+    window = [g for g in ex.groups if g.window]
+    assert {g.layer for g in window} == {0, 2} and all(g.window == 8 for g in window)
+    assert [p.past for p in window[0].ports] == ["past_key_values.0.key.window.codes", "past_key_values.0.key.window.scale",
+                                                 "past_key_values.0.key.window.zero"][:len(window[0].ports)]
+    model = onnx.load(str(ex.onnx_path), load_external_data=False)
+    ops = {n.op_type for n in model.graph.node}
+    assert {"KVQuantize", "KVDequantize", "Gelu"} <= ops
+    assert ex.geometry["layer_windows"] == [8, 0, 8]
+
+
+def test_a_map_without_the_models_windows_is_refused(tiny_gemma_lm, tmp_path):
+    pmap = replace(resolve_map("int4", tiny_gemma_lm.geometry), layer_windows=(), _resolved={})
+    with pytest.raises(ArtifactError, match="sliding windows none, the model \\[8, 0, 8\\]"):
+        export_onnx(tiny_gemma_lm, pmap, tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
+def test_gemma_export_reloads_and_checks_its_windows(gemma_exports, tmp_path):
+    import json
+    import shutil
+
+    ex = gemma_exports["int4"]
+    assert ExportedModel.load(ex.path).pmap.layer_windows == (8, 0, 8)
+    copy = tmp_path / "copy"
+    shutil.copytree(ex.path, copy)
+    doc = json.loads((copy / "kvcompile_export.json").read_text())
+    doc["geometry"]["layer_windows"] = [8, 0, 0]
+    (copy / "kvcompile_export.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match="sliding windows"):
+        ExportedModel.load(copy)
