@@ -15,8 +15,8 @@ the present cache out.  Per layer (Llama; see ``DecoderTraits`` for the others):
 
 A sliding-window layer (window W) attends over its stored positions ``P - R .. P - 1`` (R <= W - 1
 rows in its past inputs) and the new ones, masked to ``q - W < k <= q``, and returns the last
-``W - 1`` of them as its present cache: fp16 in standard ops, or a per-token scheme through
-``KVQuantize`` (append) and ``KVDequantize`` (read).
+``W - 1`` of them as its present cache: fp16, or a per-token scheme appended and read by the
+bodies of ``KVQuantize`` and ``KVDequantize`` inlined as standard ops.
 
 where attention is causal softmax attention with GQA (each kv head serves ``q_heads / kv_heads``
 query heads) that appends the new keys and values to the cache and reads it.  Per joint head
@@ -147,14 +147,16 @@ def _window_states(b: Builder, group: HeadGroup, states: str, head_dim: int) -> 
         full = b.op("Concat", port.past, b.op("Cast", states, to=10), axis=2)
         b.op("Slice", full, keep, end, axis, outputs=[port.present])
         return b.op("Cast", full, to=1)
+    # The KVQuantize / KVDequantize bodies, inlined: TensorRT's ONNX parser resolves model-local
+    # functions by name only, so two schemes' overloads of one op in a graph would collide there.
     attrs = {"scheme": group.bulk_scheme, "head_dim": head_dim}
-    new = KV_QUANTIZE.emit(b, attrs, [states], [b.fresh("window_new") for _ in group.ports])
+    new = KV_QUANTIZE.body(b, attrs, [states])
     parts = []
     for port, part in zip(group.ports, new):
         full = b.op("Concat", port.past, part, axis=2)
         b.op("Slice", full, keep, end, axis, outputs=[port.present])
         parts.append(full)
-    return KV_DEQUANTIZE.emit(b, attrs, parts, [b.fresh("window_states")])[0]
+    return KV_DEQUANTIZE.body(b, attrs, parts)[0]
 
 
 def attention_op(key_group: HeadGroup, value_group: HeadGroup):

@@ -123,7 +123,7 @@ def build_engine(export_dir: Path, *, max_batch: int = 1, opt_context: int = 256
         raise ExportError(f"{export_dir / 'model.onnx'} attends through KVAttention nodes, which the Python plugins "
                           "do not implement; build it with the compiled plugin library (plugins='compiled'), or export "
                           "with fused_attention=False")
-    if plugins == "compiled" and not fused:
+    if plugins == "compiled" and any(n.op_type == "KVCacheUpdate" for n in graph.node):
         raise ExportError(f"{export_dir / 'model.onnx'} updates the cache with KVCacheUpdate nodes, which the compiled "
                           "plugin library does not implement; export it with KVAttention (the default), or build with "
                           "plugins='python'")
