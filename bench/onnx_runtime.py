@@ -68,7 +68,16 @@ def synthetic_past(export, batch: int, positions: int, seed: int = 0) -> dict[st
     g = torch.Generator().manual_seed(seed)
     for group in export.groups:
         heads = len(group.heads)
-        if group.plain:
+        if group.window:  # a sliding-window layer holds its last W - 1 positions, one per-token scheme
+            rows = min(positions, group.window - 1)
+            key = ("window", group.bulk_scheme, group.plain, heads, rows)
+            if key not in made:
+                from kvcompile.quant import get_scheme
+
+                states = torch.randn(batch, heads, rows, export.pmap.head_dim, generator=g)
+                scheme = get_scheme("fp16" if group.plain else group.bulk_scheme)
+                made[key] = [t.numpy() for t in scheme.quantize(states).parts.values()]
+        elif group.plain:
             key = ("plain", heads)
             if key not in made:
                 made[key] = [torch.randn(batch, heads, positions, export.pmap.head_dim, generator=g).half().numpy()]

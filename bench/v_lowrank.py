@@ -2,7 +2,7 @@
 
     python bench/v_lowrank.py [--fit-windows 4] [--test-windows 4] [--window 512] [--out bench/results/v_lowrank.json]
 
-For every (layer, kv head) of the default model, a PCA basis ``B`` [D, r] and mean ``mu`` are fitted on
+For every (layer, kv head) of the model (``--model``, default SmolLM2-135M), a PCA basis ``B`` [D, r] and mean ``mu`` are fitted on
 V (and, for contrast, on K as cached, i.e. after RoPE) from ``--fit-windows`` windows of the
 calibration text, and applied to ``--test-windows`` windows of the held-out text.  Measured per site:
 
@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, setup, write_json  # noqa: E402
 
 RAW = [("int2-ch-g64", 2, 64), ("int2-ch", 2, 32), ("int3-ch", 3, 32), ("int4-ch", 4, 32)]  # (scheme, bits, group)
-PCA = [(32, 4), (64, 2), (48, 3), (48, 4), (64, 3), (32, 8), (64, 4)]  # (rank, coefficient bits), 32-position groups
+# (rank as a fraction of D, coefficient bits), 32-position groups: at D = 64 the ranks 32, 64, 48, ...
+PCA = [(1 / 4, 8), (1 / 2, 4), (1, 2), (3 / 4, 3), (3 / 4, 4), (1, 3), (1 / 2, 8), (1, 4)]
 
 
 def cached_kv(lm, windows):
@@ -38,9 +39,11 @@ def cached_kv(lm, windows):
     import torch
 
     keys, values = None, None
+    from transformers import DynamicCache
+
     with torch.no_grad():
-        for ids in windows:
-            cache = lm.model(ids[None], use_cache=True).past_key_values
+        for ids in windows:  # a plain DynamicCache keeps every position, also of sliding-window layers
+            cache = lm.model(ids[None], use_cache=True, past_key_values=DynamicCache()).past_key_values
             k = [layer.keys[0].float() for layer in cache.layers]
             v = [layer.values[0].float() for layer in cache.layers]
             keys = k if keys is None else [torch.cat([a, b], 1) for a, b in zip(keys, k)]
@@ -63,11 +66,12 @@ def site_metrics(fit, test, quantize):
     coeffs = (test - mu) @ basis
     total = ((test - test.mean(0)) ** 2).sum().item()
     out = {"gain_bits": (0.5 / d) * torch.log2(test.var(0) / coeffs.var(0)).sum().item()}
-    for r in (16, 32, 48):
+    for r in (d // 4, d // 2, 3 * d // 4):
         out[f"energy_r{r}"] = ((coeffs[:, :r] - coeffs[:, :r].mean(0)) ** 2).sum().item() / total
     for name, b, g in RAW:
         out[f"{name} ({b + 32 / g:.2f} b)"] = relative_error(test, quantize(name, test))
-    for r, b in PCA:
+    for fraction, b in PCA:
+        r = int(fraction * d)
         c_hat = quantize(f"int{b}-ch", coeffs[:, :r])
         out[f"pca r{r} int{b}-ch ({r * (b + 1) / d:.2f} b)"] = relative_error(test, c_hat @ basis[:, :r].T + mu)
     return out
