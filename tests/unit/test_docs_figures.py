@@ -332,3 +332,12 @@ def test_readme_quality_per_bit_section_is_the_bench_output():
               f"{doc['calibrate']['seconds']:.0f} s"
     assert seconds in text("README.md")
     assert f"takes {doc['outliers']['calibration_seconds']:.0f} s, over the 2-minute target" in text("README.md")
+
+
+def test_readme_gemma_baseline_table_is_the_bench_output():
+    from kvcompile.measure.quality import QualityResult, format_table
+
+    results = [QualityResult.from_json(r) for r in result("quality_gemma3")["results"]]
+    assert result("quality_gemma3")["model"] == "gemma3-270m"
+    for line in format_table(results).splitlines():
+        assert line in text("README.md").splitlines(), f"README.md lacks the bench line {line!r}"
