@@ -127,7 +127,10 @@ class WindowStore:
         if scheme.token_group != 1:
             raise ValueError(f"WindowStore: {scheme.name} groups positions; a window layer needs a per-token scheme")
         self.heads, self.scheme, self.window, self.quantize = heads, scheme, window, quantize
-        self.segments: dict[str, QuantizedTensor | None] = {"window": None}  # as SegmentStore, for snapshots
+        # one segment, named as SegmentStore names its segments (snapshots and validate read these)
+        self.order = ("window",)
+        self.schemes = {"window": scheme}
+        self.segments: dict[str, QuantizedTensor | None] = {"window": None}
 
     @property
     def length(self) -> int:

@@ -341,3 +341,51 @@ def test_readme_gemma_baseline_table_is_the_bench_output():
     assert result("quality_gemma3")["model"] == "gemma3-270m"
     for line in format_table(results).splitlines():
         assert line in text("README.md").splitlines(), f"README.md lacks the bench line {line!r}"
+
+
+def test_readme_gemma_planner_table_matches_the_json():
+    comparisons = {c["map"]: c for c in result("plan_vs_uniform_gemma3")["comparisons"]}
+    rows = table_rows("README.md", "| map | bits/elt | ΔPPL % | KL | predicted KL | beats |")
+    assert len(rows) == 5
+    for name, bits, delta, kl, predicted, beats in rows:
+        c = comparisons[name.replace("&lt;", "<")]
+        assert (bits, delta, kl, predicted) == (f"{c['bits_per_element']:.2f}", pct(c["delta_ppl_pct"]),
+                                                f"{c['kl']:.4f}", f"{c['predicted_kl']:.4f}"), name
+        assert beats == f"{len(c['beats'])} of {len(c['beats']) + len(c['does_not_beat'])}", name
+
+
+def test_readme_gemma_export_paths_table_matches_the_json():
+    rows = {r[0]: r for r in table_rows("README.md", "| path | export s | nodes |")}
+    for name, r in result("export_paths")["results"].items():
+        assert rows[name][1:6] == [f"{r['export_s']:.1f}", str(r["graph_nodes"]), f"{r['bytes'] / 1e6:.0f}",
+                                   f"{r['session_s']:.2f}", f"{r['prefill_s']:.2f}"], name
+
+
+def _ort_gemma(variant: str, context: int) -> dict:
+    return next(r for r in result("onnx_runtime_gemma3")["results"] if (r["variant"], r["context"]) == (variant, context))
+
+
+GEMMA_CLAIMS = [
+    (r"the packed export decodes at ([\d.]+)x \(512 positions\) and ([\d.]+)x \(2,048\)",
+     lambda: (f"{_ort_gemma('packed, native', 512)['speed_vs_fp16']:.2f}",
+              f"{_ort_gemma('packed, native', 2048)['speed_vs_fp16']:.2f}")),
+    (r"builds the engine on the CPU in (\d+) s", lambda: f"{result('engine_build_gemma3')['build_seconds']:.0f}"),
+    (r"the fp16 export passes\n  the strict tolerances \(KL to the torch reference ([\d.e-]+),",
+     lambda: f"{result('validate_gemma3_fp16')['kl_vs_reference']:.1e}"),
+    (r"agreement [\d.]+, KL to the reference ([\d.e-]+) \(limit 2e-4\)", lambda: f"{result('validate_gemma3')['kl_vs_reference']:.1e}"),
+    (r"the planned export fails the KL limit \(([\d.e-]+);", lambda: f"{result('validate_gemma3_160')['kl_vs_reference']:.1e}"),
+    (r"holds ([\d.]+)x the KV bytes of keeping them at 4,096 positions\n  and ([\d.]+)x at 32,768",
+     lambda: tuple(f"{r['ratio']:.3f}" for r in result("window_memory_gemma3")["results"]
+                   if r["map"] == "fp16" and r["context"] in (4096, 32768))),
+]
+
+
+@pytest.mark.parametrize("pattern,expected", GEMMA_CLAIMS, ids=[p[:40] for p, _ in GEMMA_CLAIMS])
+def test_readme_gemma_figures_equal_their_json(pattern, expected):
+    matches = re.findall(pattern, text("README.md"))
+    assert matches, f"README.md: no text matches {pattern!r}"
+    want = expected()
+    want = want if isinstance(want, tuple) else (want,)
+    for m in matches:
+        got = m if isinstance(m, tuple) else (m,)
+        assert got == want, f"README.md: {got} quoted, JSON says {want}"

@@ -132,3 +132,19 @@ def test_gemma_engine_builds_with_window_caches(tiny_gemma_lm, tmp_path):
     io = {t["name"] for t in report["io"]}
     assert {p.present for g in ex.groups if g.window for p in g.ports} <= io
     assert any(".window." in name for name in io)
+
+
+@pytest.mark.parametrize("name", ["int4", "kivi-2"])
+def test_validate_compares_the_window_caches_step_by_step(gemma_exports, tiny_gemma_lm, name):
+    """validate runs export and torch cache in lockstep and compares every stored tensor, window
+    layers included (their last W - 1 rows); a reference decoding with another map fails."""
+    from dataclasses import replace as dc_replace
+
+    from kvcompile.validate.compare import validate_export
+
+    ex = gemma_exports[name]
+    kwargs = dict(lm=tiny_gemma_lm, window=40, prefill=6, max_windows=1, progress=False, write_polygraphy=False)
+    good = validate_export(ex, **kwargs)
+    assert good.passed and good.max_abs_error < LOGIT_ATOL and good.tokens_scored == 39
+    wrong = validate_export(dc_replace(ex, pmap=resolve_map("int2", tiny_gemma_lm.geometry)), **kwargs)
+    assert not wrong.passed
