@@ -13,21 +13,20 @@ the present cache out.  Per layer (Llama; see ``DecoderTraits`` for the others):
     h = x + o_proj(attention(rope(q(rms(x))), rope(k(rms(x))), v(rms(x)), cache))
     x' = h + down(silu(gate(rms(h))) * up(rms(h)))
 
-A sliding-window layer (window W) attends over its stored positions ``P - R .. P - 1`` (R <= W - 1
-rows in its past inputs) and the new ones, masked to ``q - W < k <= q``, and returns the last
-``W - 1`` of them as its present cache: fp16, or a per-token scheme appended and read by the
-bodies of ``KVQuantize`` and ``KVDequantize`` inlined as standard ops.
-
 where attention is causal softmax attention with GQA (each kv head serves ``q_heads / kv_heads``
 query heads) that appends the new keys and values to the cache and reads it.  Per joint head
 group (:mod:`kvcompile.export.layout`) that is one ``KVAttention`` node, which reads the packed
 segments without a de-quantized copy in the graph; a plain fp16 group concatenates and attends in
-standard ops.  The *unfused* form (``fused=False``, what the TensorRT target builds until its
-plugin implements KVAttention) has a ``KVCacheUpdate`` node per stream returning every position
-de-quantized, and standard attention over that.  The maths follows ``transformers``'
-``LlamaForCausalLM`` in float32; RoPE uses cos/sin tables computed by the model's own rotary
-module (so any RoPE scaling it implements is reproduced), which bounds the context at the
-table length.
+standard ops.  The *unfused* form (``fused=False``, what the TensorRT target's Python-plugin
+fallback builds) has a ``KVCacheUpdate`` node per stream returning every position
+de-quantized, and standard attention over that.  The maths follows the model's ``transformers``
+implementation in float32; RoPE uses cos/sin tables computed by the model's own rotary module
+(so any RoPE scaling it implements is reproduced), which bounds the context at the table length.
+
+A sliding-window layer (window W) attends over its stored positions ``P - R .. P - 1`` (R <= W - 1
+rows in its past inputs) and the new ones, masked to ``q - W < k <= q``, and returns the last
+``W - 1`` of them as its present cache: fp16, or a per-token scheme appended and read by the
+bodies of ``KVQuantize`` and ``KVDequantize`` inlined as standard ops.
 """
 
 from __future__ import annotations
@@ -169,10 +168,11 @@ def attention_op(key_group: HeadGroup, value_group: HeadGroup):
 
 def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup], value_groups: list[HeadGroup],
                     q: str, k: str, v: str, shape: tuple[int, int, int], scale: float, mask: str, fused: bool) -> str:
-    # ``mask``: [S, L] additive, L the keys this layer reads (a window layer: its stored rows + S)
     """One layer's attention over its head groups; returns the context [B, Hq, S, D].
 
-    ``shape`` = (query heads, kv heads, head dim).  Each joint head group attends on its own
+    ``shape`` = (query heads, kv heads, head dim); ``mask`` [S, L] additive, L the keys this layer
+    reads (a window layer: its stored rows and the new ones).  A window layer's group attends in
+    standard ops over its window (:func:`_window_states`).  Each joint head group attends on its own
     query heads: a plain group over its fp16 cache in standard ops; a packed one through one
     ``KVAttention`` node (``fused``) or, unfused, a ``KVCacheUpdate`` node per stream followed by
     standard attention over the de-quantized states.

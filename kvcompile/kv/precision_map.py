@@ -157,9 +157,9 @@ class PrecisionMap:
                                 f"{1 << 20}, got {_short(windows)}")
         lw = self.layer_windows
         if not isinstance(lw, (list, tuple)) or (lw and len(lw) != self.num_layers) or \
-                any(type(w) is not int or not 0 <= w <= 1 << 20 for w in lw):
-            raise ArtifactError(f"precision map: layer_windows must be empty or list {self.num_layers} integers from 0 "
-                                f"(full attention) to {1 << 20}, got {_short(lw)}")
+                any(type(w) is not int or not (w == 0 or 2 <= w <= 1 << 20) for w in lw):
+            raise ArtifactError(f"precision map: layer_windows must be empty or list {self.num_layers} integers, each 0 "
+                                f"(full attention) or a window from 2 to {1 << 20}, got {_short(lw)}")
         if not isinstance(self.provenance, dict):
             raise ArtifactError(f"precision map: provenance must be a JSON object, got {_short(self.provenance)}")
         if not isinstance(self.schemes, dict) or set(self.schemes) != set(STREAMS):

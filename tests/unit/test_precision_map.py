@@ -159,3 +159,25 @@ def test_unknown_spec_names_what_is_accepted():
 
     with pytest.raises(KvcompileError, match="neither a map file, a preset .*kivi-2.* nor a storage scheme"):
         resolve_map("int4-bogus", GEOM)
+
+
+def test_layer_windows_are_checked_and_saved(tmp_path):
+    from dataclasses import replace
+
+    from kvcompile.errors import ArtifactError
+
+    base = PrecisionMap.uniform(3, 2, 64, "int4", sink_tokens=2, recent_window=4)
+    windowed = base.windowed((16, 0, 16))
+    assert windowed.layer_windows == (16, 0, 16)
+    assert {windowed.scheme(0, 1, "key", c).name for c in windowed.classes} == {"int4"}  # sinks and window too
+    assert windowed.scheme(1, 0, "key", "sink").name == "fp16"  # a full layer keeps its classes
+    windowed.save(tmp_path / "m.json")
+    assert PrecisionMap.load(tmp_path / "m.json") == windowed
+    assert "layer_windows" not in base.to_json_body()  # maps without windows hash as before
+    for bad in ((16, 0), (1, 0, 0), (16, -1, 0), (True, 0, 0)):
+        with pytest.raises(ArtifactError, match="layer_windows must be empty or list 3 integers"):
+            replace(windowed, layer_windows=bad, _resolved={})
+    with pytest.raises(ArtifactError, match="layer 0 is a sliding-window layer; its key head 0 needs one per-token"):
+        replace(base, layer_windows=(16, 0, 16), _resolved={})
+    with pytest.raises(ArtifactError, match="sliding windows \\[16, 0, 16\\], the model none"):
+        windowed.check_model(3, 2, 64)
