@@ -17,6 +17,13 @@ calibration text, and applied to ``--test-windows`` windows of the held-out text
 
 It answers whether a PCA storage scheme belongs in the planner's menu for this model; no such
 scheme is built.  Prints a table of medians over sites and writes JSON.
+
+``--ppl-windows N`` also measures what the reconstruction error does to the model: V of every
+layer replaced, inside attention, by its round trip through one of the formats above (the raw
+per-channel format, or the fitted PCA basis with per-channel coefficients), K and everything else
+exact, on N held-out windows: delta PPL and KL against the unmodified model.  Every position goes
+through its block's round trip at once (blocks of 32 positions are complete in the parallel pass;
+a cache would hold the last, incomplete one in fp16), alike for both kinds of format.
 """
 
 from __future__ import annotations
@@ -77,6 +84,61 @@ def site_metrics(fit, test, quantize):
     return out
 
 
+def v_roundtrip_ppl(lm, windows, bases, formats, quantize):
+    """``{format: (delta PPL %, KL)}``: V replaced by its round trip in every layer (see the module doc).
+
+    ``bases``: per layer ``(mu [H, D], basis [H, D, D])``; ``formats``: ``{label: (scheme, rank or None)}``."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    active = {}
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        scheme, rank = active["format"]
+        mu, basis = bases[module.layer_idx]
+        out = torch.empty_like(value)
+        for h in range(value.shape[1]):
+            x = value[0, h].float()
+            if rank is None:
+                out[0, h] = quantize(scheme, x)
+            else:
+                b = basis[h][:, :rank]
+                out[0, h] = quantize(scheme, (x - mu[h]) @ b) @ b.T + mu[h]
+        return sdpa_attention_forward(module, query, key, out.to(value.dtype), attention_mask, **kwargs)
+
+    ALL_ATTENTION_FUNCTIONS.register("v_roundtrip", attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("v_roundtrip", sdpa_mask)
+    model = lm.model
+    previous = model.config._attn_implementation
+    results = {}
+    with torch.no_grad():
+        refs = [model(ids[None], use_cache=False).logits[0, :-1].float() for ids in windows]
+        model.set_attn_implementation("v_roundtrip")
+        try:
+            for label, fmt in formats.items():
+                active["format"] = fmt
+                nll = nll_ref = kl = count = 0.0
+                for ids, ref in zip(windows, refs):
+                    logp = F.log_softmax(model(ids[None], use_cache=False).logits[0, :-1].float(), -1)
+                    logp_ref = F.log_softmax(ref, -1)
+                    targets = ids[1:, None]
+                    nll -= logp.gather(-1, targets).sum().item()
+                    nll_ref -= logp_ref.gather(-1, targets).sum().item()
+                    kl += (logp_ref.exp() * (logp_ref - logp)).sum().item()
+                    count += len(targets)
+                import math
+
+                results[label] = {"delta_ppl_pct": 100 * (math.exp((nll - nll_ref) / count) - 1), "kl": kl / count}
+                print(f"  V through {label}: dPPL {results[label]['delta_ppl_pct']:+.2f} %, KL {results[label]['kl']:.4f}",
+                      flush=True)
+        finally:
+            model.set_attn_implementation(previous)
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -84,6 +146,8 @@ def main() -> None:
     ap.add_argument("--test-windows", type=int, default=4)
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ppl-windows", type=int, default=0,
+                    help="also measure dPPL with V through each format on this many held-out windows")
     ap.add_argument("--out", default="bench/results/v_lowrank.json")
     args = ap.parse_args()
     setup(args.threads)
@@ -115,7 +179,27 @@ def main() -> None:
     print(f"{'':<28} {'V':>9} {'K (RoPE)':>9}")
     for c in columns:
         print(f"{c:<28} {summary['V'][c]:>9.4f} {summary['K'][c]:>9.4f}")
-    write_json(args.out, {"benchmark": "v_lowrank", "environment": environment(args.threads),
+    ppl = {}
+    if args.ppl_windows:
+        import torch
+
+        bases = []
+        for layer in range(len(fit_v)):
+            mus, vhs = [], []
+            for head in range(fit_v[layer].shape[0]):
+                x = fit_v[layer][head]
+                mu = x.mean(0)
+                vhs.append(torch.linalg.svd(x - mu, full_matrices=False)[2].T)
+                mus.append(mu)
+            bases.append((mus, vhs))
+        d = fit_v[0].shape[-1]
+        formats = {f"{name} ({b + 32 / g:.2f} b)": (name, None) for name, b, g in RAW}
+        formats.update({f"pca r{int(f * d)} int{b}-ch ({int(f * d) * (b + 1) / d:.2f} b)": (f"int{b}-ch", int(f * d))
+                        for f, b in PCA})
+        windows = token_windows(lm.tokenizer, load_text(DEFAULT_EVAL_TEXT), args.window, args.ppl_windows)
+        ppl = v_roundtrip_ppl(lm, windows, bases, formats, quantize)
+    write_json(args.out, {"benchmark": "v_lowrank", "environment": environment(args.threads), "v_roundtrip_ppl": ppl,
+                          "ppl_windows": args.ppl_windows,
                           "fit": {"text": DEFAULT_CALIBRATION_TEXT, "windows": args.fit_windows, "window": args.window},
                           "test": {"text": DEFAULT_EVAL_TEXT, "windows": args.test_windows, "window": args.window},
                           "seconds": time.perf_counter() - t0, "median": summary, "sites": sites})

@@ -365,7 +365,15 @@ def _ort_gemma(variant: str, context: int) -> dict:
     return next(r for r in result("onnx_runtime_gemma3")["results"] if (r["variant"], r["context"]) == (variant, context))
 
 
+def _v_ppl(label: str) -> str:
+    return pct(result("v_lowrank_gemma3")["v_roundtrip_ppl"][label]["delta_ppl_pct"])
+
+
 GEMMA_CLAIMS = [
+    (r"3-bit coefficients has [\d.]+x the\nreconstruction error of per-channel int2 and ΔPPL ([+\d.-]+) % against ([+\d.-]+) %",
+     lambda: (_v_ppl("pca r192 int3-ch (3.00 b)"), _v_ppl("int2-ch (3.00 b)"))),
+    (r"coefficients costs ([+\d.-]+) % against ([+\d.-]+) % for per-channel int3",
+     lambda: (_v_ppl("pca r256 int3-ch (4.00 b)"), _v_ppl("int3-ch (4.00 b)"))),
     (r"the packed export decodes at ([\d.]+)x \(512 positions\) and ([\d.]+)x \(2,048\)",
      lambda: (f"{_ort_gemma('packed, native', 512)['speed_vs_fp16']:.2f}",
               f"{_ort_gemma('packed, native', 2048)['speed_vs_fp16']:.2f}")),
