@@ -6,7 +6,8 @@ Both graphs come from the same loaded model in this run:
 
 * ``kvcompile builder``: ``export_onnx`` with the all-fp16 map (:mod:`kvcompile.export.decoder`,
   the architecture described by its adapter's ``DecoderTraits``); cache I/O included;
-* ``torch.onnx.export``: the generic path, PyTorch's dynamo exporter (needs ``onnxscript``) on the
+* ``torch.onnx.export``: the generic path, PyTorch's dynamo exporter (needs ``onnxscript``:
+  ``pip install -c constraints.txt -e ".[generic-export]"``) on the
   model's cache-free forward ``logits = model(input_ids)``, sequence length dynamic.  It has no cache
   inputs or outputs and no kvcompile ops: what it would take to give it those is the price of the
   generic path beyond these figures.

