@@ -15,8 +15,9 @@ group appears once per stream (key, value).  A group is either
 
 A sliding-window layer's group (``window`` > 0) holds one per-token scheme and only the last
 ``W - 1`` positions between steps: plain fp16 ``past_key_values.{l}.key`` as above, or the parts of
-its scheme, ``past_key_values.{l}.key.window.{part}`` (e.g. ``.window.codes``), appended with
-``KVQuantize`` and read with ``KVDequantize``; its row count is its own (``past_window_sequence``).
+its scheme, ``past_key_values.{l}.key.window.{part}`` (e.g. ``.window.codes``), appended and read
+through the inlined bodies of ``KVQuantize`` and ``KVDequantize``; its row count is its own
+(the graph's ``past_window_sequence`` / ``total_window_sequence`` dimensions).
 
 The layout is a pure function of the map and the geometry, and is written into the export
 manifest, so runtimes need no other knowledge of the map to feed the graph.

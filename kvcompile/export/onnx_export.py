@@ -256,7 +256,9 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: 
     b, weights, cache_outputs = build(lm.model, pmap, groups, max_context, fused=fused_attention)
     _notice_portable(b.calls)
 
-    def rows(p, prefix):
+    def rows(grp, p, prefix):
+        if grp.window:  # a window layer holds its own row count (at most W - 1 between steps)
+            return f"{prefix}_window_sequence"
         return f"{prefix}_sequence" if p.rows_per == 1 else f"{prefix}_sequence_div_{p.rows_per}"
 
     inputs = [helper.make_tensor_value_info("input_ids", 7, ["batch", "sequence"])]
@@ -264,9 +266,9 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: 
     for grp in groups:
         for p in grp.ports:
             inputs.append(helper.make_tensor_value_info(p.past, ONNX_DTYPES[p.dtype],
-                                                        ["batch", len(grp.heads), rows(p, "past"), p.width]))
+                                                        ["batch", len(grp.heads), rows(grp, p, "past"), p.width]))
             outputs.append(helper.make_tensor_value_info(p.present, ONNX_DTYPES[p.dtype],
-                                                         ["batch", len(grp.heads), rows(p, "total"), p.width]))
+                                                         ["batch", len(grp.heads), rows(grp, p, "total"), p.width]))
     assert [o.name for o in outputs[1:]] == cache_outputs
     initializers = [numpy_helper.from_array(a, name) for name, a in weights.arrays.items()]
     graph = helper.make_graph(b.nodes, f"kvcompile_{lm.model.config.model_type}", inputs, outputs, initializers)

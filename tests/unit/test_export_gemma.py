@@ -73,6 +73,9 @@ def test_gemma_window_layers_use_quantize_ops_and_their_own_ports(gemma_exports)
     writers = {o: n.op_type for n in model.graph.node for o in n.output}
     assert {writers[p.present] for g in window for p in g.ports} == {"Slice"}
     assert ex.geometry["layer_windows"] == [8, 0, 8]
+    dims = {i.name: i.type.tensor_type.shape.dim[2].dim_param for i in model.graph.input[1:]}
+    assert {dims[p.past] for g in ex.groups for p in g.ports} == {"past_window_sequence", "past_sequence"}
+    assert all(dims[p.past] == ("past_window_sequence" if g.window else "past_sequence") for g in ex.groups for p in g.ports)
 
 
 def test_a_map_without_the_models_windows_is_refused(tiny_gemma_lm, tmp_path):
