@@ -42,6 +42,7 @@ from kvcompile.ops.builder import Builder
 from kvcompile.ops.attention import KV_ATTENTION, KV_ATTENTION_PORTABLE, attention_attrs
 from kvcompile.ops.cache_update import KV_CACHE_UPDATE, parse_age_tiers
 from kvcompile.ops.quantize import KV_DEQUANTIZE, KV_QUANTIZE
+from kvcompile.ops.window_attention import KV_WINDOW_ATTENTION, window_attrs
 from kvcompile.quant import get_scheme
 from kvcompile.quant.base import native_readable
 from kvcompile.kv.precision_map import PrecisionMap
@@ -167,12 +168,14 @@ def attention_op(key_group: HeadGroup, value_group: HeadGroup):
 
 
 def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup], value_groups: list[HeadGroup],
-                    q: str, k: str, v: str, shape: tuple[int, int, int], scale: float, mask: str, fused: bool) -> str:
+                    q: str, k: str, v: str, shape: tuple[int, int, int], scale: float, mask: str, fused: bool,
+                    window_op: bool = True) -> str:
     """One layer's attention over its head groups; returns the context [B, Hq, S, D].
 
     ``shape`` = (query heads, kv heads, head dim); ``mask`` [S, L] additive, L the keys this layer
-    reads (a window layer: its stored rows and the new ones).  A window layer's group attends in
-    standard ops over its window (:func:`_window_states`).  Each joint head group attends on its own
+    reads (a window layer: its stored rows and the new ones).  A window layer's packed group attends
+    through one ``KVWindowAttention`` node (``fused`` and ``window_op``, formats the native library
+    reads), else, like its plain fp16 group, in standard ops over its window (:func:`_window_states`).  Each joint head group attends on its own
     query heads: a plain group over its fp16 cache in standard ops; a packed one through one
     ``KVAttention`` node (``fused``) or, unfused, a ``KVCacheUpdate`` node per stream followed by
     standard attention over the de-quantized states.
@@ -185,7 +188,13 @@ def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup],
         q_heads = tuple(h * r + j for h in kg.heads for j in range(r))
         q_g = _select_heads(b, q, q_heads, hq)
         k_g, v_g = _select_heads(b, k, kg.heads, hkv), _select_heads(b, v, kg.heads, hkv)
-        if kg.window:
+        if kg.window and not kg.plain and fused and window_op and all(
+                native_readable(get_scheme(g.bulk_scheme)) for g in (kg, vg)):
+            attrs = window_attrs(kg.bulk_scheme, vg.bulk_scheme, kg.window, d, r, scale)
+            names = [b.fresh("attention")] + [p.present for p in kg.ports] + [p.present for p in vg.ports]
+            inputs = [q_g, k_g, v_g] + [p.past for p in kg.ports] + [p.past for p in vg.ports]
+            out = KV_WINDOW_ATTENTION.emit(b, attrs, inputs, names)[0]
+        elif kg.window:
             out = _attention(b, q_g, _window_states(b, kg, k_g, d), _window_states(b, vg, v_g, d), len(kg.heads), r, d,
                              scale, mask)
         elif kg.plain:
@@ -247,10 +256,11 @@ def _activation(b: Builder, x: str, kind: str) -> str:
 
 
 def build_decoder_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup], max_context: int, fused: bool = True,
-                        traits: DecoderTraits = DecoderTraits()):
+                        traits: DecoderTraits = DecoderTraits(), window_op: bool = True):
     """Returns ``(builder, weights, cache output names)`` for a ``*ForCausalLM`` whose layers
-    follow ``traits`` (``fused``: attention through ``KVAttention`` nodes; else ``KVCacheUpdate`` +
-    standard ops)."""
+    follow ``traits`` (``fused``: attention through ``KVAttention`` nodes, and window layers'
+    packed groups through ``KVWindowAttention`` nodes unless ``window_op`` is False; else
+    ``KVCacheUpdate`` + standard ops)."""
     config = model.config
     inner = model.model
     hq, hkv = config.num_attention_heads, config.num_key_value_heads
@@ -309,7 +319,7 @@ def build_decoder_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup],
         q, k = _rope(b, q, cos, sin, d), _rope(b, k, cos, sin, d)
         v = _heads(b, _linear(b, w, h, attn.v_proj, f"{name}.v_proj"), hkv, d)
         ctx = layer_attention(b, pmap, by_layer[(i, "key")], by_layer[(i, "value")], q, k, v, (hq, hkv, d),
-                              float(attn.scaling), mask, fused)
+                              float(attn.scaling), mask, fused, window_op)
         ctx = b.op("Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]), b.i64(0, 0, hq * d))
         out = _linear(b, w, ctx, attn.o_proj, f"{name}.o_proj")
         if names[1]:

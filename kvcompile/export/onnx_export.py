@@ -49,7 +49,8 @@ _GRAPH_BUILDERS: dict[str, GraphBuilder] = {}
 
 def register_graph_builder(model_type: str, build: GraphBuilder) -> None:
     """An architecture whose graph the generic decoder builder cannot describe:
-    ``build(model, pmap, groups, max_context, fused=True) -> (Builder, Weights, cache output names)``."""
+    ``build(model, pmap, groups, max_context, fused=True, window_op=True) -> (Builder, Weights, cache output
+    names)``."""
     _GRAPH_BUILDERS[model_type] = build
 
 
@@ -239,11 +240,15 @@ def _check_exportable(pmap: PrecisionMap, head_dim: int) -> None:
             check_lowerable(scheme, head_dim)
 
 
-def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: bool = True):
+def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: bool = True,
+                     window_attention: bool = True):
     """The ModelProto (weights inline) and the cache layout; raises ExportError for what it cannot emit.
 
     ``fused_attention``: attention through ``KVAttention`` nodes (default); else a ``KVCacheUpdate``
-    node per stream and standard attention over the de-quantized cache (the TensorRT target's form)."""
+    node per stream and standard attention over the de-quantized cache (the Python plugins' form).
+    ``window_attention``: sliding-window layers' packed groups through ``KVWindowAttention`` nodes
+    (with ``fused_attention``; default); else in standard ops (what TensorRT runs: its plugin
+    library has no KVWindowAttention yet)."""
     from onnx import helper, numpy_helper
 
     from kvcompile.ops.spec import DOMAIN, collect_functions
@@ -253,7 +258,8 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: 
     _check_exportable(pmap, g.head_dim)
     build = _builder_for(lm.model.config)
     groups = cache_layout(pmap)
-    b, weights, cache_outputs = build(lm.model, pmap, groups, max_context, fused=fused_attention)
+    b, weights, cache_outputs = build(lm.model, pmap, groups, max_context, fused=fused_attention,
+                                      window_op=window_attention)
     _notice_portable(b.calls)
 
     def rows(grp, p, prefix):
@@ -356,29 +362,31 @@ def resolve_max_context(lm, max_context: int | None) -> int:
 
 
 def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_context: int | None = None,
-                overwrite: bool = True, fused_attention: bool = True) -> ExportedModel:
+                overwrite: bool = True, fused_attention: bool = True, window_attention: bool = True) -> ExportedModel:
     """Export ``lm`` (a :class:`~kvcompile.models.LoadedModel`) with ``pmap`` to ``out_dir``.
 
     ``max_context`` (default: the model's limit) bounds prefill + generated positions; it sizes
     the RoPE tables, and runtimes refuse longer contexts.  An existing export directory is
-    replaced; any other non-empty directory is refused.  ``fused_attention``: see
-    :func:`build_onnx_model`.
+    replaced; any other non-empty directory is refused.  ``fused_attention``, ``window_attention``:
+    see :func:`build_onnx_model`.
     """
     out = check_output_directory(out_dir, overwrite)
     max_context = resolve_max_context(lm, max_context)
     with staged_directory(out, what="export") as tmp:
-        write_onnx_export(lm, pmap, tmp, max_context=max_context, fused_attention=fused_attention)
+        write_onnx_export(lm, pmap, tmp, max_context=max_context, fused_attention=fused_attention,
+                          window_attention=window_attention)
     return ExportedModel.load(out)
 
 
 def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: int,
-                      fused_attention: bool = True) -> None:
+                      fused_attention: bool = True, window_attention: bool = True) -> None:
     """Write the ONNX export into the empty (staged) ``directory``: graph, weights, tokenizer,
     Triton config and the manifest with its ``onnx`` target section.  Targets that build on the
     graph (``trt``) call this on their own staged directory, then :func:`add_target_section`."""
     import onnx
 
-    model, groups = build_onnx_model(lm, pmap, max_context, fused_attention)
+    model, groups = build_onnx_model(lm, pmap, max_context, fused_attention, window_attention)
+    windows_fused = fused_attention and window_attention and any(g.window and not g.plain for g in groups)
     tmp = Path(directory)
     onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
@@ -399,5 +407,7 @@ def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: i
         "files": _file_record(tmp),
         "targets": {"onnx": {"runtime": "onnxruntime", "triton_config": TRITON_CONFIG,
                              "attention": "fused" if fused_attention else "unfused",
+                             **({"window_attention": "fused" if windows_fused else "standard ops"}
+                                if any(g.window and not g.plain for g in groups) else {}),
                              "files": {TRITON_CONFIG: (tmp / TRITON_CONFIG).stat().st_size}}},
     })

@@ -269,9 +269,10 @@ struct Query {  // the r * qb query rows of one work item
 
 // Attention of query rows [s0, s1) of all r heads over positions [c0, c1) of one (b, h): writes
 // (m, l, acc[D], acc_rot[D]) per row into `partial`.
+// window W > 0: query s reads only positions j > past + s - W (a sliding-window layer).
 void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& values, const std::vector<int64_t>& cuts,
                   const Query& q, int64_t rows, int64_t r, int64_t s0, int64_t past, int64_t c0, int64_t c1, int64_t d,
-                  bool rot_values, float* partial) {
+                  bool rot_values, int64_t window, float* partial) {
   const int64_t stride = 2 + 2 * d;
   for (int64_t i = 0; i < rows; ++i) {
     float* p = partial + i * stride;
@@ -281,6 +282,7 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
   }
   const int64_t last_query = s0 + rows / r - 1;
   c1 = std::min(c1, past + last_query + 1);  // causal: nothing beyond the last query's position
+  if (window > 0) c0 = std::max(c0, past + s0 - window + 1);  // nothing before the first query's window
   float kt[kTile * 64], vt[kTile * 64];  // one tile of keys / values for D <= 64; a heap buffer beyond
   std::vector<float> kbuf, vbuf;
   float* kp = kt;
@@ -360,7 +362,9 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
       for (int64_t i = 0; i < rows; ++i) {
         const int64_t s = s0 + i / r;
         const int64_t visible = std::min(n, past + s + 1 - t0);
-        if (visible <= 0) continue;
+        // positions [first, visible) of the tile are in query s's window
+        const int64_t first = window > 0 ? std::max<int64_t>(0, past + s - window + 1 - t0) : 0;
+        if (visible <= first) continue;
         const float* qv = (krot ? q.rotated.data() : q.plain.data()) + i * d;
         float top = -std::numeric_limits<float>::infinity();
         if (kcodes && kf.channel) {  // q.k = sum_d q_d z_d + sum_d (q_d s_d) c_d: one scale row per tile
@@ -380,7 +384,6 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
           }
 #pragma omp simd
           for (int64_t t = 0; t < kTile; ++t) scores[t] = bias + ((part[0][t] + part[1][t]) + (part[2][t] + part[3][t]));
-          for (int64_t t = 0; t < visible; ++t) top = std::max(top, scores[t]);
         } else if (kcodes) {  // per-token groups: parameters per row
           const int64_t groups = d / kf.group;
           float q_sums[4096];
@@ -399,7 +402,6 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
               dot += ktile_scale[t * groups + g] * codes_dot + ktile_offset[t * groups + g] * q_sums[g];
             }
             scores[t] = dot;
-            top = std::max(top, dot);
           }
         } else {
           for (int64_t t = 0; t < visible; ++t) {
@@ -408,9 +410,10 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
 #pragma omp simd reduction(+ : dot)
             for (int64_t e = 0; e < d; ++e) dot += qv[e] * kr[e];
             scores[t] = dot;
-            top = std::max(top, dot);
           }
         }
+        for (int64_t t = 0; t < first; ++t) scores[t] = -std::numeric_limits<float>::infinity();  // weight 0
+        for (int64_t t = first; t < visible; ++t) top = std::max(top, scores[t]);
         float* p = partial + i * stride;
         const float m_new = std::max(p[0], top);
         const float alpha = std::exp(p[0] - m_new);  // 0 on the first tile (m = -inf)
@@ -459,6 +462,100 @@ void attend_chunk(const std::vector<Segment>& keys, const std::vector<Segment>& 
       t0 += n;
     }
   }
+}
+
+
+// Runs fn(i) for i < n on this thread when the job is small (a dispatch to the pool costs more
+// than it does), else through parallel_for; `work` estimates the job's cost.
+void run_small_here(const ParallelFor& parallel_for, size_t n, int64_t work, const std::function<void(size_t)>& fn) {
+  if (n < 2 || work < (int64_t(1) << 13)) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+  } else {
+    parallel_for(n, fn);
+  }
+}
+
+struct AttendShape {
+  int64_t B, H, S, P, d, r;  // batch, kv heads, new positions, positions stored before them, head dim, GQA ratio
+  float scale;
+  int64_t window;            // > 0: a sliding window (query s reads positions j > P + s - W)
+  bool rot_keys, rot_values;
+};
+
+// The segments attention reads for one (b, h): keys and values, storage order, starts and lengths
+// covering positions [0, P + S).
+using SegmentsOf = std::function<void(int64_t bh, std::vector<Segment>* keys, std::vector<Segment>* values)>;
+
+// Attention of every query row, written to output [B, H r, S, D]: per (b, h, query block, chunk of
+// positions) an online softmax (attend_chunk), then the chunks of each row merged (log-sum-exp).
+void attend_all(const AttendShape& a, const float* qx, float* output, const SegmentsOf& segments_of,
+                const ParallelFor& parallel_for) {
+  const int64_t B = a.B, H = a.H, S = a.S, P = a.P, L = a.P + a.S, d = a.d, r = a.r;
+  const bool rot_keys = a.rot_keys, rot_values = a.rot_values;
+  const int64_t qb = S <= 4 ? S : 16;
+  const int64_t nq = (S + qb - 1) / qb;
+  const int64_t chunk = S <= 4 ? std::max<int64_t>(256, (L + 63) / 64) : L;
+  const int64_t nc = (L + chunk - 1) / chunk;
+  const int64_t stride = 2 + 2 * d;
+  const int64_t rows = r * qb;
+  // every work item initializes its own rows of the partial results, so they are not cleared here
+  std::unique_ptr<float[]> partial(new float[size_t(B * H * nq * nc * rows * stride)]);
+  parallel_for(B * H * nq * nc, [&](size_t item) {
+    const int64_t c = int64_t(item % nc), qi = int64_t(item / nc % nq), bh = int64_t(item / (nc * nq));
+    const int64_t b = bh / H, h = bh % H;
+    const int64_t s0 = qi * qb, n_s = std::min(qb, S - s0);
+    std::vector<Segment> ks, vs;
+    segments_of(bh, &ks, &vs);
+    std::vector<int64_t> cuts{L};
+    for (auto& seg : ks) cuts.push_back(seg.start);
+    for (auto& seg : vs) cuts.push_back(seg.start);
+    std::sort(cuts.begin(), cuts.end());
+    cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
+    std::vector<Segment> ks_nonempty, vs_nonempty;
+    for (auto& seg : ks) if (seg.length) ks_nonempty.push_back(seg);
+    for (auto& seg : vs) if (seg.length) vs_nonempty.push_back(seg);
+    Query q;
+    q.plain.resize(n_s * r * d);
+    for (int64_t s = 0; s < n_s; ++s)
+      for (int64_t j = 0; j < r; ++j) {
+        const float* src = qx + (((b * H + h) * r + j) * S + s0 + s) * d;
+        float* dst = q.plain.data() + (s * r + j) * d;
+        for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * a.scale;
+      }
+    if (rot_keys) {
+      q.rotated = q.plain;
+      for (int64_t i = 0; i < n_s * r; ++i) rotate_row(q.rotated.data() + i * d, d);
+    }
+    attend_chunk(ks_nonempty, vs_nonempty, cuts, q, n_s * r, r, s0, P, c * chunk, std::min(L, (c + 1) * chunk), d,
+                 rot_values, a.window, partial.get() + item * rows * stride);
+  });
+  // 3. merge the chunks of each query row (log-sum-exp), undo the value rotation, write out
+  run_small_here(parallel_for, B * H * S, B * H * S * r * nc * d, [&](size_t i) {
+    const int64_t bh = int64_t(i / S), s = int64_t(i % S);
+    const int64_t qi = s / qb, row0 = (s % qb) * r;
+    const int64_t b = bh / H, h = bh % H;
+    std::vector<float> acc(d), acc_rot(d);
+    for (int64_t j = 0; j < r; ++j) {
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t c = 0; c < nc; ++c)
+        top = std::max(top, partial[(((bh * nq + qi) * nc + c) * rows + row0 + j) * stride]);
+      float total = 0.0f;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      std::fill(acc_rot.begin(), acc_rot.end(), 0.0f);
+      for (int64_t c = 0; c < nc; ++c) {
+        const float* p = partial.get() + (((bh * nq + qi) * nc + c) * rows + row0 + j) * stride;
+        if (p[1] == 0.0f) continue;
+        const float w = std::exp(p[0] - top);
+        total += w * p[1];
+        for (int64_t e = 0; e < d; ++e) acc[e] += w * p[2 + e];
+        if (rot_values)
+          for (int64_t e = 0; e < d; ++e) acc_rot[e] += w * p[2 + d + e];
+      }
+      if (rot_values) rotate_row(acc_rot.data(), d);
+      float* dst = output + (((b * H + h) * r + j) * S + s) * d;
+      for (int64_t e = 0; e < d; ++e) dst[e] = (acc[e] + acc_rot[e]) / total;
+    }
+  });
 }
 
 }  // namespace
@@ -567,20 +664,11 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
   if (B == 0 || H == 0 || S == 0) return true;
   if (!output) return fail(error, "KVAttention: could not allocate the attention output");
 
-  // Small jobs run on this thread: a dispatch to the pool costs more than they do.
-  auto run = [&](size_t n, int64_t work, const std::function<void(size_t)>& fn) {
-    if (n < 2 || work < (int64_t(1) << 13)) {
-      for (size_t i = 0; i < n; ++i) fn(i);
-    } else {
-      parallel_for(n, fn);
-    }
-  };
-
   // 1. append, per (stream, b, h); work ~ positions copied plus elements quantized
   const float* kx = reinterpret_cast<const float*>(key.data);
   const float* vx = reinterpret_cast<const float*>(value.data);
   std::vector<std::string> errors(2 * B * H);
-  run(2 * B * H, 2 * B * H * (P + S * d), [&](size_t i) {
+  run_small_here(parallel_for, 2 * B * H, 2 * B * H * (P + S * d), [&](size_t i) {
     const int st = int(i / (B * H));
     const int64_t bh = int64_t(i % (B * H));
     append_slice(streams[st], bh, (st == 0 ? kx : vx) + bh * S * d, P, S, &errors[i]);
@@ -588,74 +676,127 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
   for (auto& e : errors)
     if (!e.empty()) return fail(error, "KVAttention: " + e);
 
-  // 2. attention, per (b, h, query block, chunk of positions)
-  const int64_t qb = S <= 4 ? S : 16;
-  const int64_t nq = (S + qb - 1) / qb;
-  const int64_t chunk = S <= 4 ? std::max<int64_t>(256, (L + 63) / 64) : L;
-  const int64_t nc = (L + chunk - 1) / chunk;
-  const int64_t stride = 2 + 2 * d;
-  const int64_t rows = r * qb;
   bool rot_values = false, rot_keys = false;
   for (int seg : spec.value.segments) rot_values |= bool(spec.value.format(seg).rotate);
   for (int seg : spec.key.segments) rot_keys |= bool(spec.key.format(seg).rotate);
-  // every work item initializes its own rows of the partial results, so they are not cleared here
-  std::unique_ptr<float[]> partial(new float[size_t(B * H * nq * nc * rows * stride)]);
-  const float* qx = reinterpret_cast<const float*>(query.data);
-  parallel_for(B * H * nq * nc, [&](size_t item) {
-    const int64_t c = int64_t(item % nc), qi = int64_t(item / nc % nq), bh = int64_t(item / (nc * nq));
-    const int64_t b = bh / H, h = bh % H;
-    const int64_t s0 = qi * qb, n_s = std::min(qb, S - s0);
-    auto ks = streams[0].slice(bh), vs = streams[1].slice(bh);
-    std::vector<int64_t> cuts{L};
-    for (auto& seg : ks) cuts.push_back(seg.start);
-    for (auto& seg : vs) cuts.push_back(seg.start);
-    std::sort(cuts.begin(), cuts.end());
-    cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
-    std::vector<Segment> ks_nonempty, vs_nonempty;
-    for (auto& seg : ks) if (seg.length) ks_nonempty.push_back(seg);
-    for (auto& seg : vs) if (seg.length) vs_nonempty.push_back(seg);
-    Query q;
-    q.plain.resize(n_s * r * d);
-    for (int64_t s = 0; s < n_s; ++s)
-      for (int64_t j = 0; j < r; ++j) {
-        const float* src = qx + (((b * H + h) * r + j) * S + s0 + s) * d;
-        float* dst = q.plain.data() + (s * r + j) * d;
-        for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * spec.scale;
-      }
-    if (rot_keys) {
-      q.rotated = q.plain;
-      for (int64_t i = 0; i < n_s * r; ++i) rotate_row(q.rotated.data() + i * d, d);
+  AttendShape shape{B, H, S, P, d, r, spec.scale, 0, rot_keys, rot_values};
+  attend_all(shape, reinterpret_cast<const float*>(query.data), output,
+             [&](int64_t bh, std::vector<Segment>* ks, std::vector<Segment>* vs) {
+               *ks = streams[0].slice(bh);
+               *vs = streams[1].slice(bh);
+             },
+             parallel_for);
+  return true;
+}
+
+// KVWindowAttention.  Per (stream, b, h) the S new positions are quantized into a buffer; attention
+// reads two segments, the past rows (inputs, positions [0, T)) and the new rows ([T, T + S)), with
+// query s reading positions j > T + s - W; the present outputs get the last min(T + S, W - 1) of them.
+bool parse_window_attention(const Attributes& a, WindowSpec* out, std::string* error) {
+  WindowSpec spec;
+  std::string key, value;
+  int64_t window, d, r;
+  if (!get_string(a, "key_scheme", &key, error) || !get_string(a, "value_scheme", &value, error) ||
+      !get_int(a, "window", &window, error) || !get_int(a, "head_dim", &d, error) || !get_int(a, "q_per_kv", &r, error))
+    return false;
+  auto it = a.floats.find("scale");
+  if (it == a.floats.end()) return fail(error, "KVWindowAttention: missing float attribute scale");
+  if (window < 2 || d < 1 || d > 4096 || r < 1 || r > 4096)
+    return fail(error, "KVWindowAttention: expected window >= 2, 1 <= head_dim <= 4096 and q_per_kv >= 1");
+  if (!parse_format(key, d, &spec.key, error) || !parse_format(value, d, &spec.value, error)) return false;
+  if (spec.key.token_group != 1 || spec.value.token_group != 1)
+    return fail(error, "KVWindowAttention: a window holds per-token schemes, got " + key + " and " + value);
+  spec.window = window, spec.head_dim = d, spec.q_per_kv = r, spec.scale = it->second;
+  *out = spec;
+  return true;
+}
+
+bool run_window_attention(const WindowSpec& spec, const View& query, const View& key, const View& value,
+                          const std::vector<View>& past, const Allocate& allocate, const ParallelFor& parallel_for,
+                          std::string* error) {
+  const int64_t d = spec.head_dim, r = spec.q_per_kv, W = spec.window;
+  if (key.dims.size() != 4 || key.dims[3] != d || value.dims != key.dims)
+    return fail(error, "KVWindowAttention: expected key and value [B, H, S, " + std::to_string(d) + "] of the same shape");
+  const int64_t B = key.dims[0], H = key.dims[1], S = key.dims[2];
+  if (query.dims != std::vector<int64_t>{B, H * r, S, d})
+    return fail(error, "KVWindowAttention: expected query [B, H*r, S, D] = [" + std::to_string(B) + ", " +
+                           std::to_string(H * r) + ", " + std::to_string(S) + ", " + std::to_string(d) + "]");
+  const Format* formats[2] = {&spec.key, &spec.value};
+  if (past.size() != spec.key.parts.size() + spec.value.parts.size())
+    return fail(error, "KVWindowAttention: expected " + std::to_string(spec.key.parts.size() + spec.value.parts.size()) +
+                           " past parts, got " + std::to_string(past.size()));
+  int64_t T = -1;
+  std::vector<const uint8_t*> past_ptrs[2];
+  size_t index = 0;
+  for (int st = 0; st < 2; ++st)
+    for (const PartSpec& ps : formats[st]->parts) {
+      const View& v = past[index++];
+      if (v.dims.size() != 4 || v.dims[0] != B || v.dims[1] != H || v.dims[3] != ps.width || v.bytes != ps.bytes ||
+          (T >= 0 && v.dims[2] != T))
+        return fail(error, "KVWindowAttention: past part " + std::to_string(index - 1) + " (" + formats[st]->name + " " +
+                               ps.name + ") must be [" + std::to_string(B) + ", " + std::to_string(H) + ", rows, " +
+                               std::to_string(ps.width) + "] of " + std::to_string(ps.bytes) +
+                               "-byte elements, rows equal for every part");
+      T = v.dims[2];
+      past_ptrs[st].push_back(v.data);
     }
-    attend_chunk(ks_nonempty, vs_nonempty, cuts, q, n_s * r, r, s0, P, c * chunk, std::min(L, (c + 1) * chunk), d,
-                 rot_values, partial.get() + item * rows * stride);
-  });
-  // 3. merge the chunks of each query row (log-sum-exp), undo the value rotation, write out
-  run(B * H * S, B * H * S * r * nc * d, [&](size_t i) {
-    const int64_t bh = int64_t(i / S), s = int64_t(i % S);
-    const int64_t qi = s / qb, row0 = (s % qb) * r;
-    const int64_t b = bh / H, h = bh % H;
-    std::vector<float> acc(d), acc_rot(d);
-    for (int64_t j = 0; j < r; ++j) {
-      float top = -std::numeric_limits<float>::infinity();
-      for (int64_t c = 0; c < nc; ++c)
-        top = std::max(top, partial[(((bh * nq + qi) * nc + c) * rows + row0 + j) * stride]);
-      float total = 0.0f;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      std::fill(acc_rot.begin(), acc_rot.end(), 0.0f);
-      for (int64_t c = 0; c < nc; ++c) {
-        const float* p = partial.get() + (((bh * nq + qi) * nc + c) * rows + row0 + j) * stride;
-        if (p[1] == 0.0f) continue;
-        const float w = std::exp(p[0] - top);
-        total += w * p[1];
-        for (int64_t e = 0; e < d; ++e) acc[e] += w * p[2 + e];
-        if (rot_values)
-          for (int64_t e = 0; e < d; ++e) acc_rot[e] += w * p[2 + d + e];
-      }
-      if (rot_values) rotate_row(acc_rot.data(), d);
-      float* dst = output + (((b * H + h) * r + j) * S + s) * d;
-      for (int64_t e = 0; e < d; ++e) dst[e] = (acc[e] + acc_rot[e]) / total;
+  if (T > W - 1)
+    return fail(error, "KVWindowAttention: the past window holds " + std::to_string(T) + " positions, expected at most "
+                           "window - 1 = " + std::to_string(W - 1));
+  const int64_t L = T + S, keep = std::min(L, W - 1), drop = L - keep;
+  // presents: rows [drop, L) of past ++ new
+  std::vector<uint8_t*> present_ptrs[2];
+  size_t out_index = 1;
+  for (int st = 0; st < 2; ++st)
+    for (const PartSpec& ps : formats[st]->parts) {
+      present_ptrs[st].push_back(allocate(out_index++, {B, H, keep, ps.width}));
+      if (!present_ptrs[st].back() && B * H * keep > 0)
+        return fail(error, "KVWindowAttention: could not allocate an output");
     }
+  float* output = reinterpret_cast<float*>(allocate(0, {B, H * r, S, d}));
+  if (B == 0 || H == 0 || S == 0) return true;
+  if (!output) return fail(error, "KVWindowAttention: could not allocate the attention output");
+
+  // 1. quantize the new positions, per (stream, b, h), into [B*H, S, width] buffers; copy the kept rows
+  std::vector<std::vector<uint8_t>> fresh[2];
+  std::vector<uint8_t*> fresh_ptrs[2];
+  for (int st = 0; st < 2; ++st)
+    for (const PartSpec& ps : formats[st]->parts) {
+      fresh[st].emplace_back(size_t(B * H * S * ps.row_bytes()));
+      fresh_ptrs[st].push_back(fresh[st].back().data());
+    }
+  const float* xs[2] = {reinterpret_cast<const float*>(key.data), reinterpret_cast<const float*>(value.data)};
+  std::vector<std::string> errors(2 * B * H);
+  run_small_here(parallel_for, 2 * B * H, 2 * B * H * (keep + S * d), [&](size_t i) {
+    const int st = int(i / (B * H));
+    const int64_t bh = int64_t(i % (B * H));
+    const Format& f = *formats[st];
+    const PartPtrs mine = slice_parts(f, fresh_ptrs[st], S, bh);
+    if (!quantize_rows(f, xs[st] + bh * S * d, S, mine, 0, &errors[i])) return;
+    const ConstPartPtrs old_rows = slice_parts(f, past_ptrs[st], T, bh);
+    const PartPtrs kept = slice_parts(f, present_ptrs[st], keep, bh);
+    const int64_t from_past = std::max<int64_t>(T - drop, 0);
+    if (from_past) copy_rows(f, old_rows, drop, kept, 0, from_past);
+    const int64_t from_new = keep - from_past;  // new rows [S - from_new, S)
+    copy_rows(f, ConstPartPtrs(mine.begin(), mine.end()), S - from_new, kept, from_past, from_new);
   });
+  for (auto& e : errors)
+    if (!e.empty()) return fail(error, "KVWindowAttention: " + e);
+
+  // 2. attention over past rows ++ new rows
+  AttendShape shape{B, H, S, T, d, r, spec.scale, W, bool(spec.key.rotate), bool(spec.value.rotate)};
+  attend_all(shape, reinterpret_cast<const float*>(query.data), output,
+             [&](int64_t bh, std::vector<Segment>* ks, std::vector<Segment>* vs) {
+               for (int st = 0; st < 2; ++st) {
+                 const Format& f = *formats[st];
+                 std::vector<Segment>& out = st == 0 ? *ks : *vs;
+                 out.clear();
+                 out.push_back({&f, slice_parts(f, past_ptrs[st], T, bh), 0, T});
+                 const PartPtrs mine = slice_parts(f, fresh_ptrs[st], S, bh);
+                 out.push_back({&f, ConstPartPtrs(mine.begin(), mine.end()), T, S});
+               }
+             },
+             parallel_for);
   return true;
 }
 

@@ -1,8 +1,9 @@
-// The ONNX Runtime custom-op library: registers kvcompile::KVAttention for the CPU execution
-// provider, written against the ONNX Runtime C API only (headers: ../shared/third_party/onnxruntime-*).
+// The ONNX Runtime custom-op library: registers kvcompile::KVAttention and
+// kvcompile::KVWindowAttention for the CPU execution provider, written against the ONNX Runtime C
+// API only (headers: ../shared/third_party/onnxruntime-*).
 //
-// When a model also defines KVAttention as a model-local function, ONNX Runtime runs this kernel
-// if the library is registered and the function body if not, so one model.onnx serves both.
+// When a model also defines an op as a model-local function, ONNX Runtime runs this kernel if the
+// library is registered and the function body if not, so one model.onnx serves both.
 // Inputs: query, key, value, then the past parts (variadic, heterogeneous: int8 / float16 /
 // float32); outputs: the attention output, then the present parts (variadic, heterogeneous).
 #include <cstring>
@@ -17,7 +18,9 @@ namespace {
 const OrtApi* g_api = nullptr;
 
 struct Kernel {
-  kvc::AttentionSpec spec;
+  bool windowed = false;         // KVWindowAttention, else KVAttention
+  kvc::AttentionSpec spec;       // KVAttention
+  kvc::WindowSpec window_spec;   // KVWindowAttention
 };
 
 OrtStatus* status(const std::string& message) { return g_api->CreateStatus(ORT_FAIL, message.c_str()); }
@@ -97,11 +100,39 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
   return nullptr;
 }
 
+OrtStatus* ORT_API_CALL create_window_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+                                             void** kernel) {
+  kvc::Attributes attrs;
+  for (const char* name : {"key_scheme", "value_scheme"}) {
+    std::string value;
+    KVC_RETURN_IF(read_string(info, name, &value));
+    attrs.strings[name] = value;
+  }
+  for (const char* name : {"window", "head_dim", "q_per_kv"}) {
+    int64_t v = 0;
+    KVC_RETURN_IF(g_api->KernelInfoGetAttribute_int64(info, name, &v));
+    attrs.ints[name] = v;
+  }
+  float scale = 0.0f;
+  KVC_RETURN_IF(g_api->KernelInfoGetAttribute_float(info, "scale", &scale));
+  attrs.floats["scale"] = scale;
+  auto* k = new Kernel;
+  k->windowed = true;
+  std::string error;
+  if (!kvc::parse_window_attention(attrs, &k->window_spec, &error)) {
+    delete k;
+    return status(error);
+  }
+  *kernel = k;
+  return nullptr;
+}
+
 OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {
-  const kvc::AttentionSpec& spec = static_cast<Kernel*>(kernel)->spec;
+  const Kernel& k = *static_cast<Kernel*>(kernel);
+  const std::string name = k.windowed ? "KVWindowAttention" : "KVAttention";
   size_t n_inputs = 0;
   KVC_RETURN_IF(g_api->KernelContext_GetInputCount(context, &n_inputs));
-  if (n_inputs < 3) return status("KVAttention: expected query, key, value and the past segments");
+  if (n_inputs < 3) return status(name + ": expected query, key, value and the past cache parts");
   std::vector<kvc::View> views(n_inputs);
   for (size_t i = 0; i < n_inputs; ++i) {
     const OrtValue* v = nullptr;
@@ -109,14 +140,9 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {
     KVC_RETURN_IF(view_of(v, &views[i]));
   }
   for (int i = 0; i < 3; ++i)
-    if (views[i].bytes != 4) return status("KVAttention: query, key and value must be float32");
+    if (views[i].bytes != 4) return status(name + ": query, key and value must be float32");
   std::vector<kvc::View> past(views.begin() + 3, views.end());
   OrtStatus* failure = nullptr;
-  // output element types follow the parts' formats: 0 = float32 output, then part by part
-  std::vector<int> out_bytes{4};
-  for (const kvc::StreamSpec* s : {&spec.key, &spec.value})
-    for (int seg : s->segments)
-      for (const auto& ps : s->format(seg).parts) out_bytes.push_back(ps.bytes);
   kvc::Allocate allocate = [&](size_t index, const std::vector<int64_t>& dims) -> uint8_t* {
     OrtValue* out = nullptr;
     if (OrtStatus* s = g_api->KernelContext_GetOutput(context, index, dims.data(), dims.size(), &out)) {
@@ -140,7 +166,9 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {
     }
   };
   std::string error;
-  bool ok = kvc::run_attention(spec, views[0], views[1], views[2], past, allocate, parallel_for, &error);
+  bool ok = k.windowed ? kvc::run_window_attention(k.window_spec, views[0], views[1], views[2], past, allocate,
+                                                   parallel_for, &error)
+                       : kvc::run_attention(k.spec, views[0], views[1], views[2], past, allocate, parallel_for, &error);
   if (failure) return failure;
   if (!ok) return status(error);
   return nullptr;
@@ -149,6 +177,7 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {
 void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
 const char* ORT_API_CALL op_name(const OrtCustomOp*) { return "KVAttention"; }
+const char* ORT_API_CALL window_op_name(const OrtCustomOp*) { return "KVWindowAttention"; }
 const char* ORT_API_CALL provider(const OrtCustomOp*) { return nullptr; }  // CPU
 size_t ORT_API_CALL input_count(const OrtCustomOp*) { return 4; }
 size_t ORT_API_CALL output_count(const OrtCustomOp*) { return 2; }
@@ -195,7 +224,15 @@ OrtCustomOp make_op() {
   return op;
 }
 
+OrtCustomOp make_window_op() {
+  OrtCustomOp op = make_op();
+  op.GetName = window_op_name;
+  op.CreateKernelV2 = create_window_kernel;
+  return op;
+}
+
 OrtCustomOp g_attention_op = make_op();
+OrtCustomOp g_window_attention_op = make_window_op();
 
 }  // namespace
 
@@ -209,6 +246,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   OrtCustomOpDomain* domain = nullptr;
   KVC_RETURN_IF(g_api->CreateCustomOpDomain("kvcompile", &domain));
   KVC_RETURN_IF(g_api->CustomOpDomain_Add(domain, &g_attention_op));
+  KVC_RETURN_IF(g_api->CustomOpDomain_Add(domain, &g_window_attention_op));
   return g_api->AddCustomOpDomain(options, domain);
 }
 

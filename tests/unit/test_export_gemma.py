@@ -33,13 +33,15 @@ def gemma_exports(tiny_gemma_lm, tmp_path_factory):
             for name, pmap in _maps(tiny_gemma_lm.geometry).items()}
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "function bodies"])
 @pytest.mark.parametrize("name", ["fp16", "int4", "kivi-2"])
-def test_gemma_export_matches_the_torch_cache_past_the_window(name, gemma_exports, tiny_gemma_lm):
-    """Prefill 11 then 19 decode steps: the window layers (W = 8) evict, and ORT agrees with the torch
-    cache on every logit; the exported window caches hold the last W - 1 positions."""
+def test_gemma_export_matches_the_torch_cache_past_the_window(name, native, gemma_exports, tiny_gemma_lm):
+    """Prefill 11 then 19 decode steps: the window layers (W = 8) evict, and ORT (the native
+    KVAttention / KVWindowAttention kernels, or the ops' function bodies) agrees with the torch cache
+    on every logit; the exported window caches hold the last W - 1 positions."""
     ex = gemma_exports[name]
     ids = torch.randint(0, 97, (1, 30), generator=torch.Generator().manual_seed(4)).numpy()
-    ours, state = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=11)
+    ours, state = teacher_forced(open_decoder(ex, "ort", threads=1, native=native), ids, prefill=11)
     ref, ref_state = teacher_forced(open_decoder(ex, "torch", lm=tiny_gemma_lm), ids, prefill=11)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)
     for g in ex.groups:
@@ -60,18 +62,32 @@ def test_gemma_fp16_export_agrees_with_transformers(gemma_exports, tiny_gemma_lm
     np.testing.assert_allclose(ours, expected, rtol=0, atol=2e-3)  # fp16 storage of K/V
 
 
-def test_gemma_window_layers_use_quantize_ops_and_their_own_ports(gemma_exports):
+def test_gemma_window_layers_attend_through_their_op_and_own_ports(gemma_exports, tiny_gemma_lm, tmp_path):
     ex = gemma_exports["int4"]
     window = [g for g in ex.groups if g.window]
     assert {g.layer for g in window} == {0, 2} and all(g.window == 8 for g in window)
     assert [p.past for p in window[0].ports] == ["past_key_values.0.key.window.codes", "past_key_values.0.key.window.scale",
                                                  "past_key_values.0.key.window.zero"][:len(window[0].ports)]
     model = onnx.load(str(ex.onnx_path), load_external_data=False)
-    ops = {n.op_type for n in model.graph.node}
-    # the window caches append and read through the KVQuantize / KVDequantize bodies, inlined
-    assert "Gelu" in ops and not {"KVQuantize", "KVDequantize", "KVCacheUpdate"} & ops
+    ops = [n.op_type for n in model.graph.node]
+    assert "Gelu" in ops and not {"KVQuantize", "KVDequantize", "KVCacheUpdate"} & set(ops)
+    assert ops.count("KVWindowAttention") == 2 and ops.count("KVAttention") == 1
     writers = {o: n.op_type for n in model.graph.node for o in n.output}
-    assert {writers[p.present] for g in window for p in g.ports} == {"Slice"}
+    assert {writers[p.present] for g in window for p in g.ports} == {"KVWindowAttention"}
+    assert ex.targets["onnx"]["window_attention"] == "fused"
+    # without the op (TensorRT's form): the window caches append and read through the KVQuantize /
+    # KVDequantize bodies, inlined, and the present windows are Slices
+    inlined = export_onnx(tiny_gemma_lm, _maps(tiny_gemma_lm.geometry)["int4"], tmp_path / "inlined", max_context=64,
+                          window_attention=False)
+    model = onnx.load(str(inlined.onnx_path), load_external_data=False)
+    assert "KVWindowAttention" not in {n.op_type for n in model.graph.node}
+    writers = {o: n.op_type for n in model.graph.node for o in n.output}
+    assert {writers[p.present] for g in inlined.groups if g.window for p in g.ports} == {"Slice"}
+    assert inlined.targets["onnx"]["window_attention"] == "standard ops"
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(6)).numpy()
+    a, _ = teacher_forced(open_decoder(inlined, "ort", threads=1), ids, prefill=9)
+    b, _ = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=9)
+    np.testing.assert_allclose(a, b, rtol=0, atol=LOGIT_ATOL)
     assert ex.geometry["layer_windows"] == [8, 0, 8]
     dims = {i.name: i.type.tensor_type.shape.dim[2].dim_param for i in model.graph.input[1:]}
     assert {dims[p.past] for g in ex.groups for p in g.ports} == {"past_window_sequence", "past_sequence"}

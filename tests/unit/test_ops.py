@@ -126,6 +126,17 @@ EXPECTED_PORTS = {
         {"scheme": "int4-ch-g64", "head_dim": 64},
         [("codes", "int8", 32, 1), ("scale", "float16", 64, 64), ("zero", "float16", 64, 64)],
         [("states", "float32", None, 1)]),
+    # per token, groups of 32 channels: int4 32 code bytes, int8 64, each an fp16 scale and zero per group
+    "KVWindowAttention": (
+        {"key_scheme": "int4", "value_scheme": "int8", "window": 512, "head_dim": 64, "q_per_kv": 4, "scale": 0.125},
+        [("query", "float32", None, 1), ("key", "float32", None, 1), ("value", "float32", None, 1),
+         ("past_key_window.codes", "int8", 32, 1), ("past_key_window.scale", "float16", 2, 1),
+         ("past_key_window.zero", "float16", 2, 1), ("past_value_window.codes", "int8", 64, 1),
+         ("past_value_window.scale", "float16", 2, 1), ("past_value_window.zero", "float16", 2, 1)],
+        [("output", "float32", None, 1), ("present_key_window.codes", "int8", 32, 1),
+         ("present_key_window.scale", "float16", 2, 1), ("present_key_window.zero", "float16", 2, 1),
+         ("present_value_window.codes", "int8", 64, 1), ("present_value_window.scale", "float16", 2, 1),
+         ("present_value_window.zero", "float16", 2, 1)]),
 }
 
 
