@@ -27,7 +27,8 @@ A sliding-window layer of the map (``pmap.window(layer) = W``) stores each group
 positions kept between updates, so the layer never holds more than its window (plus the
 positions of the update in progress).  ``update`` returns the stored and new positions, and
 :meth:`MixedPrecisionLayer.get_mask_sizes` tells ``transformers``' sliding-window mask where they
-start.  The kernel mode does not support window layers.
+start.  In the kernel mode a decode step appends, the fused kernel reads the window's W positions
+(exactly the ones the new query may read), and the window is evicted to its last W - 1 after.
 """
 
 from __future__ import annotations
@@ -140,15 +141,22 @@ class MixedPrecisionLayer(CacheLayerMixin):
         b, hq, _, d = query.shape
         rep = hq // self.pmap.num_kv_heads
         out = torch.empty(b, hq, d, dtype=torch.float32, device=query.device)
+        # positions in store order: all of them, or a window layer's (after this step's append, the
+        # query's own window: the last W)
+        total = self.stores["key"][0].length if self.window else self.length
         for heads in joint_groups(self.pmap, self.layer_idx):
             runs = []
             stored = {s: next(g for g in self.stores[s] if heads[0] in g.heads).stored(heads) for s in STREAMS}
-            cuts = sorted({0, self.length, *(start for s in STREAMS for start, _ in stored[s])})
+            cuts = sorted({0, total, *(start for s in STREAMS for start, _ in stored[s])})
             for a, z in zip(cuts[:-1], cuts[1:]):
                 (ks, k), (vs, v) = (next((st, x) for st, x in reversed(stored[s]) if st <= a) for s in STREAMS)
                 runs.append(Segment(k, a - ks, v, a - vs, z - a))
             q_heads = torch.tensor([h * rep + r for h in heads for r in range(rep)], device=query.device)
             out[:, q_heads] = decode_attention(query[:, q_heads, 0].float(), runs, scaling)
+        if self.window:  # read: now drop what no later query reads
+            for groups in self.stores.values():
+                for g in groups:
+                    g.evict()
         return out[:, None].to(query.dtype)
 
     def held(self) -> int:
@@ -225,9 +233,6 @@ class MixedPrecisionCache(Cache):
     def __init__(self, pmap: PrecisionMap, max_context: int = 8192, kernels: bool = False):
         self.pmap = pmap
         self.max_context = max_context
-        if kernels and any(pmap.layer_windows):
-            raise CacheError("MixedPrecisionCache(kernels=True) does not support sliding-window layers yet; "
-                             "expected a map without layer_windows")
         if kernels:
             from kvcompile.kernels import unsupported_reason
 

@@ -95,16 +95,7 @@ class SegmentStore:
 
     def stored(self, heads: list[int]) -> list[tuple[int, Stored]]:
         """``[(start, Stored)]`` of the non-empty segments in position order, restricted to ``heads``."""
-        index = None if heads == self.heads else torch.tensor([self.heads.index(h) for h in heads])
-        out, start = [], 0
-        for c in self.order:
-            q = self.segments[c]
-            if q is None:
-                continue
-            parts = q.parts if index is None else {k: v.index_select(1, index.to(v.device)) for k, v in q.parts.items()}
-            out.append((start, Stored(self.schemes[c], parts, q.num_tokens)))
-            start += q.num_tokens
-        return out
+        return _stored(self, heads)
 
     def read(self) -> torch.Tensor:
         """De-quantized states of all stored positions, [B, h, L, D] float32."""
@@ -155,5 +146,24 @@ class WindowStore:
         """De-quantized states of the stored positions, [B, h, stored, D] float32."""
         return self.scheme.dequantize(self.segments["window"])
 
+    def stored(self, heads: list[int]) -> list[tuple[int, Stored]]:
+        """``[(0, Stored)]`` of the window restricted to ``heads`` (``[]`` when empty); start 0 is
+        the oldest position held, not position 0 of the sequence."""
+        return _stored(self, heads)
+
     def nbytes(self) -> int:
         return 0 if self.segments["window"] is None else self.segments["window"].nbytes
+
+
+def _stored(store: "SegmentStore | WindowStore", heads: list[int]) -> list[tuple[int, Stored]]:
+    """A store's non-empty segments in position order as ``[(start, Stored)]``, restricted to ``heads``."""
+    index = None if heads == store.heads else torch.tensor([store.heads.index(h) for h in heads])
+    out, start = [], 0
+    for c in store.order:
+        q = store.segments[c]
+        if q is None:
+            continue
+        parts = q.parts if index is None else {k: v.index_select(1, index.to(v.device)) for k, v in q.parts.items()}
+        out.append((start, Stored(store.schemes[c], parts, q.num_tokens)))
+        start += q.num_tokens
+    return out

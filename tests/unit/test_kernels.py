@@ -19,7 +19,7 @@ from kvcompile.kv.precision_map import PrecisionMap  # noqa: E402
 from kvcompile.plan.presets import resolve_map  # noqa: E402
 from kvcompile.quant import get_scheme  # noqa: E402
 
-from tests.conftest import adversarial, make_tiny_llama  # noqa: E402
+from tests.conftest import adversarial, make_tiny_gemma3, make_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not available("cpu")[0], reason=available("cpu")[1])
 
@@ -107,6 +107,32 @@ def test_kernel_cache_generates_the_same_tokens_as_the_reference(label, tiny_geo
             torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
             assert torch.equal(got.argmax(-1), want.argmax(-1))
             token = want.argmax(-1)
+    assert c_fused.nbytes() == c_ref.nbytes()
+
+
+@pytest.mark.parametrize("label", ["int4", "kivi-2"])
+def test_kernel_cache_decodes_window_layers_past_the_window(label):
+    """Tiny Gemma 3 (window 8): a decode step's fused kernel reads the window's last 8 positions,
+    then the window keeps 7; the logits and the bytes held equal the reference cache's."""
+    from kvcompile.models.adapters import adapter_for
+
+    reference, fused = make_tiny_gemma3(seed=1), make_tiny_gemma3(seed=1)
+    geometry = adapter_for(reference.config).geometry(reference.config)
+    pmap = resolve_map(label, geometry, sink_tokens=2)
+    enable_kernel_attention(fused)
+    ids = torch.randint(0, 97, (2, 6), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = reference(ids, cache=(c_ref := MixedPrecisionCache(pmap, 64)), use_cache=True).logits
+        got = fused(ids, cache=(c_fused := MixedPrecisionCache(pmap, 64, kernels=True)), use_cache=True).logits
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        token = want[:, -1:].argmax(-1)
+        for _ in range(12):  # 6 + 12 positions: the window layers evict from the third step on
+            want = reference(token, cache=c_ref, use_cache=True).logits
+            got = fused(token, cache=c_fused, use_cache=True).logits
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+            token = want.argmax(-1)
+            assert [layer.held() for layer in c_fused.layers] == [layer.held() for layer in c_ref.layers]
+    assert [layer.held() for layer in c_fused.layers] == [7, 18, 7]
     assert c_fused.nbytes() == c_ref.nbytes()
 
 
