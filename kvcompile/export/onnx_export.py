@@ -19,6 +19,8 @@ leaves nothing behind):
 
 from __future__ import annotations
 
+import collections
+
 import hashlib
 import json
 import os
@@ -247,8 +249,7 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: 
     ``fused_attention``: attention through ``KVAttention`` nodes (default); else a ``KVCacheUpdate``
     node per stream and standard attention over the de-quantized cache (the Python plugins' form).
     ``window_attention``: sliding-window layers' packed groups through ``KVWindowAttention`` nodes
-    (with ``fused_attention``; default); else in standard ops (what TensorRT runs: its plugin
-    library has no KVWindowAttention yet)."""
+    (with ``fused_attention``; default); else in standard ops (the inlined quantizer bodies)."""
     from onnx import helper, numpy_helper
 
     from kvcompile.ops.spec import DOMAIN, collect_functions
@@ -386,7 +387,8 @@ def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: i
     import onnx
 
     model, groups = build_onnx_model(lm, pmap, max_context, fused_attention, window_attention)
-    windows_fused = fused_attention and window_attention and any(g.window and not g.plain for g in groups)
+    nodes = collections.Counter(n.op_type for n in model.graph.node if n.domain == "kvcompile")
+    windows_fused = nodes["KVWindowAttention"] > 0
     tmp = Path(directory)
     onnx.save_model(model, tmp / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
                     location=DATA_FILE, size_threshold=1024)
@@ -407,6 +409,7 @@ def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: i
         "files": _file_record(tmp),
         "targets": {"onnx": {"runtime": "onnxruntime", "triton_config": TRITON_CONFIG,
                              "attention": "fused" if fused_attention else "unfused",
+                             "kvcompile_nodes": dict(sorted(nodes.items())),
                              **({"window_attention": "fused" if windows_fused else "standard ops"}
                                 if any(g.window and not g.plain for g in groups) else {}),
                              "files": {TRITON_CONFIG: (tmp / TRITON_CONFIG).stat().st_size}}},

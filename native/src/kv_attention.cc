@@ -589,6 +589,7 @@ bool parse_attention(const Attributes& a, AttentionSpec* out, std::string* error
 bool run_attention(const AttentionSpec& spec, const View& query, const View& key, const View& value,
                    const std::vector<View>& past, const Allocate& allocate, const ParallelFor& parallel_for,
                    std::string* error) {
+  if (spec.window > 0) return run_window_attention(spec, query, key, value, past, allocate, parallel_for, error);
   const int64_t d = spec.head_dim, r = spec.q_per_kv;
   if (key.dims.size() != 4 || key.dims[3] != d || value.dims != key.dims)
     return fail(error, "KVAttention: expected key and value [B, H, S, " + std::to_string(d) + "] of the same shape");
@@ -692,8 +693,8 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
 // KVWindowAttention.  Per (stream, b, h) the S new positions are quantized into a buffer; attention
 // reads two segments, the past rows (inputs, positions [0, T)) and the new rows ([T, T + S)), with
 // query s reading positions j > T + s - W; the present outputs get the last min(T + S, W - 1) of them.
-bool parse_window_attention(const Attributes& a, WindowSpec* out, std::string* error) {
-  WindowSpec spec;
+bool parse_window_attention(const Attributes& a, AttentionSpec* out, std::string* error) {
+  AttentionSpec spec;
   std::string key, value;
   int64_t window, d, r;
   if (!get_string(a, "key_scheme", &key, error) || !get_string(a, "value_scheme", &value, error) ||
@@ -703,27 +704,34 @@ bool parse_window_attention(const Attributes& a, WindowSpec* out, std::string* e
   if (it == a.floats.end()) return fail(error, "KVWindowAttention: missing float attribute scale");
   if (window < 2 || d < 1 || d > 4096 || r < 1 || r > 4096)
     return fail(error, "KVWindowAttention: expected window >= 2, 1 <= head_dim <= 4096 and q_per_kv >= 1");
-  if (!parse_format(key, d, &spec.key, error) || !parse_format(value, d, &spec.value, error)) return false;
-  if (spec.key.token_group != 1 || spec.value.token_group != 1)
-    return fail(error, "KVWindowAttention: a window holds per-token schemes, got " + key + " and " + value);
+  for (StreamSpec* s : {&spec.key, &spec.value}) {
+    Format f;
+    if (!parse_format(s == &spec.key ? key : value, d, &f, error)) return false;
+    if (f.token_group != 1)
+      return fail(error, "KVWindowAttention: a window holds per-token schemes, got " + key + " and " + value);
+    s->sink = f;
+    s->tiers = {f};
+    s->segments = {0};
+  }
   spec.window = window, spec.head_dim = d, spec.q_per_kv = r, spec.scale = it->second;
   *out = spec;
   return true;
 }
 
-bool run_window_attention(const WindowSpec& spec, const View& query, const View& key, const View& value,
+bool run_window_attention(const AttentionSpec& spec, const View& query, const View& key, const View& value,
                           const std::vector<View>& past, const Allocate& allocate, const ParallelFor& parallel_for,
                           std::string* error) {
   const int64_t d = spec.head_dim, r = spec.q_per_kv, W = spec.window;
+  if (W < 2) return fail(error, "KVWindowAttention: expected window >= 2");
   if (key.dims.size() != 4 || key.dims[3] != d || value.dims != key.dims)
     return fail(error, "KVWindowAttention: expected key and value [B, H, S, " + std::to_string(d) + "] of the same shape");
   const int64_t B = key.dims[0], H = key.dims[1], S = key.dims[2];
   if (query.dims != std::vector<int64_t>{B, H * r, S, d})
     return fail(error, "KVWindowAttention: expected query [B, H*r, S, D] = [" + std::to_string(B) + ", " +
                            std::to_string(H * r) + ", " + std::to_string(S) + ", " + std::to_string(d) + "]");
-  const Format* formats[2] = {&spec.key, &spec.value};
-  if (past.size() != spec.key.parts.size() + spec.value.parts.size())
-    return fail(error, "KVWindowAttention: expected " + std::to_string(spec.key.parts.size() + spec.value.parts.size()) +
+  const Format* formats[2] = {&spec.key.tiers[0], &spec.value.tiers[0]};
+  if (past.size() != formats[0]->parts.size() + formats[1]->parts.size())
+    return fail(error, "KVWindowAttention: expected " + std::to_string(formats[0]->parts.size() + formats[1]->parts.size()) +
                            " past parts, got " + std::to_string(past.size()));
   int64_t T = -1;
   std::vector<const uint8_t*> past_ptrs[2];
@@ -784,7 +792,7 @@ bool run_window_attention(const WindowSpec& spec, const View& query, const View&
     if (!e.empty()) return fail(error, "KVWindowAttention: " + e);
 
   // 2. attention over past rows ++ new rows
-  AttendShape shape{B, H, S, T, d, r, spec.scale, W, bool(spec.key.rotate), bool(spec.value.rotate)};
+  AttendShape shape{B, H, S, T, d, r, spec.scale, W, bool(formats[0]->rotate), bool(formats[1]->rotate)};
   attend_all(shape, reinterpret_cast<const float*>(query.data), output,
              [&](int64_t bh, std::vector<Segment>* ks, std::vector<Segment>* vs) {
                for (int st = 0; st < 2; ++st) {

@@ -26,6 +26,9 @@ struct AttentionSpec {
   StreamSpec key, value;
   int64_t head_dim = 0, q_per_kv = 1;
   float scale = 1.0f;
+  // > 0: KVWindowAttention (a sliding-window layer): each stream is one per-token format,
+  // tiers = {format}, segments = {0}, and the past holds at most window - 1 positions
+  int64_t window = 0;
 };
 
 // Attributes as the ONNX node carries them (strings, ints, floats by name).
@@ -56,19 +59,14 @@ bool run_attention(const AttentionSpec& spec, const View& query, const View& key
                    std::string* error);
 
 // KVWindowAttention (kvcompile/ops/window_attention.py): a sliding-window layer's head group, one
-// per-token format per stream; the past holds at most window - 1 positions.
-struct WindowSpec {
-  Format key, value;
-  int64_t window = 0, head_dim = 0, q_per_kv = 1;
-  float scale = 1.0f;
-};
-
-bool parse_window_attention(const Attributes& attrs, WindowSpec* out, std::string* error);
+// per-token format per stream (attributes key_scheme, value_scheme, window, head_dim, q_per_kv,
+// scale), as an AttentionSpec with window > 0.
+bool parse_window_attention(const Attributes& attrs, AttentionSpec* out, std::string* error);
 
 // query [B, H r, S, D], key / value [B, H, S, D] float32; past: the key format's parts, then the
 // value format's ([B, H, T, width], T <= window - 1).  Outputs: the attention output, then the
 // present parts (the last min(T + S, window - 1) positions).
-bool run_window_attention(const WindowSpec& spec, const View& query, const View& key, const View& value,
+bool run_window_attention(const AttentionSpec& spec, const View& query, const View& key, const View& value,
                           const std::vector<View>& past, const Allocate& allocate, const ParallelFor& parallel_for,
                           std::string* error);
 

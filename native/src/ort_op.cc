@@ -18,9 +18,7 @@ namespace {
 const OrtApi* g_api = nullptr;
 
 struct Kernel {
-  bool windowed = false;         // KVWindowAttention, else KVAttention
-  kvc::AttentionSpec spec;       // KVAttention
-  kvc::WindowSpec window_spec;   // KVWindowAttention
+  kvc::AttentionSpec spec;  // KVWindowAttention when spec.window > 0
 };
 
 OrtStatus* status(const std::string& message) { return g_api->CreateStatus(ORT_FAIL, message.c_str()); }
@@ -117,9 +115,8 @@ OrtStatus* ORT_API_CALL create_window_kernel(const OrtCustomOp*, const OrtApi*, 
   KVC_RETURN_IF(g_api->KernelInfoGetAttribute_float(info, "scale", &scale));
   attrs.floats["scale"] = scale;
   auto* k = new Kernel;
-  k->windowed = true;
   std::string error;
-  if (!kvc::parse_window_attention(attrs, &k->window_spec, &error)) {
+  if (!kvc::parse_window_attention(attrs, &k->spec, &error)) {
     delete k;
     return status(error);
   }
@@ -129,7 +126,7 @@ OrtStatus* ORT_API_CALL create_window_kernel(const OrtCustomOp*, const OrtApi*, 
 
 OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {
   const Kernel& k = *static_cast<Kernel*>(kernel);
-  const std::string name = k.windowed ? "KVWindowAttention" : "KVAttention";
+  const std::string name = k.spec.window > 0 ? "KVWindowAttention" : "KVAttention";
   size_t n_inputs = 0;
   KVC_RETURN_IF(g_api->KernelContext_GetInputCount(context, &n_inputs));
   if (n_inputs < 3) return status(name + ": expected query, key, value and the past cache parts");
@@ -166,9 +163,7 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {
     }
   };
   std::string error;
-  bool ok = k.windowed ? kvc::run_window_attention(k.window_spec, views[0], views[1], views[2], past, allocate,
-                                                   parallel_for, &error)
-                       : kvc::run_attention(k.spec, views[0], views[1], views[2], past, allocate, parallel_for, &error);
+  bool ok = kvc::run_attention(k.spec, views[0], views[1], views[2], past, allocate, parallel_for, &error);
   if (failure) return failure;
   if (!ok) return status(error);
   return nullptr;

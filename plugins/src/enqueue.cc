@@ -82,19 +82,27 @@ WorkspaceLayout workspace_layout(const AttentionSpec& spec, int64_t B, int64_t H
   // split-K partials, only when the positions are split: items * chunks < kTargetBlocks + items
   // <= 2 kTargetBlocks, whatever the dimensions
   const int64_t partial_rows = bound ? 2 * kvc_dev::kTargetBlocks * R : (w.chunks > 1 ? w.items * R * w.chunks : 0);
-  w.work_rows = std::max(buffer_rows(spec.key, S), buffer_rows(spec.value, S));
-  for (const StreamSpec* s : {&spec.key, &spec.value})
-    for (size_t t = 0; t + 1 < s->tiers.size(); ++t) {  // the bulk is written in place
-      int64_t bytes = 0;
-      for (const auto& p : s->tiers[t].parts) bytes += (w.work_rows / p.rows_per + 1) * p.row_bytes();
-      w.scratch_bytes = std::max(w.scratch_bytes, int64_t(aligned(size_t(bytes))));
-    }
+  size_t scratch_size = 0;
+  if (spec.window > 0) {  // the new rows of each stream and part, [B*H, S, width] (window_scratch)
+    w.work_rows = std::max<int64_t>(S, 1);  // the rotation's temporary
+    for (const StreamSpec* s : {&spec.key, &spec.value})
+      for (const auto& p : s->tiers[0].parts) scratch_size += aligned(size_t(B * H * S * p.row_bytes()));
+  } else {
+    w.work_rows = std::max(buffer_rows(spec.key, S), buffer_rows(spec.value, S));
+    for (const StreamSpec* s : {&spec.key, &spec.value})
+      for (size_t t = 0; t + 1 < s->tiers.size(); ++t) {  // the bulk is written in place
+        int64_t bytes = 0;
+        for (const auto& p : s->tiers[t].parts) bytes += (w.work_rows / p.rows_per + 1) * p.row_bytes();
+        w.scratch_bytes = std::max(w.scratch_bytes, int64_t(aligned(size_t(bytes))));
+      }
+    scratch_size = size_t(2 * B * H * w.scratch_bytes);
+  }
   w.status = 0;
   w.done = 4;  // right after the status word: one memset clears both
   w.partial = aligned(size_t(4 + 4 * w.items));
   w.work = w.partial + aligned(size_t(partial_rows * (2 + 2 * D)) * 4);
   w.scratch = w.work + aligned(size_t(2 * B * H * 3 * w.work_rows * D) * 4);
-  w.size = w.scratch + size_t(2 * B * H * w.scratch_bytes);
+  w.size = w.scratch + scratch_size;
   return w;
 }
 
@@ -126,6 +134,31 @@ void fill_stream(const StreamSpec& spec, int64_t past, int64_t added, const std:
       g.past[p] = static_cast<const uint8_t*>(inputs[part]);
       g.present[p] = static_cast<uint8_t*>(outputs[part]);
     }
+  }
+}
+
+// A KVWindowAttention stream: seg[0] the T past rows (read in place), seg[1] the S new rows in the
+// workspace at *scratch (advanced past them), seg[2] the present window (the outputs).
+void fill_window_stream(const StreamSpec& spec, int64_t window, int64_t past, int64_t added, int64_t bh_count,
+                        const void* const* inputs, void* const* outputs, const float* x, uint8_t** scratch,
+                        kvc_dev::Stream* out) {
+  *out = kvc_dev::Stream{};
+  out->nseg = 2, out->ntiers = 1, out->sink_seg = -1, out->tier_seg[0] = 1;
+  out->x = x;
+  const kvc_dev::Fmt f = to_fmt(spec.tiers[0]);
+  kvc_dev::Segment& old = out->seg[0];
+  kvc_dev::Segment& fresh = out->seg[1];
+  kvc_dev::Segment& kept = out->seg[2];
+  old.f = fresh.f = kept.f = f;
+  old.past_len = old.len = past, old.start = 0;
+  fresh.past_len = 0, fresh.len = added, fresh.start = past;
+  kept.past_len = 0, kept.len = std::min(past + added, window - 1), kept.start = past + added;  // not attended
+  for (int p = 0; p < f.nparts; ++p) {
+    old.past[p] = static_cast<const uint8_t*>(inputs[p]);
+    old.present[p] = const_cast<uint8_t*>(old.past[p]);  // attention reads the past rows where they are
+    fresh.present[p] = *scratch;
+    *scratch += aligned(size_t(bh_count * added * f.row_bytes(p)));
+    kept.present[p] = static_cast<uint8_t*>(outputs[p]);
   }
 }
 
@@ -171,7 +204,19 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
   int64_t pasts[2];
   std::vector<int64_t> past_lengths[2];
   size_t index = 3;
-  for (int st = 0; st < 2; ++st) {
+  for (int st = 0; st < 2 && spec.window > 0; ++st) {  // KVWindowAttention: one format, T rows in every part
+    const kvc::Format& f = (st == 0 ? spec.key : spec.value).tiers[0];
+    for (size_t p = 0; p < f.parts.size(); ++p, ++index) {
+      const auto& d = in[index];
+      if (d[0] != B || d[1] != H || d[3] != f.parts[p].width || d[2] != in[3][2])
+        return fail(error, "KVWindowAttention: a past part of scheme " + f.name + " does not have the expected shape");
+    }
+    pasts[st] = in[3][2];
+  }
+  if (spec.window > 0 && pasts[0] > spec.window - 1)
+    return fail(error, "KVWindowAttention: the past window holds " + std::to_string(pasts[0]) +
+                           " positions, expected at most window - 1 = " + std::to_string(spec.window - 1));
+  for (int st = 0; st < 2 && spec.window == 0; ++st) {
     const StreamSpec& s = st == 0 ? spec.key : spec.value;
     int64_t past = 0;
     for (int seg : s.segments) {
@@ -202,10 +247,20 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
                            std::to_string(w.size) + " (a call beyond the engine's profile?)");
   kvc_dev::Params& P = *params;
   P = kvc_dev::Params{};
-  fill_stream(spec.key, past, S, past_lengths[0], inputs + 3, outputs + 1, static_cast<const float*>(inputs[1]),
-              &P.stream[0]);
-  fill_stream(spec.value, past, S, past_lengths[1], inputs + 3 + nk, outputs + 1 + nk,
-              static_cast<const float*>(inputs[2]), &P.stream[1]);
+  uint8_t* base = static_cast<uint8_t*>(workspace);
+  if (spec.window > 0) {
+    uint8_t* scratch = base + w.scratch;
+    fill_window_stream(spec.key, spec.window, past, S, B * H, inputs + 3, outputs + 1,
+                       static_cast<const float*>(inputs[1]), &scratch, &P.stream[0]);
+    fill_window_stream(spec.value, spec.window, past, S, B * H, inputs + 3 + nk, outputs + 1 + nk,
+                       static_cast<const float*>(inputs[2]), &scratch, &P.stream[1]);
+  } else {
+    fill_stream(spec.key, past, S, past_lengths[0], inputs + 3, outputs + 1, static_cast<const float*>(inputs[1]),
+                &P.stream[0]);
+    fill_stream(spec.value, past, S, past_lengths[1], inputs + 3 + nk, outputs + 1 + nk,
+                static_cast<const float*>(inputs[2]), &P.stream[1]);
+  }
+  P.window = spec.window;
   P.query = static_cast<const float*>(inputs[0]);
   P.output = static_cast<float*>(outputs[0]);
   P.batch = B, P.heads = H, P.q_per_kv = r, P.S = S, P.D = D, P.past = past, P.total = total;
@@ -214,8 +269,8 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
   P.heads_per_block = heads_per_block(D, r);
   if (kvc_dev::attend_smem_floats(D, P.heads_per_block) * 4 > kMaxSharedBytes)
     return fail(error, "KVAttention: head_dim " + std::to_string(D) + " needs more shared memory than the kernels may use");
-  int64_t copy_bytes = 0;  // the largest kept-row slice of any (stream, segment, part)
-  for (int st = 0; st < 2; ++st) {
+  int64_t copy_bytes = 0;  // the largest kept-row slice of any (stream, segment, part); windows: none
+  for (int st = 0; st < 2 && spec.window == 0; ++st) {
     const kvc_dev::Stream& s = P.stream[st];
     for (int k = 0; k < s.nseg; ++k) {
       int64_t src, dst;
@@ -230,7 +285,6 @@ bool make_params(const AttentionSpec& spec, const std::vector<std::vector<int64_
   for (int st = 0; st < 2; ++st)
     for (int k = 0; k < P.stream[st].nseg; ++k)
       if (P.stream[st].seg[k].f.rotate) (st ? P.rotated_values : P.rotated_keys) = 1;
-  uint8_t* base = static_cast<uint8_t*>(workspace);
   P.status = reinterpret_cast<int32_t*>(base + w.status);
   P.done = reinterpret_cast<uint32_t*>(base + w.done);
   P.status_words = 1 + w.items;

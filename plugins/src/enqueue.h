@@ -61,6 +61,12 @@ std::vector<std::vector<typename Ops::T>> output_dims(const AttentionSpec& spec,
                                                       const std::vector<std::vector<typename Ops::T>>& in) {
   using T = typename Ops::T;
   std::vector<std::vector<T>> out{in[0]};
+  if (spec.window > 0) {  // KVWindowAttention: the last min(T + S, W - 1) positions, T = past rows
+    const T keep = o.min(o.add(in[3][2], in[1][2]), o.constant(spec.window - 1));
+    for (const StreamSpec* s : {&spec.key, &spec.value})
+      for (const auto& part : s->tiers[0].parts) out.push_back({in[1][0], in[1][1], keep, o.constant(part.width)});
+    return out;
+  }
   size_t index = 3;
   for (const StreamSpec* s : {&spec.key, &spec.value}) {
     T past = o.constant(0);

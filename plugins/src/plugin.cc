@@ -1,6 +1,7 @@
-// libkvcompile_trt.so: the KVAttention op of kvcompile/ops/attention.py as a TensorRT IPluginV3
-// (IPluginV3OneCore/Build/Runtime + IPluginCreatorV3One; name "KVAttention", version "1",
-// namespace "kvcompile").  Written against the TensorRT 10 headers only: it links nothing from
+// libkvcompile_trt.so: the KVAttention op of kvcompile/ops/attention.py and the KVWindowAttention op
+// of kvcompile/ops/window_attention.py as TensorRT IPluginV3s (IPluginV3OneCore/Build/Runtime +
+// IPluginCreatorV3One; names "KVAttention" and "KVWindowAttention", version "1", namespace
+// "kvcompile"; one plugin class, the op's attributes parsed into one AttentionSpec).  Written against the TensorRT 10 headers only: it links nothing from
 // TensorRT or CUDA, loads into full TensorRT and TensorRT-RTX alike, and launches its kernels
 // through the CUDA driver API opened at run time (cuda_driver.cc).
 //
@@ -23,17 +24,16 @@ namespace kvc_trt {
 
 namespace {
 
-constexpr const char* kName = "KVAttention";
-constexpr const char* kVersion = "1";  // kvcompile.ops.attention.KV_ATTENTION.version
+constexpr const char* kVersion = "1";  // the ops' OpSpec.version
 constexpr const char* kNamespace = "kvcompile";
 
-// The op's attributes, in kvcompile.ops.attention.ATTRIBUTES order, with the field type the ONNX
-// parser delivers for each.
+// An op's attributes, in its OpSpec's ATTRIBUTES order, with the field type the ONNX parser
+// delivers for each.
 struct FieldSpec {
   const char* name;
   PluginFieldType type;
 };
-const FieldSpec kFields[] = {
+const FieldSpec kAttentionFields[] = {  // kvcompile.ops.attention
     {"key_sink_scheme", PluginFieldType::kCHAR},   {"key_recent_scheme", PluginFieldType::kCHAR},
     {"key_bulk_scheme", PluginFieldType::kCHAR},   {"key_age_tiers", PluginFieldType::kCHAR},
     {"value_sink_scheme", PluginFieldType::kCHAR}, {"value_recent_scheme", PluginFieldType::kCHAR},
@@ -42,6 +42,25 @@ const FieldSpec kFields[] = {
     {"head_dim", PluginFieldType::kINT32},         {"q_per_kv", PluginFieldType::kINT32},
     {"scale", PluginFieldType::kFLOAT32},
 };
+const FieldSpec kWindowFields[] = {  // kvcompile.ops.window_attention
+    {"key_scheme", PluginFieldType::kCHAR}, {"value_scheme", PluginFieldType::kCHAR},
+    {"window", PluginFieldType::kINT32},    {"head_dim", PluginFieldType::kINT32},
+    {"q_per_kv", PluginFieldType::kINT32},  {"scale", PluginFieldType::kFLOAT32},
+};
+
+// One plugin per op: its name, fields and attribute parser (both ops share the kernels).
+struct OpKind {
+  const char* name;
+  const FieldSpec* fields;
+  size_t num_fields;
+  bool (*parse)(const kvc::Attributes&, AttentionSpec*, std::string*);
+  const FieldSpec* begin() const { return fields; }
+  const FieldSpec* end() const { return fields + num_fields; }
+};
+const OpKind kAttention{"KVAttention", kAttentionFields, sizeof(kAttentionFields) / sizeof(FieldSpec),
+                        kvc::parse_attention};
+const OpKind kWindowAttention{"KVWindowAttention", kWindowFields, sizeof(kWindowFields) / sizeof(FieldSpec),
+                              kvc::parse_window_attention};
 
 ILoggerFinder* g_logger_finder = nullptr;
 
@@ -55,11 +74,12 @@ DataType data_type(int bytes) {
 }
 
 // Attributes from plugin fields, whatever numeric type a caller used.
-bool attributes_from_fields(const PluginFieldCollection* fc, kvc::Attributes* out, std::string* error) {
+bool attributes_from_fields(const OpKind& kind, const PluginFieldCollection* fc, kvc::Attributes* out,
+                            std::string* error) {
   for (int32_t i = 0; fc && i < fc->nbFields; ++i) {
     const PluginField& f = fc->fields[i];
     const FieldSpec* spec = nullptr;
-    for (const auto& s : kFields)
+    for (const auto& s : kind)
       if (f.name && std::strcmp(f.name, s.name) == 0) spec = &s;
     if (!spec) continue;
     if (spec->type == PluginFieldType::kCHAR) {
@@ -68,7 +88,7 @@ bool attributes_from_fields(const PluginFieldCollection* fc, kvc::Attributes* ou
       continue;
     }
     if (f.length < 1 || !f.data) {
-      *error = std::string("KVAttention: field ") + spec->name + " is empty";
+      *error = std::string(kind.name) + ": field " + spec->name + " is empty";
       return false;
     }
     double v;
@@ -80,7 +100,7 @@ bool attributes_from_fields(const PluginFieldCollection* fc, kvc::Attributes* ou
       case PluginFieldType::kFLOAT32: v = *static_cast<const float*>(f.data); break;
       case PluginFieldType::kFLOAT64: v = *static_cast<const double*>(f.data); break;
       default:
-        *error = std::string("KVAttention: field ") + spec->name + " has an unsupported type";
+        *error = std::string(kind.name) + ": field " + spec->name + " has an unsupported type";
         return false;
     }
     if (spec->type == PluginFieldType::kFLOAT32) out->floats[spec->name] = float(v);
@@ -107,11 +127,12 @@ struct ExprOps {
 
 class KVAttentionPlugin : public IPluginV3, public IPluginV3OneCore, public IPluginV3OneBuild, public IPluginV3OneRuntime {
  public:
-  KVAttentionPlugin(const kvc::Attributes& attrs, const AttentionSpec& spec) : attrs_(attrs), spec_(spec) {
+  KVAttentionPlugin(const OpKind& kind, const kvc::Attributes& attrs, const AttentionSpec& spec)
+      : kind_(kind), attrs_(attrs), spec_(spec) {
     in_bytes_ = input_bytes(spec_);
     out_bytes_ = output_bytes(spec_);
     // the serialized fields: strings NUL-terminated, ints as int32, scale as float32
-    for (const auto& f : kFields) {
+    for (const auto& f : kind_) {
       if (f.type == PluginFieldType::kCHAR) {
         strings_.push_back(attrs_.strings.at(f.name));
       } else if (f.type == PluginFieldType::kINT32) {
@@ -120,7 +141,7 @@ class KVAttentionPlugin : public IPluginV3, public IPluginV3OneCore, public IPlu
     }
     scale_ = attrs_.floats.at("scale");
     size_t s = 0, i = 0;
-    for (const auto& f : kFields) {
+    for (const auto& f : kind_) {
       if (f.type == PluginFieldType::kCHAR) {
         fields_.emplace_back(f.name, strings_[s].c_str(), f.type, int32_t(strings_[s].size() + 1));
         ++s;
@@ -146,14 +167,14 @@ class KVAttentionPlugin : public IPluginV3, public IPluginV3OneCore, public IPlu
   }
   IPluginV3* clone() noexcept override {
     try {
-      return new KVAttentionPlugin(attrs_, spec_);
+      return new KVAttentionPlugin(kind_, attrs_, spec_);
     } catch (...) {
       return nullptr;
     }
   }
 
   // IPluginV3OneCore
-  const char* getPluginName() const noexcept override { return kName; }
+  const char* getPluginName() const noexcept override { return kind_.name; }
   const char* getPluginVersion() const noexcept override { return kVersion; }
   const char* getPluginNamespace() const noexcept override { return kNamespace; }
 
@@ -170,7 +191,7 @@ class KVAttentionPlugin : public IPluginV3, public IPluginV3OneCore, public IPlu
   int32_t getOutputShapes(const DimsExprs* inputs, int32_t nb_inputs, const DimsExprs*, int32_t, DimsExprs* outputs,
                           int32_t nb_outputs, IExprBuilder& builder) noexcept override {
     if (nb_inputs != int32_t(in_bytes_.size()) || nb_outputs != int32_t(out_bytes_.size())) {
-      log_error("KVAttention: expected " + std::to_string(in_bytes_.size()) + " inputs for its schemes, got " +
+      log_error(std::string(kind_.name) + ": expected " + std::to_string(in_bytes_.size()) + " inputs for its schemes, got " +
                 std::to_string(nb_inputs));
       return -1;
     }
@@ -227,7 +248,7 @@ class KVAttentionPlugin : public IPluginV3, public IPluginV3OneCore, public IPlu
       }
       return 0;
     } catch (const std::exception& e) {
-      log_error(std::string("KVAttention: ") + e.what());
+      log_error(std::string(kind_.name) + ": " + e.what());
       return -1;
     }
   }
@@ -235,6 +256,7 @@ class KVAttentionPlugin : public IPluginV3, public IPluginV3OneCore, public IPlu
   const PluginFieldCollection* getFieldsToSerialize() noexcept override { return &collection_; }
 
  private:
+  const OpKind& kind_;
   kvc::Attributes attrs_;
   AttentionSpec spec_;
   std::vector<int> in_bytes_, out_bytes_;
@@ -248,8 +270,8 @@ class KVAttentionPlugin : public IPluginV3, public IPluginV3OneCore, public IPlu
 
 class KVAttentionCreator : public IPluginCreatorV3One {
  public:
-  KVAttentionCreator() {
-    for (const auto& f : kFields) names_.emplace_back(f.name, nullptr, f.type, 0);
+  explicit KVAttentionCreator(const OpKind& kind) : kind_(kind) {
+    for (const auto& f : kind_) names_.emplace_back(f.name, nullptr, f.type, 0);
     collection_.nbFields = int32_t(names_.size());
     collection_.fields = names_.data();
   }
@@ -258,22 +280,23 @@ class KVAttentionCreator : public IPluginCreatorV3One {
       kvc::Attributes attrs;
       AttentionSpec spec;
       std::string error;
-      if (!attributes_from_fields(fc, &attrs, &error) || !kvc::parse_attention(attrs, &spec, &error)) {
-        log_error(std::string(name ? name : kName) + ": " + error);
+      if (!attributes_from_fields(kind_, fc, &attrs, &error) || !kind_.parse(attrs, &spec, &error)) {
+        log_error(std::string(name ? name : kind_.name) + ": " + error);
         return nullptr;
       }
-      return new KVAttentionPlugin(attrs, spec);
+      return new KVAttentionPlugin(kind_, attrs, spec);
     } catch (const std::exception& e) {
-      log_error(std::string("KVAttention: ") + e.what());
+      log_error(std::string(kind_.name) + ": " + e.what());
       return nullptr;
     }
   }
   const PluginFieldCollection* getFieldNames() noexcept override { return &collection_; }
-  const char* getPluginName() const noexcept override { return kName; }
+  const char* getPluginName() const noexcept override { return kind_.name; }
   const char* getPluginVersion() const noexcept override { return kVersion; }
   const char* getPluginNamespace() const noexcept override { return kNamespace; }
 
  private:
+  const OpKind& kind_;
   std::vector<PluginField> names_;
   PluginFieldCollection collection_{};
 };
@@ -287,9 +310,9 @@ extern "C" __attribute__((visibility("default"))) void setLoggerFinder(ILoggerFi
 }
 
 extern "C" __attribute__((visibility("default"))) IPluginCreatorInterface* const* getCreators(int32_t& count) {
-  static kvc_trt::KVAttentionCreator creator;
-  static IPluginCreatorInterface* const creators[] = {&creator};
-  count = 1;
+  static kvc_trt::KVAttentionCreator attention(kvc_trt::kAttention), window(kvc_trt::kWindowAttention);
+  static IPluginCreatorInterface* const creators[] = {&attention, &window};
+  count = 2;
   return creators;
 }
 
@@ -306,8 +329,13 @@ int report(const std::string& why, char* error, int error_len) {
   return 1;
 }
 
+// The op the attributes describe: KVWindowAttention when they name a window, else KVAttention.
+const kvc_trt::OpKind& kind_of(const kvc::Attributes& attrs) {
+  return attrs.ints.count("window") ? kvc_trt::kWindowAttention : kvc_trt::kAttention;
+}
+
 bool spec_of(const char* text, kvc::Attributes* attrs, kvc_trt::AttentionSpec* spec, std::string* error) {
-  return kvc_trt::parse_attribute_text(text, attrs, error) && kvc::parse_attention(*attrs, spec, error);
+  return kvc_trt::parse_attribute_text(text, attrs, error) && kind_of(*attrs).parse(*attrs, spec, error);
 }
 
 std::vector<std::vector<int64_t>> dims_of(int n, const int64_t* flat) {
@@ -366,7 +394,7 @@ KVC_API int kvc_trt_supports(const char* attrs_text, int pos, int bytes, int lin
   kvc_trt::AttentionSpec spec;
   std::string why;
   if (!spec_of(attrs_text, &attrs, &spec, &why)) return -1;
-  kvc_trt::KVAttentionPlugin plugin(attrs, spec);
+  kvc_trt::KVAttentionPlugin plugin(kind_of(attrs), attrs, spec);
   const int n_in = int(kvc_trt::input_bytes(spec).size()), n_out = plugin.getNbOutputs();
   std::vector<DynamicPluginTensorDesc> io(size_t(n_in + n_out));
   for (auto& d : io) d.desc.format = TensorFormat::kLINEAR, d.desc.type = DataType::kFLOAT;
@@ -386,7 +414,8 @@ KVC_API int kvc_trt_field_roundtrip(const char* attrs_text, char* out, int out_l
   std::vector<float> floats;
   strings.reserve(16), ints.reserve(16), floats.reserve(4);
   std::vector<PluginField> fields;
-  for (const auto& f : kvc_trt::kFields) {
+  const kvc_trt::OpKind& kind = kind_of(attrs);
+  for (const auto& f : kind) {
     if (f.type == PluginFieldType::kCHAR) {
       strings.push_back(attrs.strings[f.name]);
       fields.emplace_back(f.name, strings.back().c_str(), f.type, int32_t(strings.back().size()));
@@ -400,7 +429,7 @@ KVC_API int kvc_trt_field_roundtrip(const char* attrs_text, char* out, int out_l
   }
   PluginFieldCollection fc{int32_t(fields.size()), fields.data()};
   int32_t count = 0;
-  auto* creator = static_cast<IPluginCreatorV3One*>(getCreators(count)[0]);
+  auto* creator = static_cast<IPluginCreatorV3One*>(getCreators(count)[&kind == &kvc_trt::kAttention ? 0 : 1]);
   std::unique_ptr<IPluginV3> built(creator->createPlugin("roundtrip", &fc, TensorRTPhase::kBUILD));
   if (!built) return report("the creator refused the fields", error, error_len);
   auto* runtime = static_cast<IPluginV3OneRuntime*>(built->getCapabilityInterface(PluginCapabilityType::kRUNTIME));
@@ -438,7 +467,7 @@ KVC_API int kvc_trt_emulate(const char* attrs_text, int n_in, const int64_t* in_
     if (n_in < 3) return report("KVAttention: expected query, key, value and the past parts", error, error_len);
     int64_t past = 0;
     size_t index = 3;
-    for (int seg : spec.key.segments) {
+    for (int seg : spec.key.segments) {  // (a window's one segment holds its T rows)
       if (index < dims.size()) past += dims[index][2];
       index += spec.key.format(seg).parts.size();
     }

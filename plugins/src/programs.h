@@ -62,7 +62,11 @@ struct Stream {
   int32_t tier_seg[kMaxTiers];      // segment of tier i: 0 = recent, 1..K = age tiers, ntiers-1 = bulk
   int64_t new_sinks, moves[kMaxTiers];
   const float* x;                   // this step's states [B, H, S, D]
-  Segment seg[kMaxSegments];        // storage order: sinks, bulk, oldest age tier, ..., recent
+  // storage order: sinks, bulk, oldest age tier, ..., recent.  KVWindowAttention (Params::window >
+  // 0): seg[0] the T past rows (read in place), seg[1] the S new rows (quantized into the
+  // workspace), seg[2] the present window, the last keep = min(T + S, W - 1) of them (its `present`
+  // parts are the outputs; the parameter struct has no room for more fields under 4 KiB)
+  Segment seg[kMaxSegments];
 };
 
 // Everything the three kernels read: passed by value (a kernel parameter, < 4 KiB).
@@ -71,6 +75,7 @@ struct Params {
   const float* query;               // [B, H*r, S, D]
   float* output;                    // [B, H*r, S, D]
   int64_t batch, heads, q_per_kv, S, D, past, total;
+  int64_t window;                   // > 0: a sliding window (query s reads positions j > past + s - window)
   int64_t chunks, chunk_len;        // positions split into `chunks` of chunk_len (a multiple of kTile)
   int64_t heads_per_block;          // query heads of one kv head that one attend block serves (divides q_per_kv)
   int64_t copy_blocks;              // x extent of the copy blocks' grid
@@ -217,6 +222,19 @@ KVC_HD void append_program(const Params& P, int64_t block, Block blk) {
   float* const tmp = buffers + 2 * cap;
   uint8_t* scratch = P.scratch + (st * bh_count + bh) * P.scratch_bytes;
   const float* x = s.x + bh * S * D;
+  if (P.window > 0) {  // KVWindowAttention: quantize the new rows, then write the kept window
+    const Segment& old = s.seg[0];
+    const Segment& fresh = s.seg[1];
+    const Segment& kept = s.seg[2];
+    const Fmt& f = fresh.f;
+    const int64_t drop = P.total - kept.len;  // rows [drop, T + S) of past ++ new are kept
+    const Parts added = slice(f, fresh.present, S, bh), out = slice(f, kept.present, kept.len, bh);
+    quantize_rows(f, x, S, added, 0, tmp, P.status, blk);
+    const int64_t from_past = old.past_len > drop ? old.past_len - drop : 0, from_new = kept.len - from_past;
+    copy_rows(f, slice(f, old.past, old.past_len, bh), drop, out, 0, from_past, blk);
+    copy_rows(f, added, S - from_new, out, from_past, from_new, blk);
+    return;
+  }
   const int64_t k = s.new_sinks;
   if (s.sink_seg >= 0) {  // past sinks: the copy blocks
     const Segment& g = s.seg[s.sink_seg];
@@ -338,10 +356,11 @@ KVC_HD void attend_program(const Params& P, int64_t block, Block blk, float* sme
   float* vtile = ktile + kTile * D;
   float* p = vtile + kTile * D;  // [R][kTile]
   float* stat = p + R * kTile;   // [R][4]: m, l, correction
-  const int64_t c0 = chunk * P.chunk_len;
+  int64_t c0 = chunk * P.chunk_len;
   int64_t c1 = c0 + P.chunk_len;
   if (c1 > P.total) c1 = P.total;
   if (c1 > P.past + s + 1) c1 = P.past + s + 1;  // causal
+  if (P.window > 0 && c0 < P.past + s - P.window + 1) c0 = P.past + s - P.window + 1;  // the query's window
   // query row of head hq0 + j: ((b * Hq + hq0 + j) * S + s)
   const int64_t hq_count = P.heads * P.q_per_kv;
   KVC_FOR(i, R * D, blk) {

@@ -78,7 +78,7 @@ def test_export_trt_builds_an_engine_of_the_default_model(smollm, tmp_path, caps
     assert f"runs in trtexec ({out / 'trtexec.sh'})" in text
     report = json.loads((out / "engine_report.json").read_text())
     assert len(report["plugin_layers"]) == 30 and report["engine_contains_plugin_fields"]
-    assert report["engine_contains_plugin_library"] and report["creators"] == ["KVAttention:CPP"]
+    assert report["engine_contains_plugin_library"] and report["creators"] == ["KVAttention:CPP", "KVWindowAttention:CPP"]
     fields = {(p["fields"]["key_bulk_scheme"], p["fields"]["value_bulk_scheme"], p["fields"]["recent_window"],
                p["fields"]["q_per_kv"]) for p in report["plugin_layers"]}
     assert fields == {("int2-ch", "int2", 32, 3)}  # KIVI-2: K per channel, V per token, window 32; 9 q / 3 kv heads

@@ -137,8 +137,9 @@ def test_gemma_export_with_mixed_window_schemes_matches_torch(tiny_gemma_lm, tmp
 
 
 def test_gemma_engine_builds_with_window_caches(tiny_gemma_lm, tmp_path):
-    """TensorRT-RTX on CPU: the full-attention layer's KVAttention from the compiled library, the
-    window layers (several schemes) in standard ops; every window port is engine I/O."""
+    """TensorRT-RTX on CPU: the full-attention layer's KVAttention and the window layers' packed
+    groups' KVWindowAttention (several schemes) from the compiled library, fp16 window groups in
+    standard layers; every window port is engine I/O."""
     import json
 
     from kvcompile.targets.trt.build import export_trt, tensorrt_flavour
@@ -147,7 +148,19 @@ def test_gemma_engine_builds_with_window_caches(tiny_gemma_lm, tmp_path):
         pytest.skip("TensorRT (tensorrt-rtx) is not installed; install.sh installs it")
     ex = export_trt(tiny_gemma_lm, window_mixed_map(tiny_gemma_lm.geometry), tmp_path / "engine", max_context=64)
     report = json.loads((ex.path / "engine_report.json").read_text())
-    assert report["plugins"] == "compiled" and len(report["plugin_layers"]) == 2  # layer 1: two joint head groups
+    layers = report["plugin_layers"]
+    assert report["plugins"] == "compiled" and report["creators"] == ["KVAttention:CPP", "KVWindowAttention:CPP"]
+    graph = onnx.load(str(ex.onnx_path), load_external_data=False).graph
+    nodes = sorted(n.op_type for n in graph.node if n.domain == "kvcompile")
+    assert sorted(p["plugin"] for p in layers) == nodes
+    # layer 1: two joint head groups; layers 0 and 2: their packed (not all-fp16) joint groups
+    packed_window = [g for g in ex.groups if g.window and not g.plain and g.stream == "key"]
+    assert nodes.count("KVAttention") == 2 and nodes.count("KVWindowAttention") == len(packed_window) >= 2
+    windows = [p for p in layers if p["plugin"] == "KVWindowAttention"]
+    assert {p["fields"]["window"] for p in windows} == {8}
+    assert {(p["fields"]["key_scheme"], p["fields"]["value_scheme"]) for p in windows} == \
+        {(g.bulk_scheme, next(v for v in ex.groups if v.stream == "value" and (v.layer, v.heads) == (g.layer, g.heads))
+          .bulk_scheme) for g in packed_window}
     io = {t["name"] for t in report["io"]}
     assert {p.present for g in ex.groups if g.window for p in g.ports} <= io
     assert any(".window." in name for name in io)

@@ -41,7 +41,7 @@ def test_engine_is_built_with_the_compiled_library_one_layer_per_joint_group(eng
 
     ex = engine_export
     report = json.loads((ex.path / "engine_report.json").read_text())
-    assert report["plugins"] == "compiled" and report["creators"] == ["KVAttention:CPP"]
+    assert report["plugins"] == "compiled" and report["creators"] == ["KVAttention:CPP", "KVWindowAttention:CPP"]
     assert report["compute_capabilities"] == [80, 86, 89, 120]
     assert report["engine_contains_plugin_library"] and report["engine_contains_plugin_fields"]
     library = (ex.path / "libkvcompile_trt.so").read_bytes()

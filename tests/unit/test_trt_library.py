@@ -20,6 +20,9 @@ from kvcompile.ops import KV_ATTENTION
 from kvcompile.targets.trt.library import PLUGIN_NAME, HostApi, library_path, require_library
 
 from .test_native import CASES, STEPS, attention_case, run_steps
+from .test_window_attention import CASES as WINDOW_CASES
+from .test_window_attention import STEPS as WINDOW_STEPS
+from .test_window_attention import run_steps as run_window_steps
 
 BYTES = {"float32": 4, "float16": 2, "int8": 1}
 KERNELS = ("kvc_update", "kvc_attend")
@@ -61,6 +64,47 @@ def test_the_gpu_kernels_source_at_other_head_dims(api, head_dim):
     attrs = attention_case(("fp16", "int8", "int2-ch"), ("fp16", "int4-g64" if head_dim >= 64 else "int4",
                                                             "int2-rot" if head_dim != 32 else "int2"), head_dim=head_dim)
     run_steps(attrs, [9, 1, 40, 1], batch=1, run=emulate(api))
+
+
+def window_case(name):
+    from kvcompile.ops.window_attention import window_attrs
+
+    key, value, window, r, d = WINDOW_CASES[name]
+    return window_attrs(key, value, window, d, r, d ** -0.5), 1 if r == 4 else 2
+
+
+@pytest.mark.parametrize("case", sorted(WINDOW_CASES))
+def test_the_gpu_kernels_source_runs_window_attention_as_the_reference(api, case):
+    """KVWindowAttention: the append blocks quantize the new rows and write the kept window, the
+    attend blocks read the past rows in place and the new ones, within each query's window."""
+    attrs, kv_heads = window_case(case)
+    held = run_window_steps(attrs, WINDOW_STEPS, kv_heads=kv_heads, run=emulate(api))
+    assert max(held) == attrs["window"] - 1
+    # a wide window: decode over > 256 stored positions splits them into chunks merged on the device
+    from kvcompile.ops.window_attention import window_attrs
+
+    run_window_steps(window_attrs("int4", "int8", 700, 64, 2, 0.125), [690, 1, 30, 1], batch=1, kv_heads=1,
+                     run=emulate(api))
+
+
+def test_window_attention_shapes_fields_workspace_and_bad_input(api):
+    from kvcompile.ops import KV_WINDOW_ATTENTION
+
+    attrs, _ = window_case("int4 keys, int8 values")
+    ins, outs = api.io(attrs)
+    assert ins == [BYTES[p.dtype] for p in KV_WINDOW_ATTENTION.inputs(attrs)]
+    assert outs == [BYTES[p.dtype] for p in KV_WINDOW_ATTENTION.outputs(attrs)]
+    got = dict(line.split("=", 1) for line in api.field_roundtrip(attrs).splitlines())
+    assert list(got) == [a.name for a in KV_WINDOW_ATTENTION.attributes] and got["window"] == "8"
+    widths = [int(p.shape[-1]) for p in KV_WINDOW_ATTENTION.inputs(attrs)[3:]]
+    for past, added, kept in [(0, 5, 5), (5, 1, 6), (7, 1, 7), (7, 20, 7), (0, 3, 3)]:
+        dims = api.output_dims(attrs, [(2, 6, added, 64), (2, 2, added, 64), (2, 2, added, 64)] +
+                               [(2, 2, past, w) for w in widths])
+        assert dims == [(2, 6, added, 64)] + [(2, 2, kept, w) for w in widths], (past, added)
+        assert api.workspace_size(attrs, 2, 2, added, past + added, exact=True) <= api.workspace_size(attrs, 4, 2, 64, 71)
+    too_long = [np.zeros((1, 2, 8, w), np.int8 if i in (0, 3) else np.float16) for i, w in enumerate(widths)]
+    with pytest.raises(ValueError, match="holds 8 positions, expected at most window - 1 = 7"):
+        api.emulate(attrs, [np.zeros((1, 6, 1, 64)), np.zeros((1, 2, 1, 64)), np.zeros((1, 2, 1, 64)), *too_long])
 
 
 def reference_shapes(attrs, batch, kv_heads, past, added):
@@ -255,7 +299,7 @@ def test_the_gpu_check_script_and_its_benchmark_run_up_to_the_gpu_boundary():
     smoke = subprocess.run([sys.executable, str(root / "bench" / "plugin_speed.py"), "--device", "cpu"],
                            capture_output=True, text=True, timeout=600)
     assert smoke.returncode == 0, smoke.stderr[-2000:]
-    assert "exactness: GPU == CPU runner over 15 steps" in smoke.stdout
+    assert "exactness: GPU == CPU runner over 20 steps" in smoke.stdout and "exactness window " in smoke.stdout
     assert "kivi-2" in smoke.stdout.split("scheme")[-1]
     if not torch.cuda.is_available():
         gpu = subprocess.run([sys.executable, str(root / "bench" / "plugin_speed.py")], capture_output=True, text=True,

@@ -32,10 +32,11 @@ def session(attrs, use_native=True):
                                 providers=["CPUExecutionProvider"])
 
 
-def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True):
-    """Feed prefill/decode steps through the op in ONNX Runtime and the reference; check each step.
-    Returns the present rows after each step."""
-    sess = session(attrs, use_native)
+def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True, run=None):
+    """Feed prefill/decode steps through the op in ONNX Runtime (or ``run(attrs, inputs) -> outputs``,
+    numpy arrays in the op's port order) and the reference; check each step.  Returns the present
+    rows after each step."""
+    sess = session(attrs, use_native) if run is None else None
     ports = KV_WINDOW_ATTENTION.inputs(attrs)
     past = [np.zeros((batch, kv_heads, 0, int(p.shape[-1])), NP[p.dtype]) for p in ports[3:]]
     r, d, w = attrs["q_per_kv"], attrs["head_dim"], attrs["window"]
@@ -46,8 +47,11 @@ def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True):
         k = adversarial(n, d, seed=seed + 3 * step + 1)[:batch, :kv_heads]
         v = adversarial(n, d, seed=seed + 3 * step + 2)[:batch, :kv_heads]
         want = KV_WINDOW_ATTENTION.reference(attrs, q, k, v, *[torch.from_numpy(p) for p in past])
-        got = sess.run(None, {"query": q.numpy(), "key": k.numpy(), "value": v.numpy(),
-                              **{p.name: a for p, a in zip(ports[3:], past)}})
+        if run is not None:
+            got = run(attrs, [q.numpy(), k.numpy(), v.numpy(), *past])
+        else:
+            got = sess.run(None, {"query": q.numpy(), "key": k.numpy(), "value": v.numpy(),
+                                  **{p.name: a for p, a in zip(ports[3:], past)}})
         for i, (a, b) in enumerate(zip(got[1:], want[1:])):
             assert a.shape == tuple(b.shape) and np.array_equal(a, b.numpy()), f"step {step}: present part {i} differs"
         rows = got[1].shape[2]

@@ -118,21 +118,18 @@ def build_engine(export_dir: Path, *, max_batch: int = 1, opt_context: int = 256
     import onnx
 
     graph = onnx.load(str(export_dir / "model.onnx"), load_external_data=False).graph
-    fused = [n for n in graph.node if n.domain == "kvcompile" and n.op_type.startswith("KVAttention")]
+    fused = [n for n in graph.node if n.domain == "kvcompile" and
+             (n.op_type.startswith("KVAttention") or n.op_type == "KVWindowAttention")]
     if plugins == "python" and fused:
-        raise ExportError(f"{export_dir / 'model.onnx'} attends through KVAttention nodes, which the Python plugins "
+        raise ExportError(f"{export_dir / 'model.onnx'} attends through {fused[0].op_type} nodes, which the Python plugins "
                           "do not implement; build it with the compiled plugin library (plugins='compiled'), or export "
                           "with fused_attention=False")
     if plugins == "compiled" and any(n.op_type == "KVCacheUpdate" for n in graph.node):
         raise ExportError(f"{export_dir / 'model.onnx'} updates the cache with KVCacheUpdate nodes, which the compiled "
                           "plugin library does not implement; export it with KVAttention (the default), or build with "
                           "plugins='python'")
-    if any(n.op_type == "KVWindowAttention" for n in graph.node):
-        raise ExportError(f"{export_dir / 'model.onnx'} attends in its sliding-window layers through "
-                          "KVWindowAttention nodes, which the TensorRT plugin library does not implement yet; export "
-                          "with window_attention=False (export_trt does)")
     if plugins == "compiled":  # KVAttentionPortable nodes run their function bodies
-        kvcompile_nodes = sum(n.op_type == "KVAttention" for n in fused)
+        kvcompile_nodes = sum(n.op_type in ("KVAttention", "KVWindowAttention") for n in fused)
     else:
         kvcompile_nodes = sum(n.domain == "kvcompile" for n in graph.node)
     with tempfile.TemporaryDirectory() as tmp:
@@ -172,9 +169,7 @@ def export_trt(lm, pmap, out_dir, *, max_context: int | None = None, max_batch: 
     out = check_output_directory(out_dir, overwrite)
     max_context = resolve_max_context(lm, max_context)
     with staged_directory(out, what="export") as work:
-        # window layers in standard ops: the plugin library has no KVWindowAttention yet
-        write_onnx_export(lm, pmap, work, max_context=max_context, fused_attention=plugins == "compiled",
-                          window_attention=False)
+        write_onnx_export(lm, pmap, work, max_context=max_context, fused_attention=plugins == "compiled")
         report = build_engine(work, max_batch=max_batch, opt_context=opt_context, tensorrt=flavour, plugins=plugins,
                               compute_capabilities=compute_capabilities)
         files = [ENGINE_FILE, "engine_report.json", "build.log"]
