@@ -9,6 +9,9 @@ on the CPU (``--threads`` intra-op threads):
 * ``packed, function bodies``: the packed map with KVAttention run as its ONNX function body
   (stock ONNX Runtime, ``native=False``);
 * ``packed, native``: the same ``model.onnx`` with kvcompile's native library registered;
+* ``packed, native, Lloyd-Max in bodies`` (``--variants ...,native-lm-body``): the packed map exported
+  as if the library had no Lloyd-Max reader (those head groups run the function body), native
+  library registered: the baseline for the library's Lloyd-Max reader;
 * ``ORT GroupQueryAttention, int8 KV``: ONNX Runtime's own fused attention with a quantized
   cache (``com.microsoft.GroupQueryAttention``), tried on a one-layer graph; recorded as not
   runnable, with ONNX Runtime's reason, when this build has no CPU kernel for it.
@@ -28,6 +31,7 @@ bench/results/onnx_runtime.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -43,7 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, setup, write_json  # noqa: E402
 
 #: variant key -> label
-VARIANTS = {"fp16": "fp16 KV", "body": "packed, function bodies", "native": "packed, native"}
+VARIANTS = {"fp16": "fp16 KV", "body": "packed, function bodies", "native": "packed, native",
+            "native-lm-body": "packed, native, Lloyd-Max in bodies"}
+#: variant key -> the export it runs (native-lm-body: exported as if the library had no Lloyd-Max reader,
+#: so those head groups are KVAttentionPortable nodes: what a planned map ran before that reader)
+EXPORTS = {"fp16": "fp16 KV", "body": "packed", "native": "packed", "native-lm-body": "packed, lm portable"}
 
 
 def peak_rss_bytes() -> int:
@@ -198,6 +206,23 @@ def attention_peers(export_dir: str, context: int, batch: int, threads: int, rep
             "native_speedup_vs_gqa_int8": gqa_s / native_s, "onnxruntime": ort.__version__}
 
 
+@contextlib.contextmanager
+def _without_lloyd_reader(active: bool):
+    """Export as if the native library could not read Lloyd-Max formats (their groups: KVAttentionPortable)."""
+    if not active:
+        yield
+        return
+    from kvcompile.quant.base import family_traits, update_traits
+    from kvcompile.quant.lloyd import LloydMaxScheme
+
+    saved = family_traits(LloydMaxScheme()).native
+    update_traits(LloydMaxScheme, native=None)
+    try:
+        yield
+    finally:
+        update_traits(LloydMaxScheme, native=saved)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="model (default: the default model)")
@@ -210,7 +235,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2,
                     help="runs per point, in alternating variant order; the fastest is kept (all are in the JSON)")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", default=",".join(VARIANTS),
+    ap.add_argument("--variants", default="fp16,body,native",
                     help=f"comma-separated subset of {', '.join(VARIANTS)} (default: all)")
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
                     help="also time one layer's attention: KVAttention native vs ORT GroupQueryAttention (int8 cache)")
@@ -240,20 +265,24 @@ def main() -> int:
     label = Path(args.map).name if args.map else args.scheme
     packed = resolve_map(args.map or args.scheme, lm.geometry, model=model)
     maps = {"fp16 KV": resolve_map("fp16", lm.geometry, model=model), "packed": packed}
+    if "native-lm-body" in variants:
+        maps["packed, lm portable"] = packed
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         exports = {}
         for name, pmap in maps.items():
-            exports[name] = str(export_onnx(lm, pmap, Path(tmp) / name.replace(" ", "_"), max_context=max(contexts)).path)
+            with _without_lloyd_reader(name == "packed, lm portable"):
+                exports[name] = str(export_onnx(lm, pmap, Path(tmp) / name.replace(" ", "_").replace(",", ""),
+                                                max_context=max(contexts)).path)
         del lm
         best: dict[tuple, dict] = {}
         for round_ in range(args.rounds):  # rounds interleave the variants; each point keeps its fastest run
             for context in contexts:
                 for batch in batches:
                     for variant in variants if round_ % 2 == 0 else variants[::-1]:
-                        job = {"export": exports["fp16 KV" if variant == "fp16" else "packed"], "context": context,
+                        job = {"export": exports[EXPORTS[variant]], "context": context,
                                "batch": batch, "steps": args.steps, "threads": args.threads,
-                               "native": variant == "native"}
+                               "native": variant.startswith("native")}
                         proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker",
                                                json.dumps(job)], capture_output=True, text=True)
                         if proc.returncode:

@@ -76,6 +76,15 @@ def describe_scheme(name: str, head_dim: int) -> tuple[dict, list[tuple[int, int
     return dict(zip(NATIVE_FIELDS, fields)), [tuple(parts[4 * i: 4 * i + 3]) for i in range(n)]
 
 
+def lloyd_codebook(bits: int, group: int) -> list[float] | None:
+    """The library's ``2^bits`` levels for ``lm<bits>-g<group>`` (None when it has no codebook for them)."""
+    lib = _handle()
+    lib.kvc_lloyd_codebook.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
+    out = (ctypes.c_float * 16)()
+    n = lib.kvc_lloyd_codebook(bits, group, out)
+    return None if n < 0 else list(out[:n])
+
+
 def nf4_codebook() -> list[float]:
     """The library's 16 NF4 levels."""
     out = (ctypes.c_float * 16)()

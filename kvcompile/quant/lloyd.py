@@ -22,8 +22,11 @@ point and spends the levels where Gaussian values are dense: on N(0, 1) data, ``
 has 0.73x the mean squared error of ``int2`` (3.0 bits) and 0.56x that of ``int2-g64`` (2.5 bits).
 Name grammar: ``lm<b>[-g<G>][-rot]``, b in {2, 3, 4}, G = 32 by default.
 
-No Triton kernel and no native-library reader: an export runs such a head group through the
-``KVAttention`` function body (``KVAttentionPortable``), and the kernel-mode torch cache refuses it.
+The native library (``native/``) and the TensorRT plugin read groups of 16, 32, 64 and 128: their
+codebooks are generated into ``native/src/lloyd_codebooks.h`` by ``tools/gen_lloyd_codebooks.py``
+(a test checks them bit for bit); an export runs a head group with another group size through the
+``KVAttention`` function body (``KVAttentionPortable``).  No Triton kernel: the kernel-mode torch
+cache refuses these formats.
 """
 
 from __future__ import annotations
@@ -37,8 +40,8 @@ import torch
 
 from kvcompile.errors import SchemeError
 from kvcompile.quant import onnx_ops as ox
-from kvcompile.quant.base import (FP16_MAX, channel_groups, FamilyTraits, QuantizedTensor, StorageScheme, check_input,
-                                  check_range, empty_quantized, is_empty, register_family, register_traits,
+from kvcompile.quant.base import (FP16_MAX, NATIVE_LLOYD, channel_groups, FamilyTraits, QuantizedTensor, StorageScheme,
+                                  check_input, check_range, empty_quantized, is_empty, register_family, register_traits,
                                   round_to_dtype)
 from kvcompile.quant.hadamard import rotate
 from kvcompile.quant.packing import pack_bits, unpack_bits
@@ -136,7 +139,7 @@ def _parse(name: str) -> LloydMaxScheme | None:
 register_family("lloyd-max", _parse, ("lm2-rot", "lm3-rot", "lm4-rot", "lm2-g64-rot", "lm2"))
 
 
-# ----------------------------------------------------------------------------- ONNX lowering (no kernel, no native reader)
+# ----------------------------------------------------------------------------- ONNX lowering, native reader (no kernel)
 
 def _lm_quantize(b: ox.GraphBuilder, s: LloydMaxScheme, x: str, head_dim: int) -> list[str]:
     if s.rotate:
@@ -156,7 +159,18 @@ def _lm_dequantize(b: ox.GraphBuilder, s: LloydMaxScheme, parts: list[str], head
     return ox.rotate(b, x, head_dim) if s.rotate else x
 
 
-register_traits(LloydMaxScheme, FamilyTraits(onnx=(_lm_quantize, _lm_dequantize)))
+#: group sizes whose codebooks native/src/lloyd_codebooks.h holds (tools/gen_lloyd_codebooks.py)
+NATIVE_GROUPS = (16, 32, 64, 128)
+
+
+def _native(s: LloydMaxScheme) -> dict | None:
+    if s.group_size not in NATIVE_GROUPS:
+        return None
+    return {"kind": NATIVE_LLOYD, "bits": s.bits, "group": s.group_size, "channel": 0, "symmetric": 0,
+            "scale_bytes": 2, "rotate": int(s.rotate), "double_quant": 0}
+
+
+register_traits(LloydMaxScheme, FamilyTraits(onnx=(_lm_quantize, _lm_dequantize), native=_native))
 
 
 def _check_pinned() -> None:  # used by the tests

@@ -1,6 +1,8 @@
 // Storage formats: see formats.h.  Every float operation mirrors the torch reference's order.
 #include "formats.h"
 
+#include "lloyd_codebooks.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -228,9 +230,36 @@ bool parse_format(const std::string& name, int64_t d, Format* out, std::string* 
     *out = f;
     return true;
   }
+  if (tokens[0].size() == 3 && tokens[0].compare(0, 2, "lm") == 0) {  // lm<bits>[-g<G>][-rot]
+    f.kind = kLloyd;
+    f.bits = tokens[0][2] - '0';
+    f.group = 32;
+    f.scale_bytes = 2;
+    size_t i = 1;
+    int64_t g;
+    if (i < tokens.size() && tokens[i].size() > 1 && tokens[i][0] == 'g') {
+      if (!parse_int(tokens[i].substr(1), &g) || g == 32) return fail(error, name + ": not a canonical lm name");
+      f.group = int(g);
+      ++i;
+    }
+    if (i < tokens.size() && tokens[i] == "rot") {
+      f.rotate = 1;
+      ++i;
+    }
+    if (i != tokens.size() || f.bits < 2 || f.bits > 4) return fail(error, name + ": not a canonical lm name");
+    f.levels = lloyd_book(f.bits, f.group);
+    if (f.levels < 0)
+      return fail(error, name + ": the native library has Lloyd-Max codebooks for groups 16, 32, 64 and 128 only");
+    if (f.rotate && (d & (d - 1))) return fail(error, name + ": -rot needs a power-of-two head dim");
+    if (d % f.group) return fail(error, name + ": head dim " + std::to_string(d) + " is not a multiple of the group");
+    f.parts = {{"codes", 1, packed_length(d, f.bits), 1}, {"scale", 2, d / f.group, 1}};
+    *out = f;
+    return true;
+  }
   int64_t bits;
   if (tokens[0].size() < 4 || tokens[0].compare(0, 3, "int") != 0 || !parse_int(tokens[0].substr(3), &bits))
-    return fail(error, name + ": unknown storage scheme (the native library reads fp16, int<bits>[...] and nf4[...])");
+    return fail(error, name + ": unknown storage scheme (the native library reads fp16, int<bits>[...], nf4[...] and "
+                              "lm<bits>[...])");
   if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
     return fail(error, name + ": integer schemes have 2, 3, 4 or 8 bits");
   f.kind = kInteger;
@@ -333,6 +362,30 @@ bool quantize_rows(const Format& f, const float* x_in, int64_t n, const PartPtrs
         codes[c] = uint8_t(best);
       }
       pack_row(codes.data(), d, 4, parts[0] + (row0 + t) * f.parts[0].width);
+    }
+    return true;
+  }
+  if (f.kind == kLloyd) {  // per group an absmax scale (float16, rounded up), the nearest level of y = x / s
+    const int64_t groups = d / f.group, book_size = int64_t(1) << f.bits;
+    std::vector<float> scales(groups);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* row = x + t * d;
+      for (int64_t g = 0; g < groups; ++g) {
+        float m = 0.0f;
+        for (int64_t c = 0; c < f.group; ++c) m = std::fmax(m, std::fabs(row[g * f.group + c]));
+        scales[g] = store_scale(parts[1] + ((row0 + t) * groups + g) * 2, m, 2);
+      }
+      for (int64_t c = 0; c < d; ++c) {
+        const float y = row[c] / scales[c / f.group];
+        int best = 0;
+        float best_err = std::fabs(y - lloyd_level(f.levels, 0));
+        for (int k = 1; k < book_size; ++k) {  // the first of equal distances, as torch's argmin
+          const float e = std::fabs(y - lloyd_level(f.levels, k));
+          if (e < best_err) best = k, best_err = e;
+        }
+        codes[c] = uint8_t(best);
+      }
+      pack_row(codes.data(), d, f.bits, parts[0] + (row0 + t) * f.parts[0].width);
     }
     return true;
   }
@@ -448,6 +501,23 @@ void dequantize_rows(const Format& f, const ConstPartPtrs& parts, int64_t row0, 
       float* o = out + t * d;
       for (int64_t c = 0; c < d; ++c) o[c] = kNf4Codebook[codes[c]] * scale[c];
       (void)code;
+    }
+    return;
+  }
+  if (f.kind == kLloyd) {
+    const int64_t groups = d / f.group;
+    float book[16];
+    for (int k = 0; k < (1 << f.bits); ++k) book[k] = lloyd_level(f.levels, k);
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t r = row0 + t;
+      for (int64_t g = 0; g < groups; ++g) {
+        const float s = load_param(parts[1] + (r * groups + g) * 2, 2);
+        for (int64_t c = 0; c < f.group; ++c) scale[g * f.group + c] = s;
+      }
+      unpack_row(parts[0] + r * code_bytes, d, f.bits, codes);
+      float* o = out + t * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = book[codes[c]] * scale[c];
+      if (f.rotate && !rotated) rotate_row(o, d);
     }
     return;
   }

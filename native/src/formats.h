@@ -13,7 +13,7 @@
 
 namespace kvc {
 
-enum Kind : int { kFp16 = 0, kInteger = 1, kNf4 = 2 };
+enum Kind : int { kFp16 = 0, kInteger = 1, kNf4 = 2, kLloyd = 3 };
 
 // One stored part: [rows / rows_per, width] elements of `bytes` bytes (1: int8, 2: float16, 4: float32).
 struct PartSpec {
@@ -29,7 +29,8 @@ struct Format {
   std::string name;
   int kind = kFp16, bits = 16, group = 1, channel = 0, symmetric = 0, scale_bytes = 0, rotate = 0, double_quant = 0;
   int64_t head_dim = 0;
-  int levels = 0;           // integer codes in [0, levels] (asymmetric) or [-levels, levels] (symmetric)
+  int levels = 0;           // integer codes in [0, levels] (asymmetric) or [-levels, levels] (symmetric);
+                            // Lloyd-Max formats: the codebook's index in lloyd_codebooks.h
   int64_t token_group = 1;  // positions quantized together (the group size for per-channel formats)
   std::vector<PartSpec> parts;
 };

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kv_attention.h"
+#include "lloyd_codebooks.h"
 #include "onnxruntime_c_api.h"
 
 namespace {
@@ -269,6 +270,15 @@ __attribute__((visibility("default"))) int kvc_describe_scheme(const char* name,
 
 __attribute__((visibility("default"))) void kvc_nf4_codebook(float* out) {
   std::memcpy(out, kvc::kNf4Codebook, sizeof(kvc::kNf4Codebook));
+}
+
+// The 2^bits levels the library uses for lm<bits>-g<group> (tests); returns their count, or -1
+// when it has no codebook for them.
+__attribute__((visibility("default"))) int kvc_lloyd_codebook(int bits, int group, float* out) {
+  const int book = kvc::lloyd_book(bits, group);
+  if (book < 0) return -1;
+  for (int k = 0; k < (1 << bits); ++k) out[k] = kvc::lloyd_level(book, k);
+  return 1 << bits;
 }
 
 }  // extern "C"

@@ -7,6 +7,8 @@
 
 #include <stdint.h>
 
+#include "lloyd_codebooks.h"  // native/src: the Lloyd-Max codebooks
+
 #ifdef __CUDACC__
 #include <cuda_fp16.h>
 #define KVC_HD __host__ __device__ inline
@@ -17,7 +19,7 @@
 
 namespace kvc_dev {
 
-enum Kind : int32_t { kFp16 = 0, kInteger = 1, kNf4 = 2 };
+enum Kind : int32_t { kFp16 = 0, kInteger = 1, kNf4 = 2, kLloyd = 3 };  // Fmt::levels: a Lloyd-Max codebook index
 
 constexpr int kMaxParts = 3;
 
@@ -149,6 +151,7 @@ KVC_HD float element(const Fmt& f, const Parts& parts, int64_t row, int64_t c) {
     else s = load_param(parts.p[1] + (row * groups + g) * 2, 2);
     return nf4_level(code) * s;
   }
+  if (f.kind == kLloyd) return kvc::lloyd_level(f.levels, code) * load_param(parts.p[1] + (row * (f.d / f.group) + c / f.group) * 2, 2);
   const int sb = f.scale_bytes;
   const int64_t width = f.channel ? f.d : f.d / f.group;
   const int64_t prow = f.channel ? row / f.group : row, g = f.channel ? c : c / f.group;
@@ -198,7 +201,7 @@ KVC_HD int integer_code(const Fmt& f, float v, float zero, float scale) {
 // (they hold exactly the values quantization used).
 KVC_HD void pack_codes(const Fmt& f, const float* x, const Parts& parts, int64_t row) {
   uint8_t* dst = parts.p[0] + row * f.part_width[0];
-  const int bits = f.kind == kNf4 ? 4 : f.bits;
+  const int bits = f.kind == kNf4 ? 4 : f.bits;  // (Lloyd-Max: f.bits)
   const int block_bits = bits * 8 / gcd_(bits, 8), per = block_bits / bits, nbytes = block_bits / 8;
   for (int64_t start = 0, o = 0; start < f.d; start += per, o += nbytes) {
     uint32_t acc = 0;
@@ -217,6 +220,15 @@ KVC_HD void pack_codes(const Fmt& f, const float* x, const Parts& parts, int64_t
           if (e < best_err) best = k, best_err = e;
         }
         code = best;
+      } else if (f.kind == kLloyd) {  // the nearest level of y = x / s, the first of equal distances
+        const float y = x[c] / load_param(parts.p[1] + (row * (f.d / f.group) + c / f.group) * 2, 2);
+        int best = 0;
+        float best_err = fabsf(y - kvc::lloyd_level(f.levels, 0));
+        for (int k = 1; k < (1 << f.bits); ++k) {
+          const float e = fabsf(y - kvc::lloyd_level(f.levels, k));
+          if (e < best_err) best = k, best_err = e;
+        }
+        code = best;
       } else {
         const int sb = f.scale_bytes;
         const int64_t width = f.channel ? f.d : f.d / f.group;
@@ -231,13 +243,22 @@ KVC_HD void pack_codes(const Fmt& f, const float* x, const Parts& parts, int64_t
   }
 }
 
-// Quantize one position of a per-token format (fp16, nf4, integer without -ch) into row `row`.
+// Quantize one position of a per-token format (fp16, nf4, lm, integer without -ch) into row `row`.
 KVC_HD void quantize_token(const Fmt& f, const float* x, const Parts& parts, int64_t row) {
   if (f.kind == kFp16) {
     for (int64_t c = 0; c < f.d; ++c) store_u(parts.p[0] + (row * f.d + c) * 2, half_bits(x[c]), 2);
     return;
   }
   const int64_t groups = f.d / f.group;
+  if (f.kind == kLloyd) {  // an absmax scale per group (float16, rounded up)
+    for (int64_t g = 0; g < groups; ++g) {
+      float m = 0.0f;
+      for (int64_t c = 0; c < f.group; ++c) m = fmax_(m, fabsf(x[g * f.group + c]));
+      store_scale(parts.p[1] + (row * groups + g) * 2, m, 2);
+    }
+    pack_codes(f, x, parts, row);
+    return;
+  }
   if (f.kind == kNf4) {
     if (f.double_quant) {
       float top = 0.0f;

@@ -399,13 +399,15 @@ def test_a_format_the_native_library_lacks_falls_back_to_the_function_body(tiny_
     _portable_groups_match_torch(ex, tiny_lm, portable=1, native=2)
 
 
-def test_a_lloyd_max_map_exports_and_runs_through_the_function_body(tiny_lm, tiny_geometry, tmp_path):
-    """Lloyd-Max formats have an ONNX lowering but no native reader: their head groups are
-    KVAttentionPortable nodes, and ONNX Runtime's logits match the torch cache's."""
+def test_a_lloyd_max_map_runs_natively_and_an_unknown_group_through_the_function_body(tiny_lm, tiny_geometry,
+                                                                                      tmp_path):
+    """Lloyd-Max formats with a codebook in the native library (groups 16-128) run in KVAttention
+    nodes; a group size it has no codebook for (8) is a KVAttentionPortable node; ONNX Runtime's
+    logits match the torch cache's."""
     base = resolve_map("int4", tiny_geometry)
     schemes = {s: dict(v) for s, v in base.schemes.items()}
     schemes["key"]["bulk"] = (("lm3-rot", "int4"), ("lm4-rot", "lm4-rot"))
-    schemes["value"]["bulk"] = (("lm2", "int4"), ("lm2-rot", "lm2-rot"))
+    schemes["value"]["bulk"] = (("lm2-g8", "int4"), ("lm2-rot", "lm2-rot"))
     pmap = replace(base, schemes=schemes, _resolved={})
     ex = export_onnx(tiny_lm, pmap, tmp_path / "e", max_context=64)
-    _portable_groups_match_torch(ex, tiny_lm, portable=2, native=1)
+    _portable_groups_match_torch(ex, tiny_lm, portable=1, native=2)

@@ -31,15 +31,16 @@ from kvcompile.ops.attention import stream_attrs  # noqa: E402
 from kvcompile.ops.cache_update import run_cache_update, segment_ports  # noqa: E402
 from kvcompile.quant import get_scheme  # noqa: E402
 from kvcompile.quant.base import native_descriptor, native_readable, part_layout  # noqa: E402
+from kvcompile.quant.lloyd import NATIVE_GROUPS, lloyd_max_codebook  # noqa: E402
 from kvcompile.quant.nf4 import nf4_codebook  # noqa: E402
 from tests.conftest import adversarial  # noqa: E402
 
 NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 BYTES = {torch.int8: 1, torch.float16: 2, torch.float32: 4}
-# everything in the planner's default menu that the library reads (fp8 has no ONNX lowering, Lloyd-Max
-# formats run the function body), plus variants
+# everything in the planner's default menu that the library reads (fp8 has no ONNX lowering), plus variants
 SCHEMES = [s for s in DEFAULT_SCHEMES if s != "fp8" and native_readable(get_scheme(s))] + ["int8-ch", "int4-sym", "int2-sym-ch-g16", "int3-s32",
-                                                        "int8-ch-s32", "nf4-g32", "nf4-nodq", "int4-g16-rot"]
+                                                        "int8-ch-s32", "nf4-g32", "nf4-nodq", "int4-g16-rot", "lm2",
+                                                        "lm4-g16", "lm3-g16-rot"]
 
 
 def session(attrs, use_native=True):
@@ -70,9 +71,22 @@ def test_the_library_reads_each_scheme_name_as_the_python_registry_does(name):
 
 def test_non_canonical_and_unstorable_names_are_refused_in_one_line():
     for name, head_dim in [("int4-g32", 64), ("int4-ch-sym", 64), ("int5", 64), ("int4-g48", 64), ("int4-rot", 48),
-                           ("nf4-g16", 64), ("bf16", 64)]:
+                           ("nf4-g16", 64), ("bf16", 64), ("lm2-g32", 64), ("lm5", 64), ("lm2-g8", 64),
+                           ("lm3-rot-g64", 64), ("lm2-rot", 96)]:
         reason = native.describe_scheme(name, head_dim)
         assert isinstance(reason, str) and name in reason and "\n" not in reason
+
+
+def test_the_menus_lloyd_max_formats_are_read_natively():
+    assert {s for s in DEFAULT_SCHEMES if s.startswith("lm")} <= set(SCHEMES)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group", NATIVE_GROUPS)
+def test_the_lloyd_max_codebooks_are_the_reference_ones_bit_for_bit(bits, group):
+    """native/src/lloyd_codebooks.h (tools/gen_lloyd_codebooks.py) against the Python computation."""
+    got = np.asarray(native.lloyd_codebook(bits, group), np.float32)
+    assert np.array_equal(got.view(np.int32), lloyd_max_codebook(bits, group).numpy().view(np.int32))
 
 
 def test_the_nf4_codebook_is_the_reference_one_bit_for_bit():
@@ -137,6 +151,7 @@ CASES = {
     "tiers": attention_case(("fp16", "fp16", "int2"), ("int8", "fp16", "int2-ch-g16"), key_ages="int8:5,int4-ch-g16:7",
                             value_ages="nf4-nodq:3"),
     "mixed widths": attention_case(("int3-s32", "int8", "int3-ch"), ("nf4-g32", "int4-sym", "int3-g64")),
+    "lloyd-max": attention_case(("fp16", "lm4", "lm2-rot"), ("lm4-g16", "lm3-g64-rot", "lm2-g64-rot")),
 }
 
 
