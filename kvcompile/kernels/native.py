@@ -76,6 +76,18 @@ def describe_scheme(name: str, head_dim: int) -> tuple[dict, list[tuple[int, int
     return dict(zip(NATIVE_FIELDS, fields)), [tuple(parts[4 * i: 4 * i + 3]) for i in range(n)]
 
 
+def e4m3_bytes(y) -> "numpy.ndarray":
+    """The library's E4M3 bytes (uint8) of float32 values ``y`` (|y| <= 448)."""
+    import numpy as np
+
+    y = np.ascontiguousarray(y, dtype=np.float32)
+    out = np.zeros(y.shape, np.uint8)
+    lib = _handle()
+    lib.kvc_e4m3_bytes.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
+    lib.kvc_e4m3_bytes(y.ctypes.data, y.size, out.ctypes.data)
+    return out
+
+
 def lloyd_codebook(bits: int, group: int) -> list[float] | None:
     """The library's ``2^bits`` levels for ``lm<bits>-g<group>`` (None when it has no codebook for them)."""
     lib = _handle()

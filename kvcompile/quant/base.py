@@ -287,7 +287,7 @@ class KernelFormat:
 
 
 #: kinds of format the native CPU library (``native/``) reads
-NATIVE_FP16, NATIVE_INTEGER, NATIVE_NF4, NATIVE_LLOYD = 0, 1, 2, 3
+NATIVE_FP16, NATIVE_INTEGER, NATIVE_NF4, NATIVE_LLOYD, NATIVE_FP8 = 0, 1, 2, 3, 4
 #: fields of a native format descriptor, in the order ``kvc_describe_scheme`` writes them
 NATIVE_FIELDS = ("kind", "bits", "group", "channel", "symmetric", "scale_bytes", "rotate", "double_quant")
 

@@ -1,6 +1,7 @@
 // Storage formats: see formats.h.  Every float operation mirrors the torch reference's order.
 #include "formats.h"
 
+#include "e4m3.h"
 #include "lloyd_codebooks.h"
 
 #include <cmath>
@@ -200,6 +201,16 @@ bool parse_format(const std::string& name, int64_t d, Format* out, std::string* 
     *out = f;
     return true;
   }
+  if (name == "fp8") {  // E4M3 bytes, a float16 scale per position
+    f.kind = kFp8;
+    f.bits = 8;
+    f.group = 0;
+    f.symmetric = 1;
+    f.scale_bytes = 2;
+    f.parts = {{"codes", 1, d, 1}, {"scale", 2, 1, 1}};
+    *out = f;
+    return true;
+  }
   if (tokens[0] == "nf4") {
     f.kind = kNf4;
     f.bits = 4;
@@ -258,8 +269,8 @@ bool parse_format(const std::string& name, int64_t d, Format* out, std::string* 
   }
   int64_t bits;
   if (tokens[0].size() < 4 || tokens[0].compare(0, 3, "int") != 0 || !parse_int(tokens[0].substr(3), &bits))
-    return fail(error, name + ": unknown storage scheme (the native library reads fp16, int<bits>[...], nf4[...] and "
-                              "lm<bits>[...])");
+    return fail(error, name + ": unknown storage scheme (the native library reads fp16, fp8, int<bits>[...], "
+                              "nf4[...] and lm<bits>[...])");
   if (bits != 2 && bits != 3 && bits != 4 && bits != 8)
     return fail(error, name + ": integer schemes have 2, 3, 4 or 8 bits");
   f.kind = kInteger;
@@ -327,6 +338,17 @@ bool quantize_rows(const Format& f, const float* x_in, int64_t n, const PartPtrs
     return true;
   }
   std::vector<uint8_t> codes(d);
+  if (f.kind == kFp8) {  // s = amax / 448 rounded up to float16; bytes of clamp(x / s, +-448)
+    for (int64_t t = 0; t < n; ++t) {
+      const float* row = x + t * d;
+      float m = 0.0f;
+      for (int64_t c = 0; c < d; ++c) m = std::fmax(m, std::fabs(row[c]));
+      const float s = store_scale(parts[1] + (row0 + t) * 2, m / 448.0f, 2);
+      uint8_t* dst = parts[0] + (row0 + t) * d;
+      for (int64_t c = 0; c < d; ++c) dst[c] = e4m3_byte(std::fmin(std::fmax(row[c] / s, -448.0f), 448.0f));
+    }
+    return true;
+  }
   if (f.kind == kNf4) {
     const int64_t groups = d / f.group;
     std::vector<float> absmax(groups), scales(groups);
@@ -501,6 +523,15 @@ void dequantize_rows(const Format& f, const ConstPartPtrs& parts, int64_t row0, 
       float* o = out + t * d;
       for (int64_t c = 0; c < d; ++c) o[c] = kNf4Codebook[codes[c]] * scale[c];
       (void)code;
+    }
+    return;
+  }
+  if (f.kind == kFp8) {
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t r = row0 + t;
+      const float s = load_param(parts[1] + r * 2, 2);
+      const uint8_t* src = parts[0] + r * d;
+      for (int64_t c = 0; c < d; ++c) out[t * d + c] = e4m3_value(src[c]) * s;
     }
     return;
   }

@@ -13,7 +13,7 @@
 
 namespace kvc {
 
-enum Kind : int { kFp16 = 0, kInteger = 1, kNf4 = 2, kLloyd = 3 };
+enum Kind : int { kFp16 = 0, kInteger = 1, kNf4 = 2, kLloyd = 3, kFp8 = 4 };
 
 // One stored part: [rows / rows_per, width] elements of `bytes` bytes (1: int8, 2: float16, 4: float32).
 struct PartSpec {

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kv_attention.h"
+#include "e4m3.h"
 #include "lloyd_codebooks.h"
 #include "onnxruntime_c_api.h"
 
@@ -270,6 +271,11 @@ __attribute__((visibility("default"))) int kvc_describe_scheme(const char* name,
 
 __attribute__((visibility("default"))) void kvc_nf4_codebook(float* out) {
   std::memcpy(out, kvc::kNf4Codebook, sizeof(kvc::kNf4Codebook));
+}
+
+// E4M3 bytes of y[0..n) (|y| <= 448), as the fp8 format stores them (tests).
+__attribute__((visibility("default"))) void kvc_e4m3_bytes(const float* y, int64_t n, uint8_t* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = kvc::e4m3_byte(y[i]);
 }
 
 // The 2^bits levels the library uses for lm<bits>-g<group> (tests); returns their count, or -1

@@ -7,6 +7,7 @@
 
 #include <stdint.h>
 
+#include "e4m3.h"             // native/src: FP8 E4M3 bytes
 #include "lloyd_codebooks.h"  // native/src: the Lloyd-Max codebooks
 
 #ifdef __CUDACC__
@@ -19,7 +20,7 @@
 
 namespace kvc_dev {
 
-enum Kind : int32_t { kFp16 = 0, kInteger = 1, kNf4 = 2, kLloyd = 3 };  // Fmt::levels: a Lloyd-Max codebook index
+enum Kind : int32_t { kFp16 = 0, kInteger = 1, kNf4 = 2, kLloyd = 3, kFp8 = 4 };  // Fmt::levels: a Lloyd-Max codebook index
 
 constexpr int kMaxParts = 3;
 
@@ -143,6 +144,7 @@ struct Parts {
 // The stored value of element c of position `row` (the rotated-domain value for -rot formats).
 KVC_HD float element(const Fmt& f, const Parts& parts, int64_t row, int64_t c) {
   if (f.kind == kFp16) return half_value(uint16_t(load_u(parts.p[0] + (row * f.d + c) * 2, 2)));
+  if (f.kind == kFp8) return kvc::e4m3_value(parts.p[0][row * f.d + c]) * load_param(parts.p[1] + row * 2, 2);
   const int code = code_at(parts.p[0] + row * f.part_width[0], c, f.bits);
   if (f.kind == kNf4) {
     const int64_t groups = f.d / f.group, g = c / f.group;
@@ -247,6 +249,13 @@ KVC_HD void pack_codes(const Fmt& f, const float* x, const Parts& parts, int64_t
 KVC_HD void quantize_token(const Fmt& f, const float* x, const Parts& parts, int64_t row) {
   if (f.kind == kFp16) {
     for (int64_t c = 0; c < f.d; ++c) store_u(parts.p[0] + (row * f.d + c) * 2, half_bits(x[c]), 2);
+    return;
+  }
+  if (f.kind == kFp8) {  // s = amax / 448 rounded up to float16; bytes of clamp(x / s, +-448)
+    float m = 0.0f;
+    for (int64_t c = 0; c < f.d; ++c) m = fmax_(m, fabsf(x[c]));
+    const float s = store_scale(parts.p[1] + row * 2, m / 448.0f, 2);
+    for (int64_t c = 0; c < f.d; ++c) parts.p[0][row * f.d + c] = kvc::e4m3_byte(fmin_(fmax_(x[c] / s, -448.0f), 448.0f));
     return;
   }
   const int64_t groups = f.d / f.group;

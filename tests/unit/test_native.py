@@ -37,8 +37,8 @@ from tests.conftest import adversarial  # noqa: E402
 
 NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 BYTES = {torch.int8: 1, torch.float16: 2, torch.float32: 4}
-# everything in the planner's default menu that the library reads (fp8 has no ONNX lowering), plus variants
-SCHEMES = [s for s in DEFAULT_SCHEMES if s != "fp8" and native_readable(get_scheme(s))] + ["int8-ch", "int4-sym", "int2-sym-ch-g16", "int3-s32",
+# everything in the planner's default menu (the library reads all of it), plus variants
+SCHEMES = [s for s in DEFAULT_SCHEMES if native_readable(get_scheme(s))] + ["int8-ch", "int4-sym", "int2-sym-ch-g16", "int3-s32",
                                                         "int8-ch-s32", "nf4-g32", "nf4-nodq", "int4-g16-rot", "lm2",
                                                         "lm4-g16", "lm3-g16-rot"]
 
@@ -56,7 +56,7 @@ def test_the_library_is_built_and_found():
     assert native.library_path() is not None, native.BUILD_HINT
 
 
-@pytest.mark.parametrize("name", SCHEMES + ["fp8"])
+@pytest.mark.parametrize("name", SCHEMES + ["int2-ch-o1"])
 def test_the_library_reads_each_scheme_name_as_the_python_registry_does(name):
     scheme = get_scheme(name)
     got = native.describe_scheme(name, 64)
@@ -77,8 +77,8 @@ def test_non_canonical_and_unstorable_names_are_refused_in_one_line():
         assert isinstance(reason, str) and name in reason and "\n" not in reason
 
 
-def test_the_menus_lloyd_max_formats_are_read_natively():
-    assert {s for s in DEFAULT_SCHEMES if s.startswith("lm")} <= set(SCHEMES)
+def test_the_whole_default_menu_is_read_natively():
+    assert set(DEFAULT_SCHEMES) <= set(SCHEMES)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
@@ -87,6 +87,13 @@ def test_the_lloyd_max_codebooks_are_the_reference_ones_bit_for_bit(bits, group)
     """native/src/lloyd_codebooks.h (tools/gen_lloyd_codebooks.py) against the Python computation."""
     got = np.asarray(native.lloyd_codebook(bits, group), np.float32)
     assert np.array_equal(got.view(np.int32), lloyd_max_codebook(bits, group).numpy().view(np.int32))
+
+
+def test_fp8_rounding_is_torchs_on_every_tie_and_neighbourhood():
+    from tests.unit.test_ops import e4m3_neighbourhoods
+
+    y = e4m3_neighbourhoods()
+    assert np.array_equal(native.e4m3_bytes(y.numpy()), y.to(torch.float8_e4m3fn).view(torch.uint8).numpy())
 
 
 def test_the_nf4_codebook_is_the_reference_one_bit_for_bit():
@@ -152,6 +159,7 @@ CASES = {
                             value_ages="nf4-nodq:3"),
     "mixed widths": attention_case(("int3-s32", "int8", "int3-ch"), ("nf4-g32", "int4-sym", "int3-g64")),
     "lloyd-max": attention_case(("fp16", "lm4", "lm2-rot"), ("lm4-g16", "lm3-g64-rot", "lm2-g64-rot")),
+    "fp8": attention_case(("fp8", "fp8", "int2-ch"), ("fp16", "fp8", "fp8")),
 }
 
 

@@ -26,7 +26,7 @@ from tests.conftest import adversarial  # noqa: E402
 NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 SCHEMES = ["fp16", "int8", "int4", "int3", "int2", "int4-sym", "int2-sym", "int2-ch", "int4-ch-g64", "int3-s32",
            "int8-ch-s32", "nf4", "nf4-g32", "nf4-nodq", "int4-rot", "int2-rot", "lm2", "lm3-rot", "lm4-g64-rot",
-           "int2-ch-o1", "int4-o1", "lm2-o2", "int3-ch-g16-o3"]
+           "int2-ch-o1", "int4-o1", "lm2-o2", "int3-ch-g16-o3", "fp8"]
 
 
 def session(model):
@@ -52,6 +52,33 @@ def test_float16_directed_rounding_matches_torch_on_every_float16_neighbourhood(
     up, down = sess.run(None, {"t": t.numpy()})
     assert np.array_equal(up.view(np.int16), round_to_dtype(t, torch.float16, "up").numpy().view(np.int16))
     assert np.array_equal(down.view(np.int16), round_to_dtype(t, torch.float16, "down").numpy().view(np.int16))
+
+
+def e4m3_neighbourhoods() -> torch.Tensor:
+    """Every finite E4M3 value, the midpoints between neighbours (the ties), and the float32 values
+    just above and below each of those, within [-448, 448]: where a rounding rule can go wrong."""
+    every = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).float()
+    every = every[torch.isfinite(every)].unique()
+    mids = (every[1:] + every[:-1]) / 2
+    t = torch.cat([every, mids, -0.0 * torch.ones(1)])
+    t = torch.cat([t, torch.nextafter(t, torch.tensor(np.inf)), torch.nextafter(t, torch.tensor(-np.inf))])
+    return t[t.abs() <= 448]
+
+
+def test_e4m3_rounding_matches_torch_on_every_tie_and_neighbourhood():
+    from onnx import helper
+
+    from kvcompile.quant.floating import _e4m3_bytes
+
+    b = Builder("e")
+    b.op("Identity", _e4m3_bytes(b, "y"), outputs=["bytes"])
+    graph = helper.make_graph(b.nodes, "e4m3", [helper.make_tensor_value_info("y", 1, ["n"])],
+                              [helper.make_tensor_value_info("bytes", 7, ["n"])])
+    sess = session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10))
+    y = e4m3_neighbourhoods()
+    (got,) = sess.run(None, {"y": y.numpy()})
+    want = y.to(torch.float8_e4m3fn).view(torch.uint8).numpy()
+    assert np.array_equal(got, want.astype(np.int64)), y[torch.from_numpy(got != want)][:8]
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -182,8 +209,17 @@ def test_stored_bytes_per_position_equal_the_schemes_bit_count(scheme):
 
 
 def test_scheme_without_lowering_is_a_clear_export_error():
-    with pytest.raises(ExportError, match="fp8.*no ONNX lowering"):
-        check_lowerable(get_scheme("fp8"), 64)
+    from kvcompile.quant.base import family_traits, update_traits
+    from kvcompile.quant.floating import FP8Scheme
+
+    saved = family_traits(FP8Scheme()).onnx
+    update_traits(FP8Scheme, onnx=None)  # as if FP8 had no ONNX lowering (every family has one now)
+    try:
+        with pytest.raises(ExportError, match="fp8.*no ONNX lowering"):
+            check_lowerable(get_scheme("fp8"), 64)
+    finally:
+        update_traits(FP8Scheme, onnx=saved)
+    check_lowerable(get_scheme("fp8"), 64)
     with pytest.raises(ExportError, match="head dim 60"):
         check_lowerable(get_scheme("int3"), 60)
 
