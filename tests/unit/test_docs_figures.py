@@ -369,7 +369,24 @@ def _v_ppl(label: str) -> str:
     return pct(result("v_lowrank_gemma3")["v_roundtrip_ppl"][label]["delta_ppl_pct"])
 
 
+def _ort_lloyd(variant: str, context: int) -> str:
+    row = next(r for r in result("onnx_runtime_lloyd")["results"] if (r["variant"], r["context"]) == (variant, context))
+    return f"{row['speed_vs_fp16']:.2f}"
+
+
+def _ort_lloyd_bytes(context: int) -> str:
+    row = next(r for r in result("onnx_runtime_lloyd")["results"] if (r["variant"], r["context"]) == ("packed, native",
+                                                                                                      context))
+    return f"{row['kv_bytes_vs_fp16']:.2f}"
+
+
 GEMMA_CLAIMS = [
+    (r"at ([\d.]+)x \(512 positions\) and ([\d.]+)x \(2,048\) the fp16-KV export's speed with ([\d.]+)x and "
+     r"([\d.]+)x its cache\nbytes; with its Lloyd-Max head groups left to the function body, as before the library "
+     r"read them, it\nruns at ([\d.]+)x and ([\d.]+)x",
+     lambda: (_ort_lloyd("packed, native", 512), _ort_lloyd("packed, native", 2048), _ort_lloyd_bytes(512),
+              _ort_lloyd_bytes(2048), _ort_lloyd("packed, native, Lloyd-Max in bodies", 512),
+              _ort_lloyd("packed, native, Lloyd-Max in bodies", 2048))),
     (r"3-bit coefficients has [\d.]+x the\nreconstruction error of per-channel int2 and ΔPPL ([+\d.-]+) % against ([+\d.-]+) %",
      lambda: (_v_ppl("pca r192 int3-ch (3.00 b)"), _v_ppl("int2-ch (3.00 b)"))),
     (r"coefficients costs ([+\d.-]+) % against ([+\d.-]+) % for per-channel int3",
