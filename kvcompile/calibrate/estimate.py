@@ -56,6 +56,7 @@ from kvcompile.measure.quality import token_windows
 from kvcompile.calibrate.defaults import DEFAULT_SCHEMES, DEFAULT_SINKS, DEFAULT_WINDOWS, ESTIMATORS  # noqa: F401
 CORRECTION_TOKENS = 256  # the correction pass scores the first 256 tokens of each of its windows
 HYBRID_QUERIES = 48  # query positions per window at which the hybrid estimator evaluates exact attention
+HYBRID_CHUNKS = 4  # the sampled queries in this many chunks, each over the keys it can read
 IMPLEMENTATION = "kvcompile_calib"
 STREAM_INDEX = {"key": 0, "value": 1}
 
@@ -281,20 +282,26 @@ def _hybrid_costs(rec: dict, layer: int, cost, schemes, sink_options, window_opt
     causal = dist >= 0
     k_forms = _stored_bulk_forms(k_all, schemes, sink_options)  # per n: [S, H, T, D]
     v_forms = _stored_bulk_forms(v_all, schemes, sink_options)
+    # Query chunks, each over the keys up to its last query (later keys are causally masked for all
+    # of its queries): the same sums with about 5/8 of the work of one chunk over all T keys.
+    chunks = [c for c in torch.tensor_split(torch.arange(len(queries)), HYBRID_CHUNKS) if len(c)]
     for h in range(k_all.shape[0]):
         heads = slice(h * groups, (h + 1) * groups)
-        q, k, v = q_all[heads][:, queries], k_all[h], v_all[h]  # [G, Qs, D], [T, D]
-        f = fisher_o[heads][:, queries]  # [G, Qs, D]
-        s_ref = (q @ k.T) * scaling
-        a_ref = torch.softmax(s_ref.masked_fill(~causal, float("-inf")), -1)  # [G, Qs, T]
-        o_ref = a_ref @ v
-        for n_idx, n in enumerate(sink_options):
-            s_hat = (q[None] @ k_forms[n_idx][:, h].transpose(-1, -2)[:, None]) * scaling  # [S, G, Qs, T]
-            dv = v_forms[n_idx][:, h] - v  # [S, T, D]
-            for w_idx, w in enumerate(window_options):
-                read = (dist >= w) & (j[None, :] >= n)  # queries read the bulk form of these positions
-                s = torch.where(read, s_hat, s_ref).masked_fill(~causal, float("-inf"))
-                d_o = torch.softmax(s, -1) @ v - o_ref  # [S, G, Qs, D]
-                cost[layer, h, 0, :, w_idx, n_idx] += 0.5 * scale * (f * d_o.pow(2)).sum(dim=(1, 2, 3)).double()
-                d_o = (a_ref * read)[None] @ dv[:, None]  # values: exactly linear in v
-                cost[layer, h, 1, :, w_idx, n_idx] += 0.5 * scale * (f * d_o.pow(2)).sum(dim=(1, 2, 3)).double()
+        for rows in chunks:
+            keys = int(queries[rows[-1]]) + 1
+            q, k, v = q_all[heads][:, queries[rows]], k_all[h, :keys], v_all[h, :keys]  # [G, Qc, D], [Tc, D]
+            f = fisher_o[heads][:, queries[rows]]  # [G, Qc, D]
+            d, c, jc = dist[rows, :keys], causal[rows, :keys], j[:keys]
+            s_ref = (q @ k.T) * scaling
+            a_ref = torch.softmax(s_ref.masked_fill(~c, float("-inf")), -1)  # [G, Qc, Tc]
+            o_ref = a_ref @ v
+            for n_idx, n in enumerate(sink_options):
+                s_hat = (q[None] @ k_forms[n_idx][:, h, :keys].transpose(-1, -2)[:, None]) * scaling  # [S, G, Qc, Tc]
+                dv = v_forms[n_idx][:, h, :keys] - v  # [S, Tc, D]
+                for w_idx, w in enumerate(window_options):
+                    read = (d >= w) & (jc[None, :] >= n)  # queries read the bulk form of these positions
+                    s = torch.where(read, s_hat, s_ref).masked_fill(~c, float("-inf"))
+                    d_o = torch.softmax(s, -1) @ v - o_ref  # [S, G, Qc, D]
+                    cost[layer, h, 0, :, w_idx, n_idx] += 0.5 * scale * (f * d_o.pow(2)).sum(dim=(1, 2, 3)).double()
+                    d_o = (a_ref * read)[None] @ dv[:, None]  # values: exactly linear in v
+                    cost[layer, h, 1, :, w_idx, n_idx] += 0.5 * scale * (f * d_o.pow(2)).sum(dim=(1, 2, 3)).double()

@@ -149,3 +149,25 @@ def test_saving_over_a_foreign_directory_is_refused(calib, tmp_path):
     calib.save(tmp_path / "cal")
     calib.save(tmp_path / "cal")  # an older calibration is replaced
     assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == ["calibration.json", "calibration.safetensors"]
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_the_hybrid_estimators_query_chunks_give_the_unchunked_costs(monkeypatch, groups):
+    """Each chunk of sampled queries reads only the keys up to its last query: the costs equal those
+    of one chunk over all keys (float32 sums in another order)."""
+    from kvcompile.calibrate import estimate
+
+    g = torch.Generator().manual_seed(0)
+    hkv, t, d = 2, 96, 32
+    out = torch.randn(1, hkv * groups, t, d, generator=g).requires_grad_(True)
+    out.grad = torch.randn(1, hkv * groups, t, d, generator=g)
+    rec = {"query": torch.randn(1, hkv * groups, t, d, generator=g), "key": torch.randn(1, hkv, t, d, generator=g) * 2,
+           "value": torch.randn(1, hkv, t, d, generator=g), "out": out, "groups": groups, "scaling": d ** -0.5}
+    schemes, sinks, windows = ["int2", "int2-ch-g16", "int4", "lm2-rot"], [0, 4], [0, 8, 32]
+    costs = {}
+    for chunks in (1, 4):
+        monkeypatch.setattr(estimate, "HYBRID_CHUNKS", chunks)
+        costs[chunks] = torch.zeros(1, hkv, 2, len(schemes), len(windows), len(sinks), dtype=torch.float64)
+        estimate._hybrid_costs(rec, 0, costs[chunks], schemes, sinks, windows)
+    assert (costs[1] > 0).any()
+    torch.testing.assert_close(costs[4], costs[1], rtol=1e-5, atol=0)
