@@ -92,17 +92,21 @@ def _outputs(attrs):
 
 
 def causal_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_per_kv: int,
-                     scale: float) -> torch.Tensor:
+                     scale: float, window: int = 0) -> torch.Tensor:
     """``softmax(scale q K^T + causal mask) V`` in float32.
 
     ``query`` [B, H*r, S, D] holds the last S of the L positions of ``keys`` / ``values`` [B, H, L, D];
-    query i (position L - S + i) attends to positions 0 .. L - S + i.
+    query i (position L - S + i) attends to positions 0 .. L - S + i, with ``window`` W > 0 only to
+    those fewer than W back (``L - S + i - W < j``).
     """
     s, length = query.shape[2], keys.shape[2]
     k = keys.repeat_interleave(q_per_kv, dim=1)
     v = values.repeat_interleave(q_per_kv, dim=1)
     scores = (query @ k.transpose(-1, -2)) * scale
-    allowed = torch.arange(length)[None, :] <= torch.arange(length - s, length)[:, None]  # [S, L]
+    j, i = torch.arange(length)[None, :], torch.arange(length - s, length)[:, None]
+    allowed = j <= i  # [S, L]
+    if window:
+        allowed &= i - j < window
     probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
     return probs @ v
 
@@ -128,21 +132,28 @@ def _body(b, attrs, inputs):
     n_key = len(segment_ports(k_attrs, "past"))
     k_present, keys = update_body(b, k_attrs, inputs[3:3 + n_key], key)
     v_present, values = update_body(b, v_attrs, inputs[3 + n_key:], value)
-    r = attrs["q_per_kv"]
-    if r > 1:  # kv head j serves query heads j r .. j r + r - 1: [B, H, L, D] -> [B, H r, L, D]
-        expand = b.i64(1, 1, r, 1, 1)
+    return [attention_body(b, query, keys, values, attrs["q_per_kv"], attrs["scale"]), *k_present, *v_present]
+
+
+def attention_body(b, query: str, keys: str, values: str, q_per_kv: int, scale: float, window: int = 0) -> str:
+    """:func:`causal_attention` in standard ONNX ops: ``query`` [B, H*r, S, D] over the L stored
+    positions of ``keys`` / ``values`` [B, H, L, D] (the last S of them are the queries')."""
+    if q_per_kv > 1:  # kv head j serves query heads j r .. j r + r - 1: [B, H, L, D] -> [B, H r, L, D]
+        expand = b.i64(1, 1, q_per_kv, 1, 1)
         shape = b.op("Concat", b.i64(0, -1), b.op("Shape", keys, start=2), axis=0)
         keys = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", keys, b.i64(2)), expand), shape)
         values = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", values, b.i64(2)), expand), shape)
-    scores = b.op("Mul", b.op("MatMul", query, b.op("Transpose", keys, perm=[0, 1, 3, 2])), b.const(attrs["scale"]))
-    total = b.dim(keys, 2)
-    first = b.op("Sub", total, b.dim(query, 2))
-    positions = b.op("Range", b.op("Squeeze", first), b.op("Squeeze", total), b.scalar_i64(1))  # [S]
-    stored = b.op("Range", b.scalar_i64(0), b.op("Squeeze", total), b.scalar_i64(1))  # [L]
-    allowed = b.op("LessOrEqual", b.op("Unsqueeze", stored, b.i64(0)), b.op("Unsqueeze", positions, b.i64(1)))
+    scores = b.op("Mul", b.op("MatMul", query, b.op("Transpose", keys, perm=[0, 1, 3, 2])), b.const(scale))
+    total = b.op("Squeeze", b.dim(keys, 2))
+    first = b.op("Sub", total, b.op("Squeeze", b.dim(query, 2)))
+    positions = b.op("Unsqueeze", b.op("Range", first, total, b.scalar_i64(1)), b.i64(1))  # [S, 1]
+    stored = b.op("Unsqueeze", b.op("Range", b.scalar_i64(0), total, b.scalar_i64(1)), b.i64(0))  # [1, L]
+    allowed = b.op("LessOrEqual", stored, positions)
+    if window:
+        allowed = b.op("And", allowed, b.op("Less", b.op("Sub", positions, stored), b.scalar_i64(window)))
     mask = b.op("Where", allowed, b.const(0.0), b.const(float("-inf")))
     probs = b.op("Softmax", b.op("Add", scores, mask), axis=-1)
-    return [b.op("MatMul", probs, values), *k_present, *v_present]
+    return b.op("MatMul", probs, values)
 
 
 KV_ATTENTION = register_op(OpSpec(
@@ -159,5 +170,5 @@ KV_ATTENTION = register_op(OpSpec(
 #: the same op under a name no native library claims (its function body always runs)
 KV_ATTENTION_PORTABLE = register_op(replace(KV_ATTENTION, name="KVAttentionPortable"))
 
-__all__ = ["KV_ATTENTION", "KV_ATTENTION_PORTABLE", "attention_attrs", "causal_attention", "run_attention",
-           "stream_attrs"]
+__all__ = ["KV_ATTENTION", "KV_ATTENTION_PORTABLE", "attention_attrs", "attention_body", "causal_attention",
+           "run_attention", "stream_attrs"]

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 
 from kvcompile.kv.store import WindowStore, reference_quantize
-from kvcompile.ops.attention import causal_attention
+from kvcompile.ops.attention import attention_body, causal_attention
 from kvcompile.ops.builder import INT_MAX
 from kvcompile.ops.lowering import lowering
 from kvcompile.ops.quantize import part_ports
@@ -88,19 +88,6 @@ def _outputs(attrs):
     return (Port("output", "float32", ("B", "H*r", "S", "D")), *_ports(attrs, "present"))
 
 
-def window_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_per_kv: int, scale: float,
-                     window: int) -> torch.Tensor:
-    """:func:`~kvcompile.ops.attention.causal_attention` with query i (stored position ``L - S + i``)
-    reading only positions ``j > L - S + i - window``."""
-    s, length = query.shape[2], keys.shape[2]
-    k = keys.repeat_interleave(q_per_kv, dim=1)
-    v = values.repeat_interleave(q_per_kv, dim=1)
-    scores = (query @ k.transpose(-1, -2)) * scale
-    j, i = torch.arange(length)[None, :], torch.arange(length - s, length)[:, None]
-    allowed = (j <= i) & (i - j < window)  # [S, L]
-    return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1) @ v
-
-
 def run_window_attention(attrs, tensors: list, quantize=None) -> tuple:
     """The op on torch tensors: ``(output, *present key parts, *present value parts)``."""
     check_window_attrs(attrs)
@@ -125,7 +112,7 @@ def run_window_attention(attrs, tensors: list, quantize=None) -> tuple:
         kept = store.segments["window"]
         presents.extend(kept.parts[p.name] if kept is not None else
                         torch.empty(*states.shape[:2], 0, p.width, dtype=p.dtype, device=states.device) for p in layout)
-    output = window_attention(query, reads[0], reads[1], attrs["q_per_kv"], attrs["scale"], w)
+    output = causal_attention(query, reads[0], reads[1], attrs["q_per_kv"], attrs["scale"], w)
     return (output, *presents)
 
 
@@ -147,21 +134,7 @@ def _body(b, attrs, inputs):
         presents.extend(b.op("Slice", p, keep, end, axis) for p in parts)
         full.append(dequantize(b, scheme, parts, d))
     keys, values = full
-    if r > 1:  # kv head j serves query heads j r .. j r + r - 1: [B, H, L, D] -> [B, H r, L, D]
-        expand = b.i64(1, 1, r, 1, 1)
-        shape = b.op("Concat", b.i64(0, -1), b.op("Shape", keys, start=2), axis=0)
-        keys = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", keys, b.i64(2)), expand), shape)
-        values = b.op("Reshape", b.op("Expand", b.op("Unsqueeze", values, b.i64(2)), expand), shape)
-    scores = b.op("Mul", b.op("MatMul", query, b.op("Transpose", keys, perm=[0, 1, 3, 2])), b.const(attrs["scale"]))
-    total = b.op("Squeeze", b.dim(keys, 2))
-    first = b.op("Sub", total, b.op("Squeeze", b.dim(query, 2)))
-    positions = b.op("Unsqueeze", b.op("Range", first, total, b.scalar_i64(1)), b.i64(1))  # [S, 1]
-    stored = b.op("Unsqueeze", b.op("Range", b.scalar_i64(0), total, b.scalar_i64(1)), b.i64(0))  # [1, L]
-    allowed = b.op("And", b.op("LessOrEqual", stored, positions),
-                   b.op("Less", b.op("Sub", positions, stored), b.scalar_i64(w)))
-    mask = b.op("Where", allowed, b.const(0.0), b.const(float("-inf")))
-    probs = b.op("Softmax", b.op("Add", scores, mask), axis=-1)
-    return [b.op("MatMul", probs, values), *presents]
+    return [attention_body(b, query, keys, values, r, attrs["scale"], w), *presents]
 
 
 KV_WINDOW_ATTENTION = register_op(OpSpec(
@@ -175,4 +148,4 @@ KV_WINDOW_ATTENTION = register_op(OpSpec(
     body=_body,
 ))
 
-__all__ = ["KV_WINDOW_ATTENTION", "check_window_attrs", "run_window_attention", "window_attention", "window_attrs"]
+__all__ = ["KV_WINDOW_ATTENTION", "check_window_attrs", "run_window_attention", "window_attrs"]

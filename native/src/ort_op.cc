@@ -74,25 +74,19 @@ struct ParallelJob {
 
 void run_job(void* data, size_t i) { (*static_cast<ParallelJob*>(data)->fn)(i); }
 
-OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+using Parser = bool (*)(const kvc::Attributes&, kvc::AttentionSpec*, std::string*);
+
+// A kernel from the node's string attributes `strings`, int attributes `ints` and float `scale`,
+// parsed by `parse`.
+OrtStatus* make_kernel(const OrtKernelInfo* info, const std::vector<std::string>& strings,
+                       const std::vector<std::string>& ints, Parser parse, void** kernel) {
   kvc::Attributes attrs;
-  for (const char* stream : {"key", "value"})
-    for (const char* name : {"sink_scheme", "recent_scheme", "bulk_scheme", "age_tiers"}) {
-      std::string full = std::string(stream) + "_" + name, value;
-      KVC_RETURN_IF(read_string(info, full.c_str(), &value));
-      attrs.strings[full] = value;
-    }
-  for (const char* name : {"sink_tokens", "recent_window", "head_dim", "q_per_kv"}) {
-    int64_t v = 0;
-    KVC_RETURN_IF(g_api->KernelInfoGetAttribute_int64(info, name, &v));
-    attrs.ints[name] = v;
-  }
-  float scale = 0.0f;
-  KVC_RETURN_IF(g_api->KernelInfoGetAttribute_float(info, "scale", &scale));
-  attrs.floats["scale"] = scale;
+  for (const std::string& name : strings) KVC_RETURN_IF(read_string(info, name.c_str(), &attrs.strings[name]));
+  for (const std::string& name : ints) KVC_RETURN_IF(g_api->KernelInfoGetAttribute_int64(info, name.c_str(), &attrs.ints[name]));
+  KVC_RETURN_IF(g_api->KernelInfoGetAttribute_float(info, "scale", &attrs.floats["scale"]));
   auto* k = new Kernel;
   std::string error;
-  if (!kvc::parse_attention(attrs, &k->spec, &error)) {
+  if (!parse(attrs, &k->spec, &error)) {
     delete k;
     return status(error);
   }
@@ -100,30 +94,19 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
   return nullptr;
 }
 
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** kernel) {
+  std::vector<std::string> strings;
+  for (const char* stream : {"key", "value"})
+    for (const char* name : {"sink_scheme", "recent_scheme", "bulk_scheme", "age_tiers"})
+      strings.push_back(std::string(stream) + "_" + name);
+  return make_kernel(info, strings, {"sink_tokens", "recent_window", "head_dim", "q_per_kv"}, kvc::parse_attention,
+                     kernel);
+}
+
 OrtStatus* ORT_API_CALL create_window_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
                                              void** kernel) {
-  kvc::Attributes attrs;
-  for (const char* name : {"key_scheme", "value_scheme"}) {
-    std::string value;
-    KVC_RETURN_IF(read_string(info, name, &value));
-    attrs.strings[name] = value;
-  }
-  for (const char* name : {"window", "head_dim", "q_per_kv"}) {
-    int64_t v = 0;
-    KVC_RETURN_IF(g_api->KernelInfoGetAttribute_int64(info, name, &v));
-    attrs.ints[name] = v;
-  }
-  float scale = 0.0f;
-  KVC_RETURN_IF(g_api->KernelInfoGetAttribute_float(info, "scale", &scale));
-  attrs.floats["scale"] = scale;
-  auto* k = new Kernel;
-  std::string error;
-  if (!kvc::parse_window_attention(attrs, &k->spec, &error)) {
-    delete k;
-    return status(error);
-  }
-  *kernel = k;
-  return nullptr;
+  return make_kernel(info, {"key_scheme", "value_scheme"}, {"window", "head_dim", "q_per_kv"},
+                     kvc::parse_window_attention, kernel);
 }
 
 OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {

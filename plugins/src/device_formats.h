@@ -259,7 +259,7 @@ KVC_HD void quantize_token(const Fmt& f, const float* x, const Parts& parts, int
     return;
   }
   const int64_t groups = f.d / f.group;
-  if (f.kind == kLloyd) {  // an absmax scale per group (float16, rounded up)
+  if (f.kind == kLloyd || (f.kind == kNf4 && !f.double_quant)) {  // an absmax scale per group (float16, rounded up)
     for (int64_t g = 0; g < groups; ++g) {
       float m = 0.0f;
       for (int64_t c = 0; c < f.group; ++c) m = fmax_(m, fabsf(x[g * f.group + c]));
@@ -268,24 +268,16 @@ KVC_HD void quantize_token(const Fmt& f, const float* x, const Parts& parts, int
     pack_codes(f, x, parts, row);
     return;
   }
-  if (f.kind == kNf4) {
-    if (f.double_quant) {
-      float top = 0.0f;
-      for (int64_t c = 0; c < f.d; ++c) top = fmax_(top, fabsf(x[c]));  // max of the group maxima
-      const float super = store_scale(parts.p[2] + row * 2, top, 2);
-      for (int64_t g = 0; g < groups; ++g) {
-        float m = 0.0f;
-        for (int64_t c = 0; c < f.group; ++c) m = fmax_(m, fabsf(x[g * f.group + c]));
-        float code = ceilf(m / super * 255.0f);
-        code = fmin_(fmax_(code, 1.0f), 255.0f);
-        parts.p[1][row * groups + g] = uint8_t(code);
-      }
-    } else {
-      for (int64_t g = 0; g < groups; ++g) {
-        float m = 0.0f;
-        for (int64_t c = 0; c < f.group; ++c) m = fmax_(m, fabsf(x[g * f.group + c]));
-        store_scale(parts.p[1] + (row * groups + g) * 2, m, 2);
-      }
+  if (f.kind == kNf4) {  // double-quantized scales: a float16 super-scale, a byte per group
+    float top = 0.0f;
+    for (int64_t c = 0; c < f.d; ++c) top = fmax_(top, fabsf(x[c]));  // max of the group maxima
+    const float super = store_scale(parts.p[2] + row * 2, top, 2);
+    for (int64_t g = 0; g < groups; ++g) {
+      float m = 0.0f;
+      for (int64_t c = 0; c < f.group; ++c) m = fmax_(m, fabsf(x[g * f.group + c]));
+      float code = ceilf(m / super * 255.0f);
+      code = fmin_(fmax_(code, 1.0f), 255.0f);
+      parts.p[1][row * groups + g] = uint8_t(code);
     }
     pack_codes(f, x, parts, row);
     return;

@@ -332,6 +332,9 @@ def test_readme_quality_per_bit_section_is_the_bench_output():
               f"{doc['calibrate']['seconds']:.0f} s"
     assert seconds in text("README.md")
     assert f"takes {doc['outliers']['calibration_seconds']:.0f} s, over the 2-minute target" in text("README.md")
+    timing = result("calibration_time")
+    assert (f"now measures {timing['calibration_seconds']:.1f} s for the same default calibration in a fresh process,\n"
+            f"{timing['ratio_to_target']:.2f}x the target ({timing['repeat_seconds']:.1f} s repeated") in text("README.md")
 
 
 def test_readme_gemma_baseline_table_is_the_bench_output():

@@ -17,7 +17,7 @@ ort = pytest.importorskip("onnxruntime", reason="the ops run in onnxruntime (ins
 from kvcompile.kernels import native  # noqa: E402
 from kvcompile.ops import KV_WINDOW_ATTENTION  # noqa: E402
 from kvcompile.ops.attention import causal_attention  # noqa: E402
-from kvcompile.ops.window_attention import window_attention, window_attrs  # noqa: E402
+from kvcompile.ops.window_attention import window_attrs  # noqa: E402
 from tests.conftest import adversarial  # noqa: E402
 
 NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
@@ -121,7 +121,7 @@ def test_the_reference_reads_only_the_window():
     g = torch.Generator().manual_seed(0)
     q, k, v = torch.randn(1, 2, 10, 16, generator=g), torch.randn(1, 1, 10, 16, generator=g), torch.randn(1, 1, 10, 16,
                                                                                                           generator=g)
-    out = window_attention(q, k, v, 2, 0.25, 4)
+    out = causal_attention(q, k, v, 2, 0.25, window=4)
     for i in range(10):
         lo = max(0, i - 3)
         want = causal_attention(q[:, :, i:i + 1], k[:, :, lo:i + 1], v[:, :, lo:i + 1], 2, 0.25)
