@@ -20,7 +20,6 @@ leaves nothing behind):
 from __future__ import annotations
 
 import collections
-
 import hashlib
 import json
 import os

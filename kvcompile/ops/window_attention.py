@@ -68,6 +68,7 @@ def check_window_attrs(attrs) -> None:
 
 
 def window_attrs(key_scheme: str, value_scheme: str, window: int, head_dim: int, q_per_kv: int, scale: float) -> dict:
+    """The op's attributes, checked (:func:`check_window_attrs`)."""
     attrs = {"key_scheme": key_scheme, "value_scheme": value_scheme, "window": int(window), "head_dim": int(head_dim),
              "q_per_kv": int(q_per_kv), "scale": float(scale)}
     check_window_attrs(attrs)
