@@ -108,6 +108,26 @@ def attention_case(key, value, sink_tokens=2, recent_window=8, q_per_kv=3, key_a
             "head_dim": head_dim, "q_per_kv": q_per_kv, "scale": head_dim ** -0.5}
 
 
+def step_inputs(batch: int, kv_heads: int, r: int, n: int, d: int, seed: int, step: int):
+    """Query, key and value of one step: adversarial keys and values, queries partly aligned with them."""
+    q = adversarial(n, d, seed=seed + 3 * step)[:batch, :1].repeat(1, kv_heads * r, 1, 1) * 0.1 \
+        + torch.randn(batch, kv_heads * r, n, d, generator=torch.Generator().manual_seed(step))
+    return q, adversarial(n, d, seed=seed + 3 * step + 1)[:batch, :kv_heads], \
+        adversarial(n, d, seed=seed + 3 * step + 2)[:batch, :kv_heads]
+
+
+def assert_within_bound(got, want, q, stored_keys, stored_values, r: int, scale: float, step: int) -> None:
+    """The output error within ``max|v| (4e-5 + 4 D 2^-24 scale max|q| max|k|)`` per (batch row, head)
+    (module docstring), over the keys and values attention read as stored."""
+    d = q.shape[-1]
+    v_max = stored_values.abs().amax(dim=(2, 3)).repeat_interleave(r, dim=1)
+    k_norm = stored_keys.norm(dim=-1).amax(dim=2).repeat_interleave(r, dim=1)
+    score_error = d * 2.0**-24 * scale * q.norm(dim=-1).amax(dim=2) * k_norm
+    bound = (v_max * (4e-5 + 4 * score_error))[..., None, None].numpy()
+    error = np.abs(got - want.numpy())
+    assert (error <= bound + 1e-30).all(), f"step {step}: attention error {float((error / bound).max()):.3g} x bound"
+
+
 def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True, run=None):
     """Feed prefill/decode steps through the op in ONNX Runtime (or ``run(attrs, inputs) -> outputs``,
     numpy arrays in the op's port order) and the reference; check each step."""
@@ -117,10 +137,7 @@ def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True, run=No
     r, d = attrs["q_per_kv"], attrs["head_dim"]
     done = 0
     for step, n in enumerate(steps):
-        q = adversarial(n, d, seed=seed + 3 * step)[:batch, :1].repeat(1, kv_heads * r, 1, 1) * 0.1 \
-            + torch.randn(batch, kv_heads * r, n, d, generator=torch.Generator().manual_seed(step))
-        k = adversarial(n, d, seed=seed + 3 * step + 1)[:batch, :kv_heads]
-        v = adversarial(n, d, seed=seed + 3 * step + 2)[:batch, :kv_heads]
+        q, k, v = step_inputs(batch, kv_heads, r, n, d, seed, step)
         want = KV_ATTENTION.reference(attrs, q, k, v, *[torch.from_numpy(p) for p in past])
         if run is not None:
             got = run(attrs, [q.numpy(), k.numpy(), v.numpy(), *past])
@@ -135,13 +152,7 @@ def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True, run=No
         stored_values = run_cache_update(v_attrs, [*[torch.from_numpy(p) for p in past[-n_value:]], v])[-1]
         k_attrs = stream_attrs(attrs, "key")
         stored_keys = run_cache_update(k_attrs, [*[torch.from_numpy(p) for p in past[:-n_value]], k])[-1]
-        v_max = stored_values.abs().amax(dim=(2, 3)).repeat_interleave(r, dim=1)
-        k_norm = stored_keys.norm(dim=-1).amax(dim=2).repeat_interleave(r, dim=1)
-        q_norm = q.norm(dim=-1).amax(dim=2)
-        score_error = d * 2.0**-24 * attrs["scale"] * q_norm * k_norm
-        bound = (v_max * (4e-5 + 4 * score_error))[..., None, None].numpy()
-        error = np.abs(got[0] - want[0].numpy())
-        assert (error <= bound + 1e-30).all(), f"step {step}: attention error {float((error / bound).max()):.3g} x bound"
+        assert_within_bound(got[0], want[0], q, stored_keys, stored_values, r, attrs["scale"], step)
         past = got[1:]
         done += n
     return done

@@ -18,7 +18,7 @@ from kvcompile.kernels import native  # noqa: E402
 from kvcompile.ops import KV_WINDOW_ATTENTION  # noqa: E402
 from kvcompile.ops.attention import causal_attention  # noqa: E402
 from kvcompile.ops.window_attention import window_attrs  # noqa: E402
-from tests.conftest import adversarial  # noqa: E402
+from tests.unit.test_native import assert_within_bound, step_inputs  # noqa: E402
 
 NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 
@@ -42,10 +42,7 @@ def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True, run=No
     r, d, w = attrs["q_per_kv"], attrs["head_dim"], attrs["window"]
     held = []
     for step, n in enumerate(steps):
-        q = adversarial(n, d, seed=seed + 3 * step)[:batch, :1].repeat(1, kv_heads * r, 1, 1) * 0.1 \
-            + torch.randn(batch, kv_heads * r, n, d, generator=torch.Generator().manual_seed(step))
-        k = adversarial(n, d, seed=seed + 3 * step + 1)[:batch, :kv_heads]
-        v = adversarial(n, d, seed=seed + 3 * step + 2)[:batch, :kv_heads]
+        q, k, v = step_inputs(batch, kv_heads, r, n, d, seed, step)
         want = KV_WINDOW_ATTENTION.reference(attrs, q, k, v, *[torch.from_numpy(p) for p in past])
         if run is not None:
             got = run(attrs, [q.numpy(), k.numpy(), v.numpy(), *past])
@@ -58,12 +55,7 @@ def run_steps(attrs, steps, batch=2, kv_heads=2, seed=0, use_native=True, run=No
         assert rows == min(past[0].shape[2] + n, w - 1)
         # bound the output error by what attention read: the keys and values as stored
         keys, values = _stored(attrs, past, k, v)
-        v_max, k_norm = values.abs().amax(dim=(2, 3)), keys.norm(dim=-1).amax(dim=2)
-        v_max, k_norm = v_max.repeat_interleave(r, 1), k_norm.repeat_interleave(r, 1)
-        score_error = d * 2.0**-24 * attrs["scale"] * q.norm(dim=-1).amax(dim=2) * k_norm
-        bound = (v_max * (4e-5 + 4 * score_error))[..., None, None].numpy()
-        error = np.abs(got[0] - want[0].numpy())
-        assert (error <= bound + 1e-30).all(), f"step {step}: attention error {float((error / bound).max()):.3g} x bound"
+        assert_within_bound(got[0], want[0], q, keys, values, r, attrs["scale"], step)
         past = got[1:]
         held.append(rows)
     return held
