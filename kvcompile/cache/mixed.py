@@ -29,6 +29,10 @@ positions of the update in progress).  ``update`` returns the stored and new pos
 :meth:`MixedPrecisionLayer.get_mask_sizes` tells ``transformers``' sliding-window mask where they
 start.  In the kernel mode a decode step appends, the fused kernel reads the window's W positions
 (exactly the ones the new query may read), and the window is evicted to its last W - 1 after.
+
+A map that stores keys before RoPE (``-pr`` schemes) needs the model's RoPE tables
+(``rope=``, :func:`model_ropes`): those keys are rotated back by their position when stored and
+forward when read (:mod:`kvcompile.kv.rope`).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from kvcompile.errors import CacheError
 from kvcompile.kv.grouping import joint_groups, stream_groups
 from kvcompile.kv.precision_map import STREAMS, PrecisionMap
+from kvcompile.kv.rope import RopeTable
 from kvcompile.kv.store import SegmentStore, WindowStore, reference_quantize
 from kvcompile.quant import QuantizedTensor
 
@@ -50,9 +55,11 @@ class MixedPrecisionLayer(CacheLayerMixin):
     is_croppable = False
     is_compileable = False
 
-    def __init__(self, pmap: PrecisionMap, layer_idx: int, max_context: int, kernels: bool = False):
+    def __init__(self, pmap: PrecisionMap, layer_idx: int, max_context: int, kernels: bool = False,
+                 rope: RopeTable | None = None):
         super().__init__()
         self.pmap = pmap
+        self.rope = rope
         self.layer_idx = layer_idx
         self.max_context = max_context
         self.kernels = kernels
@@ -78,7 +85,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         for stream in STREAMS:
             self.stores[stream] = [
                 WindowStore(heads, schemes["bulk"], self.window, quantize) if self.window else
-                SegmentStore(heads, schemes, self.pmap.segment_rule(self.layer_idx, heads[0], stream), quantize)
+                SegmentStore(heads, schemes, self.pmap.segment_rule(self.layer_idx, heads[0], stream), quantize,
+                             self.rope if stream == "key" else None)
                 for schemes, heads in stream_groups(self.pmap, self.layer_idx, stream)
             ]
         self.is_initialized = True
@@ -228,11 +236,21 @@ class MixedPrecisionCache(Cache):
     ``max_context`` (default: the map's model limit passed by the caller, else 8192) bounds the
     number of positions; exceeding it raises :class:`CacheError`.  ``kernels=True`` uses the
     Triton kernels (see the module docstring; needs :func:`enable_kernel_attention` on the model).
+    ``rope``: per layer, the model's RoPE tables over ``max_context`` positions (:func:`model_ropes`);
+    needed only when the map stores keys before RoPE.
     """
 
-    def __init__(self, pmap: PrecisionMap, max_context: int = 8192, kernels: bool = False):
+    def __init__(self, pmap: PrecisionMap, max_context: int = 8192, kernels: bool = False,
+                 rope: "list[RopeTable] | None" = None):
         self.pmap = pmap
         self.max_context = max_context
+        if pmap.keys_pre_rope():
+            if rope is None:
+                raise CacheError("the map stores keys before RoPE (-pr schemes); pass the model's RoPE tables: "
+                                 "MixedPrecisionCache(pmap, max_context, rope=model_ropes(model, pmap, max_context))")
+            if len(rope) != pmap.num_layers or min(r.positions for r in rope) < max_context:
+                raise CacheError(f"rope: expected {pmap.num_layers} layer tables of at least {max_context} positions, "
+                                 f"got {len(rope)}")
         if kernels:
             from kvcompile.kernels import unsupported_reason
 
@@ -240,7 +258,8 @@ class MixedPrecisionCache(Cache):
                 for scheme in pmap.class_schemes(*site):
                     if (reason := unsupported_reason(scheme)) is not None:
                         raise CacheError(f"MixedPrecisionCache(kernels=True): {reason}")
-        super().__init__(layers=[MixedPrecisionLayer(pmap, i, max_context, kernels) for i in range(pmap.num_layers)])
+        super().__init__(layers=[MixedPrecisionLayer(pmap, i, max_context, kernels, rope[i] if rope else None)
+                                 for i in range(pmap.num_layers)])
 
     def nbytes(self) -> int:
         """Bytes of packed K/V actually held (codes, scales, zero points), all layers."""
@@ -265,6 +284,16 @@ class MixedPrecisionCache(Cache):
         held = sum(layer.held() for layer in self.layers)
         elements = 2 * self.pmap.num_kv_heads * self.pmap.head_dim * held * max(batch, 1)
         return 8 * self.nbytes() / elements if length else 0.0
+
+
+def model_ropes(model, pmap: PrecisionMap, max_context: int) -> "list[RopeTable] | None":
+    """The ``rope=`` argument of a cache of ``pmap`` for ``model``: its per-layer RoPE tables when
+    the map stores keys before RoPE, else None (nothing to compute)."""
+    if not pmap.keys_pre_rope():
+        return None
+    from kvcompile.models.rope import layer_ropes
+
+    return layer_ropes(model, max_context)
 
 
 KERNEL_ATTENTION = "kvcompile_kernels"

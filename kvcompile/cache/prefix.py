@@ -145,9 +145,11 @@ class PrefixCache:
                     "entries": len(self._entries), "counted_entries": self._stats.entries,
                     "capacity_bytes": self.capacity_bytes}
 
-    def lookup(self, ids: Sequence[int], max_context: int = 8192, kernels: bool = False) -> tuple[MixedPrecisionCache, int]:
-        """A new cache holding the longest cached block-aligned prefix of ``ids``, and its length (0 on a miss)."""
-        cache = MixedPrecisionCache(self.pmap, max_context=max_context, kernels=kernels)
+    def lookup(self, ids: Sequence[int], max_context: int = 8192, kernels: bool = False,
+               rope=None) -> tuple[MixedPrecisionCache, int]:
+        """A new cache holding the longest cached block-aligned prefix of ``ids``, and its length (0 on a miss);
+        ``rope``: as :class:`MixedPrecisionCache` takes it (maps that store keys before RoPE)."""
+        cache = MixedPrecisionCache(self.pmap, max_context=max_context, kernels=kernels, rope=rope)
         state, length = self.lookup_state(ids, "torch")
         return (cache.restore(state), length) if state is not None else (cache, 0)
 

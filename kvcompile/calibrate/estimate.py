@@ -48,6 +48,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from kvcompile.calibrate.artifact import Calibration
 from kvcompile.data import DEFAULT_CALIBRATION_TEXT, load_text
 from kvcompile.errors import KvcompileError
+from kvcompile.kv.rope import roundtrip_at, stores_pre_rope
 from kvcompile.kv.segments import SegmentRule
 from kvcompile.models.attention_state import attention_state, state_of
 from kvcompile.quant import get_scheme
@@ -68,6 +69,7 @@ class _Pass:
     estimator: str
     window_options: list[int]
     layers: dict[int, dict] = field(default_factory=dict)
+    ropes: list | None = None  # per layer, when a scheme stores keys before RoPE
 
 
 
@@ -179,6 +181,10 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window
     start = time.perf_counter()
     bar = tqdm(total=passes, desc=f"calibrate ({estimator})", unit="pass", disable=not progress, leave=False)
     state = _Pass(estimator, window_options)
+    if any(stores_pre_rope(get_scheme(s)) for s in schemes):
+        from kvcompile.models.rope import layer_ropes
+
+        state.ropes = layer_ropes(model, window)
     try:
         with attention_state(model, state, IMPLEMENTATION, "calibration"):
             for ids in ids_all:
@@ -213,7 +219,9 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window
             predicted[i] = cost[:, :, :, i, 0, n0].sum()
             if name == "fp16" or predicted[i] <= 0:
                 continue
-            pmap = PrecisionMap.uniform(geom.num_layers, geom.num_kv_heads, geom.head_dim, key=name)
+            scheme = get_scheme(name)  # values: a pre-RoPE key format's base (values have no RoPE)
+            pmap = PrecisionMap.uniform(geom.num_layers, geom.num_kv_heads, geom.head_dim, key=name,
+                                        value=scheme.base.name if stores_pre_rope(scheme) else name)
             measured[i] = mean_kl(model, ids_all[:correction_windows, :CORRECTION_TOKENS], pmap)
             correction[i] = measured[i] / predicted[i]
     return Calibration(
@@ -229,8 +237,9 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window
 
 def _accumulate(state: _Pass, cost, curvature, diameter, schemes, sink_options, estimator) -> None:
     for layer, rec in state.layers.items():
+        rope = state.ropes[layer] if state.ropes else None
         if estimator == "hybrid":
-            _hybrid_costs(rec, layer, cost, schemes, sink_options, state.window_options)
+            _hybrid_costs(rec, layer, cost, schemes, sink_options, state.window_options, rope)
         for stream, s_idx in STREAM_INDEX.items():
             x = rec[stream].float()
             if estimator in ("fisher", "hybrid"):
@@ -244,33 +253,40 @@ def _accumulate(state: _Pass, cost, curvature, diameter, schemes, sink_options, 
             if estimator == "hybrid":
                 continue  # costs come from _hybrid_costs
             # 1/2 sum F e^2 with e = x - (bulk form); zero where a position is not stored in the bulk
-            for n_idx, forms in enumerate(_stored_bulk_forms(x[0], schemes, sink_options)):  # [S, H, T, D]
+            forms_all = _stored_bulk_forms(x[0], schemes, sink_options, rope if stream == "key" else None)
+            for n_idx, forms in enumerate(forms_all):  # [S, H, T, D]
                 err = (x[0] - forms).pow(2)
                 cost[layer, :, s_idx, :, :, n_idx] += 0.5 * torch.einsum("bhtd,shtd->hsb", sens[:, 0], err).double()
 
 
-def _stored_bulk_forms(x: torch.Tensor, schemes: list[str], sink_options: list[int]) -> list[torch.Tensor]:
-    """Per sink count n: [S, H, T, D], each scheme's bulk form of ``x`` [H, T, D] at the positions it
-    can hold (from n on, in whole blocks), the exact values elsewhere (read as fp16 sinks / window)."""
+def _stored_bulk_forms(x: torch.Tensor, schemes: list[str], sink_options: list[int], rope=None) -> list[torch.Tensor]:
+    """Per sink count n: [S, H, T, D], each scheme's bulk form of ``x`` [H, T, D] (positions 0 .. T-1) at
+    the positions it can hold (from n on, in whole blocks), the exact values elsewhere (read as fp16
+    sinks / window).  ``rope``: the layer's RoPE tables for keys; a pre-RoPE scheme quantizes the
+    un-rotated keys.  Values pass None and a pre-RoPE scheme is costed as its base there (the
+    planner never gives it values)."""
     t = x.shape[-2]
     window_form = x.half().float()
     forms = [x.expand(len(schemes), *x.shape).clone() for _ in sink_options]
     for i, name in enumerate(schemes):
         scheme = get_scheme(name)
+        if stores_pre_rope(scheme) and rope is None:
+            scheme = scheme.base
         g = scheme.token_group
         per_token = scheme.roundtrip(window_form) if g == 1 else None  # independent of n
         for n_idx, n in enumerate(sink_options):
             full = SegmentRule(n, 0, g).bulk_length(t)  # positions that reach the bulk once the window has passed
             if not full:
                 continue
-            part = per_token[:, n : n + full] if g == 1 else scheme.roundtrip(window_form[:, n : n + full])
+            part = per_token[:, n : n + full] if g == 1 else roundtrip_at(scheme, window_form[:, n : n + full], rope, n)
             forms[n_idx][i, :, n : n + full] = part
     return forms
 
 
 @torch.no_grad()
-def _hybrid_costs(rec: dict, layer: int, cost, schemes, sink_options, window_options) -> None:
-    """Exact attention-output change per (kv head, K|V, scheme, window, sinks), Fisher-weighted."""
+def _hybrid_costs(rec: dict, layer: int, cost, schemes, sink_options, window_options, rope=None) -> None:
+    """Exact attention-output change per (kv head, K|V, scheme, window, sinks), Fisher-weighted;
+    ``rope``: the layer's RoPE tables (keys stored before RoPE)."""
     q_all, k_all, v_all = rec["query"][0].float(), rec["key"][0].float(), rec["value"][0].float()
     fisher_o = rec["out"].grad[0].float().pow(2)  # [Hq, T, D]
     groups, scaling = rec["groups"], rec["scaling"]
@@ -280,7 +296,7 @@ def _hybrid_costs(rec: dict, layer: int, cost, schemes, sink_options, window_opt
     j = torch.arange(t)
     dist = queries[:, None] - j[None, :]  # [Qs, T]
     causal = dist >= 0
-    k_forms = _stored_bulk_forms(k_all, schemes, sink_options)  # per n: [S, H, T, D]
+    k_forms = _stored_bulk_forms(k_all, schemes, sink_options, rope)  # per n: [S, H, T, D]
     v_forms = _stored_bulk_forms(v_all, schemes, sink_options)
     # Query chunks, each over the keys up to its last query (later keys are causally masked for all
     # of its queries): the same sums with about 5/8 of the work of one chunk over all T keys.

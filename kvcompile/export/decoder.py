@@ -40,7 +40,7 @@ from kvcompile.export.layout import HeadGroup
 from kvcompile.models.adapters import DecoderTraits
 from kvcompile.ops.builder import Builder
 from kvcompile.ops.attention import KV_ATTENTION, KV_ATTENTION_PORTABLE, attention_attrs
-from kvcompile.ops.cache_update import KV_CACHE_UPDATE, parse_age_tiers
+from kvcompile.ops.cache_update import KV_CACHE_UPDATE, parse_age_tiers, pre_rope
 from kvcompile.ops.quantize import KV_DEQUANTIZE, KV_QUANTIZE
 from kvcompile.ops.window_attention import KV_WINDOW_ATTENTION, window_attrs
 from kvcompile.quant import get_scheme
@@ -169,7 +169,7 @@ def attention_op(key_group: HeadGroup, value_group: HeadGroup):
 
 def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup], value_groups: list[HeadGroup],
                     q: str, k: str, v: str, shape: tuple[int, int, int], scale: float, mask: str, fused: bool,
-                    window_op: bool = True) -> str:
+                    window_op: bool = True, rope: tuple[str, str] = ()) -> str:
     """One layer's attention over its head groups; returns the context [B, Hq, S, D].
 
     ``shape`` = (query heads, kv heads, head dim); ``mask`` [S, L] additive, L the keys this layer
@@ -178,7 +178,8 @@ def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup],
     reads), else, like its plain fp16 group, in standard ops over its window (:func:`_window_states`).  Each joint head group attends on its own
     query heads: a plain group over its fp16 cache in standard ops; a packed one through one
     ``KVAttention`` node (``fused``) or, unfused, a ``KVCacheUpdate`` node per stream followed by
-    standard attention over the de-quantized states.
+    standard attention over the de-quantized states.  ``rope``: the layer's RoPE tables [N, D]
+    (initializer names), passed to the nodes whose keys are stored before RoPE.
     """
     hq, hkv, d = shape
     r = hq // hkv
@@ -204,12 +205,15 @@ def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup],
             attrs = attention_attrs(kg.op_attrs(pmap), vg.op_attrs(pmap), r, scale)
             names = [b.fresh("attention")] + [p.present for p in kg.ports] + [p.present for p in vg.ports]
             inputs = [q_g, k_g, v_g] + [p.past for p in kg.ports] + [p.past for p in vg.ports]
+            inputs += list(rope) if pre_rope(kg.op_attrs(pmap)) else []
             out = attention_op(kg, vg).emit(b, attrs, inputs, names)[0]
         else:
             states = []
             for g, x in ((kg, k_g), (vg, v_g)):
                 names = [p.present for p in g.ports] + [b.fresh("all_states")]
-                states.append(KV_CACHE_UPDATE.emit(b, g.op_attrs(pmap), [p.past for p in g.ports] + [x], names)[-1])
+                tables = list(rope) if pre_rope(g.op_attrs(pmap)) else []
+                states.append(KV_CACHE_UPDATE.emit(b, g.op_attrs(pmap), [p.past for p in g.ports] + [x] + tables,
+                                                   names)[-1])
             out = _attention(b, q_g, *states, len(kg.heads), r, d, scale, mask)
         outputs.append(out)
         order.extend(q_heads)
@@ -220,20 +224,10 @@ def layer_attention(b: Builder, pmap: PrecisionMap, key_groups: list[HeadGroup],
 
 
 def _rope_tables(model, max_context: int) -> dict[str, tuple]:
-    """``{layer type: (cos, sin)}`` ``[max_context, D]`` float32 from the model's own rotary module
-    (so any RoPE scaling it implements is reproduced); one type ``""`` for single-table models."""
-    import inspect
+    """``{layer type: (cos, sin)}`` ``[max_context, D]`` float32 numpy arrays (:func:`kvcompile.models.rope.rope_tables`)."""
+    from kvcompile.models.rope import rope_tables
 
-    import torch
-
-    rotary = model.model.rotary_emb
-    positions = torch.arange(max_context)[None]
-    x = torch.zeros(1, dtype=torch.float32)
-    with torch.no_grad():
-        if "layer_type" in inspect.signature(rotary.forward).parameters:
-            types = sorted(set(model.config.layer_types))
-            return {t: tuple(a[0].float().numpy() for a in rotary(x, positions, t)) for t in types}
-        return {"": tuple(a[0].float().numpy() for a in rotary(x, positions))}
+    return {kind: (cos.numpy(), sin.numpy()) for kind, (cos, sin) in rope_tables(model, max_context).items()}
 
 
 def _mask(b: Builder, pos: str, first_key: str, total: str, window: int) -> str:
@@ -285,11 +279,12 @@ def build_decoder_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup],
     s_len = b.op("Shape", "input_ids", start=1, end=2)
     total = b.op("Add", p_len, s_len)
     pos = b.op("Range", b.op("Squeeze", p_len), b.op("Squeeze", total), b.scalar_i64(1))  # [S]
-    tables = {}
+    tables, full_tables = {}, {}
     for kind, (cos, sin) in _rope_tables(model, max_context).items():
         suffix = f".{kind}" if kind else ""
-        gather = [b.op("Unsqueeze", b.op("Gather", w.add(f"rope{suffix}.{n}", t), pos, axis=0), b.i64(0, 1))
-                  for n, t in (("cos", cos), ("sin", sin))]  # [1, 1, S, D]
+        full_tables[kind] = tuple(w.add(f"rope{suffix}.{n}", t) for n, t in (("cos", cos), ("sin", sin)))  # [N, D]
+        gather = [b.op("Unsqueeze", b.op("Gather", table, pos, axis=0), b.i64(0, 1))
+                  for table in full_tables[kind]]  # [1, 1, S, D]
         tables[kind] = tuple(gather)
     layer_types = getattr(config, "layer_types", None)
 
@@ -303,7 +298,8 @@ def build_decoder_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup],
     for i, layer in enumerate(inner.layers):
         attn, mlp = layer.self_attn, layer.mlp
         name = f"layers.{i}"
-        cos, sin = tables[layer_types[i] if len(tables) > 1 else next(iter(tables))]
+        kind = layer_types[i] if len(tables) > 1 else next(iter(tables))
+        cos, sin = tables[kind]
         window = pmap.window(i)
         if window:  # keys: the rows this layer's first group stores, then the new positions
             port = by_layer[(i, "key")][0].ports[0]
@@ -319,7 +315,7 @@ def build_decoder_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup],
         q, k = _rope(b, q, cos, sin, d), _rope(b, k, cos, sin, d)
         v = _heads(b, _linear(b, w, h, attn.v_proj, f"{name}.v_proj"), hkv, d)
         ctx = layer_attention(b, pmap, by_layer[(i, "key")], by_layer[(i, "value")], q, k, v, (hq, hkv, d),
-                              float(attn.scaling), mask, fused, window_op)
+                              float(attn.scaling), mask, fused, window_op, full_tables[kind])
         ctx = b.op("Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]), b.i64(0, 0, hq * d))
         out = _linear(b, w, ctx, attn.o_proj, f"{name}.o_proj")
         if names[1]:

@@ -95,7 +95,7 @@ def cache_layout(pmap: PrecisionMap) -> list[HeadGroup]:
                         CachePort(f"past_key_values.{base}.{p.name.removeprefix('past_')}",
                                   f"present.{base}.{p.name.removeprefix('past_')}", p.dtype, int(p.shape[-1]),
                                   1 if p.shape[2] == "T" else int(p.shape[2].split("/")[1]))
-                        for p in KV_CACHE_UPDATE.inputs(attrs)[:-1])
+                        for p in KV_CACHE_UPDATE.inputs(attrs) if p.name.startswith("past_"))
                 groups.append(HeadGroup(layer, stream, tuple(heads), sink, recent, bulk, ages, is_plain, ports, window))
     return groups
 

@@ -7,7 +7,8 @@ it imports none of them (only quant, artifacts and errors).
 * :mod:`kvcompile.kv.segments` — the segment algebra (boundaries, class lengths, memory), once,
   over Python ints, ONNX shape ops and TensorRT dimension expressions;
 * :mod:`kvcompile.kv.grouping` — which kv heads share a store;
-* :mod:`kvcompile.kv.store` — :class:`SegmentStore`, the packed segments every cache appends through.
+* :mod:`kvcompile.kv.store` — :class:`SegmentStore`, the packed segments every cache appends through;
+* :mod:`kvcompile.kv.rope` — :class:`RopeTable`, RoPE on read for keys stored before RoPE (``-pr``).
 """
 
 from kvcompile.kv.precision_map import STREAMS, PrecisionMap

@@ -50,6 +50,7 @@ from kvcompile.artifacts import load_json_artifact, save_json_artifact
 from kvcompile.errors import ArtifactError, KvcompileError
 from kvcompile.quant import StorageScheme, get_scheme
 from kvcompile.quant.base import storable_scheme
+from kvcompile.kv.rope import stores_pre_rope
 from kvcompile.kv.segments import (CLASSES, MAX_AGE_TIERS, MEMORY_ACCOUNTING, SegmentRule, bulk_end,  # noqa: F401
                                    class_lengths, class_names)
 
@@ -182,6 +183,9 @@ class PrecisionMap:
                             raise ArtifactError(f"precision map: {where}[{layer}][{head}] must be a scheme name, got "
                                                 f"{_short(name)}")
                         scheme = _storable(name, self.head_dim, f"{where}[{layer}][{head}]")
+                        if stream == "value" and stores_pre_rope(scheme):
+                            raise ArtifactError(f"precision map: {where}[{layer}][{head}] = {name!r} stores keys before "
+                                                f"RoPE; values have no RoPE: use {scheme.base.name!r}")
                         if cls_name in ("sink", "recent") and scheme.token_group != 1:
                             raise ArtifactError(f"precision map: {where}[{layer}][{head}] = {name!r} groups positions "
                                                 f"(-ch); the {cls_name} class needs a per-token scheme")
@@ -233,6 +237,12 @@ class PrecisionMap:
     def classes(self) -> tuple[str, ...]:
         """Position classes: ``("sink", "recent", "age1", ..., "bulk")``."""
         return class_names(len(self.age_windows))
+
+    def keys_pre_rope(self, layer: int | None = None) -> bool:
+        """Whether any key of ``layer`` (of any layer: None) is stored before RoPE (a ``-pr`` scheme)."""
+        layers = range(self.num_layers) if layer is None else (layer,)
+        return any(stores_pre_rope(s) for lay in layers for h in range(self.num_kv_heads)
+                   for s in self.class_schemes(lay, h, "key"))
 
     def class_schemes(self, layer: int, head: int, stream: str) -> tuple[StorageScheme, ...]:
         """The schemes of every class of one stream, in :attr:`classes` order."""

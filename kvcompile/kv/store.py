@@ -13,6 +13,10 @@ and appends positions to them as :mod:`kvcompile.kv.segments` prescribes::
 
 Without age tiers that is one move, recent -> bulk.
 
+A segment whose scheme stores keys before RoPE (``-pr``, :mod:`kvcompile.kv.rope`) quantizes its
+rows rotated back by their positions and rotates them forward when read; the store passes each
+segment's first position, so a position keeps its angle whichever segment holds it.
+
 The torch cache (:mod:`kvcompile.cache.mixed`), the custom ops' torch references
 (:mod:`kvcompile.ops.cache_update`) and the TensorRT plugin all append through this class, so
 they share one definition.  ``quantize(scheme, x)`` may be replaced by a bit-identical kernel
@@ -26,6 +30,7 @@ from typing import Callable
 
 import torch
 
+from kvcompile.kv.rope import RopeTable, dequantize_at, quantize_at, stores_pre_rope
 from kvcompile.kv.segments import SegmentRule, storage_order
 from kvcompile.quant import QuantizedTensor, StorageScheme
 
@@ -49,11 +54,17 @@ class Stored:
 
 class SegmentStore:
     """Packed segments, one per class, of the kv heads ``heads`` that share ``schemes``
-    (``{class: scheme}``: sink, recent, age1 .. ageK, bulk), placed by ``rule``."""
+    (``{class: scheme}``: sink, recent, age1 .. ageK, bulk), placed by ``rule``; ``rope``: the
+    layer's RoPE tables, needed when a scheme stores keys before RoPE."""
 
     def __init__(self, heads: list[int], schemes: dict[str, StorageScheme], rule: SegmentRule,
-                 quantize: Quantizer = reference_quantize):
+                 quantize: Quantizer = reference_quantize, rope: RopeTable | None = None):
+        pre_rope = sorted({s.name for s in schemes.values() if stores_pre_rope(s)})
+        if pre_rope and rope is None:
+            raise ValueError(f"SegmentStore: {', '.join(pre_rope)} stores keys before RoPE; pass the layer's RoPE "
+                             "tables (rope=...)")
         self.quantize = quantize
+        self.rope = rope
         self.heads = heads
         self.rule = rule
         self.order = storage_order(len(rule.ages))
@@ -80,26 +91,40 @@ class SegmentStore:
         n_sink = self.rule.new_sinks(start, new)
         seg = self.segments
         if n_sink:
-            seg["sink"] = QuantizedTensor.cat_tokens([seg["sink"], self.quantize(self.schemes["sink"], x[..., :n_sink, :])])
+            seg["sink"] = QuantizedTensor.cat_tokens([seg["sink"], self._quantize("sink", x[..., :n_sink, :], start)])
         if new > n_sink:
-            seg["recent"] = QuantizedTensor.cat_tokens([seg["recent"], self.quantize(self.schemes["recent"], x[..., n_sink:, :])])
+            seg["recent"] = QuantizedTensor.cat_tokens([seg["recent"], self._quantize("recent", x[..., n_sink:, :],
+                                                                                       start + n_sink)])
         tiers = self.rule.tiers
         for (younger, older), moved in zip(zip(tiers[:-1], tiers[1:]), self.rule.moves(start, new)):
             if not moved:  # positions aging out of a tier: re-quantized into the next one
                 continue
+            first = self._first_position(younger)
             leaving = seg[younger].slice_tokens(0, moved)
             rest = seg[younger].num_tokens
             seg[younger] = seg[younger].slice_tokens(moved, rest) if rest > moved else None
-            requantized = self.quantize(self.schemes[older], self.schemes[younger].dequantize(leaving))
-            seg[older] = QuantizedTensor.cat_tokens([seg[older], requantized])
+            states = dequantize_at(self.schemes[younger], leaving, self.rope, first)
+            seg[older] = QuantizedTensor.cat_tokens([seg[older], self._quantize(older, states, first)])
+
+    def _quantize(self, cls: str, x: torch.Tensor, start: int) -> QuantizedTensor:
+        return quantize_at(self.quantize, self.schemes[cls], x, self.rope, start)
+
+    def _first_position(self, cls: str) -> int:
+        """Position of the first row of segment ``cls`` (segments hold consecutive positions in storage order)."""
+        before = self.order[: self.order.index(cls)]
+        return sum(q.num_tokens for c in before if (q := self.segments[c]) is not None)
 
     def stored(self, heads: list[int]) -> list[tuple[int, Stored]]:
         """``[(start, Stored)]`` of the non-empty segments in position order, restricted to ``heads``."""
         return _stored(self, heads)
 
     def read(self) -> torch.Tensor:
-        """De-quantized states of all stored positions, [B, h, L, D] float32."""
-        parts = [self.schemes[c].dequantize(q) for c in self.order if (q := self.segments[c]) is not None]
+        """De-quantized states of all stored positions, [B, h, L, D] float32 (pre-RoPE keys rotated)."""
+        parts, start = [], 0
+        for c in self.order:
+            if (q := self.segments[c]) is not None:
+                parts.append(dequantize_at(self.schemes[c], q, self.rope, start))
+                start += q.num_tokens
         return torch.cat(parts, dim=-2) if len(parts) > 1 else parts[0]
 
     def nbytes(self) -> int:

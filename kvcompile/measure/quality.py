@@ -112,9 +112,9 @@ def _quantized_logits(model, ids: torch.Tensor, pmap: PrecisionMap, mode: str, p
 
         with simulate_cache(model, pmap, prefill_length):
             return model(ids[None], use_cache=False).logits[0]
-    from kvcompile.cache import MixedPrecisionCache
+    from kvcompile.cache import MixedPrecisionCache, model_ropes
 
-    cache = MixedPrecisionCache(pmap, max_context=len(ids))
+    cache = MixedPrecisionCache(pmap, max_context=len(ids), rope=model_ropes(model, pmap, len(ids)))
     p = max(1, prefill_length)
     outs = [model(ids[None, :p], cache=cache).logits[0]]
     outs += [model(ids[None, i : i + 1], cache=cache).logits[0] for i in range(p, len(ids))]

@@ -12,6 +12,9 @@ A sliding-window layer (``pmap.window(layer) = W``) stores one form, quantized o
 evicts keys older than its window; ``transformers``' sliding-window mask for that layer removes
 exactly those keys from each query's row, so the same pass scores it.
 
+Keys stored before RoPE (``-pr`` schemes) are rotated back by their position before each
+quantization and forward after (:func:`kvcompile.kv.rope.roundtrip_at`), as the cache does.
+
 Sink positions never change and bulk blocks never change once complete, so one forward pass
 over the whole window can score every position: for each (query i, key j) pick the late form if
 ``n <= j < e(L_i)`` and the early form otherwise, both in the scores (keys) and in the weighted
@@ -38,6 +41,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvcompile.kv.grouping import stream_groups
 from kvcompile.kv.precision_map import PrecisionMap
+from kvcompile.kv.rope import RopeTable, roundtrip_at
 from kvcompile.kv.segments import SegmentRule
 from kvcompile.models.attention_state import attention_state, state_of
 
@@ -49,6 +53,17 @@ QUERY_CHUNK = 512
 class _Active:
     pmap: PrecisionMap
     prefill_length: int
+    model: object = None
+    ropes: list | None = None  # per layer, read off the model when a key scheme is pre-RoPE
+
+    def rope(self, layer: int, positions: int) -> RopeTable | None:
+        if not self.pmap.keys_pre_rope(layer):
+            return None
+        if self.ropes is None or self.ropes[layer].positions < positions:
+            from kvcompile.models.rope import layer_ropes
+
+            self.ropes = layer_ropes(self.model, positions)
+        return self.ropes[layer]
 
 
 @functools.lru_cache(maxsize=64)
@@ -62,12 +77,14 @@ def tier_index(seq_len: int, rule: SegmentRule, prefill_length: int) -> torch.Te
     return torch.where(u[None, :] >= 0, tiers, 0).to(torch.int8)
 
 
-def stored_forms(x: torch.Tensor, pmap: PrecisionMap, layer: int, stream: str, prefill_length: int):
-    """Every stored form of ``x`` [B, H, T, D] and which one each query reads.
+def stored_forms(x: torch.Tensor, pmap: PrecisionMap, layer: int, stream: str, prefill_length: int,
+                 rope: RopeTable | None = None):
+    """Every stored form of ``x`` [B, H, T, D] (positions 0 .. T-1) and which one each query reads.
 
     Returns ``(forms, index)``: ``forms[t]`` [B, H, T, D] is each position as tier t stores it
     (t = 0: its sink or recent form; t >= 1: re-quantized tier by tier, ``Q_t(Q_{t-1}(...))``, for
     the whole blocks that can reach tier t), and ``index`` [H, T, T] the tier query i reads key j in.
+    ``rope``: the layer's RoPE tables, needed when a scheme of ``stream`` stores keys before RoPE.
     """
     b, h, t, d = x.shape
     tiers = len(pmap.age_windows) + 2
@@ -83,14 +100,14 @@ def stored_forms(x: torch.Tensor, pmap: PrecisionMap, layer: int, stream: str, p
         xs = x[:, heads].float()
         n = min(pmap.sink_tokens, t)
         form = xs[..., n:, :]
-        form = schemes["recent"].roundtrip(form) if t > n else form
-        forms[0][:, heads] = torch.cat([schemes["sink"].roundtrip(xs[..., :n, :]), form], -2) if n else form
+        form = roundtrip_at(schemes["recent"], form, rope, n) if t > n else form
+        forms[0][:, heads] = torch.cat([roundtrip_at(schemes["sink"], xs[..., :n, :], rope, 0), form], -2) if n else form
         full = t - n  # positions that can reach the tier (whole blocks of each tier on the way)
         for i, ((_, block), name) in enumerate(zip(rule._boundaries(), rule.tiers[1:]), 1):
             full = block * (full // block)
             form = form.clone()
             if full:
-                form[..., :full, :] = schemes[name].roundtrip(form[..., :full, :])
+                form[..., :full, :] = roundtrip_at(schemes[name], form[..., :full, :], rope, n)
             forms[i][:, heads, :n] = forms[0][:, heads, :n]
             forms[i][:, heads, n:] = form
         index[heads] = tier_index(t, rule, prefill_length)
@@ -107,7 +124,8 @@ def _simulated_attention(module, query, key, value, attention_mask, scaling, dro
         raise RuntimeError("the cache simulation scores a whole window in one pass; call the model without a cache")
     pmap, p = active.pmap, active.prefill_length
     groups = query.shape[1] // key.shape[1]
-    k_forms, k_index = stored_forms(key, pmap, module.layer_idx, "key", p)
+    rope = active.rope(module.layer_idx, key.shape[-2])
+    k_forms, k_index = stored_forms(key, pmap, module.layer_idx, "key", p, rope)
     v_forms, v_index = stored_forms(value, pmap, module.layer_idx, "value", p)
     # Compute in the model's dtype, as attention over the cache's (de-quantized) K/V would.
     dt = query.dtype
@@ -180,5 +198,5 @@ def simulate_cache(model, pmap: PrecisionMap, prefill_length: int = 1):
     ``prefill_length``: positions fed at once before token-by-token decoding (1 = decode every
     position).  Call the model with ``use_cache=False``; batches must not contain padding.
     """
-    with attention_state(model, _Active(pmap, max(1, prefill_length)), IMPLEMENTATION, "simulate_cache()"):
+    with attention_state(model, _Active(pmap, max(1, prefill_length), model), IMPLEMENTATION, "simulate_cache()"):
         yield

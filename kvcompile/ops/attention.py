@@ -11,6 +11,7 @@ Inputs::
     key     float32 [B, H, S, D]     their keys (RoPE applied)
     value   float32 [B, H, S, D]     their values
     past key segments' parts, then past value segments' parts   (as KVCacheUpdate's inputs)
+    rope_cos, rope_sin  float32 [N, D]  only when a key scheme stores keys before RoPE (``-pr``)
 
 Outputs::
 
@@ -43,7 +44,7 @@ from dataclasses import replace
 
 import torch
 
-from kvcompile.ops.cache_update import run_cache_update, segment_ports, update_body
+from kvcompile.ops.cache_update import rope_ports, run_cache_update, segment_ports, update_body
 from kvcompile.ops.spec import Attribute, OpSpec, Port, register_op
 
 STREAM_ATTRIBUTES = ("sink_scheme", "recent_scheme", "bulk_scheme", "age_tiers")
@@ -82,7 +83,8 @@ def _inputs(attrs):
     return (Port("query", "float32", ("B", "H*r", "S", "D")), Port("key", "float32", ("B", "H", "S", "D")),
             Port("value", "float32", ("B", "H", "S", "D")),
             *segment_ports(stream_attrs(attrs, "key"), "past_key"),
-            *segment_ports(stream_attrs(attrs, "value"), "past_value"))
+            *segment_ports(stream_attrs(attrs, "value"), "past_value"),
+            *rope_ports(stream_attrs(attrs, "key")))
 
 
 def _outputs(attrs):
@@ -115,9 +117,10 @@ def run_attention(attrs, tensors: list, quantize=None) -> tuple:
     """The op on torch tensors: ``(output, *present key parts, *present value parts)``."""
     query, key, value = tensors[:3]
     k_attrs, v_attrs = stream_attrs(attrs, "key"), stream_attrs(attrs, "value")
-    n_key = len(segment_ports(k_attrs, "past"))
-    k_out = run_cache_update(k_attrs, [*tensors[3:3 + n_key], key], quantize)
-    v_out = run_cache_update(v_attrs, [*tensors[3 + n_key:], value], quantize)
+    n_key, n_value = len(segment_ports(k_attrs, "past")), len(segment_ports(v_attrs, "past"))
+    rope = tensors[3 + n_key + n_value:]  # the RoPE tables of pre-RoPE keys, else none
+    k_out = run_cache_update(k_attrs, [*tensors[3:3 + n_key], key, *rope], quantize)
+    v_out = run_cache_update(v_attrs, [*tensors[3 + n_key:3 + n_key + n_value], value], quantize)
     output = causal_attention(query, k_out[-1], v_out[-1], attrs["q_per_kv"], attrs["scale"])
     return (output, *k_out[:-1], *v_out[:-1])
 
@@ -129,9 +132,10 @@ def _reference(attrs, *tensors):
 def _body(b, attrs, inputs):
     query, key, value = inputs[:3]
     k_attrs, v_attrs = stream_attrs(attrs, "key"), stream_attrs(attrs, "value")
-    n_key = len(segment_ports(k_attrs, "past"))
-    k_present, keys = update_body(b, k_attrs, inputs[3:3 + n_key], key)
-    v_present, values = update_body(b, v_attrs, inputs[3 + n_key:], value)
+    n_key, n_value = len(segment_ports(k_attrs, "past")), len(segment_ports(v_attrs, "past"))
+    rope = tuple(inputs[3 + n_key + n_value:]) or None
+    k_present, keys = update_body(b, k_attrs, inputs[3:3 + n_key], key, rope)
+    v_present, values = update_body(b, v_attrs, inputs[3 + n_key:3 + n_key + n_value], value)
     return [attention_body(b, query, keys, values, attrs["q_per_kv"], attrs["scale"]), *k_present, *v_present]
 
 

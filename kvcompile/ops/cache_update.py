@@ -24,12 +24,20 @@ The reference is
 :class:`kvcompile.kv.store.SegmentStore`, the store ``MixedPrecisionCache`` appends through, and
 the function body evaluates the same :class:`~kvcompile.kv.segments.SegmentRule` with ONNX shape
 ops, so the exported graph and the torch cache share one definition.
+
+When a class scheme stores keys before RoPE (``-pr``, :mod:`kvcompile.kv.rope`) the op takes two
+more inputs after ``states``, the layer's RoPE tables ``rope_cos`` / ``rope_sin`` [N, D] (the
+graph's own tables, N = its maximum context): rows entering such a segment are rotated back by
+their positions, ``R(-p) x = x cos[p] - rotate_half(x) sin[p]``, and rows read from it forward,
+``x cos[p] + rotate_half(x) sin[p]``, with p the position each row holds (a segment's rows are
+consecutive positions from the sum of the lengths of the segments before it).
 """
 
 from __future__ import annotations
 
 import torch
 
+from kvcompile.kv.rope import RopeTable, stores_pre_rope
 from kvcompile.kv.segments import OnnxInts, SegmentRule, storage_order
 from kvcompile.kv.store import SegmentStore, reference_quantize
 from kvcompile.ops.builder import INT_MAX
@@ -88,13 +96,27 @@ def segment_rule(attrs) -> SegmentRule:
     return SegmentRule(attrs["sink_tokens"], attrs["recent_window"], get_scheme(attrs["bulk_scheme"]).token_group, ages)
 
 
+#: the RoPE tables an op with a pre-RoPE class scheme takes after its states
+ROPE_PORTS = (Port("rope_cos", "float32", ("N", "D"), "cos of RoPE per position (rotate-half layout)"),
+              Port("rope_sin", "float32", ("N", "D"), "sin of RoPE per position"))
+
+
+def pre_rope(attrs) -> bool:
+    """Whether a class scheme of this op stores keys before RoPE (then it takes :data:`ROPE_PORTS`)."""
+    return any(stores_pre_rope(class_scheme(attrs, c)) for c in segments(attrs))
+
+
+def rope_ports(attrs) -> tuple[Port, ...]:
+    return ROPE_PORTS if pre_rope(attrs) else ()
+
+
 def segment_ports(attrs, prefix: str) -> tuple[Port, ...]:
     return tuple(p for seg in segments(attrs)
                  for p in part_ports(class_scheme(attrs, seg).name, attrs["head_dim"], prefix=f"{prefix}_{seg}."))
 
 
 def _inputs(attrs):
-    return (*segment_ports(attrs, "past"), STATES)
+    return (*segment_ports(attrs, "past"), STATES, *rope_ports(attrs))
 
 
 def _outputs(attrs):
@@ -109,10 +131,14 @@ def run_cache_update(attrs, tensors: list, quantize=None) -> tuple:
     """The op on torch tensors (any device): the shared :class:`SegmentStore` appends ``states``.
 
     ``quantize(scheme, x)`` replaces the schemes' own ``quantize`` (the TensorRT plugin passes the
-    Triton append kernel, which is bit-identical)."""
+    Triton append kernel, which is bit-identical).  ``tensors``: past parts, states, and the RoPE
+    tables if :func:`pre_rope`."""
     rule = segment_rule(attrs)
     schemes = {c: class_scheme(attrs, c) for c in ("sink", *rule.tiers)}
-    store = SegmentStore([], schemes, rule, quantize or reference_quantize)
+    rope = None
+    if pre_rope(attrs):
+        rope, tensors = RopeTable(tensors[-2].float(), tensors[-1].float()), tensors[:-2]
+    store = SegmentStore([], schemes, rule, quantize or reference_quantize, rope)
     states = tensors[-1]
     d = attrs["head_dim"]
     it = iter(tensors[:-1])
@@ -134,13 +160,27 @@ def run_cache_update(attrs, tensors: list, quantize=None) -> tuple:
 
 
 def _body(b, attrs, inputs):
-    present, all_states = update_body(b, attrs, inputs[:-1], inputs[-1])
+    n = len(segment_ports(attrs, "past"))
+    present, all_states = update_body(b, attrs, inputs[:n], inputs[n], tuple(inputs[n + 1:]) or None)
     return present + [all_states]
 
 
-def update_body(b, attrs, past_parts: list[str], states: str) -> tuple[list[str], str]:
+def rope_body(b, x: str, rope: tuple[str, str], start: str, head_dim: int, forward: bool) -> str:
+    """:meth:`RopeTable.rotate` (``forward``) or ``unrotate`` of ``x`` [B, H, T, D] at positions
+    ``start ..`` (1-D int64), in the torch reference's float32 operation order."""
+    stop = b.op("Add", start, b.dim(x, 2))
+    cos, sin = (b.slice_axis(table, start, stop, 0) for table in rope)  # [T, D], broadcast over B, H
+    half = head_dim // 2
+    rotated_half = b.op("Concat", b.op("Neg", b.slice_axis(x, b.i64(half), b.i64(head_dim), 3)),
+                        b.slice_axis(x, b.i64(0), b.i64(half), 3), axis=3)
+    return b.op("Add" if forward else "Sub", b.op("Mul", x, cos), b.op("Mul", rotated_half, sin))
+
+
+def update_body(b, attrs, past_parts: list[str], states: str,
+                rope: tuple[str, str] | None = None) -> tuple[list[str], str]:
     """The op's computation in standard ONNX ops, inlined into builder ``b``: the past segments'
-    part names and the new ``states`` -> (present part names, all positions de-quantized)."""
+    part names and the new ``states`` -> (present part names, all positions de-quantized).
+    ``rope``: the ``(cos, sin)`` table names, when :func:`pre_rope`."""
     d = attrs["head_dim"]
     segs = segments(attrs)
     it = iter(past_parts)
@@ -150,14 +190,26 @@ def update_body(b, attrs, past_parts: list[str], states: str) -> tuple[list[str]
 
     # The scheme lowerings are inlined rather than called as nested KVQuantize functions:
     # ONNX Runtime does not resolve overloaded functions called from inside a function.
-    def quantize(seg, x):
+    if pre_rope(attrs) and rope is None:
+        raise ValueError("KVCacheUpdate: a pre-RoPE scheme needs the RoPE tables (rope_cos, rope_sin)")
+
+    def quantize(seg, x, start):  # rows of positions start ..
+        if stores_pre_rope(schemes[seg]):
+            x = rope_body(b, x, rope, start, d, forward=False)
         return lowering(schemes[seg])[0](b, schemes[seg], x, d)
 
-    def dequantize(seg, parts):
-        return lowering(schemes[seg])[1](b, schemes[seg], parts, d)
+    def dequantize(seg, parts, start):
+        x = lowering(schemes[seg])[1](b, schemes[seg], parts, d)
+        return rope_body(b, x, rope, start, d, forward=True) if stores_pre_rope(schemes[seg]) else x
 
     def length(parts):  # positions in a segment: rows of its first part
         return b.op("Shape", parts[0], start=2, end=3)
+
+    def first_position(seg):  # segments hold consecutive positions in storage order
+        total = b.i64(0)
+        for before in segs[: segs.index(seg)]:
+            total = b.op("Add", total, length(present[before]))
+        return total
 
     p_len = length(past["bulk"])
     for seg in segs:
@@ -171,13 +223,13 @@ def update_body(b, attrs, past_parts: list[str], states: str) -> tuple[list[str]
         return [b.op("Concat", x, y, axis=2) for x, y in zip(a, c)]
 
     present = {}
-    rest = states
+    rest, rest_start = states, p_len
     if "sink" in segs:
         k = rule.new_sinks(p_len, s_len, ints)
-        new_sink = quantize("sink", b.slice_axis(states, zero, k, 2))
+        new_sink = quantize("sink", b.slice_axis(states, zero, k, 2), p_len)
         present["sink"] = cat(past["sink"], new_sink)
-        rest = b.slice_axis(states, k, end, 2)
-    present["recent"] = cat(past["recent"], quantize("recent", rest))
+        rest, rest_start = b.slice_axis(states, k, end, 2), b.op("Add", p_len, k)
+    present["recent"] = cat(past["recent"], quantize("recent", rest, rest_start))
     for seg in rule.tiers[1:]:
         present[seg] = past[seg]
     tiers = rule.tiers
@@ -185,10 +237,11 @@ def update_body(b, attrs, past_parts: list[str], states: str) -> tuple[list[str]
         # a part with one row per r positions (per-channel parameters) is cut at moved / r rows
         rows = [moved if p.rows_per == 1 else b.op("Div", moved, b.i64(p.rows_per))
                 for p in part_layout(schemes[younger], d)]
+        first = first_position(younger) if rope is not None else None
         leaving = [b.slice_axis(x, zero, m, 2) for x, m in zip(present[younger], rows)]
         present[younger] = [b.slice_axis(x, m, end, 2) for x, m in zip(present[younger], rows)]
-        present[older] = cat(present[older], quantize(older, dequantize(younger, leaving)))
-    full = [dequantize(seg, present[seg]) for seg in segs]
+        present[older] = cat(present[older], quantize(older, dequantize(younger, leaving, first), first))
+    full = [dequantize(seg, present[seg], first_position(seg) if rope is not None else None) for seg in segs]
     all_states = b.op("Concat", *full, axis=2) if len(full) > 1 else full[0]
     return [x for seg in segs for x in present[seg]], all_states
 
@@ -204,5 +257,5 @@ KV_CACHE_UPDATE = register_op(OpSpec(
     body=_body,
 ))
 
-__all__ = ["KV_CACHE_UPDATE", "class_scheme", "format_age_tiers", "parse_age_tiers", "run_cache_update", "segment_ports",
+__all__ = ["KV_CACHE_UPDATE", "ROPE_PORTS", "class_scheme", "pre_rope", "rope_body", "rope_ports", "format_age_tiers", "parse_age_tiers", "run_cache_update", "segment_ports",
            "segment_rule", "segments", "update_body"]

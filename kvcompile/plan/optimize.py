@@ -53,6 +53,7 @@ from kvcompile.calibrate.artifact import Calibration
 from kvcompile.errors import KvcompileError
 from kvcompile.kv.precision_map import STREAMS, PrecisionMap
 from kvcompile.kv.segments import MEMORY_ACCOUNTING, SegmentRule, class_lengths
+from kvcompile.kv.rope import stores_pre_rope
 from kvcompile.quant import get_scheme
 
 UNITS_PER_BIT = 64
@@ -180,6 +181,7 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
     windowed = np.array([bool(g.window(l)) for (l, h, st) in sites])
     per_token = np.array([get_scheme(s).token_group == 1 for s in schemes])
     allowed = np.where(windowed[:, None], per_token[None, :], True)
+    allowed &= ~(_value_sites(sites)[:, None] & _pre_rope(schemes)[None, :])  # values have no RoPE
     big = 1 << 40
     candidates = []
     best_pick = None
@@ -267,6 +269,16 @@ def _pareto(costs: np.ndarray, bits: np.ndarray) -> np.ndarray:
 SINK_SCHEMES = ("fp16", "int8", "int4")
 
 
+def _value_sites(sites) -> np.ndarray:
+    """[sites] bool: which of ``(layer, head, stream index)`` sites store values."""
+    return np.array([STREAMS[st] == "value" for _, _, st in sites])
+
+
+def _pre_rope(schemes) -> np.ndarray:
+    """[schemes] bool: which schemes store keys before RoPE (never chosen for values)."""
+    return np.array([stores_pre_rope(get_scheme(s)) for s in schemes], dtype=bool)
+
+
 def sink_menu(calib: Calibration, sink_schemes: list[str] | None = None) -> list[str]:
     """The sink formats a plan may choose: fp16 first, then the per-token ones the calibration holds;
     quantized sinks need the calibration's sink option 0 (their cost is a difference against it)."""
@@ -303,6 +315,8 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
     n_none = calib.sink_options.index(0) if 0 in calib.sink_options else None  # only read for quantized sinks
     scale = _site_elements(calib, context)
     windowed = np.array([bool(g.window(l)) for l in range(g.num_layers) for _ in range(g.num_kv_heads) for _ in range(2)])
+    values = np.nonzero(_value_sites([(l, h, st) for l in range(g.num_layers) for h in range(g.num_kv_heads)
+                                      for st in range(2)]))[0]
     candidates, best_pick = [], None
     for n, bounds in _tier_structures(sink_options, window_options, age_tiers):
         ni = calib.sink_options.index(n)
@@ -329,6 +343,7 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
         # window-layer sites choose among ("window", s) options only (one per-token scheme s throughout)
         window_combos = [("window", s) for s in ages_menu]
         combos = combos + window_combos
+        cost[np.ix_(values, _pre_rope([combo[-1] for combo in combos]))] = np.inf  # values have no RoPE
         cost = np.concatenate([np.where(windowed[:, None], np.inf, cost), np.full((n_sites, len(window_combos)), np.inf)], 1)
         for j in np.nonzero(windowed)[0]:
             cost[j, -len(window_combos):] = [_window_option(calib, site_cost[j], name) for _, name in window_combos]

@@ -23,9 +23,11 @@ class TorchDecoder(Decoder):
         return super().activate()
 
     def start(self, batch: int):
-        from kvcompile.cache import MixedPrecisionCache
+        from kvcompile.cache import MixedPrecisionCache, model_ropes
 
-        return {"cache": MixedPrecisionCache(self.export.pmap, self.export.max_context), "length": 0}
+        if not hasattr(self, "_ropes"):  # computed once (None unless the map stores keys before RoPE)
+            self._ropes = model_ropes(self.lm.model, self.export.pmap, self.export.max_context)
+        return {"cache": MixedPrecisionCache(self.export.pmap, self.export.max_context, rope=self._ropes), "length": 0}
 
     def step(self, ids: np.ndarray, state):
         import torch

@@ -384,6 +384,26 @@ def _portable_groups_match_torch(ex, lm, portable: int, native: int) -> None:
     np.testing.assert_allclose(ours, ref, rtol=0, atol=LOGIT_ATOL)
 
 
+def test_keys_stored_before_rope_export_and_match_the_torch_cache(tiny_lm, tiny_geometry, tmp_path):
+    """Pre-RoPE key formats (bulk and a per-channel age tier) run in the KVAttention function body,
+    which rotates by position with the graph's RoPE tables; fused and unfused graphs agree with torch."""
+    base = tiered_map(tiny_geometry)
+    schemes = {s: dict(v) for s, v in base.schemes.items()}
+    schemes["key"]["age2"] = (("int4-ch-g8-pr", "int4-ch-g8"), ("int4-ch-g8-pr", "int4-ch-g8-pr"))
+    schemes["key"]["bulk"] = (("int2-ch-g8-pr", "int2"), ("int2-ch-g4-pr", "int3-ch-g8-pr"))
+    pmap = replace(base, schemes=schemes, _resolved={})
+    ex = export_onnx(tiny_lm, pmap, tmp_path / "fused", max_context=64)
+    model = onnx.load(str(ex.onnx_path), load_external_data=False)
+    fed = [n for n in model.graph.node if n.op_type == "KVAttentionPortable"]
+    assert len(fed) == 3 and all(n.input[-2:] == ["rope.cos", "rope.sin"] for n in fed)
+    _portable_groups_match_torch(ex, tiny_lm, portable=3, native=1)
+    unfused = export_onnx(tiny_lm, pmap, tmp_path / "unfused", max_context=64, fused_attention=False)
+    ids = torch.randint(0, 97, (1, 20), generator=torch.Generator().manual_seed(6)).numpy()
+    a, _ = teacher_forced(open_decoder(unfused, "ort", threads=1), ids, prefill=8)
+    b, _ = teacher_forced(open_decoder(ex, "ort", threads=1), ids, prefill=8)
+    np.testing.assert_allclose(a, b, rtol=0, atol=LOGIT_ATOL)
+
+
 def test_a_format_the_native_library_lacks_falls_back_to_the_function_body(tiny_lm, tiny_geometry, tmp_path, caplog):
     """A head group whose format has no native descriptor is emitted as KVAttentionPortable (one
     notice line at export); the library runs the other groups, the body runs that one."""

@@ -112,21 +112,35 @@ CACHE_CASES = [
          age_tiers="int8:5,int4-ch-g32:7"),
     dict(sink_scheme="int8", recent_scheme="fp16", bulk_scheme="int2-ch-g32", sink_tokens=0, recent_window=1,
          age_tiers="int8:1,nf4:3"),
+    # keys stored before RoPE: rotated back on the way in, forward on the way out, by position
+    dict(sink_scheme="fp16", recent_scheme="fp16", bulk_scheme="int2-ch-pr", sink_tokens=4, recent_window=8, age_tiers=""),
+    dict(sink_scheme="int8", recent_scheme="fp16", bulk_scheme="int2-ch-g32-pr", sink_tokens=3, recent_window=1,
+         age_tiers="int8:1,int4-ch-g32-pr:3"),
 ]
+
+
+def rope_feeds(positions: int = 256, d: int = 64) -> dict:
+    """RoPE tables (base 10^4) for an op whose keys are stored before RoPE."""
+    angles = np.arange(positions)[:, None] * 10000.0 ** (-np.arange(0, d, 2) / d)[None]
+    angles = np.concatenate([angles, angles], -1).astype(np.float32)
+    return {"rope_cos": np.cos(angles), "rope_sin": np.sin(angles)}
 
 
 @pytest.mark.parametrize("case", CACHE_CASES, ids=lambda c: c["bulk_scheme"] + ("-tiers" if c["age_tiers"] else ""))
 def test_cache_update_is_bit_exact_over_prefill_and_decode(case):
     attrs = {**case, "head_dim": 64}
     sess = session(KV_CACHE_UPDATE.single_node_model(attrs))
-    inputs = KV_CACHE_UPDATE.inputs(attrs)
-    past = [np.zeros((2, 3, 0, int(p.shape[-1])), NP[p.dtype]) for p in inputs[:-1]]
+    inputs = [p for p in KV_CACHE_UPDATE.inputs(attrs) if p.name.startswith("past_")]
+    rope = rope_feeds() if case["bulk_scheme"].endswith("-pr") else {}
+    assert [p.name for p in KV_CACHE_UPDATE.inputs(attrs)][len(inputs):] == ["states", *rope]
+    past = [np.zeros((2, 3, 0, int(p.shape[-1])), NP[p.dtype]) for p in inputs]
     g = torch.Generator().manual_seed(1)
     # a ragged prefill, one and several positions at a time, across window and block boundaries
     for step, n in enumerate([7, 1, 1, 5, 1, 64, 1, 3] + [1] * 40):
         x = torch.randn(2, 3, n, 64, generator=g) * 2
-        want = KV_CACHE_UPDATE.reference(attrs, *[torch.from_numpy(p) for p in past], x)
-        got = sess.run(None, {**{p.name: v for p, v in zip(inputs[:-1], past)}, "states": x.numpy()})
+        want = KV_CACHE_UPDATE.reference(attrs, *[torch.from_numpy(p) for p in past], x,
+                                         *[torch.from_numpy(t) for t in rope.values()])
+        got = sess.run(None, {**{p.name: v for p, v in zip(inputs, past)}, "states": x.numpy(), **rope})
         for a, w in zip(got, want):
             assert a.shape == tuple(w.shape) and np.array_equal(a, w.numpy()), f"step {step}"
         past = got[:-1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcompile.cache import MixedPrecisionCache
+from kvcompile.cache import MixedPrecisionCache, model_ropes
 from kvcompile.kv.precision_map import PrecisionMap
 from kvcompile.plan.presets import resolve_map
 from kvcompile.kv.segments import SegmentRule
@@ -20,7 +20,7 @@ def model64():
 
 
 def _decode(model, ids, pmap, prefill):
-    cache = MixedPrecisionCache(pmap)
+    cache = MixedPrecisionCache(pmap, max_context=64, rope=model_ropes(model, pmap, 64))
     with torch.no_grad():
         outs = [model(ids[:, :prefill], cache=cache).logits]
         outs += [model(ids[:, i : i + 1], cache=cache).logits for i in range(prefill, ids.shape[1])]
@@ -50,9 +50,19 @@ def _tiered_map() -> PrecisionMap:
     return PrecisionMap(2, 2, 32, 2, 3, schemes, age_windows=(4, 5))
 
 
+def _pre_rope_map() -> PrecisionMap:
+    """Keys stored before RoPE in the bulk (blocks of 4 and 8) and in a per-channel age tier, beside
+    post-RoPE keys of another head; values as usual."""
+    base = PrecisionMap.uniform(2, 2, 32, "int4", sink_tokens=2, recent_window=3, ages=((4, "int8"), (5, "int4-ch-g8")))
+    schemes = {s: dict(c) for s, c in base.schemes.items()}
+    schemes["key"]["age2"] = (("int4-ch-g8-pr", "int4-ch-g8"), ("int4-ch-g8-pr", "int4-ch-g8-pr"))
+    schemes["key"]["bulk"] = (("int2-ch-g8-pr", "int3"), ("int2-ch-g4-pr", "int2-ch-g8-pr"))
+    return PrecisionMap(2, 2, 32, 2, 3, schemes, age_windows=(4, 5))
+
+
 @pytest.mark.parametrize("spec,sinks,window", [("int4", 0, 0), ("int2", 0, 0), ("kivi-2", 3, 5), ("int2-ch-g8", 2, 3),
                                                ("int4-rot", 1, 2), ("lm2-rot", 1, 2), ("mixed", None, None),
-                                               ("tiers", None, None)])
+                                               ("tiers", None, None), ("pre-rope", None, None)])
 @pytest.mark.parametrize("prefill", [1, 9])
 @pytest.mark.parametrize("chunk", [512, 8])
 def test_simulation_equals_token_by_token_decoding(model64, spec, sinks, window, prefill, chunk, monkeypatch):
@@ -61,7 +71,7 @@ def test_simulation_equals_token_by_token_decoding(model64, spec, sinks, window,
     from kvcompile.measure import simulate
 
     monkeypatch.setattr(simulate, "QUERY_CHUNK", chunk)
-    special = {"mixed": _mixed_map, "tiers": _tiered_map}
+    special = {"mixed": _mixed_map, "tiers": _tiered_map, "pre-rope": _pre_rope_map}
     pmap = special[spec]() if spec in special else resolve_map(spec, _geom(), sink_tokens=sinks, recent_window=window)
     ids = torch.randint(0, 97, (1, 37), generator=torch.Generator().manual_seed(7))
     with torch.no_grad(), simulate_cache(model64, pmap, prefill_length=prefill):
