@@ -17,6 +17,11 @@ Stages (each writes its section of ``--out`` as soon as it ends, so a late failu
 * ``outliers``: whether dense-and-sparse formats earn a place in the default menu: one calibration
   with the default menu plus ``OUTLIER_SCHEMES`` (timed), maps planned at 3.0 and 2.5 bits (one age
   tier) with and without them, scored on the same 16 windows of 512.
+* ``prerope``: whether keys stored before RoPE (``-pr``) earn a place in the default menu: one
+  calibration with the default menu plus ``PRE_ROPE_SCHEMES`` (timed, saved to
+  ``--prerope-calibration``), maps planned at 3.0 and 2.5 bits (one age tier) with and without
+  them, each also with its tier structure chosen by measured KL (``plan --refine --age-tiers 1``,
+  2 calibration windows), scored on the same 16 windows of 512.
 * ``retrieval``: ``kvcompile eval --task retrieval`` at 4,096 and 8,192 tokens (5 depths), KIVI-2
   and the maps planned at that context; goal: accuracy equal to the full-precision cache at ≤ 3 bits.
   Contexts measured by an earlier run stay in the JSON; the committed 8,192-token row was measured
@@ -36,8 +41,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, setup, write_json  # noqa: E402
 
-STAGES = ("calibrate", "short", "long", "retrieval", "outliers")
+STAGES = ("calibrate", "short", "long", "retrieval", "outliers", "prerope")
 OUTLIER_SCHEMES = ["int2-ch-o1", "int2-ch-g64-o1", "int3-ch-g64-o1", "lm2-o1", "lm2-g64-o1"]
+PRE_ROPE_SCHEMES = ["int2-ch-pr", "int2-ch-g64-pr", "int3-ch-pr", "int3-ch-g64-pr"]
 BUDGETS = (3.0, 2.5)
 TARGET_KL = 0.02
 GOALS = {"short": [(3.0, 1.0), (2.5, 3.0)], "long": [(2.5, 1.0)]}  # (bits at most, ΔPPL % at most)
@@ -136,6 +142,44 @@ def outliers_stage(lm, args) -> dict:
     return {"calibration_seconds": seconds, "schemes": calib.schemes, "results": rows}
 
 
+def prerope_stage(lm, args) -> dict:
+    from kvcompile.calibrate import DEFAULT_SCHEMES, Calibration, calibrate
+    from kvcompile.measure.quality import evaluate, format_table, kl_meter
+    from kvcompile.plan.optimize import plan
+    from kvcompile.plan.refine import refine_budget
+
+    seconds = None
+    if Path(args.prerope_calibration).exists():
+        calib = Calibration.load(args.prerope_calibration)
+        seconds = json.loads(Path(args.out).read_text()).get("prerope", {}).get("calibration_seconds") \
+            if Path(args.out).exists() else None
+    else:
+        t0 = time.perf_counter()
+        calib = calibrate(lm, schemes=[*DEFAULT_SCHEMES, *PRE_ROPE_SCHEMES])
+        seconds = time.perf_counter() - t0
+        calib.save(args.prerope_calibration)
+    measure = kl_meter(lm, calib.text, 512, 2)
+    maps, refinement = {}, {}
+    for b in BUDGETS:
+        for label, schemes in (("", list(DEFAULT_SCHEMES)), (" + pre-RoPE", None)):
+            name = f"plan {b:g}b tiers{label}"
+            maps[name] = plan(calib, budget_bits=b, context=512, age_tiers=1, schemes=schemes).pmap
+            t0 = time.perf_counter()
+            refined = refine_budget(calib, b, measure, context=512, age_tiers=1, schemes=schemes)
+            maps[f"{name} refined"] = refined.result.pmap
+            refinement[f"{name} refined"] = {"seconds": time.perf_counter() - t0, "rounds": refined.rounds}
+    results = evaluate(lm, maps, text=args.text, window=512, max_windows=args.short_windows, progress=False)
+    print("\nkeys stored before RoPE in the menu (512-token windows)")
+    print(format_table(results))
+    rows = [{"name": r.name, "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
+             "top1_agreement": r.top1_agreement, "sink_tokens": maps[r.name].sink_tokens,
+             "recent_window": maps[r.name].recent_window, "age_windows": list(maps[r.name].age_windows),
+             "pre_rope_sites": sum(s.endswith("-pr") for c in maps[r.name].schemes["key"].values()
+                                   for row in c for s in row)} for r in results]
+    return {"calibration_seconds": seconds, "schemes": calib.schemes, "results": rows, "refinement": refinement,
+            "goals": goals(rows, "short")}
+
+
 def retrieval_stage(lm, calib, args) -> dict:
     from kvcompile.measure.retrieval import format_retrieval_table, retrieval
     from kvcompile.plan.presets import resolve_map
@@ -190,6 +234,17 @@ def readme_lines(doc: dict) -> list[str]:
         for r in doc["outliers"]["results"]:
             out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
                        f"{r['outlier_sites']} |")
+    if "results" in doc.get("prerope", {}):
+        out += ["| 512 tokens, menu with pre-RoPE keys | bits/elt | ΔPPL | KL | sinks | window + age tiers | "
+                "key entries stored before RoPE |", "|---|---|---|---|---|---|---|"]
+        for r in doc["prerope"]["results"]:
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
+                       f"{r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} | {r['pre_rope_sites']} |")
+        for g in doc["prerope"].get("goals", []):
+            verdict = "met" if g["met"] else f"missed by {g['miss_factor']:.1f}x"
+            out.append(f"- goal at 512 tokens with these maps, ≤ {g['bits_at_most']} bits at ΔPPL ≤ "
+                       f"{g['delta_ppl_pct_at_most']} %: best {g['best_map']}, {g['bits_per_element']:.3f} bits, "
+                       f"{g['delta_ppl_pct']:+.2f} %: {verdict}")
     if doc.get("retrieval") and "error" not in doc["retrieval"]:
         out += ["| context | map | bits/elt | accuracy | full precision | agreement |", "|---|---|---|---|---|---|"]
         for context, sec in doc["retrieval"].items():
@@ -216,6 +271,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--calibration", default="bench/results/quality-per-bit-calibration")
+    ap.add_argument("--prerope-calibration", default="bench/results/quality-per-bit-prerope-calibration")
     ap.add_argument("--text", default="wikipedia-heldout")
     ap.add_argument("--short-windows", type=int, default=16)
     ap.add_argument("--long-context", type=int, default=4096)
@@ -260,6 +316,8 @@ def main() -> None:
                 section = retrieval_stage(lm, calib, args)
             elif stage == "outliers":
                 section = outliers_stage(lm, args)
+            elif stage == "prerope":
+                section = prerope_stage(lm, args)
             else:
                 section = quality_stage(lm, calib, args, stage)
             write_partial(args, stage, section)

@@ -189,8 +189,6 @@ def cmd_plan(args) -> int:
                    sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
                    corrected=not args.raw, memory=args.memory, age_tiers=args.age_tiers,
                    sink_schemes=args.sink_schemes.split(",") if args.sink_schemes else None)
-    if args.refine and args.age_tiers:
-        raise KvcompileError("--refine does not search recency tiers yet; plan with --age-tiers without --refine")
     if args.refine:
         from kvcompile.models import load_model
         from kvcompile.measure.quality import kl_meter
@@ -207,8 +205,9 @@ def cmd_plan(args) -> int:
         else:
             refined = refine_budget(calib, args.budget_bits, measure, **options)
             for r in refined.rounds:
-                print(f"sinks {r['sink_tokens']:>2}, window {r['recent_window']:>3}: {r['bits_per_element']:.3f} bits, "
-                      f"predicted {r['predicted_kl']:.4g}, measured {r['measured_kl']:.4g}")
+                tiers = f", boundaries {r['boundaries']}" if "boundaries" in r else ""
+                print(f"sinks {r['sink_tokens']:>2}, window {r['recent_window']:>3}{tiers}: {r['bits_per_element']:.3f} "
+                      f"bits, predicted {r['predicted_kl']:.4g}, measured {r['measured_kl']:.4g}")
         result = refined.result
     else:
         result = plan(calib, budget_bits=args.budget_bits, target_kl=args.target_kl, **options)
@@ -498,8 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sink-schemes", help="comma-separated sink formats to choose from per site (default: fp16 only; "
                                           "fp16,int8,int4 with --age-tiers)")
     p.add_argument("--refine", action="store_true",
-                   help="measure candidate maps' KL on the calibration text: with --budget-bits, choose sinks and window by it; "
-                        "with --target-kl, re-plan until the map meets the target")
+                   help="measure candidate maps' KL on the calibration text: with --budget-bits, choose sinks and window "
+                        "(with --age-tiers: the tier structure, among the 8 best predicted) by it; with --target-kl, "
+                        "re-plan until the map meets the target")
     p.add_argument("--model", default=None, help="model for --refine (default: the calibrated one)")
     p.add_argument("--refine-windows", type=_int_in(1, 1024), default=2, help="calibration windows measured per round (default 2)")
     p.add_argument("--rounds", type=_int_in(1, 100), default=6, help="most maps measured by --refine --target-kl (default 6)")

@@ -295,10 +295,11 @@ def sink_menu(calib: Calibration, sink_schemes: list[str] | None = None) -> list
 def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = None, target_kl: float | None = None,
                context: int | None = None, schemes: list[str] | None = None, sink_options: list[int] | None = None,
                window_options: list[int] | None = None, corrected: bool = True, memory: str = "final",
-               sink_schemes: list[str] | None = None) -> PlanResult:
+               sink_schemes: list[str] | None = None, structures: list[tuple[int, tuple]] | None = None) -> PlanResult:
     """Optimal map with up to ``age_tiers`` recency tiers between the fp16 window and the bulk, and a
     sink format per site from ``sink_schemes`` (default :data:`SINK_SCHEMES`; see the module
-    docstring); the other arguments are :func:`plan`'s."""
+    docstring); the other arguments are :func:`plan`'s.  ``structures``: only these
+    ``(sinks, boundaries)`` (as in ``PlanResult.candidates``) instead of every calibrated one."""
     from itertools import product
 
     context, schemes, sink_options, window_options = _request(calib, budget_bits, target_kl, memory, context, schemes,
@@ -319,6 +320,8 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
                                       for st in range(2)]))[0]
     candidates, best_pick = [], None
     for n, bounds in _tier_structures(sink_options, window_options, age_tiers):
+        if structures is not None and (n, tuple(bounds)) not in {(m, tuple(b)) for m, b in structures}:
+            continue
         ni = calib.sink_options.index(n)
         wi = [calib.window_options.index(b) for b in bounds]
         k = len(bounds) - 1

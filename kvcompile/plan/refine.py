@@ -1,7 +1,8 @@
 """Measured refinement of a plan: decide with KL measured on calibration text what predictions decide poorly.
 
 Budget mode (:func:`refine_budget`): the sink count and recent window are chosen by measured KL
-among the exact per-site optima for each (sinks, window).  Target mode (:func:`refine_to_target`),
+among the exact per-site optima for each (sinks, window); with recency tiers, the structure (sinks,
+tier boundaries) among the :data:`TIER_CANDIDATES` the prediction ranks best.  Target mode (:func:`refine_to_target`),
 described next, meets the KL target on real decoding, not only on the prediction.
 
 The planner's objective is a *sum* of per-site predicted costs.  Measured whole-map KL differs from
@@ -34,6 +35,8 @@ from kvcompile.kv.precision_map import PrecisionMap
 
 #: stop once a map meets the target with measured KL at least this fraction of it (little left to save)
 CLOSE_ENOUGH = 0.85
+#: tier structures measured by a budget refinement with recency tiers: the best predicted ones
+TIER_CANDIDATES = 8
 
 
 @dataclass
@@ -112,6 +115,8 @@ def refine_budget(calib: Calibration, budget_bits: float, measure: Callable[[Pre
     measurement does (docs/calibration-results.md: 4 fp16 sinks instead of 1 cut held-out KL by
     ~30 % at 4 bits and both predicted about the same).  Cost: one measurement per feasible (n, w).
     """
+    if plan_options.get("age_tiers"):
+        return _refine_budget_tiers(calib, budget_bits, measure, **plan_options)
     sink_options = plan_options.pop("sink_options", None) or calib.sink_options
     window_options = plan_options.pop("window_options", None) or calib.window_options
     tried, log = [], []
@@ -131,6 +136,35 @@ def refine_budget(calib: Calibration, budget_bits: float, measure: Callable[[Pre
     chosen = _recorded(chosen, {"measured_on": calib.text, "measured_kl": measured,
                                 "chosen_by": "measured KL over (sinks, window)", "rounds": log},
                        f"sinks and window chosen by KL measured on calibration text ({measured:.4g})")
+    return RefineResult(chosen, measured, None, True, log)
+
+
+def _refine_budget_tiers(calib: Calibration, budget_bits: float, measure: Callable[[PrecisionMap], float],
+                         candidates: int = TIER_CANDIDATES, **plan_options) -> RefineResult:
+    """:func:`refine_budget` with recency tiers: the structure (n sinks, boundaries ``W_1 < .. < W_{K+1}``)
+    is chosen by measured KL among the ``candidates`` feasible structures of lowest predicted cost,
+    each with its exact per-site optimum under the budget.  Why: a structure's share of the
+    prediction is a difference of distance buckets that ignores re-quantization along the chain
+    (:mod:`kvcompile.plan.optimize`), and a too-short age tier predicted cheap measured 29 % worse
+    on SmolLM2 at 2.5 bits (README, issue 16)."""
+    from kvcompile.plan.optimize import plan_tiers
+
+    age_tiers = plan_options.pop("age_tiers")
+    full = plan_tiers(calib, age_tiers, budget_bits=budget_bits, **plan_options)
+    ranked = sorted((c for c in full.candidates if c["feasible"]), key=lambda c: c["predicted_cost"])[:candidates]
+    tried, log = [], []
+    for c in ranked:
+        structure = (c["sink_tokens"], tuple(c["boundaries"]))
+        r = plan_tiers(calib, age_tiers, budget_bits=budget_bits, structures=[structure], **plan_options)
+        measured = float(measure(r.pmap))
+        tried.append((r, measured))
+        log.append({"sink_tokens": structure[0], "boundaries": list(structure[1]), "recent_window": structure[1][0],
+                    "predicted_kl": r.predicted_cost, "measured_kl": measured, "bits_per_element": r.bits_per_element})
+    chosen, measured = min(tried, key=lambda rm: (rm[1], rm[0].bits_per_element))
+    chosen = _recorded(chosen, {"measured_on": calib.text, "measured_kl": measured,
+                                "chosen_by": f"measured KL over the {len(tried)} best predicted tier structures",
+                                "rounds": log},
+                       f"tier structure chosen by KL measured on calibration text ({measured:.4g})")
     return RefineResult(chosen, measured, None, True, log)
 
 

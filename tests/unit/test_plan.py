@@ -280,9 +280,29 @@ def test_cli_plans_age_tiers(tmp_path, capsys):
     pmap = PrecisionMap.load(tmp_path / "m.json")
     assert pmap.age_windows and "age tiers" in capsys.readouterr().out
     assert pmap.bits_per_element(512) <= 4.0
-    assert main(["plan", str(tmp_path / "calib"), "--budget-bits", "4", "--age-tiers", "1", "--refine",
-                 "-o", str(tmp_path / "r.json")]) == 2
-    assert "--refine does not search recency tiers yet" in capsys.readouterr().err
+
+
+def test_budget_refinement_chooses_the_tier_structure_by_measurement():
+    from kvcompile.plan.optimize import plan_tiers
+    from kvcompile.plan.refine import TIER_CANDIDATES
+
+    calib = synthetic_tiers(2)
+    predicted = plan_tiers(calib, 1, budget_bits=4.0, context=512)
+    chosen = (predicted.sink_tokens, tuple(predicted.pmap.age_windows))
+    # a "measurement" that punishes the predicted structure 3x: refinement must move off it
+    def measure(pmap):
+        return pmap.provenance["predicted_cost"] * (3.0 if (pmap.sink_tokens, tuple(pmap.age_windows)) == chosen else 1.0)
+    refined = refine_budget(calib, 4.0, measure, context=512, age_tiers=1)
+    pmap = refined.result.pmap
+    assert pmap.bits_per_element(512) <= 4.0 and (pmap.sink_tokens, tuple(pmap.age_windows)) != chosen
+    feasible = sorted(c["predicted_cost"] for c in predicted.candidates if c["feasible"])
+    assert len(refined.rounds) == min(TIER_CANDIDATES, len(feasible))
+    assert refined.measured_kl == min(r["measured_kl"] for r in refined.rounds) < measure(predicted.pmap)
+    # each structure tried is the tier planner's exact optimum restricted to it
+    for r in refined.rounds:
+        alone = plan_tiers(calib, 1, budget_bits=4.0, context=512, structures=[(r["sink_tokens"], tuple(r["boundaries"]))])
+        assert alone.predicted_cost == r["predicted_kl"] and r["predicted_kl"] in feasible
+    assert pmap.provenance["refinement"]["chosen_by"].startswith("measured KL over the")
 
 
 # ---------------------------------------------------------------- sliding-window layers
