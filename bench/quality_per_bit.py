@@ -22,6 +22,13 @@ Stages (each writes its section of ``--out`` as soon as it ends, so a late failu
   ``--prerope-calibration``), maps planned at 3.0 and 2.5 bits (one age tier) with and without
   them, each also with its tier structure chosen by measured KL (``plan --refine --age-tiers 1``,
   2 calibration windows), scored on the same 16 windows of 512.
+* ``prerope_long``: from the same calibration, plain maps at 3.0 and 2.5 bits (one age tier) with
+  and without the pre-RoPE formats, planned and scored at 4,096 tokens (2 held-out windows).
+* ``sketch``: whether TurboQuant's 1-bit residual sketch (``<base>-qjl``) pays for its bits: keys
+  alone in ``SKETCH_KEYS`` (values fp16, no sinks or window), scored on the same 16 windows of 512.
+* ``retrieval_split``: where retrieval is lost: at 4,096 tokens, the 3-bit map with one age tier
+  (default menu), the same map with fp16 values (its keys alone) and with fp16 keys (its values
+  alone), and the 3-bit map planned with pre-RoPE keys in the menu; the ``retrieval`` stage's cases.
 * ``retrieval``: ``kvcompile eval --task retrieval`` at 4,096 and 8,192 tokens (5 depths), KIVI-2
   and the maps planned at that context; goal: accuracy equal to the full-precision cache at ≤ 3 bits.
   Contexts measured by an earlier run stay in the JSON; the committed 8,192-token row was measured
@@ -41,7 +48,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, setup, write_json  # noqa: E402
 
-STAGES = ("calibrate", "short", "long", "retrieval", "outliers", "prerope")
+STAGES = ("calibrate", "short", "long", "retrieval", "outliers", "prerope", "prerope_long", "sketch", "retrieval_split")
+SKETCH_KEYS = ["lm2-rot", "lm2-rot-qjl", "lm3-rot", "lm3-rot-qjl", "lm4-rot"]
 OUTLIER_SCHEMES = ["int2-ch-o1", "int2-ch-g64-o1", "int3-ch-g64-o1", "lm2-o1", "lm2-g64-o1"]
 PRE_ROPE_SCHEMES = ["int2-ch-pr", "int2-ch-g64-pr", "int3-ch-pr", "int3-ch-g64-pr"]
 BUDGETS = (3.0, 2.5)
@@ -180,6 +188,79 @@ def prerope_stage(lm, args) -> dict:
             "goals": goals(rows, "short")}
 
 
+def prerope_long_stage(lm, args) -> dict:
+    from kvcompile.calibrate import DEFAULT_SCHEMES, Calibration
+    from kvcompile.measure.quality import evaluate, format_table
+    from kvcompile.plan.optimize import plan
+
+    if not Path(args.prerope_calibration).exists():
+        raise SystemExit(f"{args.prerope_calibration} is missing; run --stages prerope first")
+    calib = Calibration.load(args.prerope_calibration)
+    context = args.long_context
+    maps = {}
+    for b in BUDGETS:
+        maps[f"plan {b:g}b tiers"] = plan(calib, budget_bits=b, context=context, age_tiers=1,
+                                          schemes=list(DEFAULT_SCHEMES)).pmap
+        maps[f"plan {b:g}b tiers + pre-RoPE"] = plan(calib, budget_bits=b, context=context, age_tiers=1).pmap
+    results = evaluate(lm, maps, text=args.text, window=context, max_windows=args.long_windows, progress=False)
+    print(f"\nkeys stored before RoPE in the menu ({context}-token windows)")
+    print(format_table(results))
+    rows = [{"name": r.name, "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
+             "top1_agreement": r.top1_agreement, "sink_tokens": maps[r.name].sink_tokens,
+             "recent_window": maps[r.name].recent_window, "age_windows": list(maps[r.name].age_windows),
+             "pre_rope_sites": sum(s.endswith("-pr") for c in maps[r.name].schemes["key"].values()
+                                   for row in c for s in row), "seconds": r.seconds} for r in results]
+    return {"window": context, "windows": args.long_windows, "results": rows}
+
+
+def sketch_stage(lm, args) -> dict:
+    from kvcompile.kv.precision_map import PrecisionMap
+    from kvcompile.measure.quality import evaluate, format_table
+
+    g = lm.geometry
+    maps = {f"keys {k}": PrecisionMap.uniform(g.num_layers, g.num_kv_heads, g.head_dim, key=k, value="fp16")
+            for k in SKETCH_KEYS}
+    results = evaluate(lm, maps, text=args.text, window=512, max_windows=args.short_windows, progress=False)
+    print("\nthe 1-bit residual sketch on keys (512-token windows; values fp16)")
+    print(format_table(results))
+    bits = {k: get_key_bits(k, g.head_dim) for k in SKETCH_KEYS}
+    rows = [{"name": r.name, "key_scheme": r.name.removeprefix("keys "), "key_bits": bits[r.name.removeprefix("keys ")],
+             "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
+             "top1_agreement": r.top1_agreement} for r in results]
+    return {"window": 512, "windows": args.short_windows, "results": rows}
+
+
+def retrieval_split_stage(lm, calib, args) -> dict:
+    from dataclasses import replace
+
+    from kvcompile.calibrate import Calibration
+    from kvcompile.measure.retrieval import format_retrieval_table, retrieval
+    from kvcompile.plan.optimize import plan
+
+    context = 4096
+    planned = plan(calib, budget_bits=3.0, context=context, age_tiers=1).pmap
+
+    def with_fp16(stream):
+        fp16 = {c: tuple(tuple("fp16" for _ in row) for row in grid) for c, grid in planned.schemes[stream].items()}
+        return replace(planned, schemes={**planned.schemes, stream: fp16}, _resolved={})
+
+    maps = {"plan 3b tiers": planned, "its keys, fp16 values": with_fp16("value"),
+            "its values, fp16 keys": with_fp16("key"),
+            "plan 3b tiers + pre-RoPE": plan(Calibration.load(args.prerope_calibration), budget_bits=3.0,
+                                             context=context, age_tiers=1).pmap}
+    results = retrieval(lm, maps, context=context, depths=args.depths, trials=args.trials, text=args.text,
+                        progress=False)
+    print(f"\nretrieval at {context} tokens: keys or values?")
+    print(format_retrieval_table(results))
+    return {"context": context, "depths": args.depths, "trials": args.trials, "results": [r.to_json() for r in results]}
+
+
+def get_key_bits(name: str, head_dim: int) -> float:
+    from kvcompile.quant import get_scheme
+
+    return get_scheme(name).bits_per_element(head_dim)
+
+
 def retrieval_stage(lm, calib, args) -> dict:
     from kvcompile.measure.retrieval import format_retrieval_table, retrieval
     from kvcompile.plan.presets import resolve_map
@@ -245,6 +326,24 @@ def readme_lines(doc: dict) -> list[str]:
             out.append(f"- goal at 512 tokens with these maps, ≤ {g['bits_at_most']} bits at ΔPPL ≤ "
                        f"{g['delta_ppl_pct_at_most']} %: best {g['best_map']}, {g['bits_per_element']:.3f} bits, "
                        f"{g['delta_ppl_pct']:+.2f} %: {verdict}")
+    if "results" in doc.get("prerope_long", {}):
+        sec = doc["prerope_long"]
+        out += [f"| {sec['window']} tokens, menu with pre-RoPE keys | bits/elt | ΔPPL | KL | sinks | window + age tiers | "
+                "key entries stored before RoPE |", "|---|---|---|---|---|---|---|"]
+        for r in sec["results"]:
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
+                       f"{r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} | {r['pre_rope_sites']} |")
+    if "results" in doc.get("sketch", {}):
+        out += ["| 512 tokens, keys only (values fp16) | key bits/elt | ΔPPL | KL | top-1 |", "|---|---|---|---|---|"]
+        for r in doc["sketch"]["results"]:
+            out.append(f"| {r['key_scheme']} | {r['key_bits']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
+                       f"{r['top1_agreement']:.3f} |")
+    if "results" in doc.get("retrieval_split", {}):
+        sec = doc["retrieval_split"]
+        out += [f"| {sec['context']} tokens | bits/elt | accuracy | full precision | agreement |", "|---|---|---|---|---|"]
+        for r in sec["results"]:
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['accuracy']:.2f} | "
+                       f"{r['accuracy_reference']:.2f} | {r['agreement']:.2f} |")
     if doc.get("retrieval") and "error" not in doc["retrieval"]:
         out += ["| context | map | bits/elt | accuracy | full precision | agreement |", "|---|---|---|---|---|---|"]
         for context, sec in doc["retrieval"].items():
@@ -318,6 +417,12 @@ def main() -> None:
                 section = outliers_stage(lm, args)
             elif stage == "prerope":
                 section = prerope_stage(lm, args)
+            elif stage == "prerope_long":
+                section = prerope_long_stage(lm, args)
+            elif stage == "sketch":
+                section = sketch_stage(lm, args)
+            elif stage == "retrieval_split":
+                section = retrieval_split_stage(lm, calib, args)
             else:
                 section = quality_stage(lm, calib, args, stage)
             write_partial(args, stage, section)

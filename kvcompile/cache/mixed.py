@@ -250,7 +250,7 @@ class MixedPrecisionCache(Cache):
                                  "MixedPrecisionCache(pmap, max_context, rope=model_ropes(model, pmap, max_context))")
             if len(rope) != pmap.num_layers or min(r.positions for r in rope) < max_context:
                 raise CacheError(f"rope: expected {pmap.num_layers} layer tables of at least {max_context} positions, "
-                                 f"got {len(rope)}")
+                                 f"got {len(rope)} of {min((r.positions for r in rope), default=0)}")
         if kernels:
             from kvcompile.kernels import unsupported_reason
 

@@ -169,7 +169,10 @@ def rope_body(b, x: str, rope: tuple[str, str], start: str, head_dim: int, forwa
     """:meth:`RopeTable.rotate` (``forward``) or ``unrotate`` of ``x`` [B, H, T, D] at positions
     ``start ..`` (1-D int64), in the torch reference's float32 operation order."""
     stop = b.op("Add", start, b.dim(x, 2))
-    cos, sin = (b.slice_axis(table, start, stop, 0) for table in rope)  # [T, D], broadcast over B, H
+    # Gather, not Slice: [T, D] whatever the table length, so TensorRT's shape checks over its
+    # optimization profile (segment lengths set independently) never see a short slice
+    positions = b.op("Range", b.op("Squeeze", start), b.op("Squeeze", stop), b.scalar_i64(1))
+    cos, sin = (b.op("Gather", table, positions, axis=0) for table in rope)  # [T, D], broadcast over B, H
     half = head_dim // 2
     rotated_half = b.op("Concat", b.op("Neg", b.slice_axis(x, b.i64(half), b.i64(head_dim), 3)),
                         b.slice_axis(x, b.i64(0), b.i64(half), 3), axis=3)

@@ -5,6 +5,6 @@ families' canonical names.  Importing this package registers the built-in famili
 """
 
 from kvcompile.quant.base import QuantizedTensor, StorageScheme, get_scheme, register_family, scheme_names
-from kvcompile.quant import floating, integer, lloyd, nf4, outliers, prerope  # noqa: F401  (register the families)
+from kvcompile.quant import floating, integer, lloyd, nf4, outliers, prerope, sketch  # noqa: F401  (register the families)
 
 __all__ = ["QuantizedTensor", "StorageScheme", "get_scheme", "register_family", "scheme_names"]

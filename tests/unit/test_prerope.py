@@ -117,6 +117,8 @@ def test_store_and_cache_refuse_a_missing_rope_table():
     pmap = PrecisionMap.uniform(2, 2, 32, key="int2-ch-pr", value="int2-ch")
     with pytest.raises(CacheError, match="stores keys before RoPE"):
         MixedPrecisionCache(pmap, max_context=64)
+    with pytest.raises(CacheError, match="expected 2 layer tables of at least 128 positions, got 2 of 64"):
+        MixedPrecisionCache(pmap, max_context=128, rope=[_table(64)] * 2)
     assert model_ropes(None, PrecisionMap.uniform(2, 2, 32, key="int2-ch"), 64) is None  # nothing needed, nothing read
 
 

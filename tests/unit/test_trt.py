@@ -281,3 +281,26 @@ def test_an_engine_with_recency_tiers_builds_with_their_segments(tiny_lm, tiny_g
         assert {layer["fields"][f"{stream}_age_tiers"] for layer in report["plugin_layers"]} == {"int8:6,int4-ch-g8:8"}
     io = {t["name"] for t in report["io"]}
     assert any(".age2." in name for name in io) and any(".age1." in name for name in io)
+
+
+@needs_trt
+def test_an_engine_with_keys_stored_before_rope_builds_their_groups_from_the_function_body(tiny_lm, tiny_geometry,
+                                                                                             tmp_path):
+    """Pre-RoPE key groups have no plugin reader: they reach TensorRT as KVAttentionPortable function
+    bodies that read the RoPE tables; the other groups stay plugin layers."""
+    import json
+
+    from kvcompile.kv.precision_map import PrecisionMap
+
+    g = tiny_geometry
+    pmap = PrecisionMap.uniform(g.num_layers, g.num_kv_heads, g.head_dim, "int4", sink_tokens=2, recent_window=4)
+    schemes = {s: dict(v) for s, v in pmap.schemes.items()}
+    schemes["key"]["bulk"] = (("int2-ch-g8-pr", "int4"), ("int4", "int4"))  # layer 0, kv head 0
+    from dataclasses import replace
+
+    ex = export_trt(tiny_lm, replace(pmap, schemes=schemes, _resolved={}), tmp_path / "pre-rope", max_context=64)
+    report = json.loads((ex.path / "engine_report.json").read_text())
+    assert len(report["plugin_layers"]) == 2  # layer 0's other head group, and layer 1
+    model = onnx.load(str(ex.onnx_path), load_external_data=False)
+    portable = [n for n in model.graph.node if n.op_type == "KVAttentionPortable"]
+    assert len(portable) == 1 and list(portable[0].input[-2:]) == ["rope.cos", "rope.sin"]
