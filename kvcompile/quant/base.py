@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Callable
@@ -118,6 +119,57 @@ class StorageScheme(ABC):
 
     def __str__(self) -> str:
         return self.name
+
+
+@dataclass(frozen=True)
+class DerivedScheme(StorageScheme):
+    """A format built on another one, ``base`` (outliers, pre-RoPE keys, a residual sketch): its
+    name is the base's plus :meth:`suffix`; code width, grouping axis and position block are the
+    base's.  Its extra parts are named in ``own_parts``; :meth:`base_part` strips them."""
+
+    base: StorageScheme
+    own_parts = ()
+
+    def suffix(self) -> str:
+        raise NotImplementedError
+
+    @property
+    def name(self) -> str:
+        return f"{self.base.name}{self.suffix()}"
+
+    @property
+    def bits(self) -> int:
+        return self.base.bits
+
+    @property
+    def axis(self) -> str:
+        return self.base.axis
+
+    @property
+    def token_group(self) -> int:
+        return self.base.token_group
+
+    def base_part(self, q: QuantizedTensor) -> QuantizedTensor:
+        """``q`` as the base format stores it (this format's own parts removed)."""
+        return QuantizedTensor(self.base.name, q.shape, {k: v for k, v in q.parts.items() if k not in self.own_parts})
+
+
+def derived_parser(suffix: str, make: Callable[..., "StorageScheme"]) -> "Parser":
+    """A family parser for names ``<base><suffix>``: ``suffix`` is a regular expression whose named
+    groups are passed to ``make(base, **groups)``; a name whose base is not a scheme is not ours."""
+    pattern = re.compile(rf"(?P<base>.+){suffix}")
+
+    def parse(name: str) -> StorageScheme | None:
+        m = pattern.fullmatch(name) if isinstance(name, str) else None
+        if not m:
+            return None
+        try:
+            base = get_scheme(m["base"])
+        except SchemeError:
+            return None
+        return make(base, **{k: v for k, v in m.groupdict().items() if k != "base"})
+
+    return parse
 
 
 # ----------------------------------------------------------------------------- input checks

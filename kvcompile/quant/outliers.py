@@ -20,7 +20,6 @@ no native reader or kernel (such head groups run the ``KVAttention`` function bo
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,18 +27,17 @@ import torch
 
 from kvcompile.errors import SchemeError
 from kvcompile.quant import onnx_ops as ox
-from kvcompile.quant.base import (FP16_MAX, FamilyTraits, QuantizedTensor, StorageScheme, check_input, empty_quantized,
-                                  family_traits, get_scheme, is_empty, register_family, register_traits,
-                                  round_to_dtype)
+from kvcompile.quant.base import (FP16_MAX, DerivedScheme, FamilyTraits, QuantizedTensor, check_input,
+                                  derived_parser, empty_quantized, family_traits, is_empty, register_family,
+                                  register_traits, round_to_dtype)
 
 MAX_OUTLIERS = 8
-_NAME = re.compile(r"(?P<base>.+)-o(?P<k>[0-9]+)")
 
 
 @dataclass(frozen=True)
-class OutlierScheme(StorageScheme):
-    base: StorageScheme
+class OutlierScheme(DerivedScheme):
     outliers: int = 1
+    own_parts = ("outlier_values", "outlier_index")
 
     def __post_init__(self) -> None:
         if not 1 <= self.outliers <= MAX_OUTLIERS:
@@ -48,21 +46,8 @@ class OutlierScheme(StorageScheme):
             raise SchemeError(f"{self.base.name}-o{self.outliers}: the base of an outlier format must be an integer or "
                               "Lloyd-Max format without -rot")
 
-    @property
-    def name(self) -> str:
-        return f"{self.base.name}-o{self.outliers}"
-
-    @property
-    def bits(self) -> int:
-        return self.base.bits
-
-    @property
-    def axis(self) -> str:
-        return self.base.axis
-
-    @property
-    def token_group(self) -> int:
-        return self.base.token_group
+    def suffix(self) -> str:
+        return f"-o{self.outliers}"
 
     def bits_per_element(self, head_dim: int) -> float:
         return self.base.bits_per_element(head_dim) + self.outliers * 24 / head_dim
@@ -85,34 +70,21 @@ class OutlierScheme(StorageScheme):
                  "outlier_index": index.to(torch.uint8).view(torch.int8)}
         return QuantizedTensor(self.name, tuple(x.shape), parts)
 
-    def _base_part(self, q: QuantizedTensor) -> QuantizedTensor:
-        return QuantizedTensor(self.base.name, q.shape, {k: v for k, v in q.parts.items() if not k.startswith("outlier_")})
-
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         if is_empty(q.shape):
             return torch.zeros(q.shape)
         index = q.parts["outlier_index"].view(torch.uint8).long()
-        return self.base.dequantize(self._base_part(q)).scatter(-1, index, q.parts["outlier_values"].float())
+        return self.base.dequantize(self.base_part(q)).scatter(-1, index, q.parts["outlier_values"].float())
 
     def error_bound(self, q: QuantizedTensor) -> torch.Tensor:
         index = q.parts["outlier_index"].view(torch.uint8).long()
         values = q.parts["outlier_values"].float().abs()
         fp16 = torch.clamp(values * 2.0 ** -10, min=2.0 ** -24) * (1 + 1e-6)  # one fp16 step
-        return self.base.error_bound(self._base_part(q)).scatter(-1, index, fp16)
+        return self.base.error_bound(self.base_part(q)).scatter(-1, index, fp16)
 
 
-def _parse(name: str) -> OutlierScheme | None:
-    m = _NAME.fullmatch(name) if isinstance(name, str) else None
-    if not m:
-        return None
-    try:
-        base = get_scheme(m["base"])
-    except SchemeError:
-        return None
-    return OutlierScheme(base, int(m["k"]))
-
-
-register_family("outliers", _parse, ("int2-ch-o1", "int2-o1", "lm2-o2"))
+register_family("outliers", derived_parser(r"-o(?P<k>[0-9]+)", lambda base, k: OutlierScheme(base, int(k))),
+                ("int2-ch-o1", "int2-o1", "lm2-o2"))
 
 
 # ----------------------------------------------------------------------------- ONNX lowering

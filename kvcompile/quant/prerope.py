@@ -25,21 +25,17 @@ kernel cache refuses it with one line.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import torch
 
 from kvcompile.errors import SchemeError
-from kvcompile.quant.base import (FamilyTraits, QuantizedTensor, StorageScheme, family_traits, get_scheme,
+from kvcompile.quant.base import (DerivedScheme, FamilyTraits, QuantizedTensor, derived_parser, family_traits,
                                   register_family, register_traits)
-
-_NAME = re.compile(r"(?P<base>.+)-pr")
 
 
 @dataclass(frozen=True)
-class PreRopeScheme(StorageScheme):
-    base: StorageScheme
+class PreRopeScheme(DerivedScheme):
     #: read by the stores: quantize ``R(-p) x`` and rotate the de-quantized rows forward by RoPE
     pre_rope = True
 
@@ -48,21 +44,8 @@ class PreRopeScheme(StorageScheme):
             raise SchemeError(f"{self.base.name}-pr: the base of a pre-RoPE key format must be a per-channel "
                               "(-ch) format, not itself -pr")
 
-    @property
-    def name(self) -> str:
-        return f"{self.base.name}-pr"
-
-    @property
-    def bits(self) -> int:
-        return self.base.bits
-
-    @property
-    def axis(self) -> str:
-        return self.base.axis
-
-    @property
-    def token_group(self) -> int:
-        return self.base.token_group
+    def suffix(self) -> str:
+        return "-pr"
 
     def bits_per_element(self, head_dim: int) -> float:
         return self.base.bits_per_element(head_dim)
@@ -71,28 +54,14 @@ class PreRopeScheme(StorageScheme):
         q = self.base.quantize(x)
         return QuantizedTensor(self.name, q.shape, q.parts)
 
-    def _base(self, q: QuantizedTensor) -> QuantizedTensor:
-        return QuantizedTensor(self.base.name, q.shape, q.parts)
-
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
-        return self.base.dequantize(self._base(q))
+        return self.base.dequantize(self.base_part(q))
 
     def error_bound(self, q: QuantizedTensor) -> torch.Tensor:
-        return self.base.error_bound(self._base(q))
+        return self.base.error_bound(self.base_part(q))
 
 
-def _parse(name: str) -> PreRopeScheme | None:
-    m = _NAME.fullmatch(name) if isinstance(name, str) else None
-    if not m:
-        return None
-    try:
-        base = get_scheme(m["base"])
-    except SchemeError:
-        return None
-    return PreRopeScheme(base)
-
-
-register_family("pre-rope", _parse, ("int2-ch-pr", "int4-ch-g16-pr"))
+register_family("pre-rope", derived_parser("-pr", PreRopeScheme), ("int2-ch-pr", "int4-ch-g16-pr"))
 
 
 # ----------------------------------------------------------------------------- ONNX lowering: the base's

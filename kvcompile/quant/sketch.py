@@ -24,19 +24,16 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 from dataclasses import dataclass
 
 import torch
 
 from kvcompile.errors import SchemeError
-from kvcompile.quant.base import (FP16_MAX, QuantizedTensor, StorageScheme, check_input, empty_quantized, get_scheme,
-                                  is_empty, register_family, round_to_dtype)
+from kvcompile.quant.base import (FP16_MAX, DerivedScheme, QuantizedTensor, check_input, derived_parser,
+                                  empty_quantized, is_empty, register_family, round_to_dtype)
 from kvcompile.quant.packing import pack_bits, unpack_bits
 
-_NAME = re.compile(r"(?P<base>.+)-qjl")
 SEED = 20250414  # the sketch matrix of each head dimension is fixed by this seed
-SKETCH_PARTS = ("sketch_signs", "residual_norm")
 
 
 @functools.lru_cache(maxsize=8)
@@ -46,26 +43,18 @@ def sketch_matrix(head_dim: int) -> torch.Tensor:
 
 
 @dataclass(frozen=True)
-class SketchScheme(StorageScheme):
-    base: StorageScheme
+class SketchScheme(DerivedScheme):
+    own_parts = ("sketch_signs", "residual_norm")
 
     def __post_init__(self) -> None:
         if self.base.token_group != 1 or isinstance(self.base, SketchScheme) or getattr(self.base, "pre_rope", False):
             raise SchemeError(f"{self.base.name}-qjl: the base of a residual sketch must be a per-token format")
 
-    @property
-    def name(self) -> str:
-        return f"{self.base.name}-qjl"
-
-    @property
-    def bits(self) -> int:
-        return self.base.bits
+    def suffix(self) -> str:
+        return "-qjl"
 
     def bits_per_element(self, head_dim: int) -> float:
         return self.base.bits_per_element(head_dim) + 1 + 16 / head_dim
-
-    def _base_part(self, q: QuantizedTensor) -> QuantizedTensor:
-        return QuantizedTensor(self.base.name, q.shape, {k: v for k, v in q.parts.items() if k not in SKETCH_PARTS})
 
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         x = check_input(x, self, FP16_MAX)
@@ -86,23 +75,12 @@ class SketchScheme(StorageScheme):
     def dequantize(self, q: QuantizedTensor) -> torch.Tensor:
         if is_empty(q.shape):
             return torch.zeros(q.shape)
-        return self.base.dequantize(self._base_part(q)) + self._sketch(q)
+        return self.base.dequantize(self.base_part(q)) + self._sketch(q)
 
     def error_bound(self, q: QuantizedTensor) -> torch.Tensor:
         d = q.shape[-1]
         spread = math.sqrt(math.pi / 2) / d * sketch_matrix(d).abs().sum(0)  # [D]: sum_j |S_ji| scaled
-        return (self.base.error_bound(self._base_part(q)) + q.parts["residual_norm"].float() * spread) * (1 + 1e-6)
+        return (self.base.error_bound(self.base_part(q)) + q.parts["residual_norm"].float() * spread) * (1 + 1e-6)
 
 
-def _parse(name: str) -> SketchScheme | None:
-    m = _NAME.fullmatch(name) if isinstance(name, str) else None
-    if not m:
-        return None
-    try:
-        base = get_scheme(m["base"])
-    except SchemeError:
-        return None
-    return SketchScheme(base)
-
-
-register_family("sketch", _parse, ("lm2-rot-qjl", "int2-qjl"))
+register_family("sketch", derived_parser("-qjl", SketchScheme), ("lm2-rot-qjl", "int2-qjl"))
