@@ -40,7 +40,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from kvcompile.cache.mixed import MixedPrecisionCache
+from kvcompile.cache.mixed import MixedPrecisionCache, model_ropes
 from kvcompile.errors import CacheError
 from kvcompile.kv.precision_map import PrecisionMap
 
@@ -244,7 +244,8 @@ def generate(model, prompt_ids: Sequence[int], prefix_cache: PrefixCache, max_ne
         raise CacheError("generate: the prompt is empty; expected at least one token")
     t0 = time.perf_counter()
     aligned = (len(ids) - 1) // prefix_cache.block_size * prefix_cache.block_size
-    cache, reused = prefix_cache.lookup(ids[:aligned], max_context=max_context)
+    cache, reused = prefix_cache.lookup(ids[:aligned], max_context=max_context,
+                                        rope=model_ropes(model, prefix_cache.pmap, max_context))
     computed = 0
     if reused < aligned:
         model(torch.tensor([ids[reused:aligned]]), cache=cache, use_cache=True)

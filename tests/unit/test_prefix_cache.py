@@ -47,8 +47,14 @@ def assert_same_state(a: MixedPrecisionCache, b: MixedPrecisionCache) -> None:
                         assert all(torch.equal(ga[c].parts[k], gb[c].parts[k]) for k in ga[c].parts)
 
 
-def test_a_hit_generates_exactly_what_a_miss_does_and_skips_the_prefix(model):
-    pmap = kivi_like()
+def pre_rope_keys() -> PrecisionMap:
+    """The KIVI-like map with its per-channel keys stored before RoPE."""
+    return PrecisionMap.uniform(2, 2, 32, key="int2-ch-pr", value="int4", sink_tokens=2, recent_window=8)
+
+
+@pytest.mark.parametrize("make_map", [kivi_like, pre_rope_keys])
+def test_a_hit_generates_exactly_what_a_miss_does_and_skips_the_prefix(model, make_map):
+    pmap = make_map()
     shared = prompt(0, 4 * BLOCK)
     prefix = PrefixCache(pmap, block_size=BLOCK)
     first = generate(model, prompt(1, 7, shared), prefix, max_new_tokens=12)
