@@ -156,7 +156,6 @@ def prerope_stage(lm, args) -> dict:
     from kvcompile.plan.optimize import plan
     from kvcompile.plan.refine import refine_budget
 
-    seconds = None
     if Path(args.prerope_calibration).exists():
         calib = Calibration.load(args.prerope_calibration)
         seconds = json.loads(Path(args.out).read_text()).get("prerope", {}).get("calibration_seconds") \
@@ -216,6 +215,7 @@ def prerope_long_stage(lm, args) -> dict:
 def sketch_stage(lm, args) -> dict:
     from kvcompile.kv.precision_map import PrecisionMap
     from kvcompile.measure.quality import evaluate, format_table
+    from kvcompile.quant import get_scheme
 
     g = lm.geometry
     maps = {f"keys {k}": PrecisionMap.uniform(g.num_layers, g.num_kv_heads, g.head_dim, key=k, value="fp16")
@@ -223,7 +223,7 @@ def sketch_stage(lm, args) -> dict:
     results = evaluate(lm, maps, text=args.text, window=512, max_windows=args.short_windows, progress=False)
     print("\nthe 1-bit residual sketch on keys (512-token windows; values fp16)")
     print(format_table(results))
-    bits = {k: get_key_bits(k, g.head_dim) for k in SKETCH_KEYS}
+    bits = {k: get_scheme(k).bits_per_element(g.head_dim) for k in SKETCH_KEYS}
     rows = [{"name": r.name, "key_scheme": r.name.removeprefix("keys "), "key_bits": bits[r.name.removeprefix("keys ")],
              "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
              "top1_agreement": r.top1_agreement} for r in results]
@@ -253,12 +253,6 @@ def retrieval_split_stage(lm, calib, args) -> dict:
     print(f"\nretrieval at {context} tokens: keys or values?")
     print(format_retrieval_table(results))
     return {"context": context, "depths": args.depths, "trials": args.trials, "results": [r.to_json() for r in results]}
-
-
-def get_key_bits(name: str, head_dim: int) -> float:
-    from kvcompile.quant import get_scheme
-
-    return get_scheme(name).bits_per_element(head_dim)
 
 
 def retrieval_stage(lm, calib, args) -> dict:
