@@ -88,12 +88,13 @@ def e4m3_bytes(y) -> "numpy.ndarray":
     return out
 
 
-def lloyd_codebook(bits: int, group: int) -> list[float] | None:
-    """The library's ``2^bits`` levels for ``lm<bits>-g<group>`` (None when it has no codebook for them)."""
+def lloyd_codebook(bits: int, group: int, centred: bool = False) -> list[float] | None:
+    """The library's ``2^bits`` levels for ``lm<bits>-g<group>`` (``centred``: ``lm<bits>-ch-g<group>``);
+    None when it has no codebook for them."""
     lib = _handle()
-    lib.kvc_lloyd_codebook.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
+    lib.kvc_lloyd_codebook.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_float)]
     out = (ctypes.c_float * 16)()
-    n = lib.kvc_lloyd_codebook(bits, group, out)
+    n = lib.kvc_lloyd_codebook(bits, group, int(centred), out)
     return None if n < 0 else list(out[:n])
 
 

@@ -241,13 +241,17 @@ bool parse_format(const std::string& name, int64_t d, Format* out, std::string* 
     *out = f;
     return true;
   }
-  if (tokens[0].size() == 3 && tokens[0].compare(0, 2, "lm") == 0) {  // lm<bits>[-g<G>][-rot]
+  if (tokens[0].size() == 3 && tokens[0].compare(0, 2, "lm") == 0) {  // lm<bits>[-ch][-g<G>][-rot]
     f.kind = kLloyd;
     f.bits = tokens[0][2] - '0';
     f.group = 32;
     f.scale_bytes = 2;
     size_t i = 1;
     int64_t g;
+    if (i < tokens.size() && tokens[i] == "ch") {
+      f.channel = 1;
+      ++i;
+    }
     if (i < tokens.size() && tokens[i].size() > 1 && tokens[i][0] == 'g') {
       if (!parse_int(tokens[i].substr(1), &g) || g == 32) return fail(error, name + ": not a canonical lm name");
       f.group = int(g);
@@ -257,11 +261,18 @@ bool parse_format(const std::string& name, int64_t d, Format* out, std::string* 
       f.rotate = 1;
       ++i;
     }
-    if (i != tokens.size() || f.bits < 2 || f.bits > 4) return fail(error, name + ": not a canonical lm name");
-    f.levels = lloyd_book(f.bits, f.group);
+    if (i != tokens.size() || f.bits < 2 || f.bits > 4 || (f.channel && f.rotate))
+      return fail(error, name + ": not a canonical lm name");
+    f.levels = lloyd_book(f.bits, f.group, f.channel);
     if (f.levels < 0)
       return fail(error, name + ": the native library has Lloyd-Max codebooks for groups 16, 32, 64 and 128 only");
     if (f.rotate && (d & (d - 1))) return fail(error, name + ": -rot needs a power-of-two head dim");
+    if (f.channel) {  // per channel: a half-range and a centre per channel per block of G positions
+      f.token_group = f.group;
+      f.parts = {{"codes", 1, packed_length(d, f.bits), 1}, {"scale", 2, d, f.group}, {"centre", 2, d, f.group}};
+      *out = f;
+      return true;
+    }
     if (d % f.group) return fail(error, name + ": head dim " + std::to_string(d) + " is not a multiple of the group");
     f.parts = {{"codes", 1, packed_length(d, f.bits), 1}, {"scale", 2, d / f.group, 1}};
     *out = f;
@@ -314,8 +325,10 @@ bool quantize_rows(const Format& f, const float* x_in, int64_t n, const PartPtrs
   for (int64_t i = 0; i < n * d; ++i) {
     if (!std::isfinite(x_in[i])) return fail(error, f.name + ": input has NaN or inf; expected finite K/V values");
   }
+  // integer formats: (max - zero) must fit the scale's dtype; lm-ch: (max - centre) a float16 half-range
   const float max_abs = (f.kind == kInteger) ? (f.scale_bytes == 2 ? kFp16Max : std::numeric_limits<float>::max()) / 2
-                                             : kFp16Max;
+                        : (f.kind == kLloyd && f.channel) ? kFp16Max / 2
+                                                          : kFp16Max;
   std::vector<float> rotated;
   const float* x = x_in;
   if (f.rotate) {  // the range check applies after rotation, as in the reference
@@ -387,8 +400,35 @@ bool quantize_rows(const Format& f, const float* x_in, int64_t n, const PartPtrs
     }
     return true;
   }
+  auto nearest_level = [&](float y) -> uint8_t {  // the first of equal distances, as torch's argmin
+    int best = 0;
+    float best_err = std::fabs(y - lloyd_level(f.levels, 0));
+    for (int k = 1; k < (1 << f.bits); ++k) {
+      const float e = std::fabs(y - lloyd_level(f.levels, k));
+      if (e < best_err) best = k, best_err = e;
+    }
+    return uint8_t(best);
+  };
+  if (f.kind == kLloyd && f.channel) {  // per channel per block of G positions: centre m, half-range h, y = (x - m) / h
+    const int64_t G = f.group;
+    std::vector<float> centres(d), scales(d);
+    for (int64_t b0 = 0; b0 < n; b0 += G) {
+      const int64_t prow = (row0 + b0) / G;
+      for (int64_t c = 0; c < d; ++c) {
+        float lo = x[b0 * d + c], hi = lo;
+        for (int64_t t = 1; t < G; ++t) lo = std::fmin(lo, x[(b0 + t) * d + c]), hi = std::fmax(hi, x[(b0 + t) * d + c]);
+        centres[c] = store_param(parts[2] + (prow * d + c) * 2, (lo + hi) / 2.0f, 2, false);
+        scales[c] = store_scale(parts[1] + (prow * d + c) * 2, hi - centres[c], 2);
+      }
+      for (int64_t t = 0; t < G; ++t) {
+        for (int64_t c = 0; c < d; ++c) codes[c] = nearest_level((x[(b0 + t) * d + c] - centres[c]) / scales[c]);
+        pack_row(codes.data(), d, f.bits, parts[0] + (row0 + b0 + t) * f.parts[0].width);
+      }
+    }
+    return true;
+  }
   if (f.kind == kLloyd) {  // per group an absmax scale (float16, rounded up), the nearest level of y = x / s
-    const int64_t groups = d / f.group, book_size = int64_t(1) << f.bits;
+    const int64_t groups = d / f.group;
     std::vector<float> scales(groups);
     for (int64_t t = 0; t < n; ++t) {
       const float* row = x + t * d;
@@ -397,16 +437,7 @@ bool quantize_rows(const Format& f, const float* x_in, int64_t n, const PartPtrs
         for (int64_t c = 0; c < f.group; ++c) m = std::fmax(m, std::fabs(row[g * f.group + c]));
         scales[g] = store_scale(parts[1] + ((row0 + t) * groups + g) * 2, m, 2);
       }
-      for (int64_t c = 0; c < d; ++c) {
-        const float y = row[c] / scales[c / f.group];
-        int best = 0;
-        float best_err = std::fabs(y - lloyd_level(f.levels, 0));
-        for (int k = 1; k < book_size; ++k) {  // the first of equal distances, as torch's argmin
-          const float e = std::fabs(y - lloyd_level(f.levels, k));
-          if (e < best_err) best = k, best_err = e;
-        }
-        codes[c] = uint8_t(best);
-      }
+      for (int64_t c = 0; c < d; ++c) codes[c] = nearest_level(row[c] / scales[c / f.group]);
       pack_row(codes.data(), d, f.bits, parts[0] + (row0 + t) * f.parts[0].width);
     }
     return true;
@@ -532,6 +563,23 @@ void dequantize_rows(const Format& f, const ConstPartPtrs& parts, int64_t row0, 
       const float s = load_param(parts[1] + r * 2, 2);
       const uint8_t* src = parts[0] + r * d;
       for (int64_t c = 0; c < d; ++c) out[t * d + c] = e4m3_value(src[c]) * s;
+    }
+    return;
+  }
+  if (f.kind == kLloyd && f.channel) {  // x = centre + level * half-range, parameters loaded once per block
+    float book[16];
+    for (int k = 0; k < (1 << f.bits); ++k) book[k] = lloyd_level(f.levels, k);
+    int64_t loaded = -1;
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t r = row0 + t, prow = r / f.group;
+      if (prow != loaded) {
+        for (int64_t c = 0; c < d; ++c)
+          scale[c] = load_param(parts[1] + (prow * d + c) * 2, 2), zero[c] = load_param(parts[2] + (prow * d + c) * 2, 2);
+        loaded = prow;
+      }
+      unpack_row(parts[0] + r * code_bytes, d, f.bits, codes);
+      float* o = out + t * d;
+      for (int64_t c = 0; c < d; ++c) o[c] = zero[c] + book[codes[c]] * scale[c];
     }
     return;
   }

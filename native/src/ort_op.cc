@@ -261,10 +261,10 @@ __attribute__((visibility("default"))) void kvc_e4m3_bytes(const float* y, int64
   for (int64_t i = 0; i < n; ++i) out[i] = kvc::e4m3_byte(y[i]);
 }
 
-// The 2^bits levels the library uses for lm<bits>-g<group> (tests); returns their count, or -1
-// when it has no codebook for them.
-__attribute__((visibility("default"))) int kvc_lloyd_codebook(int bits, int group, float* out) {
-  const int book = kvc::lloyd_book(bits, group);
+// The 2^bits levels the library uses for lm<bits>[-ch]-g<group> (centred: -ch) (tests); returns
+// their count, or -1 when it has no codebook for them.
+__attribute__((visibility("default"))) int kvc_lloyd_codebook(int bits, int group, int centred, float* out) {
+  const int book = kvc::lloyd_book(bits, group, centred);
   if (book < 0) return -1;
   for (int k = 0; k < (1 << bits); ++k) out[k] = kvc::lloyd_level(book, k);
   return 1 << bits;

@@ -153,6 +153,10 @@ KVC_HD float element(const Fmt& f, const Parts& parts, int64_t row, int64_t c) {
     else s = load_param(parts.p[1] + (row * groups + g) * 2, 2);
     return nf4_level(code) * s;
   }
+  if (f.kind == kLloyd && f.channel) {  // centre + level * half-range, per channel per block of G positions
+    const int64_t p = (row / f.group) * f.d + c;
+    return load_param(parts.p[2] + p * 2, 2) + kvc::lloyd_level(f.levels, code) * load_param(parts.p[1] + p * 2, 2);
+  }
   if (f.kind == kLloyd) return kvc::lloyd_level(f.levels, code) * load_param(parts.p[1] + (row * (f.d / f.group) + c / f.group) * 2, 2);
   const int sb = f.scale_bytes;
   const int64_t width = f.channel ? f.d : f.d / f.group;
@@ -177,7 +181,8 @@ KVC_HD void rotate_serial(float* x, int64_t d) {
 }
 
 KVC_HD float max_abs_of(const Fmt& f) {
-  return f.kind == kInteger ? (f.scale_bytes == 2 ? 65504.0f : 3.40282347e+38f) / 2 : 65504.0f;
+  if (f.kind == kInteger) return (f.scale_bytes == 2 ? 65504.0f : 3.40282347e+38f) / 2;
+  return f.kind == kLloyd && f.channel ? 65504.0f / 2 : 65504.0f;  // lm-ch: (max - centre) is a float16 half-range
 }
 
 // Whether row x[0..d) can be stored (finite and within the parameters' range); x already rotated.
@@ -222,8 +227,14 @@ KVC_HD void pack_codes(const Fmt& f, const float* x, const Parts& parts, int64_t
           if (e < best_err) best = k, best_err = e;
         }
         code = best;
-      } else if (f.kind == kLloyd) {  // the nearest level of y = x / s, the first of equal distances
-        const float y = x[c] / load_param(parts.p[1] + (row * (f.d / f.group) + c / f.group) * 2, 2);
+      } else if (f.kind == kLloyd) {  // the nearest level of y = x / s (lm-ch: (x - m) / h), the first of equal distances
+        float y;
+        if (f.channel) {
+          const int64_t p = (row / f.group) * f.d + c;
+          y = (x[c] - load_param(parts.p[2] + p * 2, 2)) / load_param(parts.p[1] + p * 2, 2);
+        } else {
+          y = x[c] / load_param(parts.p[1] + (row * (f.d / f.group) + c / f.group) * 2, 2);
+        }
         int best = 0;
         float best_err = fabsf(y - kvc::lloyd_level(f.levels, 0));
         for (int k = 1; k < (1 << f.bits); ++k) {
@@ -307,6 +318,13 @@ KVC_HD void quantize_channel_params(const Fmt& f, const float* x, const Parts& p
   const int sb = f.scale_bytes;
   const int64_t G = f.group, prow = row0 / G;
   const float levels = float(f.levels);
+  if (f.kind == kLloyd) {  // lm-ch: centre rounded down to float16, half-range (max - centre) rounded up
+    float lo = x[c], hi = lo;
+    for (int64_t t = 1; t < G; ++t) lo = fmin_(lo, x[t * f.d + c]), hi = fmax_(hi, x[t * f.d + c]);
+    const float centre = store_param(parts.p[2] + (prow * f.d + c) * 2, (lo + hi) / 2.0f, 2, false);
+    store_scale(parts.p[1] + (prow * f.d + c) * 2, hi - centre, 2);
+    return;
+  }
   if (f.symmetric) {
     float m = 0.0f;
     for (int64_t t = 0; t < G; ++t) m = fmax_(m, fabsf(x[t * f.d + c]));

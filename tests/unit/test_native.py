@@ -40,7 +40,7 @@ BYTES = {torch.int8: 1, torch.float16: 2, torch.float32: 4}
 # everything in the planner's default menu (the library reads all of it), plus variants
 SCHEMES = [s for s in DEFAULT_SCHEMES if native_readable(get_scheme(s))] + ["int8-ch", "int4-sym", "int2-sym-ch-g16", "int3-s32",
                                                         "int8-ch-s32", "nf4-g32", "nf4-nodq", "int4-g16-rot", "lm2",
-                                                        "lm4-g16", "lm3-g16-rot"]
+                                                        "lm4-g16", "lm3-g16-rot", "lm2-ch", "lm3-ch-g64", "lm4-ch-g16"]
 
 
 def session(attrs, use_native=True):
@@ -72,7 +72,8 @@ def test_the_library_reads_each_scheme_name_as_the_python_registry_does(name):
 def test_non_canonical_and_unstorable_names_are_refused_in_one_line():
     for name, head_dim in [("int4-g32", 64), ("int4-ch-sym", 64), ("int5", 64), ("int4-g48", 64), ("int4-rot", 48),
                            ("nf4-g16", 64), ("bf16", 64), ("lm2-g32", 64), ("lm5", 64), ("lm2-g8", 64),
-                           ("lm3-rot-g64", 64), ("lm2-rot", 96)]:
+                           ("lm3-rot-g64", 64), ("lm2-rot", 96), ("lm2-ch-rot", 64), ("lm2-g64-ch", 64),
+                           ("lm2-ch-g8", 64)]:
         reason = native.describe_scheme(name, head_dim)
         assert isinstance(reason, str) and name in reason and "\n" not in reason
 
@@ -81,12 +82,14 @@ def test_the_whole_default_menu_is_read_natively():
     assert set(DEFAULT_SCHEMES) <= set(SCHEMES)
 
 
+@pytest.mark.parametrize("centred", [False, True])
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group", NATIVE_GROUPS)
-def test_the_lloyd_max_codebooks_are_the_reference_ones_bit_for_bit(bits, group):
-    """native/src/lloyd_codebooks.h (tools/gen_lloyd_codebooks.py) against the Python computation."""
-    got = np.asarray(native.lloyd_codebook(bits, group), np.float32)
-    assert np.array_equal(got.view(np.int32), lloyd_max_codebook(bits, group).numpy().view(np.int32))
+def test_the_lloyd_max_codebooks_are_the_reference_ones_bit_for_bit(bits, group, centred):
+    """native/src/lloyd_codebooks.h (tools/gen_lloyd_codebooks.py) against the Python computation
+    (centred: the per-channel lm<b>-ch books)."""
+    got = np.asarray(native.lloyd_codebook(bits, group, centred), np.float32)
+    assert np.array_equal(got.view(np.int32), lloyd_max_codebook(bits, group, centred).numpy().view(np.int32))
 
 
 def test_fp8_rounding_is_torchs_on_every_tie_and_neighbourhood():
@@ -170,6 +173,8 @@ CASES = {
                             value_ages="nf4-nodq:3"),
     "mixed widths": attention_case(("int3-s32", "int8", "int3-ch"), ("nf4-g32", "int4-sym", "int3-g64")),
     "lloyd-max": attention_case(("fp16", "lm4", "lm2-rot"), ("lm4-g16", "lm3-g64-rot", "lm2-g64-rot")),
+    "lloyd-max per channel": attention_case(("fp16", "fp16", "lm2-ch"), ("fp16", "int8", "lm3-ch-g64"),
+                                            key_ages="lm4-ch-g16:5", value_ages="lm3-ch-g16:20"),
     "fp8": attention_case(("fp8", "fp8", "int2-ch"), ("fp16", "fp8", "fp8")),
 }
 

@@ -26,7 +26,8 @@ from tests.conftest import adversarial  # noqa: E402
 NP = {"float32": np.float32, "float16": np.float16, "int8": np.int8}
 SCHEMES = ["fp16", "int8", "int4", "int3", "int2", "int4-sym", "int2-sym", "int2-ch", "int4-ch-g64", "int3-s32",
            "int8-ch-s32", "nf4", "nf4-g32", "nf4-nodq", "int4-rot", "int2-rot", "lm2", "lm3-rot", "lm4-g64-rot",
-           "int2-ch-o1", "int4-o1", "lm2-o2", "int3-ch-g16-o3", "fp8"]
+           "int2-ch-o1", "int4-o1", "lm2-o2", "int3-ch-g16-o3", "fp8", "lm2-ch", "lm3-ch-g16",
+           "lm4-ch-g64", "lm2-ch-o1", "lm3-ch-pr"]
 
 
 def session(model):
