@@ -30,24 +30,28 @@ def test_fp16_cache_matches_reference_and_int2_is_much_worse(smollm):
     assert gap["significant"] and gap["ci_low_pct"] > 0
 
 
-def test_decode_mode_agrees_with_simulation_far_below_the_effect_of_quantization(smollm):
-    """Real token-by-token decoding vs the parallel simulation at <= 4 bits on two 128-token windows.
+def test_decode_mode_agrees_with_simulation_far_below_the_effect_of_quantization():
+    """Real token-by-token decoding vs the parallel simulation at <= 4 bits on two 128-token windows,
+    in float64.
 
-    In float32 the two differ by rounding flips of low-bit codes (bench/simulate_vs_decode.py
-    measures the gap on 8k tokens); here each must see a quantization effect of more than 1 % in
-    PPL, and agree with the other to within a quarter of that effect (KL within a tenth), so a
-    simulation that skipped or misplaced the quantization would fail.  One window was too few:
-    the int4 ΔPPL of a single 128-token window moved by a point when the simulation's float32
-    products were regrouped (query chunks), with no change in float64.
+    Each must see a quantization effect of more than 1 % in PPL, and agree with the other to within
+    a hundredth of it (KL likewise), so a simulation that skipped or misplaced the quantization would
+    fail.  In float64 the two compute the same codes; in float32 they differ by rounding flips of
+    low-bit codes, which on 256 tokens move the int4 ΔPPL by points and differ by machine (on one
+    with AVX-512, simulation +2.17 % and decoding +6.17 %, against +4.02 % for both in float64):
+    bench/simulate_vs_decode.py measures the float32 gap on 8k tokens instead.
     """
-    maps = {"int4": resolve_map("int4", smollm.geometry),
-            "kivi-2": resolve_map("kivi-2", smollm.geometry, sink_tokens=4, recent_window=32)}
-    sim = evaluate(smollm, maps, window=128, max_windows=2, mode="simulate", progress=False)
-    dec = evaluate(smollm, maps, window=128, max_windows=2, mode="decode", progress=False)
+    from kvcompile.models import load_model
+
+    lm = load_model(dtype="float64")
+    maps = {"int4": resolve_map("int4", lm.geometry),
+            "kivi-2": resolve_map("kivi-2", lm.geometry, sink_tokens=4, recent_window=32)}
+    sim = evaluate(lm, maps, window=128, max_windows=2, mode="simulate", progress=False)
+    dec = evaluate(lm, maps, window=128, max_windows=2, mode="decode", progress=False)
     for s, d in zip(sim, dec):
         assert s.delta_ppl_pct > 1.0 and d.delta_ppl_pct > 1.0, s.name
-        assert abs(d.delta_ppl_pct - s.delta_ppl_pct) < 0.25 * s.delta_ppl_pct, s.name
-        assert abs(d.kl - s.kl) < 0.1 * s.kl, s.name
+        assert abs(d.delta_ppl_pct - s.delta_ppl_pct) < 0.01 * s.delta_ppl_pct, s.name
+        assert abs(d.kl - s.kl) < 0.01 * s.kl, s.name
 
 
 def test_cli_eval_writes_the_documented_json(tmp_path, capsys):

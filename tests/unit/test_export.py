@@ -19,8 +19,10 @@ from kvcompile.kv.precision_map import PrecisionMap  # noqa: E402
 from kvcompile.plan.presets import resolve_map  # noqa: E402
 from kvcompile.runtime import generate, open_decoder  # noqa: E402
 
-# Logits of ORT and torch differ only by float32 summation order (the cache ops are bit-exact).
-LOGIT_ATOL = 1e-4
+# Logits of ORT and torch differ only by float32 summation order (the cache ops are bit-exact). The
+# native library is built with -march=native, so how its vector sums round depends on the machine:
+# the largest difference seen is 1.03e-4 (tiny Gemma, KIVI-2, on an AVX-512 machine).
+LOGIT_ATOL = 2e-4
 
 
 def mixed_map(geometry) -> PrecisionMap:
