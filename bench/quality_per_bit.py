@@ -24,6 +24,17 @@ Stages (each writes its section of ``--out`` as soon as it ends, so a late failu
   2 calibration windows), scored on the same 16 windows of 512.
 * ``prerope_long``: from the same calibration, plain maps at 3.0 and 2.5 bits (one age tier) with
   and without the pre-RoPE formats, planned and scored at 4,096 tokens (2 held-out windows).
+* ``lloyd_channel``: whether per-channel Lloyd-Max codes (``lm<b>-ch[-g<G>]``) should replace the
+  uniform per-channel codes of equal bits (``int<b>-ch[-g64]``) in the default menu: one calibration
+  with both (timed, saved to ``--lloyd-channel-calibration``); maps at 3.0 and 2.5 bits (one age
+  tier) planned from the menu with the uniform codes (the default before), with both, and with the
+  Lloyd-Max codes in their place (the default now), the last also refined; 16 windows of 512.
+* ``lloyd_channel_long``: from the same calibration, the plain maps of the menus before and now at
+  4,096 tokens (2 held-out windows).
+* ``prerope_lloyd``: keys before RoPE on the default menu's per-channel Lloyd-Max codes
+  (``PRE_ROPE_LLOYD_SCHEMES``): one calibration with the default menu plus them (timed, saved to
+  ``--prerope-lloyd-calibration``); plain maps at 3.0 and 2.5 bits (one age tier) with and without
+  them, at 512 tokens (16 windows) and 4,096 tokens (2 windows).
 * ``sketch``: whether TurboQuant's 1-bit residual sketch (``<base>-qjl``) pays for its bits: keys
   alone in ``SKETCH_KEYS`` (values fp16, no sinks or window), scored on the same 16 windows of 512.
 * ``retrieval_split``: where retrieval is lost: at 4,096 tokens, the 3-bit map with one age tier
@@ -48,17 +59,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, setup, write_json  # noqa: E402
 
-STAGES = ("calibrate", "short", "long", "retrieval", "outliers", "prerope", "prerope_long", "sketch", "retrieval_split")
+STAGES = ("calibrate", "short", "long", "retrieval", "outliers", "prerope", "prerope_long", "sketch", "retrieval_split",
+          "lloyd_channel", "lloyd_channel_long", "prerope_lloyd")
 SKETCH_KEYS = ["lm2-rot", "lm2-rot-qjl", "lm3-rot", "lm3-rot-qjl", "lm4-rot"]
 OUTLIER_SCHEMES = ["int2-ch-o1", "int2-ch-g64-o1", "int3-ch-g64-o1", "lm2-o1", "lm2-g64-o1"]
 PRE_ROPE_SCHEMES = ["int2-ch-pr", "int2-ch-g64-pr", "int3-ch-pr", "int3-ch-g64-pr"]
+PRE_ROPE_LLOYD_SCHEMES = ["lm2-ch-pr", "lm2-ch-g64-pr", "lm3-ch-pr", "lm3-ch-g64-pr"]
+#: per-channel Lloyd-Max codes, each the same bits as the uniform per-channel format it may replace
+LLOYD_CHANNEL_SCHEMES = {"int2-ch": "lm2-ch", "int2-ch-g64": "lm2-ch-g64", "int3-ch": "lm3-ch", "int3-ch-g64": "lm3-ch-g64"}
 BUDGETS = (3.0, 2.5)
 TARGET_KL = 0.02
 GOALS = {"short": [(3.0, 1.0), (2.5, 3.0)], "long": [(2.5, 1.0)]}  # (bits at most, ΔPPL % at most)
 
 
 def previous_menu(schemes: list[str]) -> list[str]:
-    return [s for s in schemes if not s.startswith("lm")]
+    """The menu before the Lloyd-Max formats: per-channel ones back to the uniform codes of equal bits."""
+    uniform = {v: k for k, v in LLOYD_CHANNEL_SCHEMES.items()}
+    return [uniform.get(s, s) for s in schemes if s in uniform or not s.startswith("lm")]
 
 
 def planned_maps(calib, context: int, with_previous: bool) -> dict:
@@ -212,6 +229,115 @@ def prerope_long_stage(lm, args) -> dict:
     return {"window": context, "windows": args.long_windows, "results": rows}
 
 
+def lloyd_channel_calibration(lm, args):
+    """The default menu plus the uniform per-channel formats it replaced: (calibration, seconds)."""
+    from kvcompile.calibrate import Calibration, calibrate
+
+    if Path(args.lloyd_channel_calibration).exists():
+        previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        return Calibration.load(args.lloyd_channel_calibration), previous.get("lloyd_channel", {}).get("calibration_seconds")
+    t0 = time.perf_counter()
+    calib = calibrate(lm, schemes=lloyd_channel_menus()[" + lm-ch"])
+    seconds = time.perf_counter() - t0
+    calib.save(args.lloyd_channel_calibration)
+    return calib, seconds
+
+
+def lloyd_channel_menus() -> dict[str, list[str]]:
+    """Row label suffix -> menu: ``""`` the menu with uniform per-channel codes (the default before
+    this measurement), ``" + lm-ch"`` that plus the Lloyd-Max ones, ``" lm-ch for int-ch"`` the
+    Lloyd-Max ones in their place (the default menu now)."""
+    from kvcompile.calibrate import DEFAULT_SCHEMES
+
+    uniform = {v: k for k, v in LLOYD_CHANNEL_SCHEMES.items()}
+    before = [uniform.get(s, s) for s in DEFAULT_SCHEMES]
+    return {"": before, " + lm-ch": [*before, *LLOYD_CHANNEL_SCHEMES.values()],
+            " lm-ch for int-ch": [LLOYD_CHANNEL_SCHEMES.get(s, s) for s in before]}
+
+
+def lloyd_channel_rows(maps: dict, results) -> list[dict]:
+    return [{"name": r.name, "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
+             "top1_agreement": r.top1_agreement, "sink_tokens": maps[r.name].sink_tokens,
+             "recent_window": maps[r.name].recent_window, "age_windows": list(maps[r.name].age_windows),
+             "lloyd_channel_sites": {stream: sum("-ch" in s and s.startswith("lm") for c in maps[r.name].schemes[stream].values()
+                                                 for row in c for s in row) for stream in ("key", "value")},
+             "uniform_channel_sites": {stream: sum("-ch" in s and s.startswith("int") for c in maps[r.name].schemes[stream].values()
+                                                   for row in c for s in row) for stream in ("key", "value")},
+             "seconds": r.seconds} for r in results]
+
+
+def lloyd_channel_stage(lm, args) -> dict:
+    from kvcompile.measure.quality import evaluate, format_table, kl_meter
+    from kvcompile.plan.optimize import plan
+    from kvcompile.plan.refine import refine_budget
+
+    calib, seconds = lloyd_channel_calibration(lm, args)
+    measure = kl_meter(lm, calib.text, 512, 2)
+    maps, refinement = {}, {}
+    for b in BUDGETS:
+        for label, schemes in lloyd_channel_menus().items():
+            maps[f"plan {b:g}b tiers{label}"] = plan(calib, budget_bits=b, context=512, age_tiers=1, schemes=schemes).pmap
+        label, schemes = " lm-ch for int-ch", lloyd_channel_menus()[" lm-ch for int-ch"]
+        t0 = time.perf_counter()
+        refined = refine_budget(calib, b, measure, context=512, age_tiers=1, schemes=schemes)
+        maps[f"plan {b:g}b tiers{label} refined"] = refined.result.pmap
+        refinement[f"plan {b:g}b tiers{label} refined"] = {"seconds": time.perf_counter() - t0, "rounds": refined.rounds}
+    results = evaluate(lm, maps, text=args.text, window=512, max_windows=args.short_windows, progress=False)
+    print("\nper-channel Lloyd-Max codes in the menu (512-token windows)")
+    print(format_table(results))
+    rows = lloyd_channel_rows(maps, results)
+    return {"calibration_seconds": seconds, "schemes": calib.schemes, "results": rows, "refinement": refinement,
+            "goals": goals(rows, "short")}
+
+
+def lloyd_channel_long_stage(lm, args) -> dict:
+    from kvcompile.measure.quality import evaluate, format_table
+    from kvcompile.plan.optimize import plan
+
+    calib, _ = lloyd_channel_calibration(lm, args)
+    context, menus = args.long_context, lloyd_channel_menus()
+    maps = {f"plan {b:g}b tiers{label}": plan(calib, budget_bits=b, context=context, age_tiers=1, schemes=menus[label]).pmap
+            for b in BUDGETS for label in ("", " lm-ch for int-ch")}
+    results = evaluate(lm, maps, text=args.text, window=context, max_windows=args.long_windows, progress=False)
+    print(f"\nper-channel Lloyd-Max codes in the menu ({context}-token windows)")
+    print(format_table(results))
+    rows = lloyd_channel_rows(maps, results)
+    return {"window": context, "windows": args.long_windows, "results": rows, "goals": goals(rows, "long")}
+
+def prerope_lloyd_stage(lm, args) -> dict:
+    from kvcompile.calibrate import DEFAULT_SCHEMES, Calibration, calibrate
+    from kvcompile.measure.quality import evaluate, format_table
+    from kvcompile.plan.optimize import plan
+
+    seconds = None
+    if Path(args.prerope_lloyd_calibration).exists():
+        calib = Calibration.load(args.prerope_lloyd_calibration)
+        previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        seconds = previous.get("prerope_lloyd", {}).get("calibration_seconds")
+    else:
+        t0 = time.perf_counter()
+        calib = calibrate(lm, schemes=[*DEFAULT_SCHEMES, *PRE_ROPE_LLOYD_SCHEMES])
+        seconds = time.perf_counter() - t0
+        calib.save(args.prerope_lloyd_calibration)
+    out = {"calibration_seconds": seconds, "schemes": calib.schemes}
+    for context, windows in ((512, args.short_windows), (args.long_context, args.long_windows)):
+        maps = {}
+        for b in BUDGETS:
+            maps[f"plan {b:g}b tiers"] = plan(calib, budget_bits=b, context=context, age_tiers=1,
+                                              schemes=list(DEFAULT_SCHEMES)).pmap
+            maps[f"plan {b:g}b tiers + pre-RoPE"] = plan(calib, budget_bits=b, context=context, age_tiers=1).pmap
+        results = evaluate(lm, maps, text=args.text, window=context, max_windows=windows, progress=False)
+        print(f"\nkeys before RoPE on per-channel Lloyd-Max codes ({context}-token windows)")
+        print(format_table(results))
+        rows = [{"name": r.name, "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
+                 "top1_agreement": r.top1_agreement, "sink_tokens": maps[r.name].sink_tokens,
+                 "recent_window": maps[r.name].recent_window, "age_windows": list(maps[r.name].age_windows),
+                 "pre_rope_sites": sum(s.endswith("-pr") for c in maps[r.name].schemes["key"].values()
+                                       for row in c for s in row)} for r in results]
+        out[str(context)] = {"window": context, "windows": windows, "results": rows,
+                             "goals": goals(rows, "short" if context == 512 else "long")}
+    return out
+
 def sketch_stage(lm, args) -> dict:
     from kvcompile.kv.precision_map import PrecisionMap
     from kvcompile.measure.quality import evaluate, format_table
@@ -327,6 +453,30 @@ def readme_lines(doc: dict) -> list[str]:
         for r in sec["results"]:
             out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
                        f"{r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} | {r['pre_rope_sites']} |")
+    for stage in ("lloyd_channel", "lloyd_channel_long"):
+        if "results" not in doc.get(stage, {}):
+            continue
+        sec = doc[stage]
+        out += [f"| {sec.get('window', 512)} tokens, per-channel codes | bits/elt | ΔPPL | KL | sinks | window + age tiers | "
+                "entries lm-ch K/V | entries int-ch K/V |", "|---|---|---|---|---|---|---|---|"]
+        for r in sec["results"]:
+            lloyd, uniform = r["lloyd_channel_sites"], r["uniform_channel_sites"]
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
+                       f"{r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} | {lloyd['key']}/{lloyd['value']} | "
+                       f"{uniform['key']}/{uniform['value']} |")
+        for g in sec.get("goals", []):
+            verdict = "met" if g["met"] else f"missed by {g['miss_factor']:.1f}x"
+            out.append(f"- goal at {sec.get('window', 512)} tokens with these maps, ≤ {g['bits_at_most']} bits at ΔPPL ≤ "
+                       f"{g['delta_ppl_pct_at_most']} %: best {g['best_map']}, {g['bits_per_element']:.3f} bits, "
+                       f"{g['delta_ppl_pct']:+.2f} %: {verdict}")
+    for context, sec in doc.get("prerope_lloyd", {}).items():
+        if not isinstance(sec, dict) or "results" not in sec:
+            continue
+        out += [f"| {context} tokens, pre-RoPE per-channel Lloyd-Max keys | bits/elt | ΔPPL | KL | sinks | "
+                "window + age tiers | key entries stored before RoPE |", "|---|---|---|---|---|---|---|"]
+        for r in sec["results"]:
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
+                       f"{r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} | {r['pre_rope_sites']} |")
     if "results" in doc.get("sketch", {}):
         out += ["| 512 tokens, keys only (values fp16) | key bits/elt | ΔPPL | KL | top-1 |", "|---|---|---|---|---|"]
         for r in doc["sketch"]["results"]:
@@ -365,6 +515,8 @@ def main() -> None:
     ap.add_argument("--stages", default=",".join(STAGES))
     ap.add_argument("--calibration", default="bench/results/quality-per-bit-calibration")
     ap.add_argument("--prerope-calibration", default="bench/results/quality-per-bit-prerope-calibration")
+    ap.add_argument("--lloyd-channel-calibration", default="bench/results/quality-per-bit-lloyd-channel-calibration")
+    ap.add_argument("--prerope-lloyd-calibration", default="bench/results/quality-per-bit-prerope-lloyd-calibration")
     ap.add_argument("--text", default="wikipedia-heldout")
     ap.add_argument("--short-windows", type=int, default=16)
     ap.add_argument("--long-context", type=int, default=4096)
@@ -413,6 +565,12 @@ def main() -> None:
                 section = prerope_stage(lm, args)
             elif stage == "prerope_long":
                 section = prerope_long_stage(lm, args)
+            elif stage == "lloyd_channel":
+                section = lloyd_channel_stage(lm, args)
+            elif stage == "lloyd_channel_long":
+                section = lloyd_channel_long_stage(lm, args)
+            elif stage == "prerope_lloyd":
+                section = prerope_lloyd_stage(lm, args)
             elif stage == "sketch":
                 section = sketch_stage(lm, args)
             elif stage == "retrieval_split":

@@ -94,6 +94,23 @@ def lloyd_max_codebook(bits: int, group: int, centred: bool = False) -> torch.Te
     return torch.cat([-levels.flip(0), levels]).float()
 
 
+def nearest_level(y: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+    """The index of the level nearest each ``y`` (float32), the lower one of equal distances: what
+    ``(y[..., None] - levels).abs().argmin(-1)`` gives, without its ``[..., 2^b]`` temporary.
+
+    ``levels`` ascend, so ``fl(y - c_j)`` falls with j (float subtraction is monotone) and its
+    magnitude falls until the last level at or below ``y`` (index ``j``) and rises after: the
+    nearest is ``j`` or ``j + 1``.  Distances equal only in a true tie, since the levels lie 0.05
+    or more apart in ``[-1, 1]``, far above float32's spacing there, so the first of equal is ``j``.
+    """
+    below = torch.zeros(y.shape, dtype=torch.uint8)  # j clamped to [0, 2^b - 2]: levels 1 .. 2^b - 2 at or below y
+    for level in levels[1:-1].tolist():
+        below += y >= level
+    below = below.long()
+    above = below + 1
+    return torch.where((y - levels[above]).abs() < (y - levels[below]).abs(), above, below)
+
+
 @dataclass(frozen=True)
 class LloydMaxScheme(StorageScheme):
     bits: int = 2
@@ -160,7 +177,7 @@ class LloydMaxScheme(StorageScheme):
         if is_empty(check_input(x, self)):
             return empty_quantized(self, tuple(x.shape))
         y, params = self.normalized(x)
-        codes = (y.unsqueeze(-1) - self.codebook).abs().argmin(-1).to(torch.uint8).reshape(x.shape)
+        codes = nearest_level(y.contiguous(), self.codebook).to(torch.uint8).reshape(x.shape)
         r = self._reduce_dim()
         parts = {"codes": pack_bits(codes, self.bits), **{k: v.squeeze(r) for k, v in params.items()}}
         return QuantizedTensor(self.name, tuple(x.shape), parts)

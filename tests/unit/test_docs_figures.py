@@ -332,9 +332,50 @@ def test_readme_quality_per_bit_section_is_the_bench_output():
               f"{doc['calibrate']['seconds']:.0f} s"
     assert seconds in text("README.md")
     assert f"takes {doc['outliers']['calibration_seconds']:.0f} s, over the 2-minute target" in text("README.md")
+    assert f"({doc['prerope_lloyd']['calibration_seconds']:.1f} s) and plans plain maps" in text("README.md")
+    assert f"calibrates the menu with both ({doc['lloyd_channel']['calibration_seconds']:.1f} s for " \
+           f"{len(doc['lloyd_channel']['schemes'])} formats" in text("README.md")
     timing = result("calibration_time")
-    assert (f"now measures {timing['calibration_seconds']:.1f} s for the same default calibration in a fresh process,\n"
+    assert (f"now measures {timing['calibration_seconds']:.1f} s for the default calibration (today's menu) in a fresh process,\n"
             f"{timing['ratio_to_target']:.2f}x the target ({timing['repeat_seconds']:.1f} s repeated") in text("README.md")
+
+
+def test_lloyd_channel_speed_figures_are_the_bench_output():
+    """The decode speeds README.md quotes for the 3-bit maps with per-channel Lloyd-Max and uniform codes."""
+    readme = text("README.md").replace("\n", " ")
+
+    def ratios(name):
+        native = sorted((r for r in result(name)["results"] if r["variant"] == "packed, native"), key=lambda r: r["context"])
+        return [f"{r['speed_vs_fp16']:.2f}x" for r in native], [f"{r['kv_bytes_vs_fp16']:.2f}x" for r in native]
+
+    (s512, s2048), (b512, b2048) = ratios("onnx_runtime_lloyd_channel")
+    assert f"at {s512} (512 positions) and {s2048} (2,048) the fp16-KV export's speed with {b512} and {b2048} its cache bytes" in readme
+    (u512, u2048), _ = ratios("onnx_runtime_uniform_channel")
+    assert f"same command) runs at {u512} and {u2048}:" in readme
+
+
+def test_codebook_table_and_figures_are_the_bench_output():
+    """bench/codebooks.py's table (calibrated codebooks against the Gaussian one) in docs/formats.md,
+    and the ranges README.md quotes from it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("codebooks", ROOT / "bench" / "codebooks.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = result("codebooks")
+    lines = text("docs/formats.md").splitlines()
+    for line in bench.table_lines(doc):
+        assert line in lines, f"docs/formats.md lacks the bench/codebooks.py line {line!r}"
+    site = [r["site_mse_ratio"] for r in doc["results"]]
+    uniform = [r["uniform_mse_ratio"] for r in doc["results"] if "uniform" in r]
+    assert (f"their mean held-out squared error is {min(site):.3f}–{max(site):.3f}x the Gaussian codebook's"
+            in text("README.md").replace("\n", " "))
+    assert f"equal bits have {min(uniform):.2f}–{max(uniform):.2f}x it" in text("README.md").replace("\n", " ")
+    formats = text("docs/formats.md").replace("\n", " ")
+    best = min(doc["results"], key=lambda r: r["site_mse_ratio"])
+    assert f"at most {100 * (1 - best['site_mse_ratio']):.1f} % of squared error on average" in formats
+    assert f"at most {100 * (1 - min(r['site_best_mse_ratio'] for r in doc['results'])):.0f} % at the best single site" in formats
+    assert f"worth {min(uniform):.1f}–{max(uniform):.1f}x against uniform codes" in formats
 
 
 def test_readme_gemma_baseline_table_is_the_bench_output():

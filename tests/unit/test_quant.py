@@ -270,6 +270,26 @@ def test_lloyd_max_levels_are_pinned_and_beat_uniform_codes_at_fewer_bits():
     assert get_scheme("lm2").bits_per_element(D) == 2.5 and get_scheme("lm3-g64-rot").bits_per_element(D) == 3.25
 
 
+@pytest.mark.parametrize("centred", [False, True])
+def test_nearest_level_is_argmin_of_the_distances_on_ties_and_their_neighbours(centred):
+    """The fast nearest-level search picks what argmin of |y - c_k| picks (the lower of equal
+    distances) on every codebook's levels, midpoints, both float32 neighbours of each, out-of-range
+    values and random ones: the native library and the ONNX lowering (ArgMin) decide the same way."""
+    from kvcompile.quant.lloyd import BITS, NATIVE_GROUPS, lloyd_max_codebook, nearest_level
+
+    for bits in BITS:
+        for group in NATIVE_GROUPS:
+            levels = lloyd_max_codebook(bits, group, centred)
+            points = torch.cat([levels, (levels[1:] + levels[:-1]) / 2, torch.tensor([-2.0, -1.0, 0.0, 1.0, 2.0])])
+            points = torch.cat([points, torch.nextafter(points, torch.tensor(9.0)), torch.nextafter(points, torch.tensor(-9.0)),
+                                torch.rand(4096, generator=torch.Generator().manual_seed(bits)) * 2.2 - 1.1])
+            want = (points.unsqueeze(-1) - levels).abs().argmin(-1)
+            assert torch.equal(nearest_level(points, levels), want), (bits, group)
+    # an exact tie between two levels goes to the lower one
+    levels = torch.tensor([-0.75, -0.25, 0.25, 0.75])
+    assert nearest_level(torch.tensor([0.0, -0.5, 0.5]), levels).tolist() == [1, 0, 2]
+
+
 def test_per_channel_lloyd_max_beats_uniform_per_channel_codes_at_equal_bits_on_offset_channels():
     """Key channels carry offsets and differing scales; over a block of positions each channel is near
     Gaussian around its offset.  lm<b>-ch (range-normalized, Lloyd-Max levels) has a lower squared
