@@ -31,6 +31,8 @@ Stages (each writes its section of ``--out`` as soon as it ends, so a late failu
   Lloyd-Max codes in their place (the default now), the last also refined; 16 windows of 512.
 * ``lloyd_channel_long``: from the same calibration, the plain maps of the menus before and now at
   4,096 tokens (2 held-out windows).
+* ``lloyd_channel_retrieval``: the ``retrieval`` stage's cases at 4,096 tokens for the 3-bit maps
+  (one age tier) of both menus.
 * ``prerope_lloyd``: keys before RoPE on the default menu's per-channel Lloyd-Max codes
   (``PRE_ROPE_LLOYD_SCHEMES``): one calibration with the default menu plus them (timed, saved to
   ``--prerope-lloyd-calibration``); plain maps at 3.0 and 2.5 bits (one age tier) with and without
@@ -60,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, setup, write_json  # noqa: E402
 
 STAGES = ("calibrate", "short", "long", "retrieval", "outliers", "prerope", "prerope_long", "sketch", "retrieval_split",
-          "lloyd_channel", "lloyd_channel_long", "prerope_lloyd")
+          "lloyd_channel", "lloyd_channel_long", "lloyd_channel_retrieval", "prerope_lloyd")
 SKETCH_KEYS = ["lm2-rot", "lm2-rot-qjl", "lm3-rot", "lm3-rot-qjl", "lm4-rot"]
 OUTLIER_SCHEMES = ["int2-ch-o1", "int2-ch-g64-o1", "int3-ch-g64-o1", "lm2-o1", "lm2-g64-o1"]
 PRE_ROPE_SCHEMES = ["int2-ch-pr", "int2-ch-g64-pr", "int3-ch-pr", "int3-ch-g64-pr"]
@@ -167,31 +169,46 @@ def outliers_stage(lm, args) -> dict:
     return {"calibration_seconds": seconds, "schemes": calib.schemes, "results": rows}
 
 
-def prerope_stage(lm, args) -> dict:
-    from kvcompile.calibrate import DEFAULT_SCHEMES, Calibration, calibrate
-    from kvcompile.measure.quality import evaluate, format_table, kl_meter
-    from kvcompile.plan.optimize import plan
+def refined_tiers(calib, budget_bits: float, measure, schemes) -> tuple:
+    """``(map, record)``: ``plan --refine --age-tiers 1`` at 512 tokens (the tier structure chosen by KL
+    measured with ``measure``), and its seconds and refinement rounds."""
     from kvcompile.plan.refine import refine_budget
 
-    if Path(args.prerope_calibration).exists():
-        calib = Calibration.load(args.prerope_calibration)
-        seconds = json.loads(Path(args.out).read_text()).get("prerope", {}).get("calibration_seconds") \
-            if Path(args.out).exists() else None
+    t0 = time.perf_counter()
+    refined = refine_budget(calib, budget_bits, measure, context=512, age_tiers=1, schemes=schemes)
+    return refined.result.pmap, {"seconds": time.perf_counter() - t0, "rounds": refined.rounds}
+
+
+def stage_calibration(lm, args, section: str, directory: str, extra: list[str]):
+    """``(calibration, seconds, menu)`` of a stage that adds ``extra`` formats to the default menu:
+    loaded from ``directory`` when it exists (its seconds from the JSON's ``section``), else made and
+    saved; ``menu`` is the calibration's formats without ``extra`` (the default menu it was made
+    with, so a committed calibration stays usable after the default menu changes)."""
+    from kvcompile.calibrate import DEFAULT_SCHEMES, Calibration, calibrate
+
+    if Path(directory).exists():
+        previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        calib, seconds = Calibration.load(directory), previous.get(section, {}).get("calibration_seconds")
     else:
         t0 = time.perf_counter()
-        calib = calibrate(lm, schemes=[*DEFAULT_SCHEMES, *PRE_ROPE_SCHEMES])
+        calib = calibrate(lm, schemes=[*DEFAULT_SCHEMES, *extra])
         seconds = time.perf_counter() - t0
-        calib.save(args.prerope_calibration)
+        calib.save(directory)
+    return calib, seconds, [x for x in calib.schemes if x not in extra]
+
+
+def prerope_stage(lm, args) -> dict:
+    from kvcompile.measure.quality import evaluate, format_table, kl_meter
+    from kvcompile.plan.optimize import plan
+
+    calib, seconds, menu = stage_calibration(lm, args, "prerope", args.prerope_calibration, PRE_ROPE_SCHEMES)
     measure = kl_meter(lm, calib.text, 512, 2)
     maps, refinement = {}, {}
     for b in BUDGETS:
-        for label, schemes in (("", list(DEFAULT_SCHEMES)), (" + pre-RoPE", None)):
+        for label, schemes in (("", menu), (" + pre-RoPE", None)):
             name = f"plan {b:g}b tiers{label}"
             maps[name] = plan(calib, budget_bits=b, context=512, age_tiers=1, schemes=schemes).pmap
-            t0 = time.perf_counter()
-            refined = refine_budget(calib, b, measure, context=512, age_tiers=1, schemes=schemes)
-            maps[f"{name} refined"] = refined.result.pmap
-            refinement[f"{name} refined"] = {"seconds": time.perf_counter() - t0, "rounds": refined.rounds}
+            maps[f"{name} refined"], refinement[f"{name} refined"] = refined_tiers(calib, b, measure, schemes)
     results = evaluate(lm, maps, text=args.text, window=512, max_windows=args.short_windows, progress=False)
     print("\nkeys stored before RoPE in the menu (512-token windows)")
     print(format_table(results))
@@ -204,28 +221,47 @@ def prerope_stage(lm, args) -> dict:
             "goals": goals(rows, "short")}
 
 
-def prerope_long_stage(lm, args) -> dict:
-    from kvcompile.calibrate import DEFAULT_SCHEMES, Calibration
+def lloyd_channel_retrieval_stage(lm, args) -> dict:
+    from kvcompile.measure.retrieval import format_retrieval_table, retrieval
+    from kvcompile.plan.optimize import plan
+
+    calib, _ = lloyd_channel_calibration(lm, args)
+    context, menus = 4096, lloyd_channel_menus()
+    maps = {f"plan 3b tiers{label}": plan(calib, budget_bits=3.0, context=context, age_tiers=1, schemes=menus[label]).pmap
+            for label in ("", " lm-ch for int-ch")}
+    results = retrieval(lm, maps, context=context, depths=args.depths, trials=args.trials, text=args.text,
+                        progress=False)
+    print(f"\nretrieval at {context} tokens, per-channel codes")
+    print(format_retrieval_table(results))
+    return {"context": context, "depths": args.depths, "trials": args.trials, "results": [r.to_json() for r in results]}
+
+def prerope_comparison(lm, args, calib, menu: list[str], context: int, windows: int, title: str) -> list[dict]:
+    """Plain maps at 3.0 and 2.5 bits (one age tier) from ``menu`` and from the whole calibration (the
+    pre-RoPE formats added), scored on ``windows`` held-out windows of ``context``: the JSON rows."""
     from kvcompile.measure.quality import evaluate, format_table
     from kvcompile.plan.optimize import plan
 
-    if not Path(args.prerope_calibration).exists():
-        raise SystemExit(f"{args.prerope_calibration} is missing; run --stages prerope first")
-    calib = Calibration.load(args.prerope_calibration)
-    context = args.long_context
     maps = {}
     for b in BUDGETS:
-        maps[f"plan {b:g}b tiers"] = plan(calib, budget_bits=b, context=context, age_tiers=1,
-                                          schemes=list(DEFAULT_SCHEMES)).pmap
+        maps[f"plan {b:g}b tiers"] = plan(calib, budget_bits=b, context=context, age_tiers=1, schemes=menu).pmap
         maps[f"plan {b:g}b tiers + pre-RoPE"] = plan(calib, budget_bits=b, context=context, age_tiers=1).pmap
-    results = evaluate(lm, maps, text=args.text, window=context, max_windows=args.long_windows, progress=False)
-    print(f"\nkeys stored before RoPE in the menu ({context}-token windows)")
+    results = evaluate(lm, maps, text=args.text, window=context, max_windows=windows, progress=False)
+    print(f"\n{title}")
     print(format_table(results))
-    rows = [{"name": r.name, "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
+    return [{"name": r.name, "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
              "top1_agreement": r.top1_agreement, "sink_tokens": maps[r.name].sink_tokens,
              "recent_window": maps[r.name].recent_window, "age_windows": list(maps[r.name].age_windows),
              "pre_rope_sites": sum(s.endswith("-pr") for c in maps[r.name].schemes["key"].values()
                                    for row in c for s in row), "seconds": r.seconds} for r in results]
+
+
+def prerope_long_stage(lm, args) -> dict:
+    if not Path(args.prerope_calibration).exists():
+        raise SystemExit(f"{args.prerope_calibration} is missing; run --stages prerope first")
+    calib, _, menu = stage_calibration(lm, args, "prerope", args.prerope_calibration, PRE_ROPE_SCHEMES)
+    context = args.long_context
+    rows = prerope_comparison(lm, args, calib, menu, context, args.long_windows,
+                              f"keys stored before RoPE in the menu ({context}-token windows)")
     return {"window": context, "windows": args.long_windows, "results": rows}
 
 
@@ -269,7 +305,6 @@ def lloyd_channel_rows(maps: dict, results) -> list[dict]:
 def lloyd_channel_stage(lm, args) -> dict:
     from kvcompile.measure.quality import evaluate, format_table, kl_meter
     from kvcompile.plan.optimize import plan
-    from kvcompile.plan.refine import refine_budget
 
     calib, seconds = lloyd_channel_calibration(lm, args)
     measure = kl_meter(lm, calib.text, 512, 2)
@@ -277,11 +312,8 @@ def lloyd_channel_stage(lm, args) -> dict:
     for b in BUDGETS:
         for label, schemes in lloyd_channel_menus().items():
             maps[f"plan {b:g}b tiers{label}"] = plan(calib, budget_bits=b, context=512, age_tiers=1, schemes=schemes).pmap
-        label, schemes = " lm-ch for int-ch", lloyd_channel_menus()[" lm-ch for int-ch"]
-        t0 = time.perf_counter()
-        refined = refine_budget(calib, b, measure, context=512, age_tiers=1, schemes=schemes)
-        maps[f"plan {b:g}b tiers{label} refined"] = refined.result.pmap
-        refinement[f"plan {b:g}b tiers{label} refined"] = {"seconds": time.perf_counter() - t0, "rounds": refined.rounds}
+        name = f"plan {b:g}b tiers lm-ch for int-ch refined"
+        maps[name], refinement[name] = refined_tiers(calib, b, measure, lloyd_channel_menus()[" lm-ch for int-ch"])
     results = evaluate(lm, maps, text=args.text, window=512, max_windows=args.short_windows, progress=False)
     print("\nper-channel Lloyd-Max codes in the menu (512-token windows)")
     print(format_table(results))
@@ -305,38 +337,16 @@ def lloyd_channel_long_stage(lm, args) -> dict:
     return {"window": context, "windows": args.long_windows, "results": rows, "goals": goals(rows, "long")}
 
 def prerope_lloyd_stage(lm, args) -> dict:
-    from kvcompile.calibrate import DEFAULT_SCHEMES, Calibration, calibrate
-    from kvcompile.measure.quality import evaluate, format_table
-    from kvcompile.plan.optimize import plan
-
-    seconds = None
-    if Path(args.prerope_lloyd_calibration).exists():
-        calib = Calibration.load(args.prerope_lloyd_calibration)
-        previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-        seconds = previous.get("prerope_lloyd", {}).get("calibration_seconds")
-    else:
-        t0 = time.perf_counter()
-        calib = calibrate(lm, schemes=[*DEFAULT_SCHEMES, *PRE_ROPE_LLOYD_SCHEMES])
-        seconds = time.perf_counter() - t0
-        calib.save(args.prerope_lloyd_calibration)
+    calib, seconds, menu = stage_calibration(lm, args, "prerope_lloyd", args.prerope_lloyd_calibration,
+                                             PRE_ROPE_LLOYD_SCHEMES)
     out = {"calibration_seconds": seconds, "schemes": calib.schemes}
     for context, windows in ((512, args.short_windows), (args.long_context, args.long_windows)):
-        maps = {}
-        for b in BUDGETS:
-            maps[f"plan {b:g}b tiers"] = plan(calib, budget_bits=b, context=context, age_tiers=1,
-                                              schemes=list(DEFAULT_SCHEMES)).pmap
-            maps[f"plan {b:g}b tiers + pre-RoPE"] = plan(calib, budget_bits=b, context=context, age_tiers=1).pmap
-        results = evaluate(lm, maps, text=args.text, window=context, max_windows=windows, progress=False)
-        print(f"\nkeys before RoPE on per-channel Lloyd-Max codes ({context}-token windows)")
-        print(format_table(results))
-        rows = [{"name": r.name, "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
-                 "top1_agreement": r.top1_agreement, "sink_tokens": maps[r.name].sink_tokens,
-                 "recent_window": maps[r.name].recent_window, "age_windows": list(maps[r.name].age_windows),
-                 "pre_rope_sites": sum(s.endswith("-pr") for c in maps[r.name].schemes["key"].values()
-                                       for row in c for s in row)} for r in results]
+        rows = prerope_comparison(lm, args, calib, menu, context, windows,
+                                  f"keys before RoPE on per-channel Lloyd-Max codes ({context}-token windows)")
         out[str(context)] = {"window": context, "windows": windows, "results": rows,
                              "goals": goals(rows, "short" if context == 512 else "long")}
     return out
+
 
 def sketch_stage(lm, args) -> dict:
     from kvcompile.kv.precision_map import PrecisionMap
@@ -482,8 +492,10 @@ def readme_lines(doc: dict) -> list[str]:
         for r in doc["sketch"]["results"]:
             out.append(f"| {r['key_scheme']} | {r['key_bits']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
                        f"{r['top1_agreement']:.3f} |")
-    if "results" in doc.get("retrieval_split", {}):
-        sec = doc["retrieval_split"]
+    for stage in ("retrieval_split", "lloyd_channel_retrieval"):
+        if "results" not in doc.get(stage, {}):
+            continue
+        sec = doc[stage]
         out += [f"| {sec['context']} tokens | bits/elt | accuracy | full precision | agreement |", "|---|---|---|---|---|"]
         for r in sec["results"]:
             out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['accuracy']:.2f} | "
@@ -553,30 +565,19 @@ def main() -> None:
                                           "directory": args.calibration})
     calib = Calibration.load(args.calibration)
     failed = []
+    with_calibration = {"short": lambda: quality_stage(lm, calib, args, "short"),
+                        "long": lambda: quality_stage(lm, calib, args, "long"),
+                        "retrieval": lambda: retrieval_stage(lm, calib, args),
+                        "retrieval_split": lambda: retrieval_split_stage(lm, calib, args)}
+    own_calibration = {"outliers": outliers_stage, "prerope": prerope_stage, "prerope_long": prerope_long_stage,
+                       "lloyd_channel": lloyd_channel_stage, "lloyd_channel_long": lloyd_channel_long_stage,
+                       "lloyd_channel_retrieval": lloyd_channel_retrieval_stage,
+                       "prerope_lloyd": prerope_lloyd_stage, "sketch": sketch_stage}
     for stage in stages:
         if stage == "calibrate":
             continue
         try:
-            if stage == "retrieval":
-                section = retrieval_stage(lm, calib, args)
-            elif stage == "outliers":
-                section = outliers_stage(lm, args)
-            elif stage == "prerope":
-                section = prerope_stage(lm, args)
-            elif stage == "prerope_long":
-                section = prerope_long_stage(lm, args)
-            elif stage == "lloyd_channel":
-                section = lloyd_channel_stage(lm, args)
-            elif stage == "lloyd_channel_long":
-                section = lloyd_channel_long_stage(lm, args)
-            elif stage == "prerope_lloyd":
-                section = prerope_lloyd_stage(lm, args)
-            elif stage == "sketch":
-                section = sketch_stage(lm, args)
-            elif stage == "retrieval_split":
-                section = retrieval_split_stage(lm, calib, args)
-            else:
-                section = quality_stage(lm, calib, args, stage)
+            section = with_calibration[stage]() if stage in with_calibration else own_calibration[stage](lm, args)
             write_partial(args, stage, section)
         except Exception:  # keep the other stages' results; the error goes into the JSON
             traceback.print_exc()
