@@ -40,7 +40,7 @@ BYTES = {torch.int8: 1, torch.float16: 2, torch.float32: 4}
 # everything in the planner's default menu (the library reads all of it), plus variants
 SCHEMES = [s for s in DEFAULT_SCHEMES if native_readable(get_scheme(s))] + ["int8-ch", "int4-sym", "int2-sym-ch-g16", "int3-s32",
                                                         "int8-ch-s32", "nf4-g32", "nf4-nodq", "int4-g16-rot", "lm2",
-                                                        "lm4-g16", "lm3-g16-rot", "lm2-ch", "lm3-ch-g64", "lm4-ch-g16"]
+                                                        "lm4-g16", "lm3-g16-rot", "lm4-ch-g16"]
 
 
 def session(attrs, use_native=True):
