@@ -419,6 +419,17 @@ def retrieval_stage(lm, calib, args) -> dict:
     return out
 
 
+def goal_line(g: dict, window: int, qualifier: str = "") -> str:
+    verdict = "met" if g["met"] else f"missed by {g['miss_factor']:.1f}x"
+    return (f"- goal at {window} tokens{qualifier}, ≤ {g['bits_at_most']} bits at ΔPPL ≤ {g['delta_ppl_pct_at_most']} %: "
+            f"best {g['best_map']}, {g['bits_per_element']:.3f} bits, {g['delta_ppl_pct']:+.2f} %: {verdict}")
+
+
+def prerope_row(r: dict) -> str:
+    return (f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
+            f"{r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} | {r['pre_rope_sites']} |")
+
+
 def readme_lines(doc: dict) -> list[str]:
     """The Markdown README.md quotes from the JSON (``tests/unit/test_docs_figures.py`` checks it is there)."""
     out = []
@@ -432,10 +443,7 @@ def readme_lines(doc: dict) -> list[str]:
             sinks = f"{r['sink_tokens']} ({'/'.join(r['sink_schemes'])})" if r["sink_tokens"] else "0"
             out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
                        f"{sinks} | {r['recent_window']} + {r['age_windows']} | {r['lloyd_max_sites']} |")
-        for g in sec["goals"]:
-            verdict = "met" if g["met"] else f"missed by {g['miss_factor']:.1f}x"
-            out.append(f"- goal at {sec['window']} tokens, ≤ {g['bits_at_most']} bits at ΔPPL ≤ {g['delta_ppl_pct_at_most']} %: "
-                       f"best {g['best_map']}, {g['bits_per_element']:.3f} bits, {g['delta_ppl_pct']:+.2f} %: {verdict}")
+        out += [goal_line(g, sec["window"]) for g in sec["goals"]]
         for t in sec.get("target_kl", []):
             out.append(f"- target KL {t['target']}: {t['map']} measures {t['held_out_kl']:.4f} on held-out text "
                        f"({t['ratio']:.2f}x the target)")
@@ -448,21 +456,13 @@ def readme_lines(doc: dict) -> list[str]:
     if "results" in doc.get("prerope", {}):
         out += ["| 512 tokens, menu with pre-RoPE keys | bits/elt | ΔPPL | KL | sinks | window + age tiers | "
                 "key entries stored before RoPE |", "|---|---|---|---|---|---|---|"]
-        for r in doc["prerope"]["results"]:
-            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
-                       f"{r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} | {r['pre_rope_sites']} |")
-        for g in doc["prerope"].get("goals", []):
-            verdict = "met" if g["met"] else f"missed by {g['miss_factor']:.1f}x"
-            out.append(f"- goal at 512 tokens with these maps, ≤ {g['bits_at_most']} bits at ΔPPL ≤ "
-                       f"{g['delta_ppl_pct_at_most']} %: best {g['best_map']}, {g['bits_per_element']:.3f} bits, "
-                       f"{g['delta_ppl_pct']:+.2f} %: {verdict}")
+        out += [prerope_row(r) for r in doc["prerope"]["results"]]
+        out += [goal_line(g, 512, " with these maps") for g in doc["prerope"].get("goals", [])]
     if "results" in doc.get("prerope_long", {}):
         sec = doc["prerope_long"]
         out += [f"| {sec['window']} tokens, menu with pre-RoPE keys | bits/elt | ΔPPL | KL | sinks | window + age tiers | "
                 "key entries stored before RoPE |", "|---|---|---|---|---|---|---|"]
-        for r in sec["results"]:
-            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
-                       f"{r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} | {r['pre_rope_sites']} |")
+        out += [prerope_row(r) for r in sec["results"]]
     for stage in ("lloyd_channel", "lloyd_channel_long"):
         if "results" not in doc.get(stage, {}):
             continue
@@ -474,19 +474,13 @@ def readme_lines(doc: dict) -> list[str]:
             out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
                        f"{r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} | {lloyd['key']}/{lloyd['value']} | "
                        f"{uniform['key']}/{uniform['value']} |")
-        for g in sec.get("goals", []):
-            verdict = "met" if g["met"] else f"missed by {g['miss_factor']:.1f}x"
-            out.append(f"- goal at {sec.get('window', 512)} tokens with these maps, ≤ {g['bits_at_most']} bits at ΔPPL ≤ "
-                       f"{g['delta_ppl_pct_at_most']} %: best {g['best_map']}, {g['bits_per_element']:.3f} bits, "
-                       f"{g['delta_ppl_pct']:+.2f} %: {verdict}")
+        out += [goal_line(g, sec.get("window", 512), " with these maps") for g in sec.get("goals", [])]
     for context, sec in doc.get("prerope_lloyd", {}).items():
         if not isinstance(sec, dict) or "results" not in sec:
             continue
         out += [f"| {context} tokens, pre-RoPE per-channel Lloyd-Max keys | bits/elt | ΔPPL | KL | sinks | "
                 "window + age tiers | key entries stored before RoPE |", "|---|---|---|---|---|---|---|"]
-        for r in sec["results"]:
-            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
-                       f"{r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} | {r['pre_rope_sites']} |")
+        out += [prerope_row(r) for r in sec["results"]]
     if "results" in doc.get("sketch", {}):
         out += ["| 512 tokens, keys only (values fp16) | key bits/elt | ΔPPL | KL | top-1 |", "|---|---|---|---|---|"]
         for r in doc["sketch"]["results"]:
