@@ -10,13 +10,17 @@ compare.lockstep):
 
 * noise floor: the torch reference against itself with 1 thread instead of 2 (the same map; the
   two differ only by float rounding, which flips low-bit codes now and then);
-* faithful exports through ONNX Runtime (fp16, int8, KIVI-2, and the per-head mixed map below);
+* faithful exports through ONNX Runtime (fp16, int8, KIVI-2, the per-head mixed map below, and the
+  3-bit plan of the default menu with one age tier, bench/results/smollm2-plan-3b-tiers-lm-ch.json,
+  which stores the newest positions at 2-4 bits);
 * faults (kvcompile.validate.faults) in the export of the mixed map: a window one position short,
   a dropped sink, kv heads 0 and 1 swapped, every integer scale read 5 % (and 1 %) too large.
 
 The mixed map is kvcompile.validate.faults.probe_map: KIVI-2 (per-channel 2-bit keys, per-token
 2-bit values, groups of 32) with an fp16 window of 32 and 4 fp16 sinks, except kv head 1 of every
 layer, which is KIVI-4.
+The cosine statistic is validate's: over the positions whose step stored the codes the reference stored
+(``min_cosine``; over all positions: ``min_cosine_all``; their share: ``same_cache``).
 Prints a table (per case, the worst window) and writes JSON with every window.
 """
 
@@ -66,6 +70,7 @@ def main() -> None:
 
     from kvcompile.data import load_text
     from kvcompile.export import export_onnx
+    from kvcompile.kv.precision_map import PrecisionMap
     from kvcompile.models import load_model
     from kvcompile.plan.presets import resolve_map
     from kvcompile.runtime import open_decoder
@@ -75,7 +80,8 @@ def main() -> None:
     lm = load_model(args.model)
     windows = token_windows(lm.tokenizer, load_text(args.text), args.window, args.windows).numpy()
     maps = {"fp16": resolve_map("fp16", lm.geometry), "int8": resolve_map("int8", lm.geometry),
-            "kivi-2": resolve_map("kivi-2", lm.geometry), "mixed": faults.probe_map(lm.geometry)}
+            "kivi-2": resolve_map("kivi-2", lm.geometry), "mixed": faults.probe_map(lm.geometry),
+            "3-bit plan": PrecisionMap.load(Path(__file__).resolve().parent / "results" / "smollm2-plan-3b-tiers-lm-ch.json")}
     tmp = Path(tempfile.mkdtemp(prefix="validate-faults-"))
     exports = {name: export_onnx(lm, pmap, tmp / name, max_context=args.window) for name, pmap in maps.items()}
     for factor in (1.01, 1.05):
@@ -104,25 +110,30 @@ def main() -> None:
     print(f"model {args.model}, {len(windows)} windows of {args.window} ({args.prefill} prefill + "
           f"{args.window - args.prefill} decode steps); worst window per case")
     print(f"{'case':<44} {'kind':<12} {'pass rate':>9} {'KL':>9} {'top-1':>6} {'min cos':>8} {'median|e|':>9} "
-          f"{'cache: shape':>12} {'differ %':>9}")
+          f"{'cache: shape':>12} {'differ %':>9} {'cos, all':>8} {'same %':>7}")
     for label, kind, claimed, decoder in cases:
         reference = open_decoder(claimed, "torch", lm=lm)
         per_window = []
         for ids in windows:
             logits, ref_logits, state = compare.lockstep(decoder, reference, ids, args.prefill, claimed.pmap)
-            stats = compare.agreement([logits], [ref_logits], args.prefill)
             checked = state["compared"] > 0 or state["mismatched"] > 0
+            stats = compare.agreement([logits], [ref_logits], args.prefill,
+                                      same_cache=[state["same_cache"]] if checked else None)
             per_window.append({**stats, "cache_checked": checked, "cache_mismatched": state["mismatched"],
-                               "cache_differing": state["differing"] / max(state["compared"], 1)})
+                               "cache_differing": state["differing"] / max(state["compared"], 1),
+                               "same_cache": stats["rows_same_cache"] / stats["rows"]})
         worst = {"pass_rate": min(w["pass_rate"] for w in per_window), "kl": max(w["kl"] for w in per_window),
                  "top1": min(w["top1"] for w in per_window), "min_cosine": min(w["min_cosine"] for w in per_window),
+                 "min_cosine_all": min(w["min_cosine_all"] for w in per_window),
+                 "same_cache": min(w["same_cache"] for w in per_window),
                  "median_abs_error": max(w["median_abs_error"] for w in per_window),
                  "cache_checked": per_window[0]["cache_checked"],
                  "cache_mismatched": max(w["cache_mismatched"] for w in per_window),
                  "cache_differing": max(w["cache_differing"] for w in per_window)}
         rows.append({"case": label, "kind": kind, "worst": worst, "windows": per_window})
-        cache = (f"{worst['cache_mismatched']:>12} {100 * worst['cache_differing']:>9.4f}" if worst["cache_checked"]
-                 else f"{'n/a':>12} {'n/a':>9}")
+        cache = (f"{worst['cache_mismatched']:>12} {100 * worst['cache_differing']:>9.4f} "
+                 f"{worst['min_cosine_all']:>8.5f} {100 * worst['same_cache']:>7.1f}" if worst["cache_checked"]
+                 else f"{'n/a':>12} {'n/a':>9} {'n/a':>8} {'n/a':>7}")
         print(f"{label:<44} {kind:<12} {worst['pass_rate']:>9.3f} {worst['kl']:>9.2e} {worst['top1']:>6.3f} "
               f"{worst['min_cosine']:>8.5f} {worst['median_abs_error']:>9.4f} {cache}", flush=True)
     write_json(args.out, {"benchmark": "validate_faults", "environment": environment(args.threads), "model": args.model,

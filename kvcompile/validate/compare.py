@@ -56,7 +56,7 @@ class ValidationResult:
     max_abs_error: float
     max_rel_error: float
     median_abs_error: float
-    min_cosine: float
+    min_cosine: float  # over positions whose step stored the codes the reference stored (agreement)
     top1_vs_reference: float  # export vs torch with the same map
     kl_vs_reference: float  # mean KL(torch with the same map || export) per position
     cache_checked: bool  # the export's packed cache was compared with the reference's after every step
@@ -74,6 +74,9 @@ class ValidationResult:
     backend: str = "ort"
     polygraphy_commands: list[str] = field(default_factory=list)
     runner: str = ""  # what ran the export: "onnxruntime+native" (kvcompile's kernels), "onnxruntime", ...
+    min_cosine_all: float = float("nan")  # over every position, steps that stored a code differently included
+    positions_same_cache: int = 0  # positions whose step left the export's cache equal to the reference's
+    positions: int = 0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -81,7 +84,10 @@ class ValidationResult:
     def summary(self) -> str:
         verdict = "PASSED" if self.passed else "FAILED"
         return (f"{verdict}: export ({self.runner or self.backend}) vs torch reference (same map): max |err| {self.max_abs_error:.3g}, "
-                f"median |err| {self.median_abs_error:.3g}, min cosine {self.min_cosine:.6f}, "
+                f"median |err| {self.median_abs_error:.3g}, min cosine {self.min_cosine:.6f}"
+                + (f" (the {self.positions_same_cache} of {self.positions} positions whose step stored the codes the "
+                   f"reference stored; {self.min_cosine_all:.6f} over all)" if self.positions_same_cache < self.positions else "")
+                + ", "
                 f"greedy agreement {self.top1_vs_reference:.4f}, KL {self.kl_vs_reference:.2e}, polygraphy steps within tolerance "
                 f"{100 * self.polygraphy_pass_rate:.1f} %"
                 + (f"; packed cache: {self.cache_mismatched_tensors} tensors of another shape, "
@@ -142,12 +148,13 @@ def _differing(a: np.ndarray, b: np.ndarray) -> int:
     return int((np.abs(x - y) > 2.0**-9 * np.abs(y) + 2.0**-24).sum())
 
 
-def compare_cache_state(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray | None]) -> tuple[int, int, int]:
-    """(tensors whose shape or presence differs, elements that differ, elements compared).
+def compare_cache_state(ours: dict[str, np.ndarray], reference: dict[str, np.ndarray | None]) -> tuple[int, int, int, int]:
+    """(tensors whose shape or presence differs, elements that differ, integer codes among them,
+    elements compared).
 
     ``ours``: the export's cache tensors by graph input name; ``reference``: :func:`cache_ports`.
     An empty reference segment (None) equals an export tensor with no positions."""
-    mismatched, differing, total = 0, 0, 0
+    mismatched, differing, codes, total = 0, 0, 0, 0
     for name in sorted(set(ours) | set(reference)):
         a, b = ours.get(name), reference.get(name, "missing")
         if isinstance(b, str) or a is None:
@@ -159,9 +166,11 @@ def compare_cache_state(ours: dict[str, np.ndarray], reference: dict[str, np.nda
         if a.shape != b.shape or a.dtype.itemsize != b.dtype.itemsize:
             mismatched += 1
             continue
-        differing += _differing(a, b)
+        d = _differing(a, b)
+        differing += d
+        codes += d if a.dtype.kind in "iu" else 0
         total += a.size
-    return mismatched, differing, total
+    return mismatched, differing, codes, total
 
 
 def lockstep(exported, reference, ids: np.ndarray, prefill: int, pmap=None) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -170,7 +179,10 @@ def lockstep(exported, reference, ids: np.ndarray, prefill: int, pmap=None) -> t
     Returns their logits ``[T, V]`` and, when ``pmap`` is given, the export's state holds its cache
     tensors (ONNX Runtime) and the reference's a MixedPrecisionCache (torch), how the two caches
     compare after every step: ``mismatched`` (tensors of another shape or head grouping: the graph
-    stores other segments than the map says), ``differing`` and ``compared`` elements.
+    stores other segments than the map says), ``differing`` and ``compared`` elements, and
+    ``same_cache``: bool ``[T]``, per logits row, whether the step that produced it stored the same
+    codes as the reference (no tensor of another shape, no integer code differing; floating-point
+    parts may differ by rounding, the noise the logits thresholds were measured with).
 
     Re-synchronized: before each decode step the export is given the reference's cache as its past
     (when the two agree in shape), so a step's logits and new cache entries differ from the
@@ -179,7 +191,7 @@ def lockstep(exported, reference, ids: np.ndarray, prefill: int, pmap=None) -> t
     until a subtle fault hides among them.
     """
     ours, theirs = exported.start(1), reference.start(1)
-    rows, ref_rows = [], []
+    rows, ref_rows, same_cache = [], [], []
     state = {"mismatched": 0, "differing": 0, "compared": 0, "resynced": 0}
     check = pmap is not None and "past" in ours and "cache" in theirs
     for chunk in [ids[:prefill], *[ids[t:t + 1] for t in range(prefill, len(ids))]]:
@@ -190,14 +202,17 @@ def lockstep(exported, reference, ids: np.ndarray, prefill: int, pmap=None) -> t
         if not check:
             continue
         ref_ports = cache_ports(theirs["cache"], pmap)
-        m, d, n = compare_cache_state(ours["past"], ref_ports)
+        m, d, codes, n = compare_cache_state(ours["past"], ref_ports)
         state["mismatched"] += m
         state["differing"] += d
         state["compared"] += n
+        same_cache.extend([m == 0 and codes == 0] * len(chunk))
         synced = _as_past(ours["past"], ref_ports)
         if synced is not None:
             ours = {**ours, "past": synced}
             state["resynced"] += 1
+    if check:
+        state["same_cache"] = np.array(same_cache)
     return np.concatenate(rows, axis=0), np.concatenate(ref_rows, axis=0), state
 
 
@@ -254,17 +269,24 @@ def write_polygraphy_files(export, prefill_ids: np.ndarray, reference_logits: np
 
 
 def agreement(ours: list[np.ndarray], refs: list[np.ndarray], prefill: int, *, atol: float = 0.05,
-              rtol: float = 0.05, runner: str = "export") -> dict:
+              rtol: float = 0.05, runner: str = "export", same_cache: list[np.ndarray] | None = None) -> dict:
     """How closely one decoder's logits follow another's, step by step.
 
     ``ours``, ``refs``: per window, logits ``[T, V]`` of a prefill of ``prefill`` positions then one
-    decode step per position (:func:`lockstep`).  Returns
+    decode step per position (:func:`lockstep`); ``same_cache``: per window, bool ``[T]`` from
+    :func:`lockstep`, True for rows of steps that stored the codes the reference stored.  Returns
 
     * ``pass_rate``: fraction of steps (the prefill is one step) polygraphy's ``SimpleCompareFunc``
       passes with median absolute or relative error within ``atol`` / ``rtol``;
     * ``kl``: mean over positions of ``KL(softmax(ref) || softmax(ours))`` in nats;
     * ``top1``: fraction of positions with the same greedy token;
-    * ``min_cosine``, ``max_abs_error``, ``median_abs_error``, ``max_rel_error`` of the logits.
+    * ``min_cosine``: least cosine of the logits over the rows whose step stored the codes the
+      reference stored (all rows without ``same_cache``; 1.0 when no row qualifies).  A step that stores one
+      code differently (float rounding across a code boundary, counted by the cache check) reads
+      that code at once: at 2-3 bits one flipped code of the newest position moves that step's
+      logits by more than the bound this statistic holds computations to;
+    * ``min_cosine_all``: the least cosine over every row; ``rows_same_cache``, ``rows``;
+    * ``max_abs_error``, ``median_abs_error``, ``max_rel_error`` of the logits.
     """
     from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
@@ -289,11 +311,14 @@ def agreement(ours: list[np.ndarray], refs: list[np.ndarray], prefill: int, *, a
     a, r = np.concatenate(ours, axis=0), np.concatenate(refs, axis=0)
     diff = np.abs(a - r)
     cos = (a * r).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(r, axis=-1))
+    judged = np.concatenate(same_cache) if same_cache is not None else np.ones(len(cos), bool)
     logp, logp_ref = _log_softmax(a), _log_softmax(r)
     return {"pass_rate": matched / max(total, 1),
             "kl": float((np.exp(logp_ref) * (logp_ref - logp)).sum(-1).mean()),
             "top1": float((a.argmax(-1) == r.argmax(-1)).mean()),
-            "min_cosine": float(cos.min()), "max_abs_error": float(diff.max()),
+            "min_cosine": float(cos[judged].min()) if judged.any() else 1.0,
+            "min_cosine_all": float(cos.min()), "rows_same_cache": int(judged.sum()), "rows": len(cos),
+            "max_abs_error": float(diff.max()),
             "median_abs_error": float(np.median(diff)),
             "max_rel_error": float((diff / np.maximum(np.abs(r), 1e-6)).max())}
 
@@ -328,15 +353,20 @@ def validate_export(export, *, backend: str = "ort", lm=None, text: str = DEFAUL
 
         iterator = tqdm(windows, desc="validate", unit="window")
     cache = {"mismatched": 0, "differing": 0, "compared": 0}
+    same_cache = []
     for ids in iterator:
         logits, ref_logits, state = lockstep(exported, reference, ids, prefill, export.pmap)
         ours.append(logits)
         refs.append(ref_logits)
         cache = {k: cache[k] + state[k] for k in cache}
+        same_cache.append(state.get("same_cache", np.ones(len(logits), bool)))
         with torch.no_grad():
             fulls.append(lm.model(torch.from_numpy(ids)[None]).logits[0].float().numpy())
-    stats = agreement(ours, refs, prefill, atol=atol, rtol=rtol, runner=backend)
     checked_cache = cache["compared"] > 0 or cache["mismatched"] > 0
+    # with the cache checked, the cosine bound holds the steps that stored the codes the reference stored;
+    # a step whose codes differ is judged by the cache check and the mean KL (agreement's docstring)
+    stats = agreement(ours, refs, prefill, atol=atol, rtol=rtol, runner=backend,
+                      same_cache=same_cache if checked_cache else None)
     given = {"min_cosine": min_cosine, "min_top1": min_top1, "min_pass_rate": min_pass_rate, "max_kl": max_kl,
              "max_cache_differing": max_cache_differing}
     limits = {k: v if given[k] is None else given[k] for k, v in (STRICT if checked_cache else FREE_RUNNING).items()}
@@ -367,7 +397,8 @@ def validate_export(export, *, backend: str = "ort", lm=None, text: str = DEFAUL
         cache_checked=checked_cache, cache_mismatched_tensors=cache["mismatched"], cache_differing_fraction=differing,
         ppl=float(np.exp(nll)), ppl_reference=float(np.exp(nll_full)), ppl_torch_same_map=float(np.exp(nll_same)),
         kl=kl, top1_agreement=top1, polygraphy_pass_rate=float(stats["pass_rate"]),
-        tokens_scored=int(len(targets)), windows=len(windows),
+        tokens_scored=int(len(targets)), windows=len(windows), min_cosine_all=stats["min_cosine_all"],
+        positions_same_cache=stats["rows_same_cache"], positions=stats["rows"],
         tolerances={"atol": atol, "rtol": rtol, "error_stat": "median", **limits,
                     "mode": "lockstep" if checked_cache else "free-running"},
         backend=backend, polygraphy_commands=commands, runner=exported.name)
