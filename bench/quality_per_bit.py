@@ -42,6 +42,12 @@ Stages (each writes its section of ``--out`` as soon as it ends, so a late failu
 * ``retrieval_split``: where retrieval is lost: at 4,096 tokens, the 3-bit map with one age tier
   (default menu), the same map with fp16 values (its keys alone) and with fp16 keys (its values
   alone), and the 3-bit map planned with pre-RoPE keys in the menu; the ``retrieval`` stage's cases.
+* ``retrieval_heads``: does keeping the retrieval heads precise bring retrieval back?  The probe
+  (``kvcompile retrieval-heads``: needle cases of 2,048 tokens of calibration text) scores each kv
+  head; the 3-bit map (one age tier, default menu, from the ``lloyd_channel`` calibration) is planned
+  at 4,096 tokens without protection and with the heads scoring at least 0.5 and 0.1 kept in int8
+  or fp16 (``plan --protect-heads``), beside uniform int4; the ``retrieval`` stage's cases, with the
+  answer's log-probability.
 * ``retrieval``: ``kvcompile eval --task retrieval`` at 4,096 and 8,192 tokens (5 depths), KIVI-2
   and the maps planned at that context; goal: accuracy equal to the full-precision cache at ≤ 3 bits.
   Contexts measured by an earlier run stay in the JSON; the committed 8,192-token row was measured
@@ -62,7 +68,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, setup, write_json  # noqa: E402
 
 STAGES = ("calibrate", "short", "long", "retrieval", "outliers", "prerope", "prerope_long", "sketch", "retrieval_split",
-          "lloyd_channel", "lloyd_channel_long", "lloyd_channel_retrieval", "prerope_lloyd")
+          "lloyd_channel", "lloyd_channel_long", "lloyd_channel_retrieval", "prerope_lloyd", "retrieval_heads")
+RETRIEVAL_THRESHOLDS = (0.5, 0.1)
 SKETCH_KEYS = ["lm2-rot", "lm2-rot-qjl", "lm3-rot", "lm3-rot-qjl", "lm4-rot"]
 OUTLIER_SCHEMES = ["int2-ch-o1", "int2-ch-g64-o1", "int3-ch-g64-o1", "lm2-o1", "lm2-g64-o1"]
 PRE_ROPE_SCHEMES = ["int2-ch-pr", "int2-ch-g64-pr", "int3-ch-pr", "int3-ch-g64-pr"]
@@ -234,6 +241,33 @@ def lloyd_channel_retrieval_stage(lm, args) -> dict:
     print(f"\nretrieval at {context} tokens, per-channel codes")
     print(format_retrieval_table(results))
     return {"context": context, "depths": args.depths, "trials": args.trials, "results": [r.to_json() for r in results]}
+
+def retrieval_heads_stage(lm, args) -> dict:
+    from dataclasses import asdict
+
+    from kvcompile.calibrate.retrieval_heads import probe_retrieval_heads
+    from kvcompile.measure.retrieval import format_retrieval_table, retrieval
+    from kvcompile.plan.optimize import plan
+    from kvcompile.plan.presets import resolve_map
+
+    heads = probe_retrieval_heads(lm, progress=False)
+    print(f"retrieval-head probe: {heads.seconds:.1f} s, {heads.retrieved} of {heads.cases} cases answered; "
+          f"kv heads >= {RETRIEVAL_THRESHOLDS[-1]}: {heads.protected(RETRIEVAL_THRESHOLDS[-1])}")
+    calib, _ = lloyd_channel_calibration(lm, args)
+    context, menu = 4096, lloyd_channel_menus()[" lm-ch for int-ch"]
+    protected = {"plan 3b tiers": []} | {f"plan 3b tiers, heads >= {t:g} in int8": heads.protected(t)
+                                         for t in RETRIEVAL_THRESHOLDS}
+    maps = {name: plan(calib, budget_bits=3.0, context=context, age_tiers=1, schemes=menu, protect=p).pmap
+            for name, p in protected.items()}
+    maps["int4"] = resolve_map("int4", lm.geometry)
+    results = retrieval(lm, maps, context=context, depths=args.depths, trials=args.trials, text=args.text,
+                        progress=False)
+    print(f"\nretrieval at {context} tokens, retrieval heads protected")
+    print(format_retrieval_table(results))
+    return {"context": context, "depths": args.depths, "trials": args.trials, "probe": asdict(heads),
+            "results": [{**r.to_json(), "protected_heads": [list(h) for h in protected.get(r.name, [])]}
+                        for r in results]}
+
 
 def prerope_comparison(lm, args, calib, menu: list[str], context: int, windows: int, title: str) -> list[dict]:
     """Plain maps at 3.0 and 2.5 bits (one age tier) from ``menu`` and from the whole calibration (the
@@ -494,6 +528,13 @@ def readme_lines(doc: dict) -> list[str]:
         for r in sec["results"]:
             out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['accuracy']:.2f} | "
                        f"{r['accuracy_reference']:.2f} | {r['agreement']:.2f} |")
+    if "results" in doc.get("retrieval_heads", {}):
+        sec = doc["retrieval_heads"]
+        out += [f"| {sec['context']} tokens | bits/elt | protected kv heads | accuracy | full precision | "
+                "answer log-prob | full precision |", "|---|---|---|---|---|---|---|"]
+        for r in sec["results"]:
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {len(r['protected_heads'])} | {r['accuracy']:.2f} | "
+                       f"{r['accuracy_reference']:.2f} | {r['answer_logprob']:.2f} | {r['answer_logprob_reference']:.2f} |")
     if doc.get("retrieval") and "error" not in doc["retrieval"]:
         out += ["| context | map | bits/elt | accuracy | full precision | agreement |", "|---|---|---|---|---|---|"]
         for context, sec in doc["retrieval"].items():
@@ -566,7 +607,8 @@ def main() -> None:
     own_calibration = {"outliers": outliers_stage, "prerope": prerope_stage, "prerope_long": prerope_long_stage,
                        "lloyd_channel": lloyd_channel_stage, "lloyd_channel_long": lloyd_channel_long_stage,
                        "lloyd_channel_retrieval": lloyd_channel_retrieval_stage,
-                       "prerope_lloyd": prerope_lloyd_stage, "sketch": sketch_stage}
+                       "prerope_lloyd": prerope_lloyd_stage, "sketch": sketch_stage,
+                       "retrieval_heads": retrieval_heads_stage}
     for stage in stages:
         if stage == "calibrate":
             continue

@@ -128,6 +128,14 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _depths(text: str | None) -> list[float] | None:
+    """``--depths``: comma-separated needle depths (None: the default)."""
+    try:
+        return [float(d) for d in text.split(",")] if text else None
+    except ValueError:
+        raise KvcompileError(f"--depths: expected comma-separated fractions such as 0.1,0.5,0.9, got {text!r}") from None
+
+
 def _eval_retrieval(args, lm, maps) -> int:
     from kvcompile.artifacts import atomic_write_bytes
     from kvcompile.measure.retrieval import DEFAULT_DEPTHS, format_retrieval_table, retrieval
@@ -135,11 +143,7 @@ def _eval_retrieval(args, lm, maps) -> int:
     if args.mode != "simulate" or args.prefill != 1:
         raise KvcompileError("--task retrieval scores by the exact simulation with the prompt as prefill; "
                              "drop --mode and --prefill")
-    try:
-        depths = [float(d) for d in args.depths.split(",")] if args.depths else list(DEFAULT_DEPTHS)
-    except ValueError:
-        raise KvcompileError(f"--depths: expected comma-separated fractions such as 0.1,0.5,0.9, got {args.depths!r}") from None
-    results = retrieval(lm, maps, context=args.window, depths=depths, trials=args.trials, text=args.text,
+    results = retrieval(lm, maps, context=args.window, depths=_depths(args.depths) or DEFAULT_DEPTHS, trials=args.trials, text=args.text,
                         progress=not args.quiet)
     print(f"model {args.model}, text {args.text}")
     print(format_retrieval_table(results))
@@ -178,6 +182,26 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_retrieval_heads(args) -> int:
+    from kvcompile.calibrate.retrieval_heads import DEFAULT_DEPTHS, probe_retrieval_heads
+    from kvcompile.models import load_model
+
+    if Path(args.output).is_dir():
+        raise KvcompileError(f"-o {args.output} is a directory; expected the path of the JSON to write")
+    _set_threads(args.threads)
+    _quiet_loading(args.quiet)
+    lm = load_model(args.model)
+    heads = probe_retrieval_heads(lm, text=args.text, context=args.context, depths=_depths(args.depths) or DEFAULT_DEPTHS,
+                                  trials=args.trials, progress=not args.quiet)
+    heads.save(args.output)
+    top = heads.protected(args.threshold)
+    print(f"probed {args.model} on {heads.cases} needle cases of {heads.context} tokens of {heads.text} in "
+          f"{heads.seconds:.1f} s ({heads.retrieved} answered at full precision, {heads.events} answer tokens scored)")
+    print(f"kv heads scoring >= {args.threshold}: "
+          + (", ".join(f"layer {l} head {h} ({heads.scores[l][h]:.2f})" for l, h in top) or "none") + f" -> {args.output}")
+    return 0
+
+
 def cmd_plan(args) -> int:
     from kvcompile.calibrate import Calibration
     from kvcompile.plan.optimize import plan
@@ -185,10 +209,19 @@ def cmd_plan(args) -> int:
     if Path(args.output).is_dir():
         raise KvcompileError(f"-o {args.output} is a directory; expected the path of the map JSON to write")
     calib = Calibration.load(args.calibration)
+    protect = None
+    if args.protect_heads:
+        from kvcompile.calibrate.retrieval_heads import RetrievalHeads
+
+        heads = RetrievalHeads.load(args.protect_heads)
+        if heads.model != calib.model:
+            raise KvcompileError(f"{args.protect_heads} scores the heads of {heads.model}; the calibration is of {calib.model}")
+        protect = heads.protected(args.protect_threshold)
     options = dict(context=args.context, schemes=args.schemes.split(",") if args.schemes else None,
                    sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
                    corrected=not args.raw, memory=args.memory, age_tiers=args.age_tiers,
-                   sink_schemes=args.sink_schemes.split(",") if args.sink_schemes else None)
+                   sink_schemes=args.sink_schemes.split(",") if args.sink_schemes else None,
+                   protect=protect, protect_scheme=args.protect_scheme)
     if args.refine:
         from kvcompile.models import load_model
         from kvcompile.measure.quality import kl_meter
@@ -215,6 +248,9 @@ def cmd_plan(args) -> int:
     print(result.pmap.description)
     ages = f", age tiers {list(result.pmap.age_windows)}" if result.pmap.age_windows else ""
     print(f"sinks {result.sink_tokens}, recent window {result.recent_window}{ages}; {result.pmap.summary()} -> {args.output}")
+    if protect:
+        print(f"protected in {args.protect_scheme} or fp16 (retrieval score >= {args.protect_threshold}): "
+              + ", ".join(f"layer {l} head {h}" for l, h in protect))
     if args.refine:
         if not refined.met:
             print(f"warning: no map tried meets the target on the calibration text; the best measures "
@@ -503,9 +539,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="model for --refine (default: the calibrated one)")
     p.add_argument("--refine-windows", type=_int_in(1, 1024), default=2, help="calibration windows measured per round (default 2)")
     p.add_argument("--rounds", type=_int_in(1, 100), default=6, help="most maps measured by --refine --target-kl (default 6)")
+    p.add_argument("--protect-heads", help="retrieval-heads JSON (from kvcompile retrieval-heads): kv heads scoring at "
+                                           "least --protect-threshold store K and V in --protect-scheme or fp16")
+    p.add_argument("--protect-threshold", type=_float_in(0, 1, lo_open=True), default=0.5,
+                   help="least retrieval score of a protected kv head (default 0.5)")
+    p.add_argument("--protect-scheme", default="int8", help="per-token format of protected heads (default int8)")
     p.add_argument("--threads", type=THREADS, default=None)
     p.add_argument("-o", "--output", required=True, help="precision map JSON to write")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("retrieval-heads", help="score each kv head by how much the model copies through it from far back "
+                                               "(needle cases on calibration text), for plan --protect-heads")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--text", default=DEFAULT_CALIBRATION_TEXT, help=f"default {DEFAULT_CALIBRATION_TEXT}")
+    p.add_argument("--context", type=_int_in(64), default=2048, help="tokens per needle case (default 2048)")
+    p.add_argument("--depths", default=None, help="comma-separated needle depths in [0, 1] (default 0.1,0.3,0.5,0.7,0.9)")
+    p.add_argument("--trials", type=POSITIVE, default=2, help="cases per depth (default 2)")
+    p.add_argument("--threshold", type=_float_in(0, 1, lo_open=True), default=0.5, help="score to list a head at (default 0.5)")
+    p.add_argument("-o", "--output", required=True, help="retrieval-heads JSON to write")
+    p.add_argument("--threads", type=THREADS, default=None)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_retrieval_heads)
 
     p = sub.add_parser("report", help="Markdown/HTML report with a per-layer table, heatmap and plots")
     p.add_argument("calibration", help="calibration directory")

@@ -5,7 +5,10 @@ Each case is a *needle* sentence, ``The pass key of <name> is <5 digits>.``, ins
 question ``What is the pass key of <name>? The pass key of <name> is`` and the answer
 `` <5 digits>.``  A case counts as retrieved when every answer token is the model's top-1 prediction
 given the context and the answer so far, which is what greedy decoding would generate (teacher
-forcing stops mattering once a token is wrong, and such a case already failed).
+forcing stops mattering once a token is wrong, and such a case already failed).  Since a handful
+of pass/fail cases moves in steps, each result also carries the answer's log-probability (the sum
+over its tokens of ``log p(token | context, answer so far)``, averaged over cases): how far a map is
+from answering, where accuracy says only whether it does.
 
 Through a mixed-precision cache the case is scored by the exact simulation
 (:mod:`kvcompile.measure.simulate`) with the context and question as the prefill and the answer
@@ -53,6 +56,8 @@ class RetrievalResult:
     accuracy: float
     accuracy_reference: float
     agreement: float  # fraction of cases where the map and the reference are both right or both wrong
+    answer_logprob: float = 0.0  # mean over cases of the answer's summed token log-probability (nats)
+    answer_logprob_reference: float = 0.0
     by_depth: dict = field(default_factory=dict)  # depth -> accuracy
     by_depth_reference: dict = field(default_factory=dict)
     seconds: float = 0.0
@@ -98,6 +103,13 @@ def _retrieved(logits: torch.Tensor, case: NeedleCase) -> bool:
     return bool((logits[a - 1:-1].argmax(-1) == case.ids[a:]).all())
 
 
+def _answer_logprob(logits: torch.Tensor, case: NeedleCase) -> float:
+    """Summed log-probability of the answer tokens, each given the context and the answer before it."""
+    a = case.answer_start
+    logp = torch.log_softmax(logits[a - 1:-1].double(), -1)
+    return float(logp[torch.arange(len(case.ids) - a), case.ids[a:]].sum())
+
+
 @torch.no_grad()
 def retrieval(lm, maps: dict[str, PrecisionMap], context: int = 4096, depths=DEFAULT_DEPTHS, trials: int = 2,
               text: str = DEFAULT_EVAL_TEXT, seed: int = 0, progress: bool = True) -> list[RetrievalResult]:
@@ -114,12 +126,15 @@ def retrieval(lm, maps: dict[str, PrecisionMap], context: int = 4096, depths=DEF
                          lm.geometry.layer_windows)
     cases = needle_cases(lm.tokenizer, context, depths, trials, text, seed)
     model = lm.model
-    ref_ok = []
+    ref_ok, ref_logp = [], []
     ok = {name: [] for name in maps}
+    logp = {name: [] for name in maps}
     seconds = {name: 0.0 for name in maps}
     bar = tqdm(total=len(cases) * (len(maps) + 1), desc="retrieval", unit="pass", disable=not progress, leave=False)
     for case in cases:
-        ref_ok.append(_retrieved(model(case.ids[None], use_cache=False).logits[0], case))
+        logits = model(case.ids[None], use_cache=False).logits[0]
+        ref_ok.append(_retrieved(logits, case))
+        ref_logp.append(_answer_logprob(logits, case))
         bar.update()
         for name, pmap in maps.items():
             t0 = time.perf_counter()
@@ -127,6 +142,7 @@ def retrieval(lm, maps: dict[str, PrecisionMap], context: int = 4096, depths=DEF
                 logits = model(case.ids[None], use_cache=False).logits[0]
             seconds[name] += time.perf_counter() - t0
             ok[name].append(_retrieved(logits, case))
+            logp[name].append(_answer_logprob(logits, case))
             bar.update()
     bar.close()
 
@@ -143,20 +159,22 @@ def retrieval(lm, maps: dict[str, PrecisionMap], context: int = 4096, depths=DEF
             bits_per_element=pmap.bits_per_element(length), kv_bytes=pmap.kv_bytes(length), context=length,
             cases=len(cases), accuracy=sum(flags) / len(cases), accuracy_reference=sum(ref_ok) / len(cases),
             agreement=sum(a == b for a, b in zip(flags, ref_ok)) / len(cases),
+            answer_logprob=sum(logp[name]) / len(cases), answer_logprob_reference=sum(ref_logp) / len(cases),
             by_depth=by_depth(flags), by_depth_reference=by_depth(ref_ok), seconds=seconds[name]))
     return results
 
 
 def format_retrieval_table(results: list[RetrievalResult]) -> str:
     depths = list(results[0].by_depth) if results else []
-    head = f"{'scheme':<22} {'bits/elt':>8} {'acc':>6} {'ref acc':>7} {'agree':>6}  " + " ".join(
+    head = f"{'scheme':<22} {'bits/elt':>8} {'acc':>6} {'ref acc':>7} {'agree':>6} {'ans logp':>8}  " + " ".join(
         f"{'d=' + d:>6}" for d in depths)
     lines = [head, "-" * len(head)]
     for r in results:
         lines.append(f"{r.name[:22]:<22} {r.bits_per_element:>8.3f} {r.accuracy:>6.2f} {r.accuracy_reference:>7.2f} "
-                     f"{r.agreement:>6.2f}  " + " ".join(f"{r.by_depth[d]:>6.2f}" for d in depths))
+                     f"{r.agreement:>6.2f} {r.answer_logprob:>8.2f}  " + " ".join(f"{r.by_depth[d]:>6.2f}" for d in depths))
     if results:
         r = results[0]
         lines.append(f"({r.cases} needle cases of {r.context} tokens; accuracy = every answer token top-1; "
+                     f"ans logp = the answer's log-probability, full precision {r.answer_logprob_reference:.2f}; "
                      f"reference = full-precision cache)")
     return "\n".join(lines)

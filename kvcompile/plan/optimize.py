@@ -41,6 +41,11 @@ Sink formats (``plan_tiers``; :data:`SINK_SCHEMES`): each site may also store it
 per-token format s instead of fp16, charged ``max(cost(s, 0, 0) - cost(s, 0, n), 0)``: the bulk
 cost of s over all query distances without protected sinks, minus with n of them, which is the
 sinks' own share of it.
+
+Protected heads (``protect``, e.g. the retrieval heads of
+:mod:`kvcompile.calibrate.retrieval_heads`): every site of a listed (layer, kv head), K and V,
+may only store its sinks, age tiers and bulk in ``protect_scheme`` or fp16.  A constraint, not a
+cost: what these heads lose (copying from far back) is what the KL of running text does not see.
 """
 
 from __future__ import annotations
@@ -158,7 +163,8 @@ def _request(calib: Calibration, budget_bits, target_kl, memory: str, context, s
 def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float | None = None, context: int | None = None,
          schemes: list[str] | None = None, sink_options: list[int] | None = None,
          window_options: list[int] | None = None, corrected: bool = True, memory: str = "final",
-         age_tiers: int = 0, sink_schemes: list[str] | None = None) -> PlanResult:
+         age_tiers: int = 0, sink_schemes: list[str] | None = None, protect: list[tuple[int, int]] | None = None,
+         protect_scheme: str = "int8") -> PlanResult:
     """Optimal precision map under a memory budget (``budget_bits``) or a quality target (``target_kl``).
 
     ``memory``: how bits are counted at the context, ``final`` (the cache holding ``context``
@@ -166,11 +172,13 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
     :data:`~kvcompile.kv.precision_map.MEMORY_ACCOUNTING`).  ``age_tiers`` > 0: also consider up to
     that many recency tiers, a quantized recent window among them (an age tier starting at distance 0),
     and quantized sinks (:func:`plan_tiers`).  ``sink_schemes``: the sink formats to choose from per site
-    (default fp16 only without age tiers, :data:`SINK_SCHEMES` with them)."""
+    (default fp16 only without age tiers, :data:`SINK_SCHEMES` with them).  ``protect``: (layer, kv
+    head) pairs whose K and V store everything in ``protect_scheme`` or fp16 (module docstring)."""
     if age_tiers or (sink_schemes and set(sink_schemes) != {"fp16"}):
         return plan_tiers(calib, age_tiers, budget_bits=budget_bits, target_kl=target_kl, context=context,
                           schemes=schemes, sink_options=sink_options, window_options=window_options,
-                          corrected=corrected, memory=memory, sink_schemes=sink_schemes)
+                          corrected=corrected, memory=memory, sink_schemes=sink_schemes, protect=protect,
+                          protect_scheme=protect_scheme)
     context, schemes, sink_options, window_options = _request(calib, budget_bits, target_kl, memory, context, schemes,
                                                               sink_options, window_options)
     g = calib.geometry
@@ -182,6 +190,8 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
     per_token = np.array([get_scheme(s).token_group == 1 for s in schemes])
     allowed = np.where(windowed[:, None], per_token[None, :], True)
     allowed &= ~(_value_sites(sites)[:, None] & _pre_rope(schemes)[None, :])  # values have no RoPE
+    protected = _protected_sites(calib, protect, protect_scheme, schemes)
+    allowed &= ~(protected[:, None] & ~np.isin(schemes, ["fp16", protect_scheme])[None, :])
     big = 1 << 40
     candidates = []
     best_pick = None
@@ -237,7 +247,7 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
         provenance={"planner": "multiple-choice knapsack, exact DP at 1/64 bit (rounded up)", "mode": mode,
                     "context": context, "memory": memory, "estimator": calib.estimator, "cost_unit": calib.cost_unit,
                     "predicted_cost": total_cost, "bits_per_element": exact_bits, "schemes": schemes,
-                    "corrected": corrected,
+                    "corrected": corrected, **_protect_record(protect, protect_scheme),
                     "target_kl": target_kl, "budget_bits": budget_bits, "candidates": candidates},
     ).windowed(g.layer_windows)  # window layers: their (per-token) bulk choice in every class
     return PlanResult(pmap, total_cost, exact_bits, n, w, candidates)
@@ -269,6 +279,29 @@ def _pareto(costs: np.ndarray, bits: np.ndarray) -> np.ndarray:
 SINK_SCHEMES = ("fp16", "int8", "int4")
 
 
+def _protected_sites(calib: Calibration, protect, protect_scheme: str, schemes) -> np.ndarray:
+    """[sites] bool over (layer, head, stream) sites: those of the ``protect`` (layer, kv head) pairs;
+    one line for a pair outside the model or a protect scheme outside the menu."""
+    g = calib.geometry
+    mask = np.zeros((g.num_layers, g.num_kv_heads, 2), dtype=bool)
+    for pair in protect or ():
+        if (len(pair) != 2 or any(type(x) is not int for x in pair)
+                or not (0 <= pair[0] < g.num_layers and 0 <= pair[1] < g.num_kv_heads)):
+            raise KvcompileError(f"protected head {tuple(pair)} is not a (layer, kv head) of {calib.model} "
+                                 f"({g.num_layers} layers, {g.num_kv_heads} kv heads)")
+        mask[pair[0], pair[1]] = True
+    if mask.any() and protect_scheme not in schemes:
+        raise KvcompileError(f"protect scheme {protect_scheme!r} is not in the planner's menu ({', '.join(schemes)})")
+    if mask.any() and protect_scheme != "fp16" and get_scheme(protect_scheme).token_group != 1:
+        raise KvcompileError(f"protect scheme {protect_scheme!r} must be per-token (it stores sinks and age tiers too)")
+    return mask.reshape(-1)
+
+
+def _protect_record(protect, protect_scheme: str) -> dict:
+    """The map's provenance entries for protected heads (none when nothing is protected)."""
+    return {"protected_heads": [list(p) for p in protect], "protect_scheme": protect_scheme} if protect else {}
+
+
 def _value_sites(sites) -> np.ndarray:
     """[sites] bool: which of ``(layer, head, stream index)`` sites store values."""
     return np.array([STREAMS[st] == "value" for _, _, st in sites])
@@ -295,11 +328,13 @@ def sink_menu(calib: Calibration, sink_schemes: list[str] | None = None) -> list
 def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = None, target_kl: float | None = None,
                context: int | None = None, schemes: list[str] | None = None, sink_options: list[int] | None = None,
                window_options: list[int] | None = None, corrected: bool = True, memory: str = "final",
-               sink_schemes: list[str] | None = None, structures: list[tuple[int, tuple]] | None = None) -> PlanResult:
+               sink_schemes: list[str] | None = None, structures: list[tuple[int, tuple]] | None = None,
+               protect: list[tuple[int, int]] | None = None, protect_scheme: str = "int8") -> PlanResult:
     """Optimal map with up to ``age_tiers`` recency tiers between the fp16 window and the bulk, and a
     sink format per site from ``sink_schemes`` (default :data:`SINK_SCHEMES`; see the module
     docstring); the other arguments are :func:`plan`'s.  ``structures``: only these
-    ``(sinks, boundaries)`` (as in ``PlanResult.candidates``) instead of every calibrated one."""
+    ``(sinks, boundaries)`` (as in ``PlanResult.candidates``) instead of every calibrated one;
+    ``protect``, ``protect_scheme``: as in :func:`plan`."""
     from itertools import product
 
     context, schemes, sink_options, window_options = _request(calib, budget_bits, target_kl, memory, context, schemes,
@@ -318,6 +353,7 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
     windowed = np.array([bool(g.window(l)) for l in range(g.num_layers) for _ in range(g.num_kv_heads) for _ in range(2)])
     values = np.nonzero(_value_sites([(l, h, st) for l in range(g.num_layers) for h in range(g.num_kv_heads)
                                       for st in range(2)]))[0]
+    protected = np.nonzero(_protected_sites(calib, protect, protect_scheme, schemes))[0]
     candidates, best_pick = [], None
     for n, bounds in _tier_structures(sink_options, window_options, age_tiers):
         if structures is not None and (n, tuple(bounds)) not in {(m, tuple(b)) for m, b in structures}:
@@ -350,6 +386,8 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
         cost = np.concatenate([np.where(windowed[:, None], np.inf, cost), np.full((n_sites, len(window_combos)), np.inf)], 1)
         for j in np.nonzero(windowed)[0]:
             cost[j, -len(window_combos):] = [_window_option(calib, site_cost[j], name) for _, name in window_combos]
+        precise = {"fp16", "window", protect_scheme}
+        cost[np.ix_(protected, [not set(combo) <= precise for combo in combos])] = np.inf
         bits = np.concatenate([bits, [per_bits.get(name, 16.0) for _, name in window_combos]])
         site_b = bits[None, :] * scale[:, None]  # bits x element share (see the module docstring)
         # per site, the Pareto front of (bits, cost), padded with options that are never chosen
@@ -416,6 +454,7 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
                     "mode": mode, "context": context, "memory": memory, "estimator": calib.estimator,
                     "cost_unit": calib.cost_unit, "predicted_cost": total_cost, "bits_per_element": exact_bits,
                     "schemes": schemes, "sink_schemes": sinks_menu, "age_tiers": age_tiers, "corrected": corrected,
+                    **_protect_record(protect, protect_scheme),
                     "target_kl": target_kl,
                     "budget_bits": budget_bits, "candidates": candidates}).windowed(g.layer_windows)
     return PlanResult(pmap, total_cost, exact_bits, n, bounds[0], candidates)

@@ -335,6 +335,25 @@ def test_readme_peers_table_and_goals_are_the_bench_output():
         assert line in lines, f"README.md lacks the goal line {line!r}"
 
 
+def test_readme_retrieval_heads_paragraph_quotes_the_json():
+    sec = result("quality_per_bit")["retrieval_heads"]
+    probe, rows = sec["probe"], {r["name"]: r for r in sec["results"]}
+    readme = " ".join(text("README.md").split())
+    assert (f"on {probe['cases']} needle cases of {probe['context']:,} tokens of calibration text ({probe['seconds']:.1f} s; "
+            f"the full-precision model answers {probe['retrieved']})") in readme
+    top = sorted(((s, l, h) for l, row in enumerate(probe["scores"]) for h, s in enumerate(row)), reverse=True)[:4]
+    assert ", ".join(f"layer {l} head {h}: {s:.2f}" for s, l, h in top) in readme
+    strong = sum(s >= 0.5 for row in probe["scores"] for s in row)
+    weak = sum(0.1 <= s < 0.5 for row in probe["scores"] for s in row)
+    assert (strong, weak) == (4, 5) and "Four of SmolLM2's 90 kv heads score at least 0.5" in readme
+    logp = [rows[n]["answer_logprob"] for n in ("plan 3b tiers", "plan 3b tiers, heads >= 0.5 in int8",
+                                                 "plan 3b tiers, heads >= 0.1 in int8")]
+    assert "(log-probability {} without protection, {} with 4 heads, {} with 9)".format(
+        *(f"{x:.2f}".replace("-", "−") for x in logp)) in readme
+    assert logp[0] > logp[1] > logp[2]  # the claim: protection within the budget makes the answer less likely
+    assert f"answers none here ({rows['int4']['answer_logprob']:.2f})".replace("-", "−") in readme
+
+
 def test_readme_quality_per_bit_section_is_the_bench_output():
     """bench/quality_per_bit.py's tables and goal lines (issue 16) appear in README.md as the JSON gives them."""
     import importlib.util

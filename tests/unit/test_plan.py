@@ -31,11 +31,15 @@ def synthetic(seed=0, windows=(0, 32), sinks=(0, 4)) -> Calibration:
                        diameter=torch.ones(2, 1, 2))
 
 
-def brute_force(calib, context, budget=None, target=None):
+def brute_force(calib, context, budget=None, target=None, allowed=lambda combo: True):
+    """The best (key, cost, units) over every map; ``allowed(combo)``: which scheme indices per site
+    (K and V of layer 0, then of layer 1) may be chosen."""
     best = None
     for n, w in itertools.product(calib.sink_options, calib.window_options):
         ni, wi = calib.sink_options.index(n), calib.window_options.index(w)
         for combo in itertools.product(range(len(SCHEMES)), repeat=4):
+            if not allowed(combo):
+                continue
             sites = [(l, 0, st) for l in range(2) for st in range(2)]
             cost = sum(calib.cost[l, h, st, o, wi, ni].item() for (l, h, st), o in zip(sites, combo))
             units = sum(-(-int(site_bits(SCHEMES[o], 64, context, n, w) * UNITS_PER_BIT * 1e6) // 10**6) for o in combo)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
 from kvcompile.errors import KvcompileError
-from kvcompile.measure.retrieval import _retrieved, needle_cases, retrieval
+from kvcompile.measure.retrieval import _answer_logprob, _retrieved, needle_cases, retrieval
 from kvcompile.plan.presets import resolve_map
 from tests.conftest import CharTokenizer
 
@@ -49,6 +51,16 @@ def test_a_case_counts_only_if_every_answer_token_is_top1():
     assert not _retrieved(logits, c)
 
 
+def test_the_answer_log_probability_sums_the_answer_tokens_only():
+    c = needle_cases(CharTokenizer(), 120, depths=(0.5,), trials=1)[0]
+    logits = torch.zeros(len(c.ids), 97)
+    n = len(c.ids) - c.answer_start
+    assert _answer_logprob(logits, c) == pytest.approx(-n * math.log(97))  # uniform: log(1/97) per answer token
+    logits[c.answer_start - 1, c.ids[c.answer_start]] = 1e4  # the first answer token certain
+    logits[: c.answer_start - 1] = torch.randn(c.answer_start - 1, 97)  # the prompt does not count
+    assert _answer_logprob(logits, c) == pytest.approx(-(n - 1) * math.log(97))
+
+
 def test_retrieval_scores_maps_and_reference_on_the_same_cases(tiny_lm):
     maps = {n: resolve_map(n, tiny_lm.geometry) for n in ("fp16", "int2")}
     results = retrieval(tiny_lm, maps, context=160, depths=(0.25, 0.75), trials=2, progress=False)
@@ -58,5 +70,7 @@ def test_retrieval_scores_maps_and_reference_on_the_same_cases(tiny_lm):
         assert r.accuracy_reference == results[0].accuracy_reference
         assert set(r.by_depth) == {"0.25", "0.75"}
         assert r.bits_per_element == maps[r.name].bits_per_element(160)
+        assert r.answer_logprob < 0 and r.answer_logprob_reference == results[0].answer_logprob_reference
+    assert results[0].answer_logprob == pytest.approx(results[0].answer_logprob_reference, abs=1e-4)  # fp16 ~ exact
     with pytest.raises(KvcompileError, match="exceeds the model's context"):
         retrieval(tiny_lm, maps, context=100000, progress=False)
