@@ -2,6 +2,8 @@
 
     python bench/peers.py [--windows 2] [--window 512] [--calibration DIR] [--out bench/results/peers.json]
     python bench/peers.py --smoke        (1 window of 48 tokens, one peer per backend, no planned maps: a test)
+    python bench/peers.py --calibration DIR --schemes A,B --age-tiers 1 --out bench/results/peers_default_menu.json
+                                         (the planned maps from a menu, with age tiers)
 
 Needs the optional peers (``pip install "kvcompile[peers]"``: optimum-quanto, hqq; install.sh installs them).
 
@@ -83,6 +85,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--smoke", action="store_true",
                     help="1 window of 48 tokens, one peer per backend, no planned maps (tests this script)")
+    ap.add_argument("--schemes", help="the planned maps' menu: comma-separated calibrated schemes (default: all)")
+    ap.add_argument("--age-tiers", type=int, default=0, help="plan the maps with up to this many age tiers (default 0)")
     ap.add_argument("--out", default="bench/results/peers.json")
     args = ap.parse_args()
     setup(args.threads)
@@ -138,8 +142,10 @@ def main() -> int:
             t0 = time.perf_counter()
             calib = calibrate(lm, windows=4)
             print(f"calibrated in {time.perf_counter() - t0:.0f} s", flush=True)
+        schemes = args.schemes.split(",") if args.schemes else None
         for bits in sorted({round(peer.bits_per_element, 4) for peer in rows}):  # the peers' memory, once each
-            planned[f"planned @ {bits:.2f} bits"] = plan(calib, budget_bits=bits, context=args.window).pmap
+            planned[f"planned @ {bits:.2f} bits"] = plan(calib, budget_bits=bits, context=args.window, schemes=schemes,
+                                                         age_tiers=args.age_tiers).pmap
         maps.update(planned)
     ours = evaluate(lm, maps, text=args.text, window=args.window, max_windows=args.windows, mode="simulate",
                     progress=False)
@@ -163,6 +169,7 @@ def main() -> int:
     write_json(args.out,
                {"benchmark": "peers", "model": args.model, "text": args.text, "window": args.window,
                 "windows": len(windows), "peer_settings": {"q_group_size": GROUP},
+                "calibration": args.calibration, "schemes": args.schemes, "age_tiers": args.age_tiers,
                 "environment": environment(args.threads), "results": [r.to_json() for r in results], "goals": goals,
                 "refused": refused})
     return 0

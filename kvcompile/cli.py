@@ -143,8 +143,8 @@ def _eval_retrieval(args, lm, maps) -> int:
     if args.mode != "simulate" or args.prefill != 1:
         raise KvcompileError("--task retrieval scores by the exact simulation with the prompt as prefill; "
                              "drop --mode and --prefill")
-    results = retrieval(lm, maps, context=args.window, depths=_depths(args.depths) or DEFAULT_DEPTHS, trials=args.trials, text=args.text,
-                        progress=not args.quiet)
+    results = retrieval(lm, maps, context=args.window, depths=_depths(args.depths) or DEFAULT_DEPTHS, trials=args.trials,
+                        text=args.text, progress=not args.quiet)
     print(f"model {args.model}, text {args.text}")
     print(format_retrieval_table(results))
     if args.json:

@@ -62,6 +62,19 @@ def _bound(kind: str) -> dict:
     return result("bound_validation")["summary"][kind]
 
 
+def _peer_rows(name: str) -> dict[str, dict]:
+    """bench/peers.py rows by name, with ΔPPL %."""
+    return {r["name"]: {**r, "delta_ppl_pct": 100 * (r["ppl"] / r["ppl_reference"] - 1)} for r in result(name)["results"]}
+
+
+def _peers_at_3_32_bits(rows: dict[str, dict]) -> tuple[str, ...]:
+    """The planned 3.32-bit map's ΔPPL and KL, quanto int4 r128's ΔPPL and memory ratio, the best 2-bit r32 peer's ΔPPL."""
+    ours, quanto = rows["planned @ 3.32 bits"], rows["quanto int4 axis 0 r128"]
+    two_bit = min(r["delta_ppl_pct"] for name, r in rows.items() if "int2" in name and name.endswith("r32"))
+    return (f"{ours['delta_ppl_pct']:.2f}", f"{ours['kl']:.4f}", f"{quanto['delta_ppl_pct']:.2f}",
+            f"{quanto['bits_per_element'] / ours['bits_per_element']:.1f}", f"{two_bit:.2f}")
+
+
 def _validate_cases(kind: str) -> list[dict]:
     return [r for r in result("validate_faults")["results"] if r["kind"] == kind]
 
@@ -86,6 +99,11 @@ CLAIMS = [
     ("README.md", r"total prefill ([\d.]+)x", lambda: f"{_prefix('prefill_ratio_total'):.2f}"),
     ("README.md", r"takes ([\d.]+) MB, ([\d.]+)x an fp16 cache",
      lambda: (f"{_prefix('entry_bytes') / 1e6:.2f}", f"{_prefix('entry_bytes') / _prefix('fp16_bytes'):.3f}")),
+    ("README.md", r"the planned map is at\n\+([\d.]+) % \(KL ([\d.]+)\) against \+([\d.]+) % for quanto int4 with ([\d.]+)x "
+                  r"the memory, and \+([\d.]+) % or more",
+     lambda: _peers_at_3_32_bits(_peer_rows("peers_default_menu"))),
+    ("README.md", r"HQQ's rows\nmoved between the two machines \(int4 r32 \+([\d.]+) % here, \+([\d.]+) % before\)",
+     lambda: tuple(f"{_peer_rows(doc)['hqq int4 axis 0 r32']['delta_ppl_pct']:.2f}" for doc in ("peers_default_menu", "peers"))),
     ("README.md", r"default menu pass with at most ([\d.]+) % of stored elements differing",
      lambda: f"{100 * max(r['worst']['cache_differing'] for r in _validate_cases('faithful')):.3f}"),
     ("README.md", r"validate on that alone \(cosine ([\d.]+) over all steps\)",
@@ -321,10 +339,11 @@ def test_tiers_prose_quotes_the_json():
     assert f"(KL {r['tiers']['kl']:.3f} with tiers against {r['three_class']['kl']:.3f} without)" in text("README.md")
 
 
-def test_readme_peers_table_and_goals_are_the_bench_output():
+@pytest.mark.parametrize("name", ["peers", "peers_default_menu"])
+def test_readme_peers_table_and_goals_are_the_bench_output(name):
     from kvcompile.measure.quality import QualityResult, format_table
 
-    doc = result("peers")
+    doc = result(name)
     lines = text("README.md").splitlines()
     for line in format_table([QualityResult.from_json(r) for r in doc["results"]]).splitlines():
         assert line in lines, f"README.md lacks the bench/peers.py line {line!r}"
