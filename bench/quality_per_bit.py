@@ -242,6 +242,7 @@ def lloyd_channel_retrieval_stage(lm, args) -> dict:
     print(format_retrieval_table(results))
     return {"context": context, "depths": args.depths, "trials": args.trials, "results": [r.to_json() for r in results]}
 
+
 def retrieval_heads_stage(lm, args) -> dict:
     from dataclasses import asdict
 
