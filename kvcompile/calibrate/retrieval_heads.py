@@ -136,6 +136,20 @@ def _register() -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, eager_mask)
 
 
+def copy_events(case) -> list[tuple[int, "torch.Tensor"]]:
+    """``(query row, needle positions)`` per answer token that occurs in the needle sentence: the row
+    that predicts the token and the positions of the needle (only) that hold it."""
+    import torch
+
+    lo, hi = case.needle
+    events = []
+    for i, token in enumerate(case.ids[case.answer_start:].tolist()):
+        where = lo + torch.nonzero(case.ids[lo:hi] == token).flatten()
+        if len(where):
+            events.append((case.answer_start - 1 + i, where))
+    return events
+
+
 def probe_retrieval_heads(lm, text: str | None = None, context: int = DEFAULT_CONTEXT, depths=DEFAULT_DEPTHS,
                           trials: int = 2, seed: int = 1, progress: bool = True) -> RetrievalHeads:
     """Retrieval scores of ``lm``'s heads from ``len(depths) * trials`` needle cases of ``context``
@@ -158,13 +172,8 @@ def probe_retrieval_heads(lm, text: str | None = None, context: int = DEFAULT_CO
     events = retrieved = 0
     for case in tqdm(cases, desc="retrieval heads", unit="case", disable=not progress, leave=False):
         a = case.answer_start
-        answer = case.ids[a:].tolist()
-        # answer tokens found in the needle (before the question), and where
-        before = case.ids[:a]
-        targets = [(i, torch.nonzero(before == tok).flatten()) for i, tok in enumerate(answer)]
-        targets = [(i, where) for i, where in targets if len(where)]
-        rows = [a - 1 + i for i, _ in targets]
-        state = _Probe(rows)
+        targets = copy_events(case)
+        state = _Probe([row for row, _ in targets])
         with torch.no_grad(), attention_state(lm.model, state, IMPLEMENTATION, "the retrieval-head probe"):
             logits = lm.model(case.ids[None], use_cache=False).logits[0]
         retrieved += bool((logits[a - 1:-1].argmax(-1) == case.ids[a:]).all())

@@ -43,6 +43,7 @@ class NeedleCase:
     depth: float
     name: str
     key: str
+    needle: tuple[int, int] = (0, 0)  # [start, end) of the needle sentence in ids
 
 
 @dataclass
@@ -89,7 +90,7 @@ def needle_cases(tokenizer, context: int, depths=DEFAULT_DEPTHS, trials: int = 2
             stretch = filler[start:start + n_filler]
             at = int(round(depth * n_filler))
             ids = torch.cat([stretch[:at], needle, stretch[at:], question, answer])
-            cases.append(NeedleCase(ids, len(ids) - len(answer), depth, name, key))
+            cases.append(NeedleCase(ids, len(ids) - len(answer), depth, name, key, (at, at + len(needle))))
     return cases
 
 

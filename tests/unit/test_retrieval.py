@@ -26,6 +26,7 @@ def test_cases_have_the_context_length_the_needle_at_its_depth_and_the_answer_la
         question = tok(f"\nWhat is the pass key of {c.name}? The pass key of {c.name} is", return_tensors="pt").input_ids[0]
         filler = 200 - len(needle) - len(question) - len(answer)
         assert starts == [round(c.depth * filler)]
+        assert c.needle == (starts[0], starts[0] + len(needle))  # the span the retrieval-head probe reads
     again = needle_cases(tok, 200, depths=(0.0, 0.5, 1.0), trials=2)
     assert all(torch.equal(a.ids, b.ids) for a, b in zip(cases, again))  # seeded: the same cases every run
     assert not torch.equal(cases[0].ids, needle_cases(tok, 200, depths=(0.0,), trials=1, seed=1)[0].ids)

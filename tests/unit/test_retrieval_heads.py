@@ -25,8 +25,9 @@ def eager_scores(lm, cases) -> torch.Tensor:
             a = case.answer_start
             with torch.no_grad():
                 attentions = model(case.ids[None], output_attentions=True, use_cache=False).attentions
+            lo, hi = case.needle
             for i, token in enumerate(case.ids[a:].tolist()):
-                needle = set(torch.nonzero(case.ids[:a] == token).flatten().tolist())
+                needle = {j for j in range(lo, hi) if case.ids[j] == token}
                 if not needle:
                     continue
                 events += 1
@@ -168,3 +169,15 @@ def test_cli_probes_heads_and_plans_with_them(tmp_path, tiny_lm, monkeypatch, ca
     assert main(["plan", str(tmp_path / "calib"), "--budget-bits", "6.5", "--protect-heads", str(tmp_path / "other.json"),
                  "-o", str(tmp_path / "m2.json")]) != 0
     assert "scores the heads of another" in capsys.readouterr().err and not (tmp_path / "m2.json").exists()
+
+
+def test_copy_events_read_the_needle_sentence_only():
+    from kvcompile.calibrate.retrieval_heads import copy_events
+    from kvcompile.measure.retrieval import NeedleCase
+
+    # filler 5 7 5 | needle 9 5 7 8 | question 4 | answer 5 7 3: the answer's 5 and 7 are in the filler too
+    ids = torch.tensor([5, 7, 5, 9, 5, 7, 8, 4, 5, 7, 3])
+    case = NeedleCase(ids, answer_start=8, depth=0.5, name="n", key="57", needle=(3, 7))
+    events = copy_events(case)
+    assert [row for row, _ in events] == [7, 8]  # the rows predicting 5 and 7; 3 is not in the needle
+    assert [w.tolist() for _, w in events] == [[4], [5]]
