@@ -183,7 +183,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_retrieval_heads(args) -> int:
-    from kvcompile.calibrate.retrieval_heads import DEFAULT_DEPTHS, probe_retrieval_heads
+    from kvcompile.calibrate.retrieval_heads import probe_retrieval_heads
     from kvcompile.models import load_model
 
     if Path(args.output).is_dir():
@@ -191,7 +191,7 @@ def cmd_retrieval_heads(args) -> int:
     _set_threads(args.threads)
     _quiet_loading(args.quiet)
     lm = load_model(args.model)
-    heads = probe_retrieval_heads(lm, text=args.text, context=args.context, depths=_depths(args.depths) or DEFAULT_DEPTHS,
+    heads = probe_retrieval_heads(lm, text=args.text, context=args.context, depths=_depths(args.depths),
                                   trials=args.trials, progress=not args.quiet)
     heads.save(args.output)
     top = heads.protected(args.threshold)

@@ -34,7 +34,6 @@ ARTIFACT = "retrieval_heads"
 FORMAT_VERSION = 1
 IMPLEMENTATION = "kvcompile_probe"
 DEFAULT_CONTEXT = 2048
-DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 DEFAULT_THRESHOLD = 0.5
 
 
@@ -150,18 +149,20 @@ def copy_events(case) -> list[tuple[int, "torch.Tensor"]]:
     return events
 
 
-def probe_retrieval_heads(lm, text: str | None = None, context: int = DEFAULT_CONTEXT, depths=DEFAULT_DEPTHS,
+def probe_retrieval_heads(lm, text: str | None = None, context: int = DEFAULT_CONTEXT, depths=None,
                           trials: int = 2, seed: int = 1, progress: bool = True) -> RetrievalHeads:
     """Retrieval scores of ``lm``'s heads from ``len(depths) * trials`` needle cases of ``context``
-    tokens of ``text`` (default: the calibration text, so the evaluation's cases stay unseen)."""
+    tokens of ``text`` (default: the calibration text, so the evaluation's cases stay unseen); ``depths``
+    default: the retrieval probe's (:data:`kvcompile.measure.retrieval.DEFAULT_DEPTHS`)."""
     import torch
     from tqdm.auto import tqdm
 
     from kvcompile.data import DEFAULT_CALIBRATION_TEXT
-    from kvcompile.measure.retrieval import needle_cases
+    from kvcompile.measure.retrieval import DEFAULT_DEPTHS, needle_cases
     from kvcompile.models.attention_state import attention_state
 
     text = text or DEFAULT_CALIBRATION_TEXT
+    depths = DEFAULT_DEPTHS if depths is None else depths
     g = lm.geometry
     if context > g.max_positions:
         raise KvcompileError(f"probe context {context} exceeds the model's context of {g.max_positions} positions")
