@@ -75,7 +75,7 @@ class ValidationResult:
     polygraphy_commands: list[str] = field(default_factory=list)
     runner: str = ""  # what ran the export: "onnxruntime+native" (kvcompile's kernels), "onnxruntime", ...
     min_cosine_all: float = float("nan")  # over every position, steps that stored a code differently included
-    positions_same_cache: int = 0  # positions whose step left the export's cache equal to the reference's
+    positions_same_cache: int = 0  # positions whose step stored the reference's integer codes (min_cosine's positions)
     positions: int = 0
 
     def to_json(self) -> dict:
