@@ -56,9 +56,10 @@ class MixedPrecisionLayer(CacheLayerMixin):
     is_compileable = False
 
     def __init__(self, pmap: PrecisionMap, layer_idx: int, max_context: int, kernels: bool = False,
-                 rope: RopeTable | None = None):
+                 rope: RopeTable | None = None, chain: "_PredictionChain | None" = None):
         super().__init__()
         self.pmap = pmap
+        self.chain = chain
         self.rope = rope
         self.layer_idx = layer_idx
         self.max_context = max_context
@@ -107,6 +108,8 @@ class MixedPrecisionLayer(CacheLayerMixin):
         if self.length + new > self.max_context:
             raise CacheError(f"context of {self.length + new} positions exceeds the cache's maximum of {self.max_context} "
                              "(max_context); create the cache with a larger max_context")
+        if self.chain is not None:
+            return self._update_predicted(key_states, value_states)
         if self.kernels and new == 1:  # decode: store only; attention reads the packed segments
             for stream, states in (("key", key_states), ("value", value_states)):
                 self._check(states, stream)
@@ -136,6 +139,80 @@ class MixedPrecisionLayer(CacheLayerMixin):
                     g.evict()
         self.length += new
         return out[0], out[1]
+
+    def _update_predicted(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        """:meth:`update` of a map with cross-layer predictors (:mod:`kvcompile.kv.predict`).
+
+        The stores hold residuals.  Every site of such a map moves the same positions at the same
+        step, so the layer before (updated just now, in this step) hands over its forms of the new
+        positions (``entry``), of each tier move's rows before and after it (``moves``) and of all
+        positions (``full``).  A new position stores ``x - p_0``; a move into tier t re-encodes the
+        rows as ``p_t + Q_t(form_{t-1} - p_t)``, ``p_t`` the prediction from the layer before's
+        tier-t form; attention reads ``P(X̂_{l-1}) + residual``.  Values predict from this layer's keys,
+        so keys go first."""
+        chain, layer, start = self.chain, self.layer_idx, self.length
+        prev = None
+        if layer:
+            if chain.previous is None or chain.previous[0] != layer - 1:
+                raise CacheError(f"layer {layer}: cross-layer prediction needs the layer before updated first, in the "
+                                 "same step; expected the layers updated in order")
+            prev = chain.previous[1]
+        record = {"entry": {}, "moves": {}, "full": {}}
+
+        def prediction(stream: str, pick, position: int):
+            """P of ``stream`` from ``pick(record)`` of the layer before (K, V) or of this layer (K) and the
+            layer before (V), rows from ``position`` on; None at layer 0."""
+            if prev is None:
+                return None
+            first = pick(prev if stream == "key" else record)["key"]
+            return chain.predictors.predict(stream, layer, first, pick(prev)["value"], self.rope, position)
+
+        for stream, states in (("key", key_states), ("value", value_states)):
+            self._check(states, stream)
+            x = states.float()
+            p0 = prediction(stream, lambda r: r["entry"], start)
+            residual = x if p0 is None else x - p0
+            entry = torch.empty_like(x)
+            moves = {}  # tier -> (p before, p after, form before, form after), every head
+
+            def on_move(group, tier, first, leaving):
+                if tier not in moves:
+                    shape = (x.shape[0], x.shape[1], leaving.shape[-2], x.shape[-1])
+                    old = prediction(stream, lambda r: {s: f[0] for s, f in r["moves"][tier].items()}, first)
+                    new = prediction(stream, lambda r: {s: f[1] for s, f in r["moves"][tier].items()}, first)
+                    moves[tier] = (old, new, torch.empty(shape), torch.empty(shape))
+                old, new, form_before, form_after = moves[tier]
+                h = group.heads
+                form = leaving if old is None else old[:, h] + leaving
+                target = form if new is None else form - new[:, h]
+                scheme = group.schemes[group.rule.tiers[tier]]
+                kept = scheme.dequantize(scheme.quantize(target))  # what the store keeps of ``target``
+                form_before[:, h] = form
+                form_after[:, h] = kept if new is None else new[:, h] + kept
+                return target
+
+            groups = self.stores[stream]
+            for group in groups:
+                part = residual[:, group.heads] if len(groups) > 1 else residual
+                sinks = group.rule.new_sinks(start, part.shape[-2])
+                for cls, rows in (("sink", slice(0, sinks)), ("recent", slice(sinks, part.shape[-2]))):
+                    q = part[..., rows, :]
+                    if q.shape[-2]:
+                        kept = group.schemes[cls].dequantize(group.schemes[cls].quantize(q))
+                        entry[:, group.heads, rows] = kept if p0 is None else p0[:, group.heads, rows] + kept
+                group.append(part, start, lambda tier, first, leaving, g=group: on_move(g, tier, first, leaving))
+            record["entry"][stream] = entry
+            for tier, (_, _, before, after) in moves.items():
+                record["moves"].setdefault(tier, {})[stream] = (before, after)
+            full = torch.empty(x.shape[0], x.shape[1], groups[0].length, x.shape[-1])
+            for group in groups:
+                full[:, group.heads] = group.read()
+            p_all = prediction(stream, lambda r: r["full"], 0)
+            record["full"][stream] = full if p_all is None else full + p_all
+        chain.previous = (layer, record)
+        self.length += key_states.shape[-2]
+        return (record["full"]["key"].to(device=self.device, dtype=self.dtype),
+                record["full"]["value"].to(device=self.device, dtype=self.dtype))
 
     def decode_attention(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
         """Fused decode attention over the packed cache: ``query`` [B, Hq, 1, D] -> [B, 1, Hq, D].
@@ -229,6 +306,15 @@ class PackedView:
                          "'kvcompile_kernels': call kvcompile.cache.enable_kernel_attention(model)")
 
 
+class _PredictionChain:
+    """What cross-layer prediction passes from one layer's update to the next one's in the same step:
+    ``previous = (layer, {"entry"|"moves"|"full": forms})`` (float32, one layer's worth, transient)."""
+
+    def __init__(self, predictors):
+        self.predictors = predictors
+        self.previous = None
+
+
 class MixedPrecisionCache(Cache):
     """A ``transformers`` Cache storing K/V per position at the precisions of ``pmap``.
 
@@ -237,17 +323,35 @@ class MixedPrecisionCache(Cache):
     number of positions; exceeding it raises :class:`CacheError`.  ``kernels=True`` uses the
     Triton kernels (see the module docstring; needs :func:`enable_kernel_attention` on the model).
     ``rope``: per layer, the model's RoPE tables over ``max_context`` positions (:func:`model_ropes`);
-    needed only when the map stores keys before RoPE.
+    needed only when the map stores keys before RoPE or predicts across layers.
     """
 
     def __init__(self, pmap: PrecisionMap, max_context: int = 8192, kernels: bool = False,
                  rope: "list[RopeTable] | None" = None):
         self.pmap = pmap
         self.max_context = max_context
+        chain = None
+        if pmap.predictors is not None:
+            if kernels:
+                raise CacheError("MixedPrecisionCache(kernels=True): the map stores cross-layer prediction residuals, "
+                                 "which the kernels do not read; expected kernels=False")
+            from kvcompile.kv.predict import resolve
+
+            if rope is None:
+                raise CacheError("the map stores cross-layer prediction residuals, predicted from keys before RoPE; "
+                                 "pass the model's RoPE tables: MixedPrecisionCache(pmap, max_context, "
+                                 "rope=model_ropes(model, pmap, max_context))")
+            chain = _PredictionChain(resolve(pmap.predictors))
+            predictors = chain.predictors
+            if (predictors.num_layers, predictors.num_kv_heads, predictors.head_dim) != \
+                    (pmap.num_layers, pmap.num_kv_heads, pmap.head_dim):
+                raise CacheError(f"the map's predictors are for {predictors.num_layers} layers x {predictors.num_kv_heads} "
+                                 f"kv heads x {predictors.head_dim}; expected the map's geometry")
         if pmap.keys_pre_rope():
             if rope is None:
                 raise CacheError("the map stores keys before RoPE (-pr schemes); pass the model's RoPE tables: "
                                  "MixedPrecisionCache(pmap, max_context, rope=model_ropes(model, pmap, max_context))")
+        if rope is not None and (pmap.keys_pre_rope() or chain is not None):
             if len(rope) != pmap.num_layers or min(r.positions for r in rope) < max_context:
                 raise CacheError(f"rope: expected {pmap.num_layers} layer tables of at least {max_context} positions, "
                                  f"got {len(rope)} of {min((r.positions for r in rope), default=0)}")
@@ -258,7 +362,7 @@ class MixedPrecisionCache(Cache):
                 for scheme in pmap.class_schemes(*site):
                     if (reason := unsupported_reason(scheme)) is not None:
                         raise CacheError(f"MixedPrecisionCache(kernels=True): {reason}")
-        super().__init__(layers=[MixedPrecisionLayer(pmap, i, max_context, kernels, rope[i] if rope else None)
+        super().__init__(layers=[MixedPrecisionLayer(pmap, i, max_context, kernels, rope[i] if rope else None, chain)
                                  for i in range(pmap.num_layers)])
 
     def nbytes(self) -> int:
@@ -288,8 +392,8 @@ class MixedPrecisionCache(Cache):
 
 def model_ropes(model, pmap: PrecisionMap, max_context: int) -> "list[RopeTable] | None":
     """The ``rope=`` argument of a cache of ``pmap`` for ``model``: its per-layer RoPE tables when
-    the map stores keys before RoPE, else None (nothing to compute)."""
-    if not pmap.keys_pre_rope():
+    the map stores keys before RoPE or predicts across layers, else None (nothing to compute)."""
+    if not pmap.keys_pre_rope() and pmap.predictors is None:
         return None
     from kvcompile.models.rope import layer_ropes
 

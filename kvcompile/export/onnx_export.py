@@ -236,6 +236,9 @@ def _check_graph(model_path: Path, groups: list[HeadGroup], doc: dict) -> None:
 def _check_exportable(pmap: PrecisionMap, head_dim: int) -> None:
     from kvcompile.ops.lowering import check_lowerable
 
+    if pmap.predictors is not None:
+        raise ExportError("the precision map stores cross-layer prediction residuals, which no exported graph reads "
+                          "yet (the simulation scores them: kvcompile eval); expected a map planned without predictors")
     for layer, head, stream in pmap.sites():
         for scheme in pmap.class_schemes(layer, head, stream):
             check_lowerable(scheme, head_dim)
@@ -370,6 +373,7 @@ def export_onnx(lm, pmap: PrecisionMap, out_dir: str | os.PathLike, *, max_conte
     replaced; any other non-empty directory is refused.  ``fused_attention``, ``window_attention``:
     see :func:`build_onnx_model`.
     """
+    _check_exportable(pmap, lm.geometry.head_dim)  # before anything is written
     out = check_output_directory(out_dir, overwrite)
     max_context = resolve_max_context(lm, max_context)
     with staged_directory(out, what="export") as tmp:

@@ -18,6 +18,11 @@ Recency tiers: between ``recent`` and ``bulk`` a map may have age tiers ``age1 .
 ``age_windows[i]`` positions each; a position moves ``recent -> age1 -> ... -> bulk`` as it ages,
 re-quantized from tier to tier (:mod:`kvcompile.kv.segments` gives the positions per tier).
 
+Cross-layer prediction (``predictors``, :mod:`kvcompile.kv.predict`): every layer after the first
+stores the residual of a linear prediction from the layer before's stored K/V; such a map holds
+per-token schemes stored after RoPE only (so every site moves a position between tiers at the same
+step) and no sliding-window layers.
+
 Sliding-window layers (``layer_windows``, one entry per layer: the window W, or 0 for full
 attention): such a layer keeps only the positions a later query can read, the last W, so it has
 no sinks, window or bulk: every class of each (kv head, stream) holds the same per-token scheme,
@@ -33,6 +38,7 @@ maps without age tiers)::
      "model": "smollm2-135m", "num_layers": 30, "num_kv_heads": 3, "head_dim": 64,
      "sink_tokens": 4, "recent_window": 32, "age_windows": [96, 384], "calibration_hash": null,
      "layer_windows": [512, 512, 0, ...]   (only in maps of models with sliding-window layers)
+     "predictors": {"path": "...", "sha256": "..."}   (only in maps with cross-layer predictors)
      "description": "...",
      "schemes": {"key":   {"sink": [[...] * heads] * layers, "recent": ..., "age1": ..., "age2": ...,
                            "bulk": ...},
@@ -95,6 +101,9 @@ class PrecisionMap:
     age_windows: tuple[int, ...] = ()
     #: per layer, the sliding window of a window layer or 0 (empty: no window layers)
     layer_windows: tuple[int, ...] = ()
+    #: cross-layer predictors (:mod:`kvcompile.kv.predict`) as ``{"path": ..., "sha256": ...}``, or None:
+    #: every layer after the first then stores the residual of its prediction
+    predictors: dict | None = None
     _resolved: dict = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -198,6 +207,26 @@ class PrecisionMap:
                     if len(names) != 1 or get_scheme(next(iter(names))).token_group != 1:
                         raise ArtifactError(f"precision map: layer {layer} is a sliding-window layer; its {stream} head "
                                             f"{head} needs one per-token scheme in every class, got {sorted(names)}")
+
+        if self.predictors is not None:
+            self._validate_predictors()
+
+    def _validate_predictors(self) -> None:
+        ref = self.predictors
+        if not (isinstance(ref, dict) and set(ref) == {"path", "sha256"} and isinstance(ref["path"], str)
+                and len(ref["path"]) <= 4096 and isinstance(ref["sha256"], str) and len(ref["sha256"]) == 64
+                and all(c in "0123456789abcdef" for c in ref["sha256"])):
+            raise ArtifactError(f"precision map: predictors must be null or {{\"path\": file, \"sha256\": 64 hex digits}}, "
+                                f"got {_short(ref)}")
+        if any(self.layer_windows):
+            raise ArtifactError("precision map: cross-layer predictors need full-attention layers; this map has "
+                                "sliding-window layers")
+        for layer, head, stream in self.sites():
+            for cls_name, scheme in zip(self.classes, self.class_schemes(layer, head, stream)):
+                if scheme.token_group != 1 or stores_pre_rope(scheme):
+                    raise ArtifactError(f"precision map: schemes.{stream}.{cls_name}[{layer}][{head}] = {scheme.name!r}; "
+                                        "a map with cross-layer predictors needs per-token schemes stored after RoPE "
+                                        "(every site then moves a position between tiers at the same step)")
 
     def windowed(self, layer_windows) -> "PrecisionMap":
         """This map for a model whose layers have sliding windows ``layer_windows`` (0: full
@@ -320,12 +349,15 @@ class PrecisionMap:
         ages = f", age tiers {list(self.age_windows)}" if self.age_windows else ""
         slide = sum(1 for w in self.layer_windows if w)
         slide = f", {slide} sliding-window layers" if slide else ""
+        predicted = ", cross-layer predicted" if self.predictors else ""
         return (f"K {distinct('key')}, V {distinct('value')}, sinks {self.sink_tokens}, window {self.recent_window}"
-                f"{ages}{slide}")
+                f"{ages}{slide}{predicted}")
 
     # ---------------------------------------------------------------- I/O
     def to_json_body(self) -> dict[str, Any]:
         windows = {"layer_windows": list(self.layer_windows)} if self.layer_windows else {}  # old maps hash the same
+        if self.predictors is not None:
+            windows["predictors"] = dict(self.predictors)
         return {**windows,
             "model": self.model,
             "description": self.description,
@@ -370,6 +402,7 @@ class PrecisionMap:
                 description=doc.get("description", ""), provenance=doc.get("provenance", {}),
                 age_windows=as_tuples(doc.get("age_windows", [])),
                 layer_windows=as_tuples(doc.get("layer_windows", [])),
+                predictors=doc.get("predictors"),
             )
         except (KeyError, TypeError) as e:
             raise ArtifactError(f"{path}: precision map is missing or mistypes field {e}; expected format_version "

@@ -85,8 +85,12 @@ class SegmentStore:
         """Positions stored."""
         return sum(q.num_tokens for q in self.segments.values() if q is not None)
 
-    def append(self, x: torch.Tensor, start: int) -> None:
-        """Store ``x`` [B, h, t, D], the states of positions ``start .. start+t-1``."""
+    def append(self, x: torch.Tensor, start: int, on_move: Callable | None = None) -> None:
+        """Store ``x`` [B, h, t, D], the states of positions ``start .. start+t-1``.
+
+        ``on_move(tier, first, states)``: called for each move into ``rule.tiers[tier]`` (1 = age1 or
+        bulk) with the de-quantized rows leaving the tier before (positions ``first ..``); returns
+        the rows to quantize instead (cross-layer prediction re-encodes its residuals there)."""
         new = x.shape[-2]
         n_sink = self.rule.new_sinks(start, new)
         seg = self.segments
@@ -96,7 +100,7 @@ class SegmentStore:
             seg["recent"] = QuantizedTensor.cat_tokens([seg["recent"], self._quantize("recent", x[..., n_sink:, :],
                                                                                        start + n_sink)])
         tiers = self.rule.tiers
-        for (younger, older), moved in zip(zip(tiers[:-1], tiers[1:]), self.rule.moves(start, new)):
+        for tier, ((younger, older), moved) in enumerate(zip(zip(tiers[:-1], tiers[1:]), self.rule.moves(start, new)), 1):
             if not moved:  # positions aging out of a tier: re-quantized into the next one
                 continue
             first = self._first_position(younger)
@@ -104,6 +108,8 @@ class SegmentStore:
             rest = seg[younger].num_tokens
             seg[younger] = seg[younger].slice_tokens(moved, rest) if rest > moved else None
             states = dequantize_at(self.schemes[younger], leaving, self.rope, first)
+            if on_move is not None:
+                states = on_move(tier, first, states)
             seg[older] = QuantizedTensor.cat_tokens([seg[older], self._quantize(older, states, first)])
 
     def _quantize(self, cls: str, x: torch.Tensor, start: int) -> QuantizedTensor:

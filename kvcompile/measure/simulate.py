@@ -15,6 +15,10 @@ exactly those keys from each query's row, so the same pass scores it.
 Keys stored before RoPE (``-pr`` schemes) are rotated back by their position before each
 quantization and forward after (:func:`kvcompile.kv.rope.roundtrip_at`), as the cache does.
 
+A map with cross-layer predictors (:mod:`kvcompile.kv.predict`) stores, in each tier, the residual
+of the prediction from the layer before in the same tier; the layers run in order in one pass, so
+layer l reads layer l - 1's forms as just computed.
+
 Sink positions never change and bulk blocks never change once complete, so one forward pass
 over the whole window can score every position: for each (query i, key j) pick the late form if
 ``n <= j < e(L_i)`` and the early form otherwise, both in the scores (keys) and in the weighted
@@ -55,6 +59,16 @@ class _Active:
     prefill_length: int
     model: object = None
     ropes: list | None = None  # per layer, read off the model when a key scheme is pre-RoPE
+    predictors: object = None  # CrossLayerPredictors of a map that names them
+    predictor_rope: RopeTable | None = None  # the model's RoPE tables, read off it when predicting
+    previous: tuple | None = None  # (layer, key forms, value forms) of the layer just scored, when predicting
+
+    def rope_for_predictors(self, positions: int) -> RopeTable:
+        if self.predictor_rope is None or self.predictor_rope.positions < positions:
+            from kvcompile.models.rope import layer_ropes
+
+            self.predictor_rope = layer_ropes(self.model, positions)[0]
+        return self.predictor_rope
 
     def rope(self, layer: int, positions: int) -> RopeTable | None:
         if not self.pmap.keys_pre_rope(layer):
@@ -78,13 +92,15 @@ def tier_index(seq_len: int, rule: SegmentRule, prefill_length: int) -> torch.Te
 
 
 def stored_forms(x: torch.Tensor, pmap: PrecisionMap, layer: int, stream: str, prefill_length: int,
-                 rope: RopeTable | None = None):
+                 rope: RopeTable | None = None, predictions: list[torch.Tensor] | None = None):
     """Every stored form of ``x`` [B, H, T, D] (positions 0 .. T-1) and which one each query reads.
 
     Returns ``(forms, index)``: ``forms[t]`` [B, H, T, D] is each position as tier t stores it
     (t = 0: its sink or recent form; t >= 1: re-quantized tier by tier, ``Q_t(Q_{t-1}(...))``, for
     the whole blocks that can reach tier t), and ``index`` [H, T, T] the tier query i reads key j in.
     ``rope``: the layer's RoPE tables, needed when a scheme of ``stream`` stores keys before RoPE.
+    ``predictions``: per tier t, the cross-layer prediction ``p_t`` [B, H, T, D] (:mod:`kvcompile.kv.predict`)
+    from the layer before in its tier-t form; each tier then stores ``p_t + Q_t(form_{t-1} - p_t)``.
     """
     b, h, t, d = x.shape
     tiers = len(pmap.age_windows) + 2
@@ -97,17 +113,24 @@ def stored_forms(x: torch.Tensor, pmap: PrecisionMap, layer: int, stream: str, p
     index = torch.empty(h, t, t, dtype=torch.int8)
     for schemes, heads in stream_groups(pmap, layer, stream):
         rule = pmap.segment_rule(layer, heads[0], stream)
+
+        def stored(name, values, tier, start):  # values: positions start.. of these heads
+            if predictions is None:
+                return roundtrip_at(schemes[name], values, rope, start)
+            p = predictions[tier][:, heads, start : start + values.shape[-2]].float()
+            return p + schemes[name].roundtrip(values - p)
+
         xs = x[:, heads].float()
         n = min(pmap.sink_tokens, t)
         form = xs[..., n:, :]
-        form = roundtrip_at(schemes["recent"], form, rope, n) if t > n else form
-        forms[0][:, heads] = torch.cat([roundtrip_at(schemes["sink"], xs[..., :n, :], rope, 0), form], -2) if n else form
+        form = stored("recent", form, 0, n) if t > n else form
+        forms[0][:, heads] = torch.cat([stored("sink", xs[..., :n, :], 0, 0), form], -2) if n else form
         full = t - n  # positions that can reach the tier (whole blocks of each tier on the way)
         for i, ((_, block), name) in enumerate(zip(rule._boundaries(), rule.tiers[1:]), 1):
             full = block * (full // block)
             form = form.clone()
             if full:
-                form[..., :full, :] = roundtrip_at(schemes[name], form[..., :full, :], rope, n)
+                form[..., :full, :] = stored(name, form[..., :full, :], i, n)
             forms[i][:, heads, :n] = forms[0][:, heads, :n]
             forms[i][:, heads, n:] = form
         index[heads] = tier_index(t, rule, prefill_length)
@@ -125,8 +148,21 @@ def _simulated_attention(module, query, key, value, attention_mask, scaling, dro
     pmap, p = active.pmap, active.prefill_length
     groups = query.shape[1] // key.shape[1]
     rope = active.rope(module.layer_idx, key.shape[-2])
-    k_forms, k_index = stored_forms(key, pmap, module.layer_idx, "key", p, rope)
-    v_forms, v_index = stored_forms(value, pmap, module.layer_idx, "value", p)
+    layer, pred = module.layer_idx, active.predictors
+    if pred is not None and layer:
+        if active.previous is None or active.previous[0] != layer - 1:
+            raise RuntimeError("cross-layer prediction needs the layers scored in order in one forward pass")
+        _, k_prev, v_prev = active.previous
+        table = active.rope_for_predictors(key.shape[-2])
+        k_forms, k_index = stored_forms(key, pmap, layer, "key", p, rope,
+                                        [pred.predict("key", layer, a, b, table) for a, b in zip(k_prev, v_prev)])
+        v_forms, v_index = stored_forms(value, pmap, layer, "value", p, None,
+                                        [pred.predict("value", layer, a, b, table) for a, b in zip(k_forms, v_prev)])
+    else:
+        k_forms, k_index = stored_forms(key, pmap, layer, "key", p, rope)
+        v_forms, v_index = stored_forms(value, pmap, layer, "value", p)
+    if pred is not None:
+        active.previous = (layer, k_forms, v_forms)
     # Compute in the model's dtype, as attention over the cache's (de-quantized) K/V would.
     dt = query.dtype
     k_index = k_index.repeat_interleave(groups, 0)
@@ -198,5 +234,11 @@ def simulate_cache(model, pmap: PrecisionMap, prefill_length: int = 1):
     ``prefill_length``: positions fed at once before token-by-token decoding (1 = decode every
     position).  Call the model with ``use_cache=False``; batches must not contain padding.
     """
-    with attention_state(model, _Active(pmap, max(1, prefill_length), model), IMPLEMENTATION, "simulate_cache()"):
+    predictors = None
+    if pmap.predictors is not None:
+        from kvcompile.kv.predict import resolve
+
+        predictors = resolve(pmap.predictors)
+    active = _Active(pmap, max(1, prefill_length), model, predictors=predictors)
+    with attention_state(model, active, IMPLEMENTATION, "simulate_cache()"):
         yield
