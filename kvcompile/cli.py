@@ -171,10 +171,20 @@ def cmd_calibrate(args) -> int:
     _set_threads(args.threads)
     _quiet_loading(args.quiet)
     lm = load_model(args.model)
+    predictors = None
+    if args.predict:
+        from kvcompile.calibrate.predictors import fit_predictors
+
+        predictors = fit_predictors(lm, text=args.text, windows=args.predict_windows, window=args.window,
+                                    progress=not args.quiet)
+        print(f"fitted cross-layer predictors on {predictors.fit['windows']} x {args.window} tokens in "
+              f"{predictors.fit['seconds']:.1f} s: {predictors.parameters / 1e6:.2f} M parameters "
+              f"({predictors.parameters * 2 / 2**20:.1f} MiB in fp16, a per-model constant not counted in bits/element)")
     calib = calibrate(lm, text=args.text, windows=args.windows, window=args.window, estimator=args.estimator,
                       schemes=args.schemes.split(",") if args.schemes else None,
                       sink_options=_int_list(args.sink_options), window_options=_int_list(args.window_options),
-                      samples=args.samples, correction_windows=args.correction_windows, progress=not args.quiet)
+                      samples=args.samples, correction_windows=args.correction_windows, predictors=predictors,
+                      progress=not args.quiet)
     calib.save(args.output)
     print(f"calibrated {args.model} on {calib.windows} x {calib.window} tokens of {args.text} with the {calib.estimator} "
           f"estimator in {calib.seconds:.1f} s: {len(calib.schemes)} schemes x {len(calib.window_options)} windows x "
@@ -508,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--samples", type=_int_in(1, 1024), default=1, help="sampled targets per window for the Fisher estimate")
     p.add_argument("--correction-windows", type=_int_in(0, 1024), default=1,
                    help="windows on which to measure each scheme's real KL to calibrate the constant c (0 = skip)")
+    p.add_argument("--predict", action="store_true",
+                   help="fit cross-layer predictors and cost every site as the residual of its prediction (per-token "
+                        "schemes only; maps planned from it score in kvcompile eval, no export yet)")
+    p.add_argument("--predict-windows", type=_int_in(1, 1024), default=8,
+                   help="calibration windows the predictors are fitted on (default 8)")
     p.add_argument("-o", "--output", required=True, help="output directory")
     p.add_argument("--threads", type=THREADS, default=None)
     p.add_argument("--quiet", action="store_true")

@@ -18,6 +18,10 @@ Files (a directory):
   - ``correction`` ``[schemes]``: measured / predicted KL of each scheme applied to every site (the
     data-calibrated constant c; 1 where not measured).
 
+* ``predictors.safetensors`` — only in a calibration made with cross-layer predictors
+  (``kvcompile calibrate --predict``, :mod:`kvcompile.kv.predict`): its costs are those of storing
+  each site's prediction residual; ``calibration.json`` then records ``predictors_sha256``.
+
 Everything the planner needs is here, so planning never reruns the model.
 """
 
@@ -66,6 +70,20 @@ class Calibration:
     correction: torch.Tensor | None = None
     seconds: float = 0.0
     extra: dict = field(default_factory=dict)
+    #: cross-layer predictors (:class:`kvcompile.kv.predict.CrossLayerPredictors`) the costs were measured
+    #: with (residual storage), or None; saved beside the tensors as ``predictors.safetensors``
+    predictors: object = None
+    #: where the calibration was loaded from or saved to (None: only in memory)
+    directory: Path | None = field(default=None, compare=False)
+
+    def predictors_reference(self) -> dict | None:
+        """``{"path", "sha256"}`` of the predictors, as a precision map names them (None without)."""
+        if self.predictors is None:
+            return None
+        from kvcompile.kv.predict import FILE_NAME, register
+
+        path = str(self.directory / FILE_NAME) if self.directory is not None else ""
+        return {"path": path, "sha256": register(self.predictors)}
 
     def __post_init__(self) -> None:
         """Check every field strictly: a malformed calibration is one ArtifactError line naming the field,
@@ -139,6 +157,8 @@ class Calibration:
         for name in ("cost", "curvature", "diameter", "correction"):
             h.update(getattr(self, name).contiguous().numpy().tobytes())
         h.update(json.dumps([self.model, self.schemes, self.sink_options, self.window_options, self.estimator]).encode())
+        if self.predictors is not None:  # calibrations without predictors hash as before
+            h.update(self.predictors.sha256.encode())
         return h.hexdigest()
 
     def save(self, directory) -> Path:
@@ -153,11 +173,18 @@ class Calibration:
             "sink_options": self.sink_options, "window_options": self.window_options, "seconds": self.seconds,
             "extra": self.extra, "tensors_sha256": hashlib.sha256(blob).hexdigest(), "content_hash": self.content_hash(),
         }
+        if self.predictors is not None:
+            body["predictors_sha256"] = self.predictors.sha256
         # Both files are swapped in together: an interruption leaves the previous calibration whole.
         with staged_directory(directory, is_ours=lambda d: not any(d.iterdir()) or (d / JSON_NAME).is_file(),
                               what="calibration") as staging:
             atomic_write_bytes(staging / TENSORS_NAME, blob)
+            if self.predictors is not None:
+                from kvcompile.kv.predict import FILE_NAME
+
+                self.predictors.save(staging / FILE_NAME)
             save_json_artifact(staging / JSON_NAME, "calibration", FORMAT_VERSION, body)
+        self.directory = directory
         return directory
 
     @classmethod
@@ -183,6 +210,12 @@ class Calibration:
             tensors = load(blob)
         except Exception as e:  # safetensors raises its own SafetensorError on a malformed file
             raise ArtifactError(f"{tensors_path}: not a readable safetensors file ({str(e)[:120]})") from None
+        predictors = None
+        if doc.get("predictors_sha256") is not None:
+            from kvcompile.kv.predict import FILE_NAME, resolve
+
+            predictors = resolve({"path": str(directory / FILE_NAME), "sha256": str(doc["predictors_sha256"])},
+                                 f"calibration {directory}")
         try:
             return cls(
                 model=doc["model"], geometry=_geometry(doc["geometry"]), text=doc["text"], windows=doc["windows"],
@@ -190,7 +223,8 @@ class Calibration:
                 sink_options=list(doc["sink_options"]), window_options=list(doc["window_options"]),
                 cost=tensors["cost"], curvature=tensors["curvature"], diameter=tensors["diameter"],
                 correction=tensors.get("correction"),
-                seconds=doc.get("seconds", 0.0), extra=doc.get("extra", {}),
+                seconds=doc.get("seconds", 0.0), extra=doc.get("extra", {}), predictors=predictors,
+                directory=directory,
             )
         except (KeyError, TypeError, AttributeError) as e:
             raise ArtifactError(f"{directory / JSON_NAME}: calibration is missing or mistypes field {str(e)[:80]}") from None

@@ -70,6 +70,17 @@ class _Pass:
     window_options: list[int]
     layers: dict[int, dict] = field(default_factory=dict)
     ropes: list | None = None  # per layer, when a scheme stores keys before RoPE
+    predictors: object = None  # CrossLayerPredictors: costs are those of storing prediction residuals
+    predictor_rope: object = None  # the model's RoPE tables, with predictors
+
+    def predictions(self, layer: int) -> tuple:
+        """``(P_K, P_V)`` [H, T, D] of ``layer`` from the exact K/V (every other site exact), or ``(None, None)``."""
+        if self.predictors is None or layer == 0:
+            return None, None
+        prev, rec = self.layers[layer - 1], self.layers[layer]
+        k = self.predictors.predict("key", layer, prev["key"], prev["value"], self.predictor_rope)[0]
+        v = self.predictors.predict("value", layer, rec["key"], prev["value"], self.predictor_rope)[0]
+        return k, v
 
 
 
@@ -144,20 +155,36 @@ def _group_range(x: torch.Tensor, group: int = 32) -> torch.Tensor:
 def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window: int = 512, estimator: str = "hybrid",
               schemes: list[str] | None = None, sink_options: list[int] | None = None,
               window_options: list[int] | None = None, samples: int = 1, seed: int = 0,
-              correction_windows: int = 1, progress: bool = True) -> Calibration:
+              correction_windows: int = 1, predictors=None, progress: bool = True) -> Calibration:
     """Measure the cost table of :class:`Calibration` on ``windows`` windows of ``window`` tokens of ``text``.
 
     ``correction_windows`` > 0 also measures, on the first 256 tokens of that many of the same windows, the real KL of every
     candidate scheme applied to all sites (no sinks, no window) and stores ``measured / predicted``
     per scheme as ``correction`` (the data-calibrated constant c of docs/theory.md, section 5).
+
+    ``predictors`` (:class:`kvcompile.kv.predict.CrossLayerPredictors`): every cost is that of storing
+    the site's residual from its cross-layer prediction (made from the exact layer before); the menu
+    then holds per-token schemes stored after RoPE only (the default menu's others are left out).
     """
     from tqdm.auto import tqdm
 
     if estimator not in ESTIMATORS:
         raise KvcompileError(f"unknown estimator {estimator!r}; expected one of {', '.join(ESTIMATORS)}")
+    asked = schemes is not None
     schemes = list(schemes or DEFAULT_SCHEMES)
     for name in schemes:
         get_scheme(name)
+    if predictors is not None:
+        if (predictors.num_layers, predictors.num_kv_heads, predictors.head_dim) != \
+                (lm.geometry.num_layers, lm.geometry.num_kv_heads, lm.geometry.head_dim) or any(lm.geometry.layer_windows):
+            raise KvcompileError(f"predictors are for {predictors.model} ({predictors.num_layers} layers x "
+                                 f"{predictors.num_kv_heads} kv heads x {predictors.head_dim}); expected predictors "
+                                 f"fitted on {lm.name}, a model without sliding-window layers")
+        unfit = [n for n in schemes if get_scheme(n).token_group != 1 or stores_pre_rope(get_scheme(n))]
+        if unfit and asked:
+            raise KvcompileError(f"schemes {', '.join(unfit)} group positions or store keys before RoPE; "
+                                 "cross-layer prediction needs per-token schemes stored after RoPE")
+        schemes = [n for n in schemes if n not in unfit]
     # Defaults adapt to short windows; options the user asked for must fit (checked below).
     sink_options = sorted(set(sink_options if sink_options is not None else [n for n in DEFAULT_SINKS if n < window]))
     window_options = sorted(set(window_options if window_options is not None else [w for w in DEFAULT_WINDOWS if w < window]))
@@ -180,11 +207,15 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window
         p.requires_grad_(False)
     start = time.perf_counter()
     bar = tqdm(total=passes, desc=f"calibrate ({estimator})", unit="pass", disable=not progress, leave=False)
-    state = _Pass(estimator, window_options)
+    state = _Pass(estimator, window_options, predictors=predictors)
     if any(stores_pre_rope(get_scheme(s)) for s in schemes):
         from kvcompile.models.rope import layer_ropes
 
         state.ropes = layer_ropes(model, window)
+    if predictors is not None:
+        from kvcompile.models.rope import layer_ropes
+
+        state.predictor_rope = layer_ropes(model, window)[0]
     try:
         with attention_state(model, state, IMPLEMENTATION, "calibration"):
             for ids in ids_all:
@@ -222,6 +253,12 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window
             scheme = get_scheme(name)  # values: a pre-RoPE key format's base (values have no RoPE)
             pmap = PrecisionMap.uniform(geom.num_layers, geom.num_kv_heads, geom.head_dim, key=name,
                                         value=scheme.base.name if stores_pre_rope(scheme) else name)
+            if predictors is not None:
+                from dataclasses import replace
+
+                from kvcompile.kv.predict import register
+
+                pmap = replace(pmap, predictors={"path": "", "sha256": register(predictors)})
             measured[i] = mean_kl(model, ids_all[:correction_windows, :CORRECTION_TOKENS], pmap)
             correction[i] = measured[i] / predicted[i]
     return Calibration(
@@ -232,16 +269,18 @@ def calibrate(lm, text: str = DEFAULT_CALIBRATION_TEXT, windows: int = 4, window
         seconds=time.perf_counter() - start,
         extra={"samples": samples, "seed": seed, "correction_windows": correction_windows,
                "uniform_predicted": predicted.tolist(), "uniform_measured": measured.tolist()},
+        predictors=predictors,
     )
 
 
 def _accumulate(state: _Pass, cost, curvature, diameter, schemes, sink_options, estimator) -> None:
     for layer, rec in state.layers.items():
         rope = state.ropes[layer] if state.ropes else None
+        preds = state.predictions(layer)
         if estimator == "hybrid":
-            _hybrid_costs(rec, layer, cost, schemes, sink_options, state.window_options, rope)
+            _hybrid_costs(rec, layer, cost, schemes, sink_options, state.window_options, rope, preds)
         for stream, s_idx in STREAM_INDEX.items():
-            x = rec[stream].float()
+            x, pred = rec[stream].float(), preds[s_idx]
             if estimator in ("fisher", "hybrid"):
                 grads = torch.stack([c.grad.float() for c in rec[f"{stream}_copies"]])  # [buckets, B, H, T, D]
                 # gradient through queries at distance >= w_b: suffix sums over buckets, then squared
@@ -249,24 +288,26 @@ def _accumulate(state: _Pass, cost, curvature, diameter, schemes, sink_options, 
             else:
                 sens = rec[f"{stream}_sens"].float().flip(0).cumsum(0).flip(0)
             curvature[layer, :, s_idx] += sens.sum(dim=(1, 3, 4)).T.double()
-            diameter[layer, :, s_idx] += _group_range(x).double()
+            diameter[layer, :, s_idx] += _group_range(x if pred is None else x - pred[None]).double()
             if estimator == "hybrid":
                 continue  # costs come from _hybrid_costs
             # 1/2 sum F e^2 with e = x - (bulk form); zero where a position is not stored in the bulk
-            forms_all = _stored_bulk_forms(x[0], schemes, sink_options, rope if stream == "key" else None)
+            forms_all = _stored_bulk_forms(x[0], schemes, sink_options, rope if stream == "key" else None, pred)
             for n_idx, forms in enumerate(forms_all):  # [S, H, T, D]
                 err = (x[0] - forms).pow(2)
                 cost[layer, :, s_idx, :, :, n_idx] += 0.5 * torch.einsum("bhtd,shtd->hsb", sens[:, 0], err).double()
 
 
-def _stored_bulk_forms(x: torch.Tensor, schemes: list[str], sink_options: list[int], rope=None) -> list[torch.Tensor]:
+def _stored_bulk_forms(x: torch.Tensor, schemes: list[str], sink_options: list[int], rope=None,
+                       pred: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Per sink count n: [S, H, T, D], each scheme's bulk form of ``x`` [H, T, D] (positions 0 .. T-1) at
     the positions it can hold (from n on, in whole blocks), the exact values elsewhere (read as fp16
     sinks / window).  ``rope``: the layer's RoPE tables for keys; a pre-RoPE scheme quantizes the
     un-rotated keys.  Values pass None and a pre-RoPE scheme is costed as its base there (the
-    planner never gives it values)."""
+    planner never gives it values).  ``pred`` [H, T, D]: a cross-layer prediction; the schemes (per-token)
+    then store the residual ``x - pred`` and the form is ``pred + Q(x - pred)``."""
     t = x.shape[-2]
-    window_form = x.half().float()
+    window_form = (x if pred is None else x - pred).half().float()
     forms = [x.expand(len(schemes), *x.shape).clone() for _ in sink_options]
     for i, name in enumerate(schemes):
         scheme = get_scheme(name)
@@ -274,6 +315,8 @@ def _stored_bulk_forms(x: torch.Tensor, schemes: list[str], sink_options: list[i
             scheme = scheme.base
         g = scheme.token_group
         per_token = scheme.roundtrip(window_form) if g == 1 else None  # independent of n
+        if pred is not None:
+            per_token = per_token + pred
         for n_idx, n in enumerate(sink_options):
             full = SegmentRule(n, 0, g).bulk_length(t)  # positions that reach the bulk once the window has passed
             if not full:
@@ -284,9 +327,10 @@ def _stored_bulk_forms(x: torch.Tensor, schemes: list[str], sink_options: list[i
 
 
 @torch.no_grad()
-def _hybrid_costs(rec: dict, layer: int, cost, schemes, sink_options, window_options, rope=None) -> None:
+def _hybrid_costs(rec: dict, layer: int, cost, schemes, sink_options, window_options, rope=None,
+                  preds: tuple = (None, None)) -> None:
     """Exact attention-output change per (kv head, K|V, scheme, window, sinks), Fisher-weighted;
-    ``rope``: the layer's RoPE tables (keys stored before RoPE)."""
+    ``rope``: the layer's RoPE tables (keys stored before RoPE); ``preds``: cross-layer predictions of K, V."""
     q_all, k_all, v_all = rec["query"][0].float(), rec["key"][0].float(), rec["value"][0].float()
     fisher_o = rec["out"].grad[0].float().pow(2)  # [Hq, T, D]
     groups, scaling = rec["groups"], rec["scaling"]
@@ -296,8 +340,8 @@ def _hybrid_costs(rec: dict, layer: int, cost, schemes, sink_options, window_opt
     j = torch.arange(t)
     dist = queries[:, None] - j[None, :]  # [Qs, T]
     causal = dist >= 0
-    k_forms = _stored_bulk_forms(k_all, schemes, sink_options, rope)  # per n: [S, H, T, D]
-    v_forms = _stored_bulk_forms(v_all, schemes, sink_options)
+    k_forms = _stored_bulk_forms(k_all, schemes, sink_options, rope, preds[0])  # per n: [S, H, T, D]
+    v_forms = _stored_bulk_forms(v_all, schemes, sink_options, None, preds[1])
     # Query chunks, each over the keys up to its last query (later keys are causally masked for all
     # of its queries): the same sums with about 5/8 of the work of one chunk over all T keys.
     chunks = [c for c in torch.tensor_split(torch.arange(len(queries)), HYBRID_CHUNKS) if len(c)]

@@ -242,7 +242,7 @@ def plan(calib: Calibration, budget_bits: float | None = None, target_kl: float 
         mode += f", {memory} memory"
     pmap = base.with_bulk(
         {st: tuple(tuple(row) for row in grids[st]) for st in STREAMS},
-        calibration_hash=calib.content_hash(),
+        calibration_hash=calib.content_hash(), predictors=calib.predictors_reference(),
         description=f"planned ({mode}, context {context}): {exact_bits:.3f} bits/element, predicted {calib.cost_unit} {total_cost:.4g}",
         provenance={"planner": "multiple-choice knapsack, exact DP at 1/64 bit (rounded up)", "mode": mode,
                     "context": context, "memory": memory, "estimator": calib.estimator, "cost_unit": calib.cost_unit,
@@ -448,6 +448,7 @@ def plan_tiers(calib: Calibration, age_tiers: int, budget_bits: float | None = N
 
     pmap = replace(
         base, schemes=schemes_out, _resolved={}, calibration_hash=calib.content_hash(),
+        predictors=calib.predictors_reference(),
         description=f"planned with up to {age_tiers} age tiers ({mode}, context {context}): {exact_bits:.3f} "
                     f"bits/element, predicted {calib.cost_unit} {total_cost:.4g}",
         provenance={"planner": "multiple-choice knapsack over tier combinations (Pareto-pruned), exact DP at 1/64 bit",
