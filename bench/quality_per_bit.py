@@ -48,6 +48,19 @@ Stages (each writes its section of ``--out`` as soon as it ends, so a late failu
   at 4,096 tokens without protection and with the heads scoring at least 0.5 and 0.1 kept in int8
   or fp16 (``plan --protect-heads``), beside uniform int4; the ``retrieval`` stage's cases, with the
   answer's log-probability.
+* ``predictors``: the cross-layer predictors fitted on calibration text (timed) and how much of each
+  layer's K and V they leave on 4 held-out windows of 512 (residual / total variance).
+* ``predicted``: cross-layer prediction (:mod:`kvcompile.kv.predict`, ``kvcompile calibrate --predict``):
+  predictors fitted and the default menu's per-token formats calibrated on their residuals (timed,
+  saved to ``--predicted-calibration``, not committed); maps at 3.0 and 2.5 bits (one age tier)
+  planned from it, also refined, beside the default menu's maps of the ``lloyd_channel``
+  calibration; 16 windows of 512.
+* ``predicted_long``: the same plain maps planned and scored at 4,096 tokens (2 windows).
+* ``predicted_retrieval``: the 3-bit maps of both at each ``--retrieval-contexts`` (the ``retrieval``
+  stage's cases), and the predicted one planned with the retrieval heads scoring at least 0.5
+  (``--retrieval-heads``, from ``kvcompile retrieval-heads``) in int8; contexts measured by an
+  earlier run stay.  The committed 8,192-token rows:
+  ``--stages predicted_retrieval --retrieval-contexts 8192 --depths 0.1,0.5,0.9``.
 * ``retrieval``: ``kvcompile eval --task retrieval`` at 4,096 and 8,192 tokens (5 depths), KIVI-2
   and the maps planned at that context; goal: accuracy equal to the full-precision cache at ≤ 3 bits.
   Contexts measured by an earlier run stay in the JSON; the committed 8,192-token row was measured
@@ -68,7 +81,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, setup, write_json  # noqa: E402
 
 STAGES = ("calibrate", "short", "long", "retrieval", "outliers", "prerope", "prerope_long", "sketch", "retrieval_split",
-          "lloyd_channel", "lloyd_channel_long", "lloyd_channel_retrieval", "prerope_lloyd", "retrieval_heads")
+          "lloyd_channel", "lloyd_channel_long", "lloyd_channel_retrieval", "prerope_lloyd", "retrieval_heads",
+          "predictors", "predicted", "predicted_long", "predicted_retrieval")
 RETRIEVAL_THRESHOLDS = (0.5, 0.1)
 SKETCH_KEYS = ["lm2-rot", "lm2-rot-qjl", "lm3-rot", "lm3-rot-qjl", "lm4-rot"]
 OUTLIER_SCHEMES = ["int2-ch-o1", "int2-ch-g64-o1", "int3-ch-g64-o1", "lm2-o1", "lm2-g64-o1"]
@@ -371,6 +385,169 @@ def lloyd_channel_long_stage(lm, args) -> dict:
     rows = lloyd_channel_rows(maps, results)
     return {"window": context, "windows": args.long_windows, "results": rows, "goals": goals(rows, "long")}
 
+def predicted_calibration(lm, args):
+    """``(calibration, record)``: the default menu calibrated with cross-layer predictors
+    (``kvcompile calibrate --predict``), loaded from ``--predicted-calibration`` when it exists (its
+    seconds from the JSON), else fitted, calibrated and saved (the directory is not committed: its
+    predictors file is 17 MB; a run rebuilds it in about 2 minutes)."""
+    from kvcompile.calibrate import Calibration, calibrate
+    from kvcompile.calibrate.predictors import fit_predictors
+
+    if Path(args.predicted_calibration).exists():
+        previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
+        return Calibration.load(args.predicted_calibration), previous.get("predicted", {}).get("calibration", {})
+    t0 = time.perf_counter()
+    predictors = fit_predictors(lm, progress=False)
+    fitted = time.perf_counter() - t0
+    calib = calibrate(lm, predictors=predictors, progress=False)
+    record = {"fit_seconds": fitted, "calibration_seconds": time.perf_counter() - t0 - fitted,
+              "seconds": time.perf_counter() - t0, "predictor_parameters": predictors.parameters,
+              "predictor_bytes_fp16": 2 * predictors.parameters, "schemes": calib.schemes}
+    calib.save(args.predicted_calibration)
+    return Calibration.load(args.predicted_calibration), record
+
+
+def predictors_stage(lm, args) -> dict:
+    """How much of each layer's K and V the fitted predictors explain on held-out text: per layer l >= 1
+    and stream, ``sum (x - P)^2 / sum (x - mean x)^2`` over 4 windows of 512 (the exact layer before as
+    input), and the high-rate saving ``1/2 log2`` of its inverse; and over all layers by position on one
+    window of ``--long-context`` tokens (the predictors were fitted on positions 0-511)."""
+    import math
+
+    import torch
+    from transformers import DynamicCache
+
+    from kvcompile.calibrate.predictors import fit_predictors
+    from kvcompile.data import load_text
+    from kvcompile.measure.quality import token_windows
+    from kvcompile.models.rope import layer_ropes
+
+    t0 = time.perf_counter()
+    predictors = fit_predictors(lm, progress=False)
+    seconds = time.perf_counter() - t0
+    g = lm.geometry
+    rope = layer_ropes(lm.model, args.long_context)[0]
+
+    def states_of(window: int, count: int) -> list:
+        out = []
+        with torch.no_grad():
+            for ids in token_windows(lm.tokenizer, load_text(args.text), window, count):
+                cache = lm.model(ids[None], use_cache=True, past_key_values=DynamicCache()).past_key_values
+                out.append([(layer.keys.float(), layer.values.float()) for layer in cache.layers])
+        return out
+
+    def sums(states, l: int, s_idx: int, rows: slice):
+        """(residual, total) squared sums of layer l's stream over ``rows`` of every window."""
+        stream = ("key", "value")[s_idx]
+        x = torch.cat([w[l][s_idx][:, :, rows] for w in states], 2)
+        p = torch.cat([predictors.predict(stream, l, w[l - 1][0] if stream == "key" else w[l][0], w[l - 1][1],
+                                          rope)[:, :, rows] for w in states], 2)  # each window from position 0
+        return (x - p).double().pow(2).sum(), (x - x.mean(2, keepdim=True)).double().pow(2).sum()
+
+    short = states_of(512, 4)
+    fraction = [[float(a / b) for a, b in (sums(short, l, s, slice(None)) for s in (0, 1))]
+                for l in range(1, g.num_layers)]
+    long = states_of(args.long_context, 1)
+    n = args.long_context
+    by_position = {}
+    for a, b in ((0, 512), (512, n // 2), (n // 2, n)):
+        parts = [sums(long, l, s, slice(a, b)) for l in range(1, g.num_layers) for s in (0, 1)]
+        by_position[f"{a}-{b}"] = {stream: float(sum(p[0] for p in parts[i::2]) / sum(p[1] for p in parts[i::2]))
+                                   for i, stream in enumerate(("key", "value"))}
+    rows = [{"layer": l, "key": f[0], "value": f[1]} for l, f in enumerate(fraction, 1)]
+    print("\nresidual variance fraction of the cross-layer predictors (held-out text)")
+    for r in rows:
+        print(f"layer {r['layer']:2d}: K {r['key']:.3f}  V {r['value']:.3f}")
+    saving = {s: 0.5 * sum(math.log2(1 / r[s]) for r in rows) / len(rows) for s in ("key", "value")}
+    for span, f in by_position.items():
+        print(f"positions {span} of a {n}-token window, all layers: K {f['key']:.3f}  V {f['value']:.3f}")
+    return {"fit_seconds": seconds, "fit": predictors.fit, "parameters": predictors.parameters,
+            "bytes_fp16": 2 * predictors.parameters, "text": args.text, "windows": 4, "window": 512,
+            "per_layer": rows, "mean_high_rate_saving_bits": saving, "by_position": by_position,
+            "range": {s: [min(r[s] for r in rows), max(r[s] for r in rows)] for s in ("key", "value")}}
+
+
+def predicted_rows(maps: dict, results) -> list[dict]:
+    return [{"name": r.name, "bits_per_element": r.bits_per_element, "delta_ppl_pct": r.delta_ppl_pct, "kl": r.kl,
+             "top1_agreement": r.top1_agreement, "sink_tokens": maps[r.name].sink_tokens,
+             "recent_window": maps[r.name].recent_window, "age_windows": list(maps[r.name].age_windows),
+             "predicted": maps[r.name].predictors is not None, "map": maps[r.name].summary(),
+             "seconds": r.seconds} for r in results]
+
+
+def predicted_maps(lm, args, context: int, refine: bool) -> tuple[dict, dict, dict]:
+    """``(maps, refinement, calibration record)``: plans of the default menu (the lloyd-channel
+    calibration) and of the predicted calibration at each budget, one age tier."""
+    from kvcompile.measure.quality import kl_meter
+    from kvcompile.plan.optimize import plan
+
+    default, _ = lloyd_channel_calibration(lm, args)
+    menu = lloyd_channel_menus()[" lm-ch for int-ch"]
+    predicted, record = predicted_calibration(lm, args)
+    maps, refinement = {}, {}
+    for b in BUDGETS:
+        maps[f"plan {b:g}b tiers"] = plan(default, budget_bits=b, context=context, age_tiers=1, schemes=menu).pmap
+        maps[f"plan {b:g}b tiers predicted"] = plan(predicted, budget_bits=b, context=context, age_tiers=1).pmap
+        if refine:
+            name = f"plan {b:g}b tiers predicted refined"
+            maps[name], refinement[name] = refined_tiers(predicted, b, kl_meter(lm, predicted.text, 512, 2),
+                                                         predicted.schemes)
+    return maps, refinement, record
+
+
+def predicted_stage(lm, args) -> dict:
+    from kvcompile.measure.quality import evaluate, format_table
+
+    maps, refinement, record = predicted_maps(lm, args, 512, refine=True)
+    results = evaluate(lm, maps, text=args.text, window=512, max_windows=args.short_windows, progress=False)
+    print("\ncross-layer prediction (512-token windows)")
+    print(format_table(results))
+    rows = predicted_rows(maps, results)
+    return {"calibration": record, "window": 512, "windows": args.short_windows, "results": rows,
+            "refinement": refinement, "goals": goals(rows, "short")}
+
+
+def predicted_long_stage(lm, args) -> dict:
+    from kvcompile.measure.quality import evaluate, format_table
+
+    context = args.long_context
+    maps, _, _ = predicted_maps(lm, args, context, refine=False)
+    results = evaluate(lm, maps, text=args.text, window=context, max_windows=args.long_windows, progress=False)
+    print(f"\ncross-layer prediction ({context}-token windows)")
+    print(format_table(results))
+    rows = predicted_rows(maps, results)
+    return {"window": context, "windows": args.long_windows, "results": rows, "goals": goals(rows, "long")}
+
+
+def predicted_retrieval_stage(lm, args) -> dict:
+    from kvcompile.calibrate.retrieval_heads import RetrievalHeads
+    from kvcompile.measure.retrieval import format_retrieval_table, retrieval
+    from kvcompile.plan.optimize import plan
+
+    default, _ = lloyd_channel_calibration(lm, args)
+    menu = lloyd_channel_menus()[" lm-ch for int-ch"]
+    predicted, _ = predicted_calibration(lm, args)
+    previous = json.loads(Path(args.out).read_text()).get("predicted_retrieval", {}) if Path(args.out).exists() else {}
+    out = {k: v for k, v in previous.items() if "results" in v}  # contexts measured by an earlier run stay
+    for context in args.retrieval_contexts:
+        maps = {"plan 3b tiers": plan(default, budget_bits=3.0, context=context, age_tiers=1, schemes=menu).pmap,
+                "plan 3b tiers predicted": plan(predicted, budget_bits=3.0, context=context, age_tiers=1).pmap,
+                f"plan 3b tiers predicted, heads >= {RETRIEVAL_THRESHOLDS[0]:g} in int8": plan(
+                    predicted, budget_bits=3.0, context=context, age_tiers=1,
+                    protect=RetrievalHeads.load(args.retrieval_heads).protected(RETRIEVAL_THRESHOLDS[0])).pmap}
+        results = retrieval(lm, maps, context=context, depths=args.depths, trials=args.trials, text=args.text,
+                            progress=False)
+        print(f"\nretrieval at {context} tokens, cross-layer prediction")
+        print(format_retrieval_table(results))
+        rows = [r.to_json() for r in results]
+        best = max(rows, key=lambda r: r["accuracy"])
+        out[str(context)] = {"depths": args.depths, "trials": args.trials, "results": rows, "goal": {
+            "bits_at_most": 3.0, "best_map": best["name"], "accuracy": best["accuracy"],
+            "accuracy_reference": best["accuracy_reference"], "met": best["accuracy"] >= best["accuracy_reference"]}}
+        write_partial(args, "predicted_retrieval", out)
+    return out
+
+
 def prerope_lloyd_stage(lm, args) -> dict:
     calib, seconds, menu = stage_calibration(lm, args, "prerope_lloyd", args.prerope_lloyd_calibration,
                                              PRE_ROPE_LLOYD_SCHEMES)
@@ -536,6 +713,28 @@ def readme_lines(doc: dict) -> list[str]:
         for r in sec["results"]:
             out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {len(r['protected_heads'])} | {r['accuracy']:.2f} | "
                        f"{r['accuracy_reference']:.2f} | {r['answer_logprob']:.2f} | {r['answer_logprob_reference']:.2f} |")
+    for stage in ("predicted", "predicted_long"):
+        if "results" not in doc.get(stage, {}):
+            continue
+        sec = doc[stage]
+        out += [f"| {sec['window']} tokens, cross-layer prediction | bits/elt | ΔPPL | KL | top-1 | sinks | "
+                "window + age tiers |", "|---|---|---|---|---|---|---|"]
+        for r in sec["results"]:
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
+                       f"{r['top1_agreement']:.3f} | {r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} |")
+        out += [goal_line(g, sec["window"], " with these maps") for g in sec.get("goals", [])]
+    if doc.get("predicted_retrieval") and "error" not in doc["predicted_retrieval"]:
+        out += ["| context, cross-layer prediction | map | bits/elt | accuracy | full precision | answer log-prob | "
+                "full precision |", "|---|---|---|---|---|---|---|"]
+        for context, sec in doc["predicted_retrieval"].items():
+            for r in sec["results"]:
+                out.append(f"| {context} | {r['name']} | {r['bits_per_element']:.3f} | {r['accuracy']:.2f} | "
+                           f"{r['accuracy_reference']:.2f} | {r['answer_logprob']:.2f} | {r['answer_logprob_reference']:.2f} |")
+        for context, sec in doc["predicted_retrieval"].items():
+            g = sec["goal"]
+            out.append(f"- retrieval goal at {context} tokens with these maps, ≤ 3 bits: best {g['best_map']}, accuracy "
+                       f"{g['accuracy']:.2f} against {g['accuracy_reference']:.2f} at full precision: "
+                       f"{'met' if g['met'] else 'missed'}")
     if doc.get("retrieval") and "error" not in doc["retrieval"]:
         out += ["| context | map | bits/elt | accuracy | full precision | agreement |", "|---|---|---|---|---|---|"]
         for context, sec in doc["retrieval"].items():
@@ -565,6 +764,9 @@ def main() -> None:
     ap.add_argument("--prerope-calibration", default="bench/results/quality-per-bit-prerope-calibration")
     ap.add_argument("--lloyd-channel-calibration", default="bench/results/quality-per-bit-lloyd-channel-calibration")
     ap.add_argument("--prerope-lloyd-calibration", default="bench/results/quality-per-bit-prerope-lloyd-calibration")
+    ap.add_argument("--predicted-calibration", default="bench/results/quality-per-bit-predicted-calibration")
+    ap.add_argument("--retrieval-heads", default="bench/results/smollm2-retrieval-heads.json",
+                    help="the predicted_retrieval stage's protected heads (kvcompile retrieval-heads)")
     ap.add_argument("--text", default="wikipedia-heldout")
     ap.add_argument("--short-windows", type=int, default=16)
     ap.add_argument("--long-context", type=int, default=4096)
@@ -609,7 +811,8 @@ def main() -> None:
                        "lloyd_channel": lloyd_channel_stage, "lloyd_channel_long": lloyd_channel_long_stage,
                        "lloyd_channel_retrieval": lloyd_channel_retrieval_stage,
                        "prerope_lloyd": prerope_lloyd_stage, "sketch": sketch_stage,
-                       "retrieval_heads": retrieval_heads_stage}
+                       "retrieval_heads": retrieval_heads_stage, "predictors": predictors_stage, "predicted": predicted_stage,
+                       "predicted_long": predicted_long_stage, "predicted_retrieval": predicted_retrieval_stage}
     for stage in stages:
         if stage == "calibrate":
             continue

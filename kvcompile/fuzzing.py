@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import json
 import random
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -176,6 +177,15 @@ def map_doc_problem(doc) -> str | None:
                     problem = _scheme_problem(name, doc["head_dim"], per_token=cls in ("sink", "recent"))
                     if problem:
                         return f"scheme {str(name)[:20]!r}: {problem}"
+    ref = doc.get("predictors")
+    if ref is not None:  # cross-layer predictors: a path and a content sha256; per-token, post-RoPE schemes only
+        if not (isinstance(ref, dict) and set(ref) == {"path", "sha256"} and isinstance(ref["path"], str)
+                and len(ref["path"]) <= 4096 and isinstance(ref["sha256"], str)
+                and re.fullmatch("[0-9a-f]{64}", ref["sha256"])):
+            return "predictors"
+        names = {n for stream in schemes.values() for grid in stream.values() for row in grid for n in row}
+        if any(_scheme_problem(n, doc["head_dim"], per_token=True) or n.endswith("-pr") for n in names):
+            return "predictors need per-token schemes stored after RoPE"
     return None
 
 

@@ -11,10 +11,10 @@ and ``R(p)`` RoPE at p (:mod:`kvcompile.kv.rope`)::
 with ``F(a, b) = [a, b] W + c`` (``W`` ``[2 H D, H D]``, ``c`` ``[H D]``) fitted by ridge regression on
 calibration text, and ``Q`` the site's storage scheme.  The linear maps see keys *before* RoPE: a
 map between rotated keys would hold only for the rotation angles of the positions it was fitted on
-(fitted on 512 positions, it predicted keys at positions 3,072-4,095 worse than their mean).  Layer 0 has no predictor (``P = 0``).  The
-reconstruction error is the residual's quantization error ``r - Q(r)``, so a residual with less
-spread than ``K_l`` costs less at equal bits (about ``1/2 log2(var x / var r)`` bits per element at
-high rate).  Prediction always reads the *stored* forms of the layer before, so the writer and the
+(fitted on 512 positions, it predicted keys far beyond them worse than their mean).  Layer 0 has
+no predictor (``P = 0``).  The reconstruction error is the residual's quantization error
+``r - Q(r)``, so a residual with less spread than ``K_l`` costs less at equal bits (about
+``1/2 log2(var x / var r)`` bits per element at high rate).  Prediction always reads the *stored* forms of the layer before, so the writer and the
 reader compute the same ``P`` and quantization errors do not accumulate through layers.
 
 A position's form can change as it ages (recent window -> age tiers -> bulk).  Residuals stay
@@ -22,7 +22,8 @@ consistent because every site of a prediction map stores single positions (per-t
 :attr:`~kvcompile.quant.base.StorageScheme.token_group` 1), so every site moves a position to its
 next tier at the same step; the writer processes layers in order and re-encodes each layer's
 position against the prediction from the layer before *in the same tier*
-(:func:`kvcompile.measure.simulate.stored_forms` does exactly this).
+(:func:`kvcompile.measure.simulate.stored_forms` builds the same forms, and
+:class:`kvcompile.cache.MixedPrecisionCache` writes them).
 
 The predictors are a per-model constant, like the weights (``2 (L - 1) (2 H D + 1) H D``
 parameters), and are not counted in bits per element of the cache.  File: ``predictors.safetensors``

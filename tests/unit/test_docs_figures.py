@@ -530,3 +530,56 @@ def test_readme_gemma_figures_equal_their_json(pattern, expected):
     for m in matches:
         got = m if isinstance(m, tuple) else (m,)
         assert got == want, f"README.md: {got} quoted, JSON says {want}"
+
+
+def test_cross_layer_prediction_prose_is_the_bench_output():
+    """README's cross-layer prediction paragraph (issue 16): every figure from the predictors and
+    predicted stages of bench/quality_per_bit.py."""
+    doc = result("quality_per_bit")
+    prs, pred, long = doc["predictors"], doc["predicted"], doc["predicted_long"]
+    readme = " ".join(text("README.md").split())
+    kr, vr, sav, bp = prs["range"]["key"], prs["range"]["value"], prs["mean_high_rate_saving_bits"], prs["by_position"]
+    spans = list(bp)
+    c = pred["calibration"]
+    r = {x["name"]: x for x in pred["results"]}
+    rl = {x["name"]: x for x in long["results"]}
+    claims = [
+        f"{kr[0] * 100:.1f}–{kr[1] * 100:.1f} % of a key's variance and {vr[0] * 100:.1f}–{vr[1] * 100:.1f} % of a value's",
+        f"{sav['key']:.2f} and {sav['value']:.2f} bits per element saved on average",
+        f"keys keep {bp[spans[0]]['key'] * 100:.1f} % at positions {spans[0].replace('-', '–')} (the positions fitted) "
+        f"and {bp[spans[2]]['key'] * 100:.1f} % at {spans[2].replace('-', '–')}",
+        f"{len(c['schemes'])} per-token formats on their residuals ({c['seconds']:.1f} s on 2 cores in the bench's "
+        f"process: {c['fit_seconds']:.1f} s fit, {c['calibration_seconds']:.1f} s calibration",
+        f"holds {prs['parameters'] * 4 / 2**20:.1f} MiB of float32 weights",
+        f"{prs['parameters'] / 1e6:.2f} M parameters, {prs['bytes_fp16'] / 2**20:.1f} MiB in fp16",
+        f"cuts KL {r['plan 3b tiers']['kl'] / r['plan 3b tiers predicted']['kl']:.0f}x at 3 bits "
+        f"({r['plan 3b tiers']['kl']:.4f} to {r['plan 3b tiers predicted']['kl']:.4f})",
+        f"{r['plan 2.5b tiers']['kl'] / r['plan 2.5b tiers predicted']['kl']:.0f}x at 2.5 bits "
+        f"({r['plan 2.5b tiers']['kl']:.4f} to {r['plan 2.5b tiers predicted']['kl']:.4f})",
+        f"at 4,096 tokens {rl['plan 3b tiers']['kl'] / rl['plan 3b tiers predicted']['kl']:.0f}x and "
+        f"{rl['plan 2.5b tiers']['kl'] / rl['plan 2.5b tiers predicted']['kl']:.0f}x",
+    ]
+    for claim in claims:
+        assert claim in readme, claim
+    assert c["seconds"] < 120 and all(g["met"] for g in (*pred["goals"], *long["goals"]))
+
+
+def test_cross_layer_prediction_retrieval_prose_is_the_bench_output():
+    pr = result("quality_per_bit")["predicted_retrieval"]
+    r4 = {r["name"]: r for r in pr["4096"]["results"]}
+    r8 = {r["name"]: r for r in pr["8192"]["results"]}
+    p, pp = "plan 3b tiers predicted", "plan 3b tiers predicted, heads >= 0.5 in int8"
+    readme = " ".join(text("README.md").split())
+    claims = [
+        f"at 4,096 tokens from {r4['plan 3b tiers']['answer_logprob']:.2f} to {r4[p]['answer_logprob']:.2f} "
+        f"(full precision {r4[p]['answer_logprob_reference']:.2f};",
+        f"answers {round(r4[p]['accuracy'] * 5)} of the {round(r4[p]['accuracy_reference'] * 5)} cases",
+        f"it answers {round(r4[pp]['accuracy'] * 5)} of {round(r4[pp]['accuracy_reference'] * 5)} "
+        f"({r4[pp]['answer_logprob']:.2f})",
+        f"the predicted map answers {round(r8[p]['accuracy'] * 3)} of 3, as the full-precision cache does",
+        f"log-probability {r8[p]['answer_logprob']:.2f} against {r8[p]['answer_logprob_reference']:.2f}), while the "
+        f"protected map misses it ({r8[pp]['answer_logprob']:.2f})",
+    ]
+    for claim in claims:
+        assert claim in readme, claim
+    assert r8[p]["accuracy"] == r8[p]["accuracy_reference"] and r8[pp]["accuracy"] < r8[pp]["accuracy_reference"]
