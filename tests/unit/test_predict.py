@@ -15,7 +15,8 @@ from kvcompile.kv.precision_map import PrecisionMap
 from kvcompile.kv.predict import FILE_NAME, CrossLayerPredictors, register, resolve
 from kvcompile.measure.simulate import simulate_cache
 
-from tests.conftest import make_tiny_llama
+from tests.unit.test_simulation import _decode as decode  # token by token through MixedPrecisionCache
+from tests.unit.test_simulation import model64  # noqa: F401  (the float64 tiny Llama fixture)
 
 L, H, D = 2, 2, 32  # the tiny Llama's layers, kv heads, head dim
 
@@ -45,19 +46,6 @@ def tiered_map(predictors=None) -> PrecisionMap:
     schemes["value"]["bulk"] = (("int3", "int3"), ("int2", "lm2-rot"))
     return PrecisionMap(L, H, D, 2, 3, schemes, age_windows=(4, 5),
                         predictors=None if predictors is None else reference(predictors))
-
-
-@pytest.fixture(scope="module")
-def model64():
-    return make_tiny_llama(dtype=torch.float64, seed=4)
-
-
-def decode(model, ids, pmap, prefill):
-    cache = MixedPrecisionCache(pmap, max_context=64, rope=model_ropes(model, pmap, 64))
-    with torch.no_grad():
-        outs = [model(ids[:, :prefill], cache=cache).logits]
-        outs += [model(ids[:, i : i + 1], cache=cache).logits for i in range(prefill, ids.shape[1])]
-    return torch.cat(outs, 1)
 
 
 def simulate(model, ids, pmap, prefill):
