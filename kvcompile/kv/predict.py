@@ -47,9 +47,11 @@ FILE_NAME = "predictors.safetensors"
 STREAMS = ("key", "value")
 
 
-@dataclass
+@dataclass(eq=False)
 class CrossLayerPredictors:
-    """Per layer ``l >= 1`` and stream: ``weight`` ``[2 H D, H D]`` and ``bias`` ``[H D]`` (float32)."""
+    """Per layer ``l >= 1`` and stream: ``weight`` ``[2 H D, H D]`` and ``bias`` ``[H D]`` (float32).
+
+    Two predictors are the same when their :attr:`sha256` is (``==`` on tensors has no single answer)."""
 
     model: str
     num_layers: int
@@ -59,6 +61,11 @@ class CrossLayerPredictors:
     maps: dict
     fit: dict = field(default_factory=dict)
     _digest: str | None = field(default=None, repr=False, compare=False)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, CrossLayerPredictors) and other.sha256 == self.sha256
+
+    __hash__ = None  # mutable: not a dict key
 
     def __post_init__(self) -> None:
         width = self.num_kv_heads * self.head_dim

@@ -327,3 +327,7 @@ def test_export_refuses_a_predicted_map_before_writing(tiny_lm, tmp_path):
     with pytest.raises(ExportError, match="cross-layer prediction residuals") as e:
         export_onnx(tiny_lm, pmap, tmp_path / "exp", max_context=64)
     assert "\n" not in str(e.value) and not (tmp_path / "exp").exists()
+
+
+def test_predictors_compare_by_content():
+    assert random_predictors() == random_predictors() and random_predictors() != random_predictors(seed=1)
