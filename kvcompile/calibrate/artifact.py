@@ -72,7 +72,7 @@ class Calibration:
     extra: dict = field(default_factory=dict)
     #: cross-layer predictors (:class:`kvcompile.kv.predict.CrossLayerPredictors`) the costs were measured
     #: with (residual storage), or None; saved beside the tensors as ``predictors.safetensors``
-    predictors: object = None  # compared through content_hash(), which includes their sha256
+    predictors: object = None  # part of content_hash() through their sha256
     #: where the calibration was loaded from or saved to (None: only in memory)
     directory: Path | None = field(default=None, compare=False)
 
