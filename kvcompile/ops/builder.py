@@ -26,6 +26,9 @@ class Builder:
         self.prefix = prefix
         self.nodes: list[Any] = []
         self.calls: list[tuple[Any, dict]] = []  # (OpSpec, attrs) of kvcompile ops emitted
+        #: output name -> (dtype, rank) of each kvcompile op emitted: a graph declares them (value_info),
+        #: since ONNX Runtime cannot infer a custom kernel's variadic output types
+        self.types: dict[str, tuple[str, int]] = {}
         self._count = 0
 
     def fresh(self, hint: str = "t") -> str:
@@ -43,6 +46,14 @@ class Builder:
         self.nodes.append(helper.make_node(op_type, list(inputs), names, name=self.fresh("node_" + op_type),
                                            domain=domain, **attrs))
         return names[0] if len(names) == 1 else names
+
+    def value_infos(self, exclude=()) -> list:
+        """ValueInfoProtos of the kvcompile ops' outputs (:attr:`types`) not named in ``exclude``."""
+        from onnx import helper
+
+        codes = {"float32": 1, "float16": 10, "int8": 3}
+        return [helper.make_tensor_value_info(name, codes[dtype], [None] * rank)
+                for name, (dtype, rank) in self.types.items() if name not in set(exclude)]
 
     def const(self, value, dtype=np.float32, hint: str = "c") -> str:
         from onnx import numpy_helper

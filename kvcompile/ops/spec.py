@@ -104,6 +104,7 @@ class OpSpec:
                                         overload=self.overload(attrs), plugin_namespace=self.domain,
                                         plugin_version=str(self.version), **attrs))
         b.calls.append((self, dict(attrs)))
+        b.types.update((name, (p.dtype, len(p.shape))) for name, p in zip(names, self.outputs(attrs)))
         return names
 
     def single_node_model(self, attrs: Attrs) -> Any:

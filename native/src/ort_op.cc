@@ -1,5 +1,6 @@
-// The ONNX Runtime custom-op library: registers kvcompile::KVAttention and
-// kvcompile::KVWindowAttention for the CPU execution provider, written against the ONNX Runtime C
+// The ONNX Runtime custom-op library: registers kvcompile::KVAttention,
+// kvcompile::KVWindowAttention, kvcompile::KVQuantize and kvcompile::KVDequantize for the CPU
+// execution provider, written against the ONNX Runtime C
 // API only (headers: ../shared/third_party/onnxruntime-*).
 //
 // When a model also defines an op as a model-local function, ONNX Runtime runs this kernel if the
@@ -156,6 +157,100 @@ OrtStatus* ORT_API_CALL compute(void* kernel, OrtKernelContext* context) {
 
 void ORT_API_CALL destroy_kernel(void* kernel) { delete static_cast<Kernel*>(kernel); }
 
+// KVQuantize / KVDequantize (kvcompile/ops/quantize.py): one scheme (attributes `scheme`,
+// `head_dim`), every [batch, head] slice quantized or de-quantized by formats.cc, the routines
+// KVAttention stores and reads with (bit-identical to the torch references).
+struct CodecKernel {
+  kvc::Format format;
+};
+
+OrtStatus* ORT_API_CALL create_codec_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info,
+                                            void** kernel) {
+  std::string scheme, error;
+  int64_t head_dim = 0;
+  KVC_RETURN_IF(read_string(info, "scheme", &scheme));
+  KVC_RETURN_IF(g_api->KernelInfoGetAttribute_int64(info, "head_dim", &head_dim));
+  auto* k = new CodecKernel;
+  if (!kvc::parse_format(scheme, head_dim, &k->format, &error)) {
+    delete k;
+    return status(error);
+  }
+  *kernel = k;
+  return nullptr;
+}
+
+void ORT_API_CALL destroy_codec_kernel(void* kernel) { delete static_cast<CodecKernel*>(kernel); }
+
+OrtStatus* allocate_output(OrtKernelContext* context, size_t index, const std::vector<int64_t>& dims, uint8_t** data) {
+  OrtValue* out = nullptr;
+  KVC_RETURN_IF(g_api->KernelContext_GetOutput(context, index, dims.data(), dims.size(), &out));
+  void* p = nullptr;
+  KVC_RETURN_IF(g_api->GetTensorMutableData(out, &p));
+  *data = static_cast<uint8_t*>(p);
+  return nullptr;
+}
+
+// states [B, H, T, D] float32 -> the format's parts [B, H, T / rows_per, width].
+OrtStatus* ORT_API_CALL compute_quantize(void* kernel, OrtKernelContext* context) {
+  const kvc::Format& f = static_cast<CodecKernel*>(kernel)->format;
+  const OrtValue* v = nullptr;
+  KVC_RETURN_IF(g_api->KernelContext_GetInput(context, 0, &v));
+  kvc::View x;
+  KVC_RETURN_IF(view_of(v, &x));
+  if (x.bytes != 4 || x.dims.size() != 4 || x.dims[3] != f.head_dim)
+    return status("KVQuantize " + f.name + ": expected states float32 [B, H, T, " + std::to_string(f.head_dim) + "]");
+  const int64_t slices = x.dims[0] * x.dims[1], t = x.dims[2], d = f.head_dim;
+  if (t % f.token_group)
+    return status("KVQuantize " + f.name + ": " + std::to_string(t) + " positions; expected a multiple of " +
+                  std::to_string(f.token_group));
+  std::vector<uint8_t*> bases(f.parts.size());
+  for (size_t i = 0; i < f.parts.size(); ++i)
+    KVC_RETURN_IF(allocate_output(context, i, {x.dims[0], x.dims[1], t / f.parts[i].rows_per, f.parts[i].width},
+                                  &bases[i]));
+  const float* states = reinterpret_cast<const float*>(x.data);
+  std::string error;
+  for (int64_t s = 0; s < slices; ++s) {
+    kvc::PartPtrs parts(f.parts.size());
+    for (size_t i = 0; i < f.parts.size(); ++i)
+      parts[i] = bases[i] + s * (t / f.parts[i].rows_per) * f.parts[i].row_bytes();
+    if (!kvc::quantize_rows(f, states + s * t * d, t, parts, 0, &error)) return status("KVQuantize " + f.name + ": " + error);
+  }
+  return nullptr;
+}
+
+// the parts [B, H, T / rows_per, width] -> states [B, H, T, D] float32.
+OrtStatus* ORT_API_CALL compute_dequantize(void* kernel, OrtKernelContext* context) {
+  const kvc::Format& f = static_cast<CodecKernel*>(kernel)->format;
+  size_t n = 0;
+  KVC_RETURN_IF(g_api->KernelContext_GetInputCount(context, &n));
+  if (n != f.parts.size())
+    return status("KVDequantize " + f.name + ": expected " + std::to_string(f.parts.size()) + " parts, got " +
+                  std::to_string(n));
+  std::vector<kvc::View> views(n);
+  for (size_t i = 0; i < n; ++i) {
+    const OrtValue* v = nullptr;
+    KVC_RETURN_IF(g_api->KernelContext_GetInput(context, i, &v));
+    KVC_RETURN_IF(view_of(v, &views[i]));
+  }
+  const std::vector<int64_t>& lead = views[0].dims;
+  if (lead.size() != 4) return status("KVDequantize " + f.name + ": expected parts [B, H, rows, width]");
+  const int64_t t = lead[2] * f.parts[0].rows_per, d = f.head_dim, slices = lead[0] * lead[1];
+  for (size_t i = 0; i < n; ++i) {
+    const std::vector<int64_t>& dims = views[i].dims;
+    if (views[i].bytes != f.parts[i].bytes || dims.size() != 4 || dims[0] != lead[0] || dims[1] != lead[1] ||
+        dims[2] * f.parts[i].rows_per != t || dims[3] != f.parts[i].width)
+      return status("KVDequantize " + f.name + ": part " + f.parts[i].name + " does not have the format's shape and type");
+  }
+  uint8_t* out = nullptr;
+  KVC_RETURN_IF(allocate_output(context, 0, {lead[0], lead[1], t, d}, &out));
+  for (int64_t s = 0; s < slices; ++s) {
+    kvc::ConstPartPtrs parts(n);
+    for (size_t i = 0; i < n; ++i) parts[i] = views[i].data + s * (t / f.parts[i].rows_per) * f.parts[i].row_bytes();
+    kvc::dequantize_rows(f, parts, 0, t, reinterpret_cast<float*>(out) + s * t * d);
+  }
+  return nullptr;
+}
+
 const char* ORT_API_CALL op_name(const OrtCustomOp*) { return "KVAttention"; }
 const char* ORT_API_CALL window_op_name(const OrtCustomOp*) { return "KVWindowAttention"; }
 const char* ORT_API_CALL provider(const OrtCustomOp*) { return nullptr; }  // CPU
@@ -211,7 +306,36 @@ OrtCustomOp make_window_op() {
   return op;
 }
 
+const char* ORT_API_CALL quantize_name(const OrtCustomOp*) { return "KVQuantize"; }
+const char* ORT_API_CALL dequantize_name(const OrtCustomOp*) { return "KVDequantize"; }
+size_t ORT_API_CALL one(const OrtCustomOp*) { return 1; }
+ONNXTensorElementDataType ORT_API_CALL float_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+ONNXTensorElementDataType ORT_API_CALL any_type(const OrtCustomOp*, size_t) { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL required(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_REQUIRED; }
+OrtCustomOpInputOutputCharacteristic ORT_API_CALL variadic(const OrtCustomOp*, size_t) { return INPUT_OUTPUT_VARIADIC; }
+int ORT_API_CALL arity_one(const OrtCustomOp*) { return 1; }
+
+// KVQuantize: states (float32) -> parts (variadic, heterogeneous); KVDequantize: the reverse.
+OrtCustomOp make_codec_op(bool quantize) {
+  OrtCustomOp op = make_op();
+  op.GetName = quantize ? quantize_name : dequantize_name;
+  op.GetInputTypeCount = one;
+  op.GetOutputTypeCount = one;
+  op.GetInputType = quantize ? float_type : any_type;
+  op.GetOutputType = quantize ? any_type : float_type;
+  op.GetInputCharacteristic = quantize ? required : variadic;
+  op.GetOutputCharacteristic = quantize ? variadic : required;
+  op.GetVariadicInputMinArity = arity_one;
+  op.GetVariadicOutputMinArity = arity_one;
+  op.CreateKernelV2 = create_codec_kernel;
+  op.KernelComputeV2 = quantize ? compute_quantize : compute_dequantize;
+  op.KernelDestroy = destroy_codec_kernel;
+  return op;
+}
+
 OrtCustomOp g_attention_op = make_op();
+OrtCustomOp g_quantize_op = make_codec_op(true);
+OrtCustomOp g_dequantize_op = make_codec_op(false);
 OrtCustomOp g_window_attention_op = make_window_op();
 
 }  // namespace
@@ -227,6 +351,8 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   KVC_RETURN_IF(g_api->CreateCustomOpDomain("kvcompile", &domain));
   KVC_RETURN_IF(g_api->CustomOpDomain_Add(domain, &g_attention_op));
   KVC_RETURN_IF(g_api->CustomOpDomain_Add(domain, &g_window_attention_op));
+  KVC_RETURN_IF(g_api->CustomOpDomain_Add(domain, &g_quantize_op));
+  KVC_RETURN_IF(g_api->CustomOpDomain_Add(domain, &g_dequantize_op));
   return g_api->AddCustomOpDomain(options, domain);
 }
 

@@ -246,3 +246,51 @@ def test_long_decode_splits_positions_across_threads_and_merges_them():
     """Decode over > 256 positions runs in chunks merged by log-sum-exp (split-K)."""
     attrs = attention_case(("fp16", "int8", "int2-ch"), ("fp16", "int8", "int4"))
     run_steps(attrs, [600, 1, 1, 1], batch=1)
+
+
+def codec_session(spec, attrs):
+    """One KVQuantize or KVDequantize node, declared as the library's kernel (it must win over the body)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    native.register(options)
+    return ort.InferenceSession(spec.single_node_model(attrs).SerializeToString(), options,
+                                providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_the_librarys_quantize_and_dequantize_kernels_are_the_references_bit_for_bit(name):
+    """KVQuantize / KVDequantize (what a predicted export's graph stores and reads with) write the
+    reference's parts and read back its floats, on adversarial data, batch 2 x 3 heads."""
+    from kvcompile.ops import KV_DEQUANTIZE, KV_QUANTIZE
+
+    scheme = get_scheme(name)
+    attrs = {"scheme": name, "head_dim": 64}
+    t = 2 * max(scheme.token_group, 16)
+    x = adversarial(t, 64, seed=3)
+    want = scheme.quantize(x)
+    parts = codec_session(KV_QUANTIZE, attrs).run(None, {"states": x.numpy()})
+    layout = part_layout(scheme, 64)
+    assert len(parts) == len(layout)
+    for got, p in zip(parts, layout):
+        assert np.array_equal(got.view(np.uint8), want.parts[p.name].numpy().view(np.uint8)), p.name
+    names = [p.name for p in KV_DEQUANTIZE.inputs(attrs)]
+    (back,) = codec_session(KV_DEQUANTIZE, attrs).run(None, dict(zip(names, parts)))
+    assert np.array_equal(back, scheme.dequantize(want).numpy())
+
+
+def test_the_codec_kernels_refuse_bad_input_in_one_line():
+    from kvcompile.ops import KV_DEQUANTIZE, KV_QUANTIZE
+
+    attrs = {"scheme": "int2-ch", "head_dim": 64}
+    bad = torch.randn(1, 2, 32, 64)
+    bad[0, 1, 3, 5] = float("inf")
+    with pytest.raises(Exception, match="KVQuantize int2-ch: .*(NaN|inf)"):
+        codec_session(KV_QUANTIZE, attrs).run(None, {"states": bad.numpy()})
+    with pytest.raises(Exception, match="KVQuantize int2-ch: 31 positions; expected a multiple of 32"):
+        codec_session(KV_QUANTIZE, attrs).run(None, {"states": np.zeros((1, 2, 31, 64), np.float32)})
+    parts = codec_session(KV_QUANTIZE, attrs).run(None, {"states": np.zeros((1, 2, 32, 64), np.float32)})
+    names = [p.name for p in KV_DEQUANTIZE.inputs(attrs)]
+    feed = dict(zip(names, parts))
+    feed[names[1]] = feed[names[1]][:, :1]  # scales of one head for two heads' codes
+    with pytest.raises(Exception, match="KVDequantize int2-ch: part scale does not have the format's shape"):
+        codec_session(KV_DEQUANTIZE, attrs).run(None, feed)
