@@ -287,6 +287,12 @@ def build_decoder_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup],
                   for table in full_tables[kind]]  # [1, 1, S, D]
         tables[kind] = tuple(gather)
     layer_types = getattr(config, "layer_types", None)
+    predictor_weights, previous = None, None
+    if pmap.predictors is not None:  # every layer's states go through kvcompile.export.predicted
+        from kvcompile.export.predicted import add_predictor_weights
+        from kvcompile.kv.predict import resolve
+
+        predictor_weights = add_predictor_weights(w, resolve(pmap.predictors))
 
     cache_outputs = [p.present for g in groups for p in g.ports]
     by_layer: dict[tuple[int, str], list[HeadGroup]] = {}
@@ -314,8 +320,16 @@ def build_decoder_graph(model: Any, pmap: PrecisionMap, groups: list[HeadGroup],
             q, k = norm(q, attn.q_norm, f"{name}.q_norm"), norm(k, attn.k_norm, f"{name}.k_norm")
         q, k = _rope(b, q, cos, sin, d), _rope(b, k, cos, sin, d)
         v = _heads(b, _linear(b, w, h, attn.v_proj, f"{name}.v_proj"), hkv, d)
-        ctx = layer_attention(b, pmap, by_layer[(i, "key")], by_layer[(i, "value")], q, k, v, (hq, hkv, d),
-                              float(attn.scaling), mask, fused, window_op, full_tables[kind])
+        if predictor_weights is not None:
+            from kvcompile.export.predicted import predicted_states
+
+            previous = predicted_states(b, pmap, i, {s: by_layer[(i, s)] for s in ("key", "value")},
+                                        {"key": k, "value": v}, p_len, full_tables[kind], predictor_weights, previous)
+            ctx = _attention(b, q, previous["full"]["key"], previous["full"]["value"], hkv, hq // hkv, d,
+                             float(attn.scaling), mask)
+        else:
+            ctx = layer_attention(b, pmap, by_layer[(i, "key")], by_layer[(i, "value")], q, k, v, (hq, hkv, d),
+                                  float(attn.scaling), mask, fused, window_op, full_tables[kind])
         ctx = b.op("Reshape", b.op("Transpose", ctx, perm=[0, 2, 1, 3]), b.i64(0, 0, hq * d))
         out = _linear(b, w, ctx, attn.o_proj, f"{name}.o_proj")
         if names[1]:

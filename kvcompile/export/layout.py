@@ -4,9 +4,9 @@ For each layer the kv heads are grouped by their key *and* value schemes in ever
 (:func:`kvcompile.kv.grouping.joint_groups`: the heads one ``KVAttention`` node reads), and each
 group appears once per stream (key, value).  A group is either
 
-* *plain*: every class fp16 in both streams, so the segments concatenate to one fp16 tensor and
-  no custom op is needed; named as ONNX Runtime GenAI does, ``past_key_values.{l}.key`` /
-  ``present.{l}.key``, ``[batch, heads, past_sequence, head_dim]``;
+* *plain*: every class fp16 in both streams (and no cross-layer prediction), so the segments
+  concatenate to one fp16 tensor and no custom op is needed; named as ONNX Runtime GenAI does,
+  ``past_key_values.{l}.key`` / ``present.{l}.key``, ``[batch, heads, past_sequence, head_dim]``;
 * *packed*: the segments of a ``KVAttention`` node (or, unfused, of a ``KVCacheUpdate`` node per
   stream), whose parts are graph I/O named
   ``past_key_values.{l}.key[.h{heads}].{segment}.{part}`` (``present.`` for outputs), e.g.
@@ -71,7 +71,9 @@ def cache_layout(pmap: PrecisionMap) -> list[HeadGroup]:
     for layer in range(pmap.num_layers):
         joint = joint_groups(pmap, layer)
         split = len(joint) > 1
-        plain = [all(s.name == "fp16" for stream in STREAMS for s in pmap.class_schemes(layer, heads[0], stream))
+        # a map with cross-layer predictors re-encodes fp16 rows as they move between tiers too
+        plain = [pmap.predictors is None and all(s.name == "fp16" for stream in STREAMS
+                                                 for s in pmap.class_schemes(layer, heads[0], stream))
                  for heads in joint]
         for stream in STREAMS:
             for heads, is_plain in zip(joint, plain):

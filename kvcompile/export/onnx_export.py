@@ -143,8 +143,26 @@ class ExportedModel:
         targets = _check_targets(path, doc.get("targets"), manifest)
         _check_files(path, doc.get("files"))
         _check_graph(path / MODEL_FILE, groups, doc)
+        if pmap.predictors is not None:
+            _register_predictors(path, pmap, manifest)
         return cls(path, doc["model"], doc["model_type"], geometry, doc["max_context"], pmap, groups,
                    doc["vocab_size"], doc["kvcompile_version"], targets)
+
+
+def _register_predictors(path: Path, pmap: PrecisionMap, manifest: Path) -> None:
+    """Make the export's copy of the map's predictors the one this process resolves (the map names
+    the calibration's path, which a deployment machine need not have)."""
+    from kvcompile.kv.predict import FILE_NAME, CrossLayerPredictors, register
+
+    file = path / FILE_NAME
+    if not file.is_file():
+        raise ArtifactError(f"{manifest}: the map predicts across layers but {FILE_NAME} is missing; re-run "
+                            "`kvcompile export`")
+    predictors = CrossLayerPredictors.from_bytes(file.read_bytes(), str(file))
+    if predictors.sha256 != pmap.predictors["sha256"]:
+        raise ArtifactError(f"{file}: content sha256 differs from the {pmap.predictors['sha256'][:12]}… the map names; "
+                            "re-run `kvcompile export`")
+    register(predictors)
 
 
 def _check_targets(path: Path, targets, manifest: Path) -> dict:
@@ -237,8 +255,12 @@ def _check_exportable(pmap: PrecisionMap, head_dim: int) -> None:
     from kvcompile.ops.lowering import check_lowerable
 
     if pmap.predictors is not None:
-        raise ExportError("the precision map stores cross-layer prediction residuals, which no exported graph reads "
-                          "yet (the simulation scores them: kvcompile eval); expected a map planned without predictors")
+        from kvcompile.kv.predict import resolve
+
+        p = resolve(pmap.predictors)  # found and checked, or one line
+        if (p.num_layers, p.num_kv_heads, p.head_dim) != (pmap.num_layers, pmap.num_kv_heads, pmap.head_dim):
+            raise ExportError(f"the map's predictors are for {p.num_layers} layers x {p.num_kv_heads} kv heads x "
+                              f"{p.head_dim}; expected the map's geometry")
     for layer, head, stream in pmap.sites():
         for scheme in pmap.class_schemes(layer, head, stream):
             check_lowerable(scheme, head_dim)
@@ -280,7 +302,8 @@ def build_onnx_model(lm, pmap: PrecisionMap, max_context: int, fused_attention: 
                                                          ["batch", len(grp.heads), rows(grp, p, "total"), p.width]))
     assert [o.name for o in outputs[1:]] == cache_outputs
     initializers = [numpy_helper.from_array(a, name) for name, a in weights.arrays.items()]
-    graph = helper.make_graph(b.nodes, f"kvcompile_{lm.model.config.model_type}", inputs, outputs, initializers)
+    graph = helper.make_graph(b.nodes, f"kvcompile_{lm.model.config.model_type}", inputs, outputs, initializers,
+                              value_info=b.value_infos(exclude=[o.name for o in outputs]))
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
                               functions=collect_functions(b.calls), ir_version=10,
                               producer_name="kvcompile", producer_version=__version__)
@@ -400,6 +423,12 @@ def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: i
     if hasattr(lm.tokenizer, "save_pretrained"):
         lm.tokenizer.save_pretrained(tmp / "tokenizer")
     (tmp / TRITON_CONFIG).write_text(triton_config(lm.name, groups, lm.model.config.vocab_size))
+    onnx_files = [TRITON_CONFIG]
+    if pmap.predictors is not None:  # the graph holds them as weights; the torch reference and validate read the file
+        from kvcompile.kv.predict import FILE_NAME, resolve
+
+        (tmp / FILE_NAME).write_bytes(resolve(pmap.predictors).to_bytes())
+        onnx_files.append(FILE_NAME)
     g = lm.geometry
     save_json_artifact(tmp / MANIFEST, "onnx_export", FORMAT_VERSION, {
         "model": lm.name, "model_type": lm.model.config.model_type,
@@ -411,9 +440,10 @@ def write_onnx_export(lm, pmap: PrecisionMap, directory: Path, *, max_context: i
         "cache_layout": layout_to_json(groups),
         "files": _file_record(tmp),
         "targets": {"onnx": {"runtime": "onnxruntime", "triton_config": TRITON_CONFIG,
-                             "attention": "fused" if fused_attention else "unfused",
+                             "attention": "standard ops, cross-layer predicted" if pmap.predictors is not None
+                             else "fused" if fused_attention else "unfused",
                              "kvcompile_nodes": dict(sorted(nodes.items())),
                              **({"window_attention": "fused" if windows_fused else "standard ops"}
                                 if any(g.window and not g.plain for g in groups) else {}),
-                             "files": {TRITON_CONFIG: (tmp / TRITON_CONFIG).stat().st_size}}},
+                             "files": {f: (tmp / f).stat().st_size for f in onnx_files}}},
     })

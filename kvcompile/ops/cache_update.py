@@ -42,10 +42,10 @@ from kvcompile.kv.segments import OnnxInts, SegmentRule, storage_order
 from kvcompile.kv.store import SegmentStore, reference_quantize
 from kvcompile.ops.builder import INT_MAX
 from kvcompile.ops.lowering import lowering
-from kvcompile.ops.quantize import STATES, part_ports
+from kvcompile.ops.quantize import KV_DEQUANTIZE, KV_QUANTIZE, STATES, part_ports
 from kvcompile.ops.spec import Attribute, OpSpec, Port, register_op
 from kvcompile.quant import QuantizedTensor, get_scheme
-from kvcompile.quant.base import part_layout
+from kvcompile.quant.base import native_readable, part_layout
 
 ATTRIBUTES = (
     Attribute("sink_scheme", "string", "scheme of the first sink_tokens positions (per-token)"),
@@ -179,11 +179,22 @@ def rope_body(b, x: str, rope: tuple[str, str], start: str, head_dim: int, forwa
     return b.op("Add" if forward else "Sub", b.op("Mul", x, cos), b.op("Mul", rotated_half, sin))
 
 
-def update_body(b, attrs, past_parts: list[str], states: str,
-                rope: tuple[str, str] | None = None) -> tuple[list[str], str]:
+def update_body(b, attrs, past_parts: list[str], states: str, rope: tuple[str, str] | None = None,
+                on_move=None, trace: dict | None = None, codec_nodes: bool = False) -> tuple[list[str], str]:
     """The op's computation in standard ONNX ops, inlined into builder ``b``: the past segments'
     part names and the new ``states`` -> (present part names, all positions de-quantized).
-    ``rope``: the ``(cos, sin)`` table names, when :func:`pre_rope`."""
+    ``rope``: the ``(cos, sin)`` table names, when :func:`pre_rope`.
+
+    Hooks for a cache of cross-layer prediction residuals (:mod:`kvcompile.export.predicted`), as
+    :meth:`kvcompile.kv.store.SegmentStore.append` has them: ``on_move(tier, first, states)`` gets
+    the de-quantized rows moving into ``rule.tiers[tier]`` (positions from the 1-D int64 ``first``)
+    and returns the rows to quantize instead; ``trace``, a dict, receives ``"entry"`` (the new
+    positions as stored, de-quantized, ``[B, H, S, D]``) and ``"moves"`` ``{tier: rows as stored}``.
+
+    ``codec_nodes``: quantize and de-quantize through ``KVQuantize`` / ``KVDequantize`` nodes (the
+    native library runs them, else their function bodies) where the library reads the scheme, instead
+    of inlining the lowerings; only in a graph's top level (ONNX Runtime does not resolve an overloaded
+    function called from inside a function)."""
     d = attrs["head_dim"]
     segs = segments(attrs)
     it = iter(past_parts)
@@ -196,13 +207,21 @@ def update_body(b, attrs, past_parts: list[str], states: str,
     if pre_rope(attrs) and rope is None:
         raise ValueError("KVCacheUpdate: a pre-RoPE scheme needs the RoPE tables (rope_cos, rope_sin)")
 
+    def as_node(seg):
+        return codec_nodes and native_readable(schemes[seg])
+
     def quantize(seg, x, start):  # rows of positions start ..
         if stores_pre_rope(schemes[seg]):
             x = rope_body(b, x, rope, start, d, forward=False)
+        if as_node(seg):
+            return KV_QUANTIZE.emit(b, {"scheme": schemes[seg].name, "head_dim": d}, [x])
         return lowering(schemes[seg])[0](b, schemes[seg], x, d)
 
     def dequantize(seg, parts, start):
-        x = lowering(schemes[seg])[1](b, schemes[seg], parts, d)
+        if as_node(seg):
+            x = KV_DEQUANTIZE.emit(b, {"scheme": schemes[seg].name, "head_dim": d}, list(parts))[0]
+        else:
+            x = lowering(schemes[seg])[1](b, schemes[seg], parts, d)
         return rope_body(b, x, rope, start, d, forward=True) if stores_pre_rope(schemes[seg]) else x
 
     def length(parts):  # positions in a segment: rows of its first part
@@ -227,23 +246,37 @@ def update_body(b, attrs, past_parts: list[str], states: str,
 
     present = {}
     rest, rest_start = states, p_len
+    entry = []  # (class, parts, first position) of the new positions as stored
     if "sink" in segs:
         k = rule.new_sinks(p_len, s_len, ints)
         new_sink = quantize("sink", b.slice_axis(states, zero, k, 2), p_len)
         present["sink"] = cat(past["sink"], new_sink)
+        entry.append(("sink", new_sink, p_len))
         rest, rest_start = b.slice_axis(states, k, end, 2), b.op("Add", p_len, k)
-    present["recent"] = cat(past["recent"], quantize("recent", rest, rest_start))
+    new_recent = quantize("recent", rest, rest_start)
+    present["recent"] = cat(past["recent"], new_recent)
+    entry.append(("recent", new_recent, rest_start))
+    if trace is not None:
+        rows = [dequantize(c, parts, first if rope is not None else None) for c, parts, first in entry]
+        trace["entry"] = b.op("Concat", *rows, axis=2) if len(rows) > 1 else rows[0]
+        trace["moves"] = {}
     for seg in rule.tiers[1:]:
         present[seg] = past[seg]
     tiers = rule.tiers
-    for younger, older, moved in zip(tiers[:-1], tiers[1:], rule.moves(p_len, s_len, ints)):
+    for tier, (younger, older, moved) in enumerate(zip(tiers[:-1], tiers[1:], rule.moves(p_len, s_len, ints)), 1):
         # a part with one row per r positions (per-channel parameters) is cut at moved / r rows
         rows = [moved if p.rows_per == 1 else b.op("Div", moved, b.i64(p.rows_per))
                 for p in part_layout(schemes[younger], d)]
-        first = first_position(younger) if rope is not None else None
+        first = first_position(younger) if rope is not None or on_move is not None else None
         leaving = [b.slice_axis(x, zero, m, 2) for x, m in zip(present[younger], rows)]
         present[younger] = [b.slice_axis(x, m, end, 2) for x, m in zip(present[younger], rows)]
-        present[older] = cat(present[older], quantize(older, dequantize(younger, leaving, first), first))
+        rows_in = dequantize(younger, leaving, first)
+        if on_move is not None:
+            rows_in = on_move(tier, first, rows_in)
+        moving = quantize(older, rows_in, first)
+        present[older] = cat(present[older], moving)
+        if trace is not None:
+            trace["moves"][tier] = dequantize(older, moving, first)
     full = [dequantize(seg, present[seg], first_position(seg) if rope is not None else None) for seg in segs]
     all_states = b.op("Concat", *full, axis=2) if len(full) > 1 else full[0]
     return [x for seg in segs for x in present[seg]], all_states

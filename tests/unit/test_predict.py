@@ -1,5 +1,5 @@
 """Cross-layer prediction: the fit, the artifact, maps that name it, the simulation against the real
-cache, calibration on residuals, and the refusals of the paths that do not read it yet."""
+cache, calibration on residuals, and the refusals (exports: tests/unit/test_export_predicted.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kvcompile.cache import MixedPrecisionCache, model_ropes
-from kvcompile.errors import ArtifactError, CacheError, ExportError, KvcompileError
+from kvcompile.errors import ArtifactError, CacheError, KvcompileError
 from kvcompile.kv.precision_map import PrecisionMap
 from kvcompile.kv.predict import FILE_NAME, CrossLayerPredictors, register, resolve
 from kvcompile.measure.simulate import simulate_cache
@@ -318,15 +318,6 @@ def test_cli_calibrates_with_predictors_and_plans_a_map_that_names_them(tmp_path
     assert doc["predictors_sha256"] == calib.predictors.sha256
     with pytest.raises(ArtifactError, match="content sha256 differs"):
         Calibration.load(out)
-
-
-def test_export_refuses_a_predicted_map_before_writing(tiny_lm, tmp_path):
-    from kvcompile.export import export_onnx
-
-    pmap = replace(PrecisionMap.uniform(L, H, D, "int4"), predictors=reference(random_predictors()))
-    with pytest.raises(ExportError, match="cross-layer prediction residuals") as e:
-        export_onnx(tiny_lm, pmap, tmp_path / "exp", max_context=64)
-    assert "\n" not in str(e.value) and not (tmp_path / "exp").exists()
 
 
 def test_predictors_compare_by_content():

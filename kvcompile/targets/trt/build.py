@@ -165,6 +165,10 @@ def export_trt(lm, pmap, out_dir, *, max_context: int | None = None, max_batch: 
     trtexec command (``trtexec.sh``, see docs/deploy.md)."""
     from kvcompile.export import ExportedModel
 
+    if pmap.predictors is not None:
+        raise ExportError("--target trt cannot read cross-layer prediction residuals (no plugin reads them, and their "
+                          "float64 products are not TensorRT layers); expected --target onnx, or a map planned "
+                          "without --predict")
     flavour = require_tensorrt(tensorrt)
     out = check_output_directory(out_dir, overwrite)
     max_context = resolve_max_context(lm, max_context)
