@@ -12,6 +12,10 @@ on the CPU (``--threads`` intra-op threads):
 * ``packed, native, Lloyd-Max in bodies`` (``--variants ...,native-lm-body``): the packed map exported
   as if the library had no Lloyd-Max reader (those head groups run the function body), native
   library registered: the baseline for the library's Lloyd-Max reader;
+* ``cross-layer predicted, native`` (``--variants ...,predicted --predicted-map MAP.json``): a map
+  with cross-layer predictors (``kvcompile calibrate --predict``), its residual segments written and
+  read by the native ``KVQuantize`` / ``KVDequantize`` kernels, the predictions and attention in
+  standard ops (:mod:`kvcompile.export.predicted`);
 * ``ORT GroupQueryAttention, int8 KV``: ONNX Runtime's own fused attention with a quantized
   cache (``com.microsoft.GroupQueryAttention``), tried on a one-layer graph; recorded as not
   runnable, with ONNX Runtime's reason, when this build has no CPU kernel for it.
@@ -48,10 +52,11 @@ from common import environment, setup, write_json  # noqa: E402
 
 #: variant key -> label
 VARIANTS = {"fp16": "fp16 KV", "body": "packed, function bodies", "native": "packed, native",
-            "native-lm-body": "packed, native, Lloyd-Max in bodies"}
+            "native-lm-body": "packed, native, Lloyd-Max in bodies", "predicted": "cross-layer predicted, native"}
 #: variant key -> the export it runs (native-lm-body: exported as if the library had no Lloyd-Max reader,
 #: so those head groups are KVAttentionPortable nodes: what a planned map ran before that reader)
-EXPORTS = {"fp16": "fp16 KV", "body": "packed", "native": "packed", "native-lm-body": "packed, lm portable"}
+EXPORTS = {"fp16": "fp16 KV", "body": "packed", "native": "packed", "native-lm-body": "packed, lm portable",
+           "predicted": "predicted"}
 
 
 def peak_rss_bytes() -> int:
@@ -229,6 +234,7 @@ def main() -> int:
     g = ap.add_mutually_exclusive_group()
     g.add_argument("--scheme", default="kivi-2", help="packed map: scheme or preset (default kivi-2)")
     g.add_argument("--map", help="precision map JSON (e.g. from kvcompile plan)")
+    ap.add_argument("--predicted-map", help="a map with cross-layer predictors, for the predicted variant")
     ap.add_argument("--contexts", default="512,2048,8192")
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--steps", type=int, default=8, help="timed decode steps per point (after one warm-up)")
@@ -267,6 +273,10 @@ def main() -> int:
     maps = {"fp16 KV": resolve_map("fp16", lm.geometry, model=model), "packed": packed}
     if "native-lm-body" in variants:
         maps["packed, lm portable"] = packed
+    if "predicted" in variants:
+        if not args.predicted_map:
+            raise SystemExit("--variants predicted needs --predicted-map MAP.json (planned from kvcompile calibrate --predict)")
+        maps["predicted"] = resolve_map(args.predicted_map, lm.geometry, model=model)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         exports = {}
@@ -282,7 +292,7 @@ def main() -> int:
                     for variant in variants if round_ % 2 == 0 else variants[::-1]:
                         job = {"export": exports[EXPORTS[variant]], "context": context,
                                "batch": batch, "steps": args.steps, "threads": args.threads,
-                               "native": variant.startswith("native")}
+                               "native": variant.startswith("native") or variant == "predicted"}
                         proc = subprocess.run([sys.executable, __file__, "--threads", str(args.threads), "--worker",
                                                json.dumps(job)], capture_output=True, text=True)
                         if proc.returncode:
@@ -292,7 +302,8 @@ def main() -> int:
                         key = (context, batch, variant)
                         runs = best.get(key, {}).get("tokens_per_s_runs", []) + [r["tokens_per_s"]]
                         if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
-                            best[key] = {"variant": VARIANTS[variant], "map": "fp16" if variant == "fp16" else label,
+                            best[key] = {"variant": VARIANTS[variant], "map": {"fp16": "fp16", "predicted": Path(
+                                             args.predicted_map or "-").name}.get(variant, label),
                                          "context": context, "batch": batch, **r}
                         best[key]["tokens_per_s_runs"] = runs
                         print(f"  round {round_ + 1}: {VARIANTS[variant]} @ {context} x {batch}: "

@@ -61,6 +61,10 @@ Stages (each writes its section of ``--out`` as soon as it ends, so a late failu
   (``--retrieval-heads``, from ``kvcompile retrieval-heads``) in int8; contexts measured by an
   earlier run stay.  The committed 8,192-token rows:
   ``--stages predicted_retrieval --retrieval-contexts 8192 --depths 0.1,0.5,0.9``.
+* ``predicted_export``: the ``predicted`` stage's plain 512-token maps (3.0 and 2.5 bits) and the
+  default menu's 3-bit map exported (``kvcompile export``) and decoded token by token by ONNX Runtime
+  with the native library on the first ``--export-windows`` (4) held-out windows, beside their
+  simulation on the same windows; export, session and per-step seconds.
 * ``retrieval``: ``kvcompile eval --task retrieval`` at 4,096 and 8,192 tokens (5 depths), KIVI-2
   and the maps planned at that context; goal: accuracy equal to the full-precision cache at ≤ 3 bits.
   Contexts measured by an earlier run stay in the JSON; the committed 8,192-token row was measured
@@ -82,7 +86,7 @@ from common import environment, setup, write_json  # noqa: E402
 
 STAGES = ("calibrate", "short", "long", "retrieval", "outliers", "prerope", "prerope_long", "sketch", "retrieval_split",
           "lloyd_channel", "lloyd_channel_long", "lloyd_channel_retrieval", "prerope_lloyd", "retrieval_heads",
-          "predictors", "predicted", "predicted_long", "predicted_retrieval")
+          "predictors", "predicted", "predicted_long", "predicted_retrieval", "predicted_export")
 RETRIEVAL_THRESHOLDS = (0.5, 0.1)
 SKETCH_KEYS = ["lm2-rot", "lm2-rot-qjl", "lm3-rot", "lm3-rot-qjl", "lm4-rot"]
 OUTLIER_SCHEMES = ["int2-ch-o1", "int2-ch-g64-o1", "int3-ch-g64-o1", "lm2-o1", "lm2-g64-o1"]
@@ -548,6 +552,72 @@ def predicted_retrieval_stage(lm, args) -> dict:
     return out
 
 
+def predicted_export_stage(lm, args) -> dict:
+    """The 512-token maps of the ``predicted`` stage (plain, not refined) and the default menu's 3-bit
+    map exported (``kvcompile export``, ONNX) and decoded token by token by ONNX Runtime with the
+    native library on the first ``--export-windows`` held-out windows of 512, beside the simulation of
+    the same maps on the same windows (prefill 1, as every goal is measured)."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from kvcompile.data import load_text
+    from kvcompile.export import export_onnx
+    from kvcompile.measure.quality import evaluate, token_windows
+    from kvcompile.runtime import open_decoder
+
+    maps, _, _ = predicted_maps(lm, args, 512, refine=False)
+    maps = {name: maps[name] for name in ("plan 3b tiers", "plan 3b tiers predicted", "plan 2.5b tiers predicted")}
+    windows = token_windows(lm.tokenizer, load_text(args.text), 512, args.export_windows)
+    simulated = {r.name: r for r in evaluate(lm, maps, text=args.text, window=512, max_windows=args.export_windows,
+                                             progress=False)}
+    with torch.no_grad():
+        refs = [torch.log_softmax(lm.model(ids[None], use_cache=False).logits[0, :-1].double(), -1) for ids in windows]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, pmap in maps.items():
+            t0 = time.perf_counter()
+            ex = export_onnx(lm, pmap, Path(tmp) / name.replace(" ", "_").replace(".", "_"), max_context=512)
+            export_seconds = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            decoder = open_decoder(ex, "ort", threads=args.threads)
+            session_seconds = time.perf_counter() - t0
+            nll = nll_ref = kl = 0.0
+            agree = count = 0
+            steps = []
+            for ids, ref in zip(windows, refs):
+                state, out = decoder.start(1), []
+                for t in range(len(ids) - 1):
+                    t1 = time.perf_counter()
+                    logits, state = decoder.step(ids[None, t:t + 1].numpy(), state)
+                    steps.append(time.perf_counter() - t1)
+                    out.append(logits[0, -1])
+                logp = torch.log_softmax(torch.from_numpy(np.stack(out)).double(), -1)
+                target = ids[1:, None]
+                nll -= float(logp.gather(-1, target).sum())
+                nll_ref -= float(ref.gather(-1, target).sum())
+                kl += float((ref.exp() * (ref - logp)).sum())
+                agree += int((logp.argmax(-1) == ref.argmax(-1)).sum())
+                count += len(target)
+            sim = simulated[name]
+            rows.append({"name": name, "predicted": pmap.predictors is not None,
+                         "bits_per_element": pmap.bits_per_element(512),
+                         "exported_delta_ppl_pct": float(100 * np.expm1((nll - nll_ref) / count)), "exported_kl": kl / count,
+                         "exported_top1_agreement": agree / count, "simulated_delta_ppl_pct": sim.delta_ppl_pct,
+                         "simulated_kl": sim.kl, "export_seconds": export_seconds, "session_seconds": session_seconds,
+                         "decode_step_median_s": float(np.median(steps)), "runner": decoder.name,
+                         "kvcompile_nodes": ex.targets["onnx"]["kvcompile_nodes"]})
+            r = rows[-1]
+            print(f"{name}: {r['bits_per_element']:.3f} bits, exported ΔPPL {r['exported_delta_ppl_pct']:+.2f} % "
+                  f"(KL {r['exported_kl']:.4f}), simulated {r['simulated_delta_ppl_pct']:+.2f} % (KL {r['simulated_kl']:.4f}); "
+                  f"{1e3 * r['decode_step_median_s']:.1f} ms per decode step", flush=True)
+            decoder.deactivate()
+    return {"window": 512, "windows": len(windows), "text": args.text, "mode": "decode token by token (prefill 1)",
+            "results": rows, "goals": goals([{"name": r["name"], "bits_per_element": r["bits_per_element"],
+                                              "delta_ppl_pct": r["exported_delta_ppl_pct"]} for r in rows], "short")}
+
+
 def prerope_lloyd_stage(lm, args) -> dict:
     calib, seconds, menu = stage_calibration(lm, args, "prerope_lloyd", args.prerope_lloyd_calibration,
                                              PRE_ROPE_LLOYD_SCHEMES)
@@ -723,6 +793,15 @@ def readme_lines(doc: dict) -> list[str]:
             out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['delta_ppl_pct']:+.2f} % | {r['kl']:.4f} | "
                        f"{r['top1_agreement']:.3f} | {r['sink_tokens']} | {r['recent_window']} + {r['age_windows']} |")
         out += [goal_line(g, sec["window"], " with these maps") for g in sec.get("goals", [])]
+    if "results" in doc.get("predicted_export", {}):
+        sec = doc["predicted_export"]
+        out += [f"| exported, {sec['windows']} windows of {sec['window']} | bits/elt | ONNX Runtime ΔPPL | KL | "
+                "simulated ΔPPL | KL | ms per decode step |", "|---|---|---|---|---|---|---|"]
+        for r in sec["results"]:
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['exported_delta_ppl_pct']:+.2f} % | "
+                       f"{r['exported_kl']:.4f} | {r['simulated_delta_ppl_pct']:+.2f} % | {r['simulated_kl']:.4f} | "
+                       f"{1e3 * r['decode_step_median_s']:.1f} |")
+        out += [goal_line(g, sec["window"], ", exported") for g in sec.get("goals", [])]
     if doc.get("predicted_retrieval") and "error" not in doc["predicted_retrieval"]:
         out += ["| context, cross-layer prediction | map | bits/elt | accuracy | full precision | answer log-prob | "
                 "full precision |", "|---|---|---|---|---|---|---|"]
@@ -771,6 +850,8 @@ def main() -> None:
     ap.add_argument("--short-windows", type=int, default=16)
     ap.add_argument("--long-context", type=int, default=4096)
     ap.add_argument("--long-windows", type=int, default=2)
+    ap.add_argument("--export-windows", type=int, default=4,
+                    help="held-out windows of 512 the predicted_export stage decodes token by token")
     ap.add_argument("--retrieval-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
     ap.add_argument("--trials", type=int, default=1, help="retrieval cases per depth")
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 0.5, 0.7, 0.9],
@@ -812,7 +893,8 @@ def main() -> None:
                        "lloyd_channel_retrieval": lloyd_channel_retrieval_stage,
                        "prerope_lloyd": prerope_lloyd_stage, "sketch": sketch_stage,
                        "retrieval_heads": retrieval_heads_stage, "predictors": predictors_stage, "predicted": predicted_stage,
-                       "predicted_long": predicted_long_stage, "predicted_retrieval": predicted_retrieval_stage}
+                       "predicted_long": predicted_long_stage, "predicted_retrieval": predicted_retrieval_stage,
+                       "predicted_export": predicted_export_stage}
     for stage in stages:
         if stage == "calibrate":
             continue

@@ -583,3 +583,37 @@ def test_cross_layer_prediction_retrieval_prose_is_the_bench_output():
     for claim in claims:
         assert claim in readme, claim
     assert r8[p]["accuracy"] == r8[p]["accuracy_reference"] and r8[pp]["accuracy"] < r8[pp]["accuracy_reference"]
+
+
+def test_exported_cross_layer_prediction_prose_is_the_bench_output():
+    """README's exported cross-layer prediction paragraph: the step-time ratio and both goals, from the
+    predicted_export stage of bench/quality_per_bit.py."""
+    sec = result("quality_per_bit")["predicted_export"]
+    r = {x["name"]: x for x in sec["results"]}
+    p, base = r["plan 3b tiers predicted"], r["plan 3b tiers"]
+    readme = " ".join(text("README.md").split())
+    ratio = p["decode_step_median_s"] / base["decode_step_median_s"]
+    claim = (f"the predicted map's steps take {ratio:.1f}x as long ({1e3 * p['decode_step_median_s']:.1f} against "
+             f"{1e3 * base['decode_step_median_s']:.1f} ms)")
+    assert claim in readme, claim
+    assert f"decodes the first {sec['windows']} held-out windows token by token" in readme
+    assert all(g["met"] for g in sec["goals"]) and "So the deployed graphs meet both 512-token goals" in readme
+
+
+def test_predicted_export_speed_figures_are_the_bench_output():
+    """The decode speeds README.md quotes for the exported 3-bit predicted map (bench/onnx_runtime.py)."""
+    readme = " ".join(text("README.md").split())
+    rows = result("onnx_runtime_predicted")["results"]
+
+    def by(variant, key):
+        return [f"{r[key]:.2f}x" for r in sorted((r for r in rows if r["variant"] == variant), key=lambda r: r["context"])]
+
+    (p512, p4k), (n512, n4k) = by("cross-layer predicted, native", "speed_vs_fp16"), by("packed, native", "speed_vs_fp16")
+    (pb512, pb4k), (nb512, nb4k) = (by("cross-layer predicted, native", "kv_bytes_vs_fp16"),
+                                    by("packed, native", "kv_bytes_vs_fp16"))
+    claim = (f"decodes at {p512} the fp16-KV export's speed at 512 positions and {p4k} at 4,096, where the default "
+             f"menu's 3-bit map runs at {n512} and {n4k}; it holds {pb512} and {pb4k} the fp16 cache's bytes "
+             f"(the default menu's: {nb512} and {nb4k})")
+    assert claim in readme, claim
+    assert {r["map"] for r in rows if r["variant"] == "cross-layer predicted, native"} == {
+        "smollm2-plan-3b-tiers-predicted.json"}
