@@ -16,6 +16,11 @@ compare.lockstep):
 * faults (kvcompile.validate.faults) in the export of the mixed map: a window one position short,
   a dropped sink, kv heads 0 and 1 swapped, every integer scale read 5 % (and 1 %) too large.
 
+``--predicted MAP`` (a map with cross-layer predictors, e.g. bench/results/smollm2-plan-3b-tiers-predicted.json)
+instead measures its faithful export and the ``wrong_predictors`` fault (every predictor weight 1 %
+too large in the graph), written to bench/results/validate_predicted.json; ``kl_same_cache`` is the
+KL over the positions whose step stored the reference's codes, which validate bounds for such maps.
+
 The mixed map is kvcompile.validate.faults.probe_map: KIVI-2 (per-channel 2-bit keys, per-token
 2-bit values, groups of 32) with an fp16 window of 32 and 4 fp16 sinks, except kv head 1 of every
 layer, which is KIVI-4.
@@ -64,8 +69,12 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=32)
     ap.add_argument("--windows", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="bench/results/validate_faults.json")
+    ap.add_argument("--predicted", metavar="MAP",
+                    help="instead: a map with cross-layer predictors, its faithful export and the wrong_predictors "
+                         "fault (predictor weights 1 %% too large), to --out (default bench/results/validate_predicted.json)")
+    ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    args.out = args.out or f"bench/results/validate_{'predicted' if args.predicted else 'faults'}.json"
     setup(args.threads)
 
     from kvcompile.data import load_text
@@ -79,6 +88,16 @@ def main() -> None:
 
     lm = load_model(args.model)
     windows = token_windows(lm.tokenizer, load_text(args.text), args.window, args.windows).numpy()
+    if args.predicted:
+        pmap = PrecisionMap.load(args.predicted)
+        tmp = Path(tempfile.mkdtemp(prefix="validate-predicted-"))
+        faithful = export_onnx(lm, pmap, tmp / "faithful", max_context=args.window)
+        with faults.wrong_predictors(1.01):
+            faulty = export_onnx(lm, pmap, tmp / "wrong_predictors", max_context=args.window)
+        label = Path(args.predicted).stem
+        cases = [(f"{label}: ONNX Runtime export", "faithful", faithful, open_decoder(faithful, "ort", threads=args.threads)),
+                 (f"{label}: wrong_predictors x1.01", "fault", faulty, open_decoder(faulty, "ort", threads=args.threads))]
+        return run_cases(args, lm, windows, cases)
     maps = {"fp16": resolve_map("fp16", lm.geometry), "int8": resolve_map("int8", lm.geometry),
             "kivi-2": resolve_map("kivi-2", lm.geometry), "mixed": faults.probe_map(lm.geometry),
             "3-bit plan": PrecisionMap.load(Path(__file__).resolve().parent / "results" / "smollm2-plan-3b-tiers-lm-ch.json")}
@@ -106,10 +125,18 @@ def main() -> None:
             cases.append((f"mixed: {name.replace(' ', ' x')}", "fault", ex,
                           open_decoder(ex, "ort", threads=args.threads, native=False)))
 
+    run_cases(args, lm, windows, cases)
+
+
+def run_cases(args, lm, windows, cases) -> None:
+    """Each case's decoder against the torch reference of its claimed export, in lockstep; table and JSON."""
+    from kvcompile.runtime import open_decoder
+    from kvcompile.validate import compare
+
     rows = []
     print(f"model {args.model}, {len(windows)} windows of {args.window} ({args.prefill} prefill + "
           f"{args.window - args.prefill} decode steps); worst window per case")
-    print(f"{'case':<44} {'kind':<12} {'pass rate':>9} {'KL':>9} {'top-1':>6} {'min cos':>8} {'median|e|':>9} "
+    print(f"{'case':<44} {'kind':<12} {'pass rate':>9} {'KL':>9} {'KL same':>9} {'top-1':>6} {'min cos':>8} {'median|e|':>9} "
           f"{'cache: shape':>12} {'differ %':>9} {'cos, all':>8} {'same %':>7}")
     for label, kind, claimed, decoder in cases:
         reference = open_decoder(claimed, "torch", lm=lm)
@@ -123,6 +150,8 @@ def main() -> None:
                                "cache_differing": state["differing"] / max(state["compared"], 1),
                                "same_cache": stats["rows_same_cache"] / stats["rows"]})
         worst = {"pass_rate": min(w["pass_rate"] for w in per_window), "kl": max(w["kl"] for w in per_window),
+                 "kl_same_cache": max(w["kl_same_cache"] for w in per_window),
+                 "top1_same_cache": min(w["top1_same_cache"] for w in per_window),
                  "top1": min(w["top1"] for w in per_window), "min_cosine": min(w["min_cosine"] for w in per_window),
                  "min_cosine_all": min(w["min_cosine_all"] for w in per_window),
                  "same_cache": min(w["same_cache"] for w in per_window),
@@ -134,11 +163,24 @@ def main() -> None:
         cache = (f"{worst['cache_mismatched']:>12} {100 * worst['cache_differing']:>9.4f} "
                  f"{worst['min_cosine_all']:>8.5f} {100 * worst['same_cache']:>7.1f}" if worst["cache_checked"]
                  else f"{'n/a':>12} {'n/a':>9} {'n/a':>8} {'n/a':>7}")
-        print(f"{label:<44} {kind:<12} {worst['pass_rate']:>9.3f} {worst['kl']:>9.2e} {worst['top1']:>6.3f} "
+        print(f"{label:<44} {kind:<12} {worst['pass_rate']:>9.3f} {worst['kl']:>9.2e} {worst['kl_same_cache']:>9.2e} "
+              f"{worst['top1']:>6.3f} "
               f"{worst['min_cosine']:>8.5f} {worst['median_abs_error']:>9.4f} {cache}", flush=True)
     write_json(args.out, {"benchmark": "validate_faults", "environment": environment(args.threads), "model": args.model,
                           "text": args.text, "window": args.window, "prefill": args.prefill, "windows": len(windows),
                           "results": rows})
+
+
+def predicted_table_lines(doc: dict) -> list[str]:
+    """docs/export.md's rows of the ``--predicted`` run (tests/unit/test_docs_figures.py checks them)."""
+    out = []
+    for r in doc["results"]:
+        w = r["worst"]
+        judged = (f"{w['kl_same_cache']:.1e} | {w['top1_same_cache']:.3f}" if w["same_cache"] > 0
+                  else "none judged | none judged")
+        out.append(f"| {r['case']} | {r['kind']} | {100 * w['pass_rate']:.1f} % | {w['kl']:.1e} | {judged} | "
+                   f"{100 * w['cache_differing']:.2f} % | {100 * w['same_cache']:.1f} % |")
+    return out
 
 
 if __name__ == "__main__":

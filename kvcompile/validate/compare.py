@@ -21,7 +21,8 @@ visible (ONNX Runtime feeds it as graph I/O) validate runs the two in *lockstep*
 (shapes: the segments the map says; stored values: codes bit for bit, floats to 2 float16 ulps),
 and then gives the export the reference's cache, so each step's logits differ only by that step.
 
-Thresholds (:data:`STRICT`, re-synchronized; :data:`FREE_RUNNING`, logits alone) come from a
+Thresholds (:data:`STRICT`, re-synchronized; :data:`PREDICTED`, re-synchronized, for maps with
+cross-layer predictors; :data:`FREE_RUNNING`, logits alone) come from a
 measured noise floor: ``python bench/validate_faults.py`` (docs/export.md, "How validate decides")
 runs faithful exports and injected faults (:mod:`kvcompile.validate.faults`) on the default model.
 """
@@ -47,6 +48,15 @@ STRICT = {"min_pass_rate": 0.98, "min_cosine": 0.999, "min_top1": 0.98, "max_kl"
 #: Where the export's cache cannot be compared (a backend whose state is opaque, e.g. TensorRT),
 #: logits alone, free-running: flips compound, so only gross faults are caught (docs/export.md).
 FREE_RUNNING = {"min_pass_rate": 0.9, "min_cosine": 0.99, "min_top1": 0.97, "max_kl": 1e-2, "max_cache_differing": 1.0}
+#: A map with cross-layer predictors (kvcompile.kv.predict), re-synchronized: one code that float rounding
+#: flips in layer l changes the prediction, and so every code, of that position in layers l+1 .. (the
+#: residuals are re-drawn, not worse), so the steps with a flip differ from the reference by a
+#: quantization noise of their own.  The KL and greedy-agreement bounds, like the cosine one, then hold
+#: the steps that stored the reference's codes, and the stored elements may differ 3x as often as
+#: STRICT allows: bench/validate_faults.py --predicted measured the faithful 3-bit export at 0.50 %
+#: (KL 3.3e-9 on those steps, 2.1e-3 on all) and predictor weights 1 % off at 3.0 % and a 17.8 %
+#: polygraphy pass rate (docs/export.md).
+PREDICTED = {**STRICT, "max_cache_differing": 0.015}
 
 
 @dataclass
@@ -77,6 +87,8 @@ class ValidationResult:
     min_cosine_all: float = float("nan")  # over every position, steps that stored a code differently included
     positions_same_cache: int = 0  # positions whose step stored the reference's integer codes (min_cosine's positions)
     positions: int = 0
+    #: mean KL(torch || export) over the positions of min_cosine (what a predicted map's KL bound holds)
+    kl_vs_reference_same_cache: float = float("nan")
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -88,7 +100,10 @@ class ValidationResult:
                 + (f" (the {self.positions_same_cache} of {self.positions} positions whose step stored the codes the "
                    f"reference stored; {self.min_cosine_all:.6f} over all)" if self.positions_same_cache < self.positions else "")
                 + ", "
-                f"greedy agreement {self.top1_vs_reference:.4f}, KL {self.kl_vs_reference:.2e}, polygraphy steps within tolerance "
+                f"greedy agreement {self.top1_vs_reference:.4f}, KL {self.kl_vs_reference:.2e}"
+                + (f" ({self.kl_vs_reference_same_cache:.2e} over the positions of min cosine)"
+                   if self.positions_same_cache < self.positions else "")
+                + ", polygraphy steps within tolerance "
                 f"{100 * self.polygraphy_pass_rate:.1f} %"
                 + (f"; packed cache: {self.cache_mismatched_tensors} tensors of another shape, "
                    f"{100 * self.cache_differing_fraction:.3f} % of stored elements differ" if self.cache_checked else "")
@@ -278,7 +293,9 @@ def agreement(ours: list[np.ndarray], refs: list[np.ndarray], prefill: int, *, a
 
     * ``pass_rate``: fraction of steps (the prefill is one step) polygraphy's ``SimpleCompareFunc``
       passes with median absolute or relative error within ``atol`` / ``rtol``;
-    * ``kl``: mean over positions of ``KL(softmax(ref) || softmax(ours))`` in nats;
+    * ``kl``: mean over positions of ``KL(softmax(ref) || softmax(ours))`` in nats; ``kl_same_cache``: its
+      mean over the rows of ``min_cosine`` (0.0 when no row qualifies), and ``top1_same_cache`` the same
+      for ``top1``;
     * ``top1``: fraction of positions with the same greedy token;
     * ``min_cosine``: least cosine of the logits over the rows whose step stored the codes the
       reference stored (all rows without ``same_cache``; 1.0 when no row qualifies).  A step that stores one
@@ -313,10 +330,14 @@ def agreement(ours: list[np.ndarray], refs: list[np.ndarray], prefill: int, *, a
     cos = (a * r).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(r, axis=-1))
     judged = np.concatenate(same_cache) if same_cache is not None else np.ones(len(cos), bool)
     logp, logp_ref = _log_softmax(a), _log_softmax(r)
+    kl_rows = (np.exp(logp_ref) * (logp_ref - logp)).sum(-1)
+    agree = a.argmax(-1) == r.argmax(-1)
     return {"pass_rate": matched / max(total, 1),
-            "kl": float((np.exp(logp_ref) * (logp_ref - logp)).sum(-1).mean()),
-            "top1": float((a.argmax(-1) == r.argmax(-1)).mean()),
+            "kl": float(kl_rows.mean()),
+            "top1": float(agree.mean()),
             "min_cosine": float(cos[judged].min()) if judged.any() else 1.0,
+            "kl_same_cache": float(kl_rows[judged].mean()) if judged.any() else 0.0,
+            "top1_same_cache": float(agree[judged].mean()) if judged.any() else 1.0,
             "min_cosine_all": float(cos.min()), "rows_same_cache": int(judged.sum()), "rows": len(cos),
             "max_abs_error": float(diff.max()),
             "median_abs_error": float(np.median(diff)),
@@ -369,7 +390,11 @@ def validate_export(export, *, backend: str = "ort", lm=None, text: str = DEFAUL
                       same_cache=same_cache if checked_cache else None)
     given = {"min_cosine": min_cosine, "min_top1": min_top1, "min_pass_rate": min_pass_rate, "max_kl": max_kl,
              "max_cache_differing": max_cache_differing}
-    limits = {k: v if given[k] is None else given[k] for k, v in (STRICT if checked_cache else FREE_RUNNING).items()}
+    predicted = export.pmap.predictors is not None and checked_cache
+    defaults = PREDICTED if predicted else STRICT if checked_cache else FREE_RUNNING
+    limits = {k: v if given[k] is None else given[k] for k, v in defaults.items()}
+    judged_kl, judged_top1 = (stats["kl_same_cache"], stats["top1_same_cache"]) if predicted else (stats["kl"],
+                                                                                                    stats["top1"])
     polygraphy_passed = stats["pass_rate"] >= limits["min_pass_rate"]
     differing = cache["differing"] / max(cache["compared"], 1)
     cache_ok = not checked_cache or (cache["mismatched"] == 0 and differing <= limits["max_cache_differing"])
@@ -389,8 +414,8 @@ def validate_export(export, *, backend: str = "ort", lm=None, text: str = DEFAUL
     commands = write_polygraphy_files(export, windows[0][:prefill], refs[0][:prefill], atol, rtol) \
         if write_polygraphy and backend == "ort" else []
     return ValidationResult(
-        passed=(polygraphy_passed and stats["min_cosine"] >= limits["min_cosine"] and stats["top1"] >= limits["min_top1"]
-                and stats["kl"] <= limits["max_kl"] and cache_ok),
+        passed=(polygraphy_passed and stats["min_cosine"] >= limits["min_cosine"] and judged_top1 >= limits["min_top1"]
+                and judged_kl <= limits["max_kl"] and cache_ok),
         polygraphy_passed=polygraphy_passed, max_abs_error=stats["max_abs_error"], max_rel_error=stats["max_rel_error"],
         median_abs_error=stats["median_abs_error"], min_cosine=stats["min_cosine"], top1_vs_reference=stats["top1"],
         kl_vs_reference=stats["kl"],
@@ -399,8 +424,10 @@ def validate_export(export, *, backend: str = "ort", lm=None, text: str = DEFAUL
         kl=kl, top1_agreement=top1, polygraphy_pass_rate=float(stats["pass_rate"]),
         tokens_scored=int(len(targets)), windows=len(windows), min_cosine_all=stats["min_cosine_all"],
         positions_same_cache=stats["rows_same_cache"], positions=stats["rows"],
+        kl_vs_reference_same_cache=stats["kl_same_cache"],
         tolerances={"atol": atol, "rtol": rtol, "error_stat": "median", **limits,
-                    "mode": "lockstep" if checked_cache else "free-running"},
+                    "mode": ("lockstep, cross-layer predicted" if predicted else "lockstep") if checked_cache
+                    else "free-running"},
         backend=backend, polygraphy_commands=commands, runner=exported.name)
 
 

@@ -6,6 +6,8 @@ exporter bug would:
 * ``window_off_by_one``: the graph's recent window is one position shorter than the map's;
 * ``dropped_sink``: the graph keeps one sink position fewer than the map;
 * ``swapped_head_groups``: the graph stores kv heads 0 and 1 with each other's schemes;
+* ``wrong_predictors`` (maps with cross-layer predictors): the graph's predictor weights are 1 %
+  too large (:func:`wrong_predictors`);
 * ``wrong_scale``: the graph's integer de-quantizer reads every scale 5 % too large (a wrong
   constant or dtype in the scale path).  It lives in the ONNX lowering, so it shows when the
   function bodies run (``native=False``); the native library's formats are checked bit for bit
@@ -58,6 +60,30 @@ def claimed_map(pmap: PrecisionMap, fault: str) -> PrecisionMap:
             raise ValueError("swapped_head_groups needs kv heads 0 and 1 to differ somewhere in the map")
         return replace(pmap, schemes=schemes, _resolved={})
     raise ValueError(f"unknown map fault {fault!r}; expected one of {', '.join(MAP_FAULTS)}")
+
+
+@contextlib.contextmanager
+def wrong_predictors(factor: float = 1.01):
+    """Within the block, graphs exported for maps with cross-layer predictors multiply every predictor
+    weight by ``factor`` (a wrong constant on the prediction path); the export still carries, and its
+    manifest claims, the true predictors, which the torch reference reads."""
+    import numpy as np
+
+    from kvcompile.export import predicted
+
+    original = predicted.add_predictor_weights
+
+    def faulty(w, predictors):
+        names = original(w, predictors)
+        for weight, _ in names.values():
+            w.arrays[weight] = w.arrays[weight] * np.float32(factor)
+        return names
+
+    predicted.add_predictor_weights = faulty
+    try:
+        yield
+    finally:
+        predicted.add_predictor_weights = original
 
 
 @contextlib.contextmanager

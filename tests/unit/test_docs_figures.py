@@ -617,3 +617,36 @@ def test_predicted_export_speed_figures_are_the_bench_output():
     assert claim in readme, claim
     assert {r["map"] for r in rows if r["variant"] == "cross-layer predicted, native"} == {
         "smollm2-plan-3b-tiers-predicted.json"}
+
+
+def test_validate_predicted_table_matches_the_json_and_the_thresholds_separate_it():
+    """docs/export.md's table of bench/validate_faults.py --predicted, and compare.PREDICTED between the
+    faithful predicted export and the wrong-predictors fault."""
+    import importlib.util
+
+    from kvcompile.validate.compare import PREDICTED, STRICT
+
+    spec = importlib.util.spec_from_file_location("validate_faults", ROOT / "bench" / "validate_faults.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    doc = result("validate_predicted")
+    lines = text("docs/export.md").splitlines()
+    for line in bench.predicted_table_lines(doc):
+        assert line in lines, line
+    rows = {r["kind"]: r["worst"] for r in doc["results"]}
+    good, bad = rows["faithful"], rows["fault"]
+
+    def passes(w):
+        return (w["pass_rate"] >= PREDICTED["min_pass_rate"] and w["min_cosine"] >= PREDICTED["min_cosine"]
+                and w["top1_same_cache"] >= PREDICTED["min_top1"] and w["kl_same_cache"] <= PREDICTED["max_kl"]
+                and w["cache_mismatched"] == 0 and w["cache_differing"] <= PREDICTED["max_cache_differing"])
+
+    assert passes(good) and not passes(bad)
+    assert bad["pass_rate"] < PREDICTED["min_pass_rate"] and bad["cache_differing"] > PREDICTED["max_cache_differing"]
+    assert good["kl"] > STRICT["max_kl"]  # why the KL bound holds the steps that stored the reference's codes
+    limit = PREDICTED["max_cache_differing"]
+    prose = " ".join(text("docs/export.md").split())
+    assert (f"up to {100 * limit:.1f} % of stored elements may differ ({limit / STRICT['max_cache_differing']:.0f}x "
+            f"STRICT's {100 * STRICT['max_cache_differing']:.1f} %, {limit / good['cache_differing']:.0f}x the faithful "
+            f"export's share and half the fault's)") in prose
+    assert 0.4 < limit / bad["cache_differing"] < 0.6

@@ -216,3 +216,20 @@ def test_a_predicted_map_for_another_geometry_or_the_trt_target_is_refused_befor
     with pytest.raises(ExportError, match="--target trt cannot read cross-layer prediction residuals") as e:
         export_trt(lm3, right, tmp_path / "b", max_context=64)
     assert "\n" not in str(e.value) and not (tmp_path / "b").exists()
+
+
+def test_validate_passes_a_predicted_export_and_fails_wrong_predictors(predicted_export, lm3, tmp_path):
+    """validate judges a predicted map with its own thresholds (compare.PREDICTED: the KL bound over the
+    steps that stored the reference's codes); predictor weights 1 % off in the graph fail it."""
+    from kvcompile.validate import faults
+    from kvcompile.validate.compare import PREDICTED, validate_export
+
+    kwargs = dict(lm=lm3, window=60, prefill=20, max_windows=1, progress=False, write_polygraphy=False, threads=1)
+    good = validate_export(predicted_export, **kwargs)
+    assert good.passed and good.cache_checked and good.tolerances["mode"] == "lockstep, cross-layer predicted"
+    assert good.tolerances["max_cache_differing"] == PREDICTED["max_cache_differing"]
+    with faults.wrong_predictors(1.01):
+        broken = export_onnx(lm3, predicted_export.pmap, tmp_path / "broken", max_context=96)
+    bad = validate_export(broken, **kwargs)
+    assert not bad.passed and bad.cache_mismatched_tensors == 0
+    assert bad.cache_differing_fraction > 10 * max(good.cache_differing_fraction, 1e-4)
