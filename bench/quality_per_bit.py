@@ -1,6 +1,6 @@
 """Quality per bit with the full format menu: issue 16's goals at 512 and 4,096 tokens, retrieval, target KL.
 
-    python bench/quality_per_bit.py                        # every stage, ~1 h on 2 cores
+    python bench/quality_per_bit.py                        # every stage: hours on 2 cores
     python bench/quality_per_bit.py --stages retrieval     # one stage; the JSON keeps the others
 
 Stages (each writes its section of ``--out`` as soon as it ends, so a late failure loses nothing):
@@ -65,6 +65,10 @@ Stages (each writes its section of ``--out`` as soon as it ends, so a late failu
   default menu's 3-bit map exported (``kvcompile export``) and decoded token by token by ONNX Runtime
   with the native library on the first ``--export-windows`` (4) held-out windows, beside their
   simulation on the same windows; export, session and per-step seconds.
+* ``predicted_export_long``: the ``predicted_long`` stage's 2.5-bit maps (predicted and not) exported
+  and run by ONNX Runtime on the 2 held-out windows of 4,096: a prefill of all but the last
+  ``--export-decode-steps`` (32) positions, then one decode step each, beside the simulation of the
+  same protocol; prefill and per-step seconds.
 * ``retrieval``: ``kvcompile eval --task retrieval`` at 4,096 and 8,192 tokens (5 depths), KIVI-2
   and the maps planned at that context; goal: accuracy equal to the full-precision cache at ≤ 3 bits.
   Contexts measured by an earlier run stay in the JSON; the committed 8,192-token row was measured
@@ -86,7 +90,8 @@ from common import environment, setup, write_json  # noqa: E402
 
 STAGES = ("calibrate", "short", "long", "retrieval", "outliers", "prerope", "prerope_long", "sketch", "retrieval_split",
           "lloyd_channel", "lloyd_channel_long", "lloyd_channel_retrieval", "prerope_lloyd", "retrieval_heads",
-          "predictors", "predicted", "predicted_long", "predicted_retrieval", "predicted_export")
+          "predictors", "predicted", "predicted_long", "predicted_retrieval", "predicted_export",
+          "predicted_export_long")
 RETRIEVAL_THRESHOLDS = (0.5, 0.1)
 SKETCH_KEYS = ["lm2-rot", "lm2-rot-qjl", "lm3-rot", "lm3-rot-qjl", "lm4-rot"]
 OUTLIER_SCHEMES = ["int2-ch-o1", "int2-ch-g64-o1", "int3-ch-g64-o1", "lm2-o1", "lm2-g64-o1"]
@@ -618,6 +623,70 @@ def predicted_export_stage(lm, args) -> dict:
                                               "delta_ppl_pct": r["exported_delta_ppl_pct"]} for r in rows], "short")}
 
 
+def predicted_export_long_stage(lm, args) -> dict:
+    """The ``predicted_long`` stage's maps at 2.5 bits (predicted and not) exported with a 4,096-position
+    context and run by ONNX Runtime on ``--long-windows`` held-out windows of ``--long-context``: a prefill
+    of all but the last ``--export-decode-steps`` positions, then one decode step per position, beside the
+    simulation of the same protocol (``prefill_length``).  Token-by-token decoding of a whole window
+    (what the goals measure) would take about an hour per window here."""
+    import tempfile
+
+    import numpy as np
+    import torch
+
+    from kvcompile.data import load_text
+    from kvcompile.export import export_onnx
+    from kvcompile.measure.quality import evaluate, token_windows
+    from kvcompile.runtime import open_decoder
+
+    context, steps = args.long_context, args.export_decode_steps
+    prefill = context - steps
+    maps, _, _ = predicted_maps(lm, args, context, refine=False)
+    maps = {name: maps[name] for name in ("plan 2.5b tiers", "plan 2.5b tiers predicted")}
+    windows = token_windows(lm.tokenizer, load_text(args.text), context, args.long_windows)
+    simulated = {r.name: r for r in evaluate(lm, maps, text=args.text, window=context, max_windows=args.long_windows,
+                                             prefill_length=prefill, progress=False)}
+    with torch.no_grad():
+        refs = [torch.log_softmax(lm.model(ids[None], use_cache=False).logits[0, :-1].double(), -1) for ids in windows]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, pmap in maps.items():
+            ex = export_onnx(lm, pmap, Path(tmp) / name.replace(" ", "_").replace(".", "_"), max_context=context)
+            decoder = open_decoder(ex, "ort", threads=args.threads)
+            nll = nll_ref = kl = 0.0
+            count, prefill_s, step_s = 0, [], []
+            for ids, ref in zip(windows, refs):
+                t0 = time.perf_counter()
+                logits, state = decoder.step(ids[None, :prefill].numpy(), decoder.start(1))
+                prefill_s.append(time.perf_counter() - t0)
+                out = [logits[0]]
+                for t in range(prefill, context - 1):
+                    t0 = time.perf_counter()
+                    logits, state = decoder.step(ids[None, t:t + 1].numpy(), state)
+                    step_s.append(time.perf_counter() - t0)
+                    out.append(logits[0])
+                logp = torch.log_softmax(torch.from_numpy(np.concatenate(out)).double(), -1)
+                target = ids[1:, None]
+                nll -= float(logp.gather(-1, target).sum())
+                nll_ref -= float(ref.gather(-1, target).sum())
+                kl += float((ref.exp() * (ref - logp)).sum())
+                count += len(target)
+            sim = simulated[name]
+            rows.append({"name": name, "predicted": pmap.predictors is not None,
+                         "bits_per_element": pmap.bits_per_element(context),
+                         "exported_delta_ppl_pct": float(100 * np.expm1((nll - nll_ref) / count)),
+                         "exported_kl": kl / count, "simulated_delta_ppl_pct": sim.delta_ppl_pct, "simulated_kl": sim.kl,
+                         "prefill_median_s": float(np.median(prefill_s)), "decode_step_median_s": float(np.median(step_s)),
+                         "runner": decoder.name})
+            r = rows[-1]
+            print(f"{name}: {r['bits_per_element']:.3f} bits, exported ΔPPL {r['exported_delta_ppl_pct']:+.2f} % "
+                  f"(KL {r['exported_kl']:.4f}), simulated {r['simulated_delta_ppl_pct']:+.2f} % (KL {r['simulated_kl']:.4f}); "
+                  f"prefill {r['prefill_median_s']:.1f} s, {1e3 * r['decode_step_median_s']:.0f} ms per decode step", flush=True)
+            decoder.deactivate()
+    return {"window": context, "windows": len(windows), "prefill": prefill, "decode_steps": steps, "text": args.text,
+            "results": rows}
+
+
 def prerope_lloyd_stage(lm, args) -> dict:
     calib, seconds, menu = stage_calibration(lm, args, "prerope_lloyd", args.prerope_lloyd_calibration,
                                              PRE_ROPE_LLOYD_SCHEMES)
@@ -802,6 +871,15 @@ def readme_lines(doc: dict) -> list[str]:
                        f"{r['exported_kl']:.4f} | {r['simulated_delta_ppl_pct']:+.2f} % | {r['simulated_kl']:.4f} | "
                        f"{1e3 * r['decode_step_median_s']:.1f} |")
         out += [goal_line(g, sec["window"], ", exported") for g in sec.get("goals", [])]
+    if "results" in doc.get("predicted_export_long", {}):
+        sec = doc["predicted_export_long"]
+        out += [f"| exported, {sec['windows']} windows of {sec['window']}, prefill {sec['prefill']} | bits/elt | "
+                "ONNX Runtime ΔPPL | KL | simulated ΔPPL | KL | prefill s | ms per decode step |",
+                "|---|---|---|---|---|---|---|---|"]
+        for r in sec["results"]:
+            out.append(f"| {r['name']} | {r['bits_per_element']:.3f} | {r['exported_delta_ppl_pct']:+.2f} % | "
+                       f"{r['exported_kl']:.4f} | {r['simulated_delta_ppl_pct']:+.2f} % | {r['simulated_kl']:.4f} | "
+                       f"{r['prefill_median_s']:.1f} | {1e3 * r['decode_step_median_s']:.0f} |")
     if doc.get("predicted_retrieval") and "error" not in doc["predicted_retrieval"]:
         out += ["| context, cross-layer prediction | map | bits/elt | accuracy | full precision | answer log-prob | "
                 "full precision |", "|---|---|---|---|---|---|---|"]
@@ -852,6 +930,8 @@ def main() -> None:
     ap.add_argument("--long-windows", type=int, default=2)
     ap.add_argument("--export-windows", type=int, default=4,
                     help="held-out windows of 512 the predicted_export stage decodes token by token")
+    ap.add_argument("--export-decode-steps", type=int, default=32,
+                    help="decode steps after the prefill in predicted_export_long")
     ap.add_argument("--retrieval-contexts", type=lambda s: [int(x) for x in s.split(",")], default=[4096, 8192])
     ap.add_argument("--trials", type=int, default=1, help="retrieval cases per depth")
     ap.add_argument("--depths", type=lambda s: [float(x) for x in s.split(",")], default=[0.1, 0.3, 0.5, 0.7, 0.9],
@@ -894,7 +974,7 @@ def main() -> None:
                        "prerope_lloyd": prerope_lloyd_stage, "sketch": sketch_stage,
                        "retrieval_heads": retrieval_heads_stage, "predictors": predictors_stage, "predicted": predicted_stage,
                        "predicted_long": predicted_long_stage, "predicted_retrieval": predicted_retrieval_stage,
-                       "predicted_export": predicted_export_stage}
+                       "predicted_export": predicted_export_stage, "predicted_export_long": predicted_export_long_stage}
     for stage in stages:
         if stage == "calibrate":
             continue

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvcompile.export.decoder import _select_heads
 from kvcompile.export.layout import HeadGroup
 from kvcompile.ops.builder import Builder
 from kvcompile.ops.cache_update import rope_body, update_body
@@ -60,12 +61,6 @@ def predict(b: Builder, weights: tuple[str, str], stream: str, first: str, secon
     out = b.op("Cast", b.op("Add", b.op("MatMul", rows, weight), bias), to=FLOAT)
     out = b.op("Transpose", b.op("Reshape", out, b.i64(0, 0, heads, head_dim)), perm=[0, 2, 1, 3])
     return rope_body(b, out, rope, start, head_dim, forward=True) if stream == "key" else out
-
-
-def _heads(b: Builder, x: str, heads: tuple[int, ...], total: int) -> str:
-    if heads == tuple(range(total)):
-        return x
-    return b.op("Gather", x, b.const(list(heads), np.int64), axis=1)
 
 
 def _join(b: Builder, parts: list[tuple[tuple[int, ...], str]], total: int) -> str:
@@ -109,13 +104,13 @@ def predicted_states(b: Builder, pmap, layer: int, groups: dict[str, list[HeadGr
                         prediction(stream, lambda r, i=i: {s: f[i] for s, f in r["moves"][tier].items()}, first)
                         for i in (0, 1))
                 old, new_p = move_predictions[tier]
-                before = rows if old is None else b.op("Add", _heads(b, old, g.heads, heads), rows)
+                before = rows if old is None else b.op("Add", _select_heads(b, old, g.heads, heads), rows)
                 moves.setdefault(tier, []).append((g, before))
-                return before if new_p is None else b.op("Sub", before, _heads(b, new_p, g.heads, heads))
+                return before if new_p is None else b.op("Sub", before, _select_heads(b, new_p, g.heads, heads))
 
             trace: dict = {}
             present, full = update_body(b, g.op_attrs(pmap), [p.past for p in g.ports],
-                                        _heads(b, residual, g.heads, heads), on_move=on_move, trace=trace,
+                                        _select_heads(b, residual, g.heads, heads), on_move=on_move, trace=trace,
                                         codec_nodes=codec_nodes)
             for port, name in zip(g.ports, present):
                 b.op("Identity", name, outputs=[port.present])

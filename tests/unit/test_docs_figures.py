@@ -26,6 +26,16 @@ def text(doc: str) -> str:
     return (ROOT / doc).read_text()
 
 
+def bench_module(name: str):
+    """``bench/<name>.py`` as a module (its table-line functions)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def pct(x: float, digits: int = 2) -> str:
     """A ΔPPL as the docs print it: signed, and a true minus sign where the docs use one."""
     return f"{x:+.{digits}f}"
@@ -379,11 +389,7 @@ def test_readme_retrieval_heads_paragraph_quotes_the_json():
 
 def test_readme_quality_per_bit_section_is_the_bench_output():
     """bench/quality_per_bit.py's tables and goal lines (issue 16) appear in README.md as the JSON gives them."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("quality_per_bit", ROOT / "bench" / "quality_per_bit.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("quality_per_bit")
     doc = result("quality_per_bit")
     assert set(bench.STAGES) <= set(doc) and not any("error" in doc[s] for s in bench.STAGES)
     lines = text("README.md").splitlines()
@@ -420,11 +426,7 @@ def test_lloyd_channel_speed_figures_are_the_bench_output():
 def test_codebook_table_and_figures_are_the_bench_output():
     """bench/codebooks.py's table (calibrated codebooks against the Gaussian one) in docs/formats.md,
     and the ranges README.md quotes from it."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("codebooks", ROOT / "bench" / "codebooks.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("codebooks")
     doc = result("codebooks")
     lines = text("docs/formats.md").splitlines()
     for line in bench.table_lines(doc):
@@ -622,13 +624,9 @@ def test_predicted_export_speed_figures_are_the_bench_output():
 def test_validate_predicted_table_matches_the_json_and_the_thresholds_separate_it():
     """docs/export.md's table of bench/validate_faults.py --predicted, and compare.PREDICTED between the
     faithful predicted export and the wrong-predictors fault."""
-    import importlib.util
-
     from kvcompile.validate.compare import PREDICTED, STRICT
 
-    spec = importlib.util.spec_from_file_location("validate_faults", ROOT / "bench" / "validate_faults.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = bench_module("validate_faults")
     doc = result("validate_predicted")
     lines = text("docs/export.md").splitlines()
     for line in bench.predicted_table_lines(doc):
@@ -650,3 +648,17 @@ def test_validate_predicted_table_matches_the_json_and_the_thresholds_separate_i
             f"STRICT's {100 * STRICT['max_cache_differing']:.1f} %, {limit / good['cache_differing']:.0f}x the faithful "
             f"export's share and half the fault's)") in prose
     assert 0.4 < limit / bad["cache_differing"] < 0.6
+
+
+def test_exported_long_context_prose_is_the_bench_output():
+    sec = result("quality_per_bit")["predicted_export_long"]
+    r = {x["name"]: x for x in sec["results"]}
+    p, base = r["plan 2.5b tiers predicted"], r["plan 2.5b tiers"]
+    readme = " ".join(text("README.md").split())
+    assert (f"as a prefill of all but the last {sec['decode_steps']} positions, then {sec['decode_steps']} decode "
+            "steps") in readme
+    assert (f"the predicted map degrades far less ({p['exported_delta_ppl_pct']:+.2f} % against "
+            f"{base['exported_delta_ppl_pct']:+.2f} % without prediction)") in readme
+    for x in (p, base):  # "the export reproduces the simulation"
+        assert abs(x["exported_kl"] - x["simulated_kl"]) < 0.05 * x["simulated_kl"]
+    assert sec["prefill"] + sec["decode_steps"] == sec["window"] == 4096
