@@ -21,9 +21,13 @@ def test_the_peers_benchmark_scores_peers_and_maps_on_the_same_windows(tmp_path)
     doc = json.loads(out.read_text())
     rows = {r["name"]: r for r in doc["results"]}
     assert set(rows) == {"quanto int4 axis 0 r128", "hqq int4 axis 0 r128", "int4-g64", "int2-g64", "kivi-4", "kivi-2"}
-    # the same windows for everyone: equal per-window reference NLL, equal token counts
-    reference = {tuple(round(x, 6) for x in r["window_nll_reference"]) for r in rows.values()}
-    assert len(reference) == 1 and {r["tokens_scored"] for r in rows.values()} == {47}
+    # the same windows for everyone: equal per-window reference NLL (up to float32 rounding: the peers and
+    # kvcompile's evaluate each run the full-precision forward, and a BLAS may sum in another order
+    # depending on buffer alignment; one CI run saw 123.70018 against 123.70110), equal token counts
+    first = next(iter(rows.values()))["window_nll_reference"]
+    for r in rows.values():
+        assert r["window_nll_reference"] == pytest.approx(first, rel=1e-4), r["name"]
+    assert {r["tokens_scored"] for r in rows.values()} == {47}
     # a 48-token window fits in the peers' 128-position residual: only the first position is
     # quantized, the rest counted at 16 bits
     assert rows["quanto int4 axis 0 r128"]["bits_per_element"] == pytest.approx((4 + 0.5 + 47 * 16) / 48)
