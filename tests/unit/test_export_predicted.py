@@ -28,16 +28,15 @@ from kvcompile.ops.spec import DOMAIN, collect_functions  # noqa: E402
 from kvcompile.runtime import generate, open_decoder  # noqa: E402
 from kvcompile.validate.compare import cache_ports, lockstep  # noqa: E402
 from tests.unit.test_export import LOGIT_ATOL  # noqa: E402
+from tests.unit import test_predict as predict_tests  # noqa: E402
 from tests.unit.test_ops import NP, rope_feeds  # noqa: E402
 
 L, H, D = 3, 2, 32
 
 
-def random_predictors(layers: int = L, seed: int = 0, scale: float = 0.05) -> CrossLayerPredictors:
-    g = torch.Generator().manual_seed(seed)
-    maps = {s: {l: (torch.randn(2 * H * D, H * D, generator=g) * scale, torch.randn(H * D, generator=g) * 0.1)
-                for l in range(1, layers)} for s in ("key", "value")}
-    return CrossLayerPredictors("tiny-llama", layers, H, D, maps)
+def random_predictors(layers: int = L, seed: int = 0) -> CrossLayerPredictors:
+    """test_predict's random predictors, for this file's 3 layers by default."""
+    return predict_tests.random_predictors(seed=seed, layers=layers)
 
 
 def predicted_map(predictors: CrossLayerPredictors, layers: int = L) -> PrecisionMap:
